@@ -1,0 +1,343 @@
+//! Noise schedules and the closed forms of the DDPM forward process.
+//!
+//! Everything here is plain `f64` arithmetic over `Vec`s: no tensor library, so the trainer (Candle) and the
+//! deployment runtime (ONNX Runtime) share one definition of the diffusion process.
+//!
+//! Notation (Ho et al. 2020, "DDPM"): beta_t is the variance added at step t, alpha_t = 1 - beta_t,
+//! alpha_bar_t = prod_{s<=t} alpha_s. Timesteps are 0-based here: index `t` in `0..T` is the paper's t+1.
+
+use serde::{Deserialize, Serialize};
+
+/// How the betas are laid out over the T steps.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum BetaSchedule {
+    /// Linearly spaced betas (Ho et al. 2020, sec. 4: 1e-4 .. 0.02 for T = 1000).
+    Linear { beta_start: f64, beta_end: f64 },
+    /// alpha_bar(t) = cos^2(((t/T + s)/(1 + s)) * pi/2) (Nichol & Dhariwal 2021, eq. 17), betas clipped at `max_beta`.
+    Cosine { s: f64, max_beta: f64 },
+}
+
+impl BetaSchedule {
+    /// The DDPM paper's linear schedule, 1e-4 .. 0.02.
+    pub const LINEAR: BetaSchedule = BetaSchedule::Linear { beta_start: 1e-4, beta_end: 0.02 };
+    /// The improved-DDPM cosine schedule, s = 0.008, betas clipped at 0.999.
+    pub const COSINE: BetaSchedule = BetaSchedule::Cosine { s: 0.008, max_beta: 0.999 };
+
+    /// Parses `linear` or `cosine` (with the papers' default parameters).
+    pub fn from_name(name: &str) -> Result<Self, String> {
+        match name {
+            "linear" => Ok(Self::LINEAR),
+            "cosine" => Ok(Self::COSINE),
+            other => Err(format!("unknown beta schedule '{other}' (expected 'linear' or 'cosine')")),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            BetaSchedule::Linear { .. } => "linear",
+            BetaSchedule::Cosine { .. } => "cosine",
+        }
+    }
+
+    /// The T betas of this schedule.
+    pub fn betas(&self, num_timesteps: usize) -> Vec<f64> {
+        assert!(num_timesteps > 0, "a schedule needs at least one timestep");
+        let n = num_timesteps as f64;
+        match *self {
+            BetaSchedule::Linear { beta_start, beta_end } => {
+                if num_timesteps == 1 {
+                    return vec![beta_start];
+                }
+                (0..num_timesteps).map(|i| beta_start + (beta_end - beta_start) * i as f64 / (n - 1.0)).collect()
+            }
+            BetaSchedule::Cosine { s, max_beta } => {
+                // Nichol & Dhariwal 2021, eq. 17: f(t) = cos^2(((t/T + s)/(1+s)) * pi/2), alpha_bar_t = f(t)/f(0).
+                let f = |t: f64| (((t / n + s) / (1.0 + s)) * std::f64::consts::FRAC_PI_2).cos().powi(2);
+                // Nichol & Dhariwal 2021, sec. 3.2: beta_t = 1 - alpha_bar_t / alpha_bar_{t-1}, clipped to <= 0.999.
+                (0..num_timesteps).map(|i| (1.0 - f(i as f64 + 1.0) / f(i as f64)).min(max_beta)).collect()
+            }
+        }
+    }
+}
+
+/// Which reverse-process variance sigma_t^2 a DDPM step uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum VarianceType {
+    /// sigma_t^2 = beta-tilde_t, the posterior variance (Ho et al. 2020, sec. 3.2, "fixed small").
+    #[default]
+    FixedSmall,
+    /// sigma_t^2 = beta_t (Ho et al. 2020, sec. 3.2, "fixed large").
+    FixedLarge,
+}
+
+impl VarianceType {
+    pub fn from_name(name: &str) -> Result<Self, String> {
+        match name {
+            "fixed_small" | "beta_tilde" => Ok(Self::FixedSmall),
+            "fixed_large" | "beta" => Ok(Self::FixedLarge),
+            other => Err(format!("unknown variance type '{other}' (expected 'fixed_small' or 'fixed_large')")),
+        }
+    }
+    pub fn name(&self) -> &'static str {
+        match self {
+            VarianceType::FixedSmall => "fixed_small",
+            VarianceType::FixedLarge => "fixed_large",
+        }
+    }
+}
+
+/// A discrete noise schedule with every coefficient of the forward process and its posterior precomputed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NoiseSchedule {
+    pub betas: Vec<f64>,
+    pub alphas: Vec<f64>,
+    pub alphas_cumprod: Vec<f64>,
+    pub alphas_cumprod_prev: Vec<f64>,
+    /// beta-tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) * beta_t (Ho et al. 2020, eq. 7).
+    pub posterior_variance: Vec<f64>,
+    /// The coefficient of x_0 in mu-tilde_t (Ho et al. 2020, eq. 7).
+    pub posterior_mean_coef1: Vec<f64>,
+    /// The coefficient of x_t in mu-tilde_t (Ho et al. 2020, eq. 7).
+    pub posterior_mean_coef2: Vec<f64>,
+}
+
+impl NoiseSchedule {
+    pub fn new(kind: BetaSchedule, num_timesteps: usize) -> Self {
+        Self::from_betas(kind.betas(num_timesteps))
+    }
+
+    /// Builds every coefficient from an explicit beta list (e.g. the one stored in an ONNX model's metadata).
+    pub fn from_betas(betas: Vec<f64>) -> Self {
+        assert!(!betas.is_empty(), "a schedule needs at least one beta");
+        assert!(betas.iter().all(|b| *b > 0.0 && *b < 1.0), "betas must lie in (0, 1)");
+        let alphas: Vec<f64> = betas.iter().map(|b| 1.0 - b).collect();
+        let mut alphas_cumprod = Vec::with_capacity(betas.len());
+        let mut acc = 1.0;
+        for a in &alphas {
+            acc *= a;
+            alphas_cumprod.push(acc);
+        }
+        let alphas_cumprod_prev: Vec<f64> =
+            std::iter::once(1.0).chain(alphas_cumprod[..alphas_cumprod.len() - 1].iter().copied()).collect();
+        let n = betas.len();
+        let mut posterior_variance = Vec::with_capacity(n);
+        let mut posterior_mean_coef1 = Vec::with_capacity(n);
+        let mut posterior_mean_coef2 = Vec::with_capacity(n);
+        for t in 0..n {
+            let (b, a, ab, ab_prev) = (betas[t], alphas[t], alphas_cumprod[t], alphas_cumprod_prev[t]);
+            // Ho et al. 2020, eq. 7: beta-tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) * beta_t
+            posterior_variance.push(b * (1.0 - ab_prev) / (1.0 - ab));
+            // Ho et al. 2020, eq. 7: mu-tilde = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) x_0 + ...
+            posterior_mean_coef1.push(ab_prev.sqrt() * b / (1.0 - ab));
+            // ... + sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) x_t
+            posterior_mean_coef2.push(a.sqrt() * (1.0 - ab_prev) / (1.0 - ab));
+        }
+        Self {
+            betas,
+            alphas,
+            alphas_cumprod,
+            alphas_cumprod_prev,
+            posterior_variance,
+            posterior_mean_coef1,
+            posterior_mean_coef2,
+        }
+    }
+
+    /// T, the number of diffusion steps.
+    pub fn num_timesteps(&self) -> usize {
+        self.betas.len()
+    }
+
+    /// (sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)): x_t = a x_0 + b eps (Ho et al. 2020, eq. 4).
+    pub fn q_sample_coefs(&self, t: usize) -> (f64, f64) {
+        let ab = self.alphas_cumprod[t];
+        (ab.sqrt(), (1.0 - ab).sqrt())
+    }
+
+    /// x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (Ho et al. 2020, eq. 4), element-wise.
+    pub fn q_sample(&self, x0: &[f32], t: usize, noise: &[f32]) -> Vec<f32> {
+        assert_eq!(x0.len(), noise.len(), "x0 and noise must have the same length");
+        let (a, b) = self.q_sample_coefs(t);
+        x0.iter().zip(noise).map(|(x, e)| (a * *x as f64 + b * *e as f64) as f32).collect()
+    }
+
+    /// x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t) (Ho et al. 2020, eq. 4 solved for x_0).
+    pub fn predict_x0_from_eps(&self, xt: &[f32], t: usize, eps: &[f32]) -> Vec<f32> {
+        let (a, b) = self.q_sample_coefs(t);
+        xt.iter().zip(eps).map(|(x, e)| ((*x as f64 - b * *e as f64) / a) as f32).collect()
+    }
+
+    /// eps = (x_t - sqrt(alpha_bar_t) x_0) / sqrt(1 - alpha_bar_t) (Ho et al. 2020, eq. 4 solved for eps).
+    pub fn eps_from_x0(&self, xt: &[f32], t: usize, x0: &[f32]) -> Vec<f32> {
+        let (a, b) = self.q_sample_coefs(t);
+        xt.iter().zip(x0).map(|(x, x0)| ((*x as f64 - a * *x0 as f64) / b) as f32).collect()
+    }
+
+    /// The mean mu-tilde_t(x_t, x_0) of q(x_{t-1} | x_t, x_0) (Ho et al. 2020, eq. 7).
+    pub fn posterior_mean(&self, x0: &[f32], xt: &[f32], t: usize) -> Vec<f32> {
+        let (c1, c2) = (self.posterior_mean_coef1[t], self.posterior_mean_coef2[t]);
+        x0.iter().zip(xt).map(|(a, b)| (c1 * *a as f64 + c2 * *b as f64) as f32).collect()
+    }
+
+    /// sigma_t^2 of the reverse step at t for the given variance type. At t = 0 beta-tilde is 0.
+    pub fn reverse_variance(&self, t: usize, variance: VarianceType) -> f64 {
+        match variance {
+            VarianceType::FixedSmall => self.posterior_variance[t],
+            // Ho et al. 2020 / improved DDPM: the "fixed large" variance uses beta-tilde_1 at the first step
+            // so that the log-variance stays finite; beta_t otherwise.
+            VarianceType::FixedLarge => {
+                if t == 0 {
+                    self.posterior_variance.get(1).copied().unwrap_or(self.betas[0])
+                } else {
+                    self.betas[t]
+                }
+            }
+        }
+    }
+
+    /// Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t) (Kingma et al. 2021, eq. 2 in DDPM notation).
+    pub fn snr(&self, t: usize) -> f64 {
+        let ab = self.alphas_cumprod[t];
+        ab / (1.0 - ab)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(a: f64, b: f64, tol: f64) -> bool {
+        (a - b).abs() <= tol * (1.0 + a.abs().max(b.abs()))
+    }
+
+    #[test]
+    fn linear_betas_are_the_paper_endpoints_and_evenly_spaced() {
+        let b = BetaSchedule::LINEAR.betas(1000);
+        assert_eq!(b.len(), 1000);
+        assert!(close(b[0], 1e-4, 1e-12));
+        assert!(close(b[999], 0.02, 1e-12));
+        let d = b[1] - b[0];
+        for w in b.windows(2) {
+            assert!(close(w[1] - w[0], d, 1e-9));
+        }
+    }
+
+    #[test]
+    fn linear_alpha_bar_matches_product_closed_form() {
+        // alpha_bar_T for the DDPM schedule: prod (1 - beta_t), computed independently in log space.
+        let s = NoiseSchedule::new(BetaSchedule::LINEAR, 1000);
+        let log_ab: f64 = (0..1000).map(|i| (1.0 - (1e-4 + (0.02 - 1e-4) * i as f64 / 999.0)).ln()).sum();
+        assert!(close(s.alphas_cumprod[999], log_ab.exp(), 1e-9));
+        // the paper's schedule ends very close to pure noise: alpha_bar_T ~ 4.0e-5
+        assert!(s.alphas_cumprod[999] > 3e-5 && s.alphas_cumprod[999] < 5e-5);
+        assert!(s.alphas_cumprod.windows(2).all(|w| w[1] < w[0]));
+    }
+
+    #[test]
+    fn cosine_alpha_bar_is_the_cos_squared_closed_form() {
+        for &n in &[10usize, 100, 1000, 4000] {
+            let s = NoiseSchedule::new(BetaSchedule::COSINE, n);
+            let f = |t: f64| (((t / n as f64 + 0.008) / 1.008) * std::f64::consts::FRAC_PI_2).cos().powi(2);
+            for t in 0..n {
+                let beta_unclipped = 1.0 - f(t as f64 + 1.0) / f(t as f64);
+                if beta_unclipped < 0.999 {
+                    // where no beta up to t is clipped, alpha_bar_t = f(t+1)/f(0) exactly
+                    if s.betas[..=t].iter().all(|b| *b < 0.999) {
+                        assert!(close(s.alphas_cumprod[t], f(t as f64 + 1.0) / f(0.0), 1e-9), "n={n} t={t}");
+                    }
+                }
+            }
+            assert!(s.betas.iter().all(|b| *b <= 0.999 && *b > 0.0));
+            // the last beta is the clipped one
+            assert!(close(s.betas[n - 1], 0.999, 1e-12), "n={n} last beta {}", s.betas[n - 1]);
+        }
+    }
+
+    #[test]
+    fn posterior_coefficients_match_ho_eq7() {
+        let s = NoiseSchedule::new(BetaSchedule::LINEAR, 50);
+        // at t=0 (paper t=1) alpha_bar_prev = 1: beta-tilde = 0, coef1 = 1, coef2 = 0
+        assert_eq!(s.posterior_variance[0], 0.0);
+        assert!(close(s.posterior_mean_coef1[0], 1.0, 1e-12));
+        assert!(close(s.posterior_mean_coef2[0], 0.0, 1e-12));
+        for t in 1..50 {
+            let (b, ab, abp) = (s.betas[t], s.alphas_cumprod[t], s.alphas_cumprod[t - 1]);
+            assert!(close(s.posterior_variance[t], b * (1.0 - abp) / (1.0 - ab), 1e-12));
+            // beta-tilde <= beta always
+            assert!(s.posterior_variance[t] <= s.betas[t]);
+            // mean coefficients: a consistent x_t = sqrt(ab) x0 (no noise) must map to sqrt(abp) x0
+            let (c1, c2) = (s.posterior_mean_coef1[t], s.posterior_mean_coef2[t]);
+            assert!(close(c1 + c2 * ab.sqrt(), abp.sqrt(), 1e-12));
+        }
+    }
+
+    #[test]
+    fn posterior_is_the_bayes_product_of_forward_gaussians() {
+        // q(x_{t-1}|x_t,x_0) ∝ q(x_t|x_{t-1}) q(x_{t-1}|x_0): precision and mean from the Gaussian product.
+        let s = NoiseSchedule::new(BetaSchedule::COSINE, 200);
+        let (x0, xt) = (0.3f64, -1.2f64);
+        for t in 1..200 {
+            let (a, b, abp) = (s.alphas[t], s.betas[t], s.alphas_cumprod_prev[t]);
+            let prec = a / b + 1.0 / (1.0 - abp);
+            let mean = (a.sqrt() * xt / b + abp.sqrt() * x0 / (1.0 - abp)) / prec;
+            assert!(close(s.posterior_variance[t], 1.0 / prec, 1e-9), "t={t}");
+            let m = s.posterior_mean(&[x0 as f32], &[xt as f32], t)[0] as f64;
+            assert!(close(m, mean, 1e-5), "t={t}: {m} vs {mean}");
+        }
+    }
+
+    #[test]
+    fn q_sample_and_inverses_round_trip() {
+        let s = NoiseSchedule::new(BetaSchedule::LINEAR, 1000);
+        let x0 = [0.5f32, -1.0, 0.0, 0.9];
+        let eps = [1.0f32, -0.3, 2.0, 0.1];
+        for &t in &[0usize, 10, 500, 999] {
+            let xt = s.q_sample(&x0, t, &eps);
+            let ab = s.alphas_cumprod[t];
+            assert!(close(xt[0] as f64, ab.sqrt() * 0.5 + (1.0 - ab).sqrt() * 1.0, 1e-6));
+            let back = s.predict_x0_from_eps(&xt, t, &eps);
+            let e = s.eps_from_x0(&xt, t, &x0);
+            for i in 0..4 {
+                assert!((back[i] - x0[i]).abs() < 2e-3, "t={t}");
+                assert!((e[i] - eps[i]).abs() < 1e-4, "t={t}");
+            }
+        }
+    }
+
+    #[test]
+    fn q_sample_has_the_forward_marginal_moments() {
+        // Empirical check of q(x_t|x_0) = N(sqrt(ab) x0, (1 - ab) I) with a deterministic Box-Muller stream.
+        use rand::SeedableRng;
+        use rand_distr::{Distribution, StandardNormal};
+        let s = NoiseSchedule::new(BetaSchedule::COSINE, 1000);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+        let n = 200_000;
+        let noise: Vec<f32> = (0..n).map(|_| StandardNormal.sample(&mut rng)).collect();
+        let x0 = vec![0.7f32; n];
+        let t = 400;
+        let xt = s.q_sample(&x0, t, &noise);
+        let mean = xt.iter().map(|v| *v as f64).sum::<f64>() / n as f64;
+        let var = xt.iter().map(|v| (*v as f64 - mean).powi(2)).sum::<f64>() / n as f64;
+        let ab = s.alphas_cumprod[t];
+        assert!((mean - ab.sqrt() * 0.7).abs() < 0.01, "mean {mean}");
+        assert!((var - (1.0 - ab)).abs() < 0.01, "var {var}");
+    }
+
+    #[test]
+    fn reverse_variance_kinds() {
+        let s = NoiseSchedule::new(BetaSchedule::LINEAR, 100);
+        assert_eq!(s.reverse_variance(0, VarianceType::FixedSmall), 0.0);
+        assert_eq!(s.reverse_variance(50, VarianceType::FixedLarge), s.betas[50]);
+        assert_eq!(s.reverse_variance(0, VarianceType::FixedLarge), s.posterior_variance[1]);
+        assert_eq!(s.reverse_variance(50, VarianceType::FixedSmall), s.posterior_variance[50]);
+    }
+
+    #[test]
+    fn names_parse() {
+        assert_eq!(BetaSchedule::from_name("cosine").unwrap(), BetaSchedule::COSINE);
+        assert!(BetaSchedule::from_name("sigmoid").unwrap_err().contains("sigmoid"));
+        assert_eq!(VarianceType::from_name("beta").unwrap(), VarianceType::FixedLarge);
+    }
+}

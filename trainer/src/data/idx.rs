@@ -1,0 +1,147 @@
+//! IDX files (LeCun's MNIST format; also Fashion-MNIST and EMNIST), raw or gzip-compressed.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+use super::Dataset;
+
+/// Reads a whole file, gunzipping it when it starts with the gzip magic.
+fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
+    let raw = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if raw.starts_with(&[0x1f, 0x8b]) {
+        let mut out = vec![];
+        flate2::read::GzDecoder::new(&raw[..])
+            .read_to_end(&mut out)
+            .with_context(|| format!("{}: corrupt gzip data", path.display()))?;
+        Ok(out)
+    } else {
+        Ok(raw)
+    }
+}
+
+/// Parses an IDX file of unsigned bytes: returns (dims, data).
+pub fn parse(bytes: &[u8], path: &Path) -> Result<(Vec<usize>, Vec<u8>)> {
+    if bytes.len() < 4 || bytes[0] != 0 || bytes[1] != 0 {
+        bail!("{}: not an IDX file (bad magic number)", path.display());
+    }
+    if bytes[2] != 0x08 {
+        bail!("{}: IDX element type 0x{:02x} is not supported (only unsigned bytes, 0x08)", path.display(), bytes[2]);
+    }
+    let ndim = bytes[3] as usize;
+    let header = 4 + 4 * ndim;
+    if bytes.len() < header {
+        bail!("{}: truncated IDX header", path.display());
+    }
+    let dims: Vec<usize> =
+        (0..ndim).map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize).collect();
+    let n: usize = dims.iter().product();
+    if bytes.len() - header != n {
+        bail!(
+            "{}: IDX header promises {:?} = {n} bytes of data, the file has {}",
+            path.display(),
+            dims,
+            bytes.len() - header
+        );
+    }
+    Ok((dims, bytes[header..].to_vec()))
+}
+
+/// Finds `{prefix}-{kind}-idx{d}-ubyte[.gz]` (or the `prefix-kind.idx3-ubyte` spelling) in `dir`.
+fn find(dir: &Path, prefix: &str, kind: &str, d: u8) -> Result<PathBuf> {
+    let names = [
+        format!("{prefix}-{kind}-idx{d}-ubyte"),
+        format!("{prefix}-{kind}-idx{d}-ubyte.gz"),
+        format!("{prefix}-{kind}.idx{d}-ubyte"),
+        format!("{prefix}-{kind}.idx{d}-ubyte.gz"),
+    ];
+    for n in &names {
+        let p = dir.join(n);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    if !dir.is_dir() {
+        bail!("dataset folder {} does not exist (fetch it with scripts/fetch-data.sh)", dir.display());
+    }
+    bail!("{}: no {} file (looked for {})", dir.display(), kind, names.join(", "))
+}
+
+/// Loads `train-*` or `t10k-*` images and labels from an IDX folder.
+pub fn load_dir(dir: &Path, train: bool, class_names: Vec<String>, transpose: bool) -> Result<Dataset> {
+    let prefix = if train { "train" } else { "t10k" };
+    let ip = find(dir, prefix, "images", 3)?;
+    let lp = find(dir, prefix, "labels", 1)?;
+    let (idims, mut images) = parse(&read_maybe_gz(&ip)?, &ip)?;
+    let (ldims, labels) = parse(&read_maybe_gz(&lp)?, &lp)?;
+    if idims.len() != 3 || idims[1] != idims[2] {
+        bail!("{}: expected square images [N, H, W], found dims {:?}", ip.display(), idims);
+    }
+    if ldims.len() != 1 || ldims[0] != idims[0] {
+        bail!("{}: {} labels for {} images in {}", lp.display(), ldims.first().unwrap_or(&0), idims[0], ip.display());
+    }
+    let size = idims[1];
+    if transpose {
+        let n = size * size;
+        for img in images.chunks_mut(n) {
+            let src = img.to_vec();
+            for y in 0..size {
+                for x in 0..size {
+                    img[y * size + x] = src[x * size + y];
+                }
+            }
+        }
+    }
+    let labels: Vec<u32> = labels.into_iter().map(u32::from).collect();
+    let max = *labels.iter().max().unwrap_or(&0) as usize;
+    let class_names = if class_names.is_empty() { (0..=max).map(|i| i.to_string()).collect() } else { class_names };
+    if max >= class_names.len() {
+        bail!("{}: label {max} but only {} class names", lp.display(), class_names.len());
+    }
+    Dataset::new(images, Some(labels), class_names, 1, size, format!("{} ({prefix})", dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn idx(dims: &[u32], data: &[u8]) -> Vec<u8> {
+        let mut v = vec![0, 0, 8, dims.len() as u8];
+        for d in dims {
+            v.extend_from_slice(&d.to_be_bytes());
+        }
+        v.extend_from_slice(data);
+        v
+    }
+
+    #[test]
+    fn parses_and_rejects() {
+        let p = Path::new("x");
+        let (d, data) = parse(&idx(&[2, 2, 2], &[1, 2, 3, 4, 5, 6, 7, 8]), p).unwrap();
+        assert_eq!(d, vec![2, 2, 2]);
+        assert_eq!(data.len(), 8);
+        assert!(parse(&idx(&[2, 2, 2], &[1, 2, 3]), p).unwrap_err().to_string().contains("promises"));
+        assert!(parse(b"\x89PNG", p).unwrap_err().to_string().contains("not an IDX"));
+    }
+
+    #[test]
+    fn gz_and_raw_load_the_same_and_emnist_transposes() {
+        let dir = std::env::temp_dir().join(format!("idx-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img: Vec<u8> = (0..8).collect();
+        std::fs::write(dir.join("train-images-idx3-ubyte"), idx(&[2, 2, 2], &img)).unwrap();
+        let mut gz = flate2::write::GzEncoder::new(vec![], flate2::Compression::default());
+        std::io::Write::write_all(&mut gz, &idx(&[2], &[1, 0])).unwrap();
+        std::fs::write(dir.join("train-labels-idx1-ubyte.gz"), gz.finish().unwrap()).unwrap();
+        let ds = load_dir(&dir, true, vec![], false).unwrap();
+        assert_eq!((ds.len, ds.size, ds.channels), (2, 2, 1));
+        assert_eq!(ds.labels.as_deref(), Some(&[1u32, 0][..]));
+        assert_eq!(ds.class_names, vec!["0", "1"]);
+        let t = load_dir(&dir, true, vec![], true).unwrap();
+        assert_eq!(&t.images[..4], &[0, 2, 1, 3]);
+        let err = load_dir(&dir, false, vec![], false).unwrap_err().to_string();
+        assert!(err.contains("t10k-images-idx3-ubyte"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

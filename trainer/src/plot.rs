@@ -1,0 +1,104 @@
+//! PNG figures drawn with plotters: loss curves and line plots.
+
+use std::path::Path;
+use std::sync::Once;
+
+use anyhow::{anyhow, Result};
+use plotters::prelude::*;
+
+/// DejaVu Sans Mono (free licence, see assets/DejaVu-LICENSE.txt), embedded so figures need no system font.
+static FONT: &[u8] = include_bytes!("../assets/DejaVuSansMono.ttf");
+static REGISTER: Once = Once::new();
+
+fn register_font() {
+    REGISTER.call_once(|| {
+        if plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).is_err() {
+            panic!("the embedded font is not a valid TrueType font");
+        }
+    });
+}
+
+/// One named line of a plot.
+pub struct Series<'a> {
+    pub name: &'a str,
+    pub points: Vec<(f64, f64)>,
+    pub color: RGBColor,
+}
+
+/// A line plot with axes, labels and a legend. `log_y` uses a logarithmic y axis.
+pub fn line_plot(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[Series], log_y: bool) -> Result<()> {
+    register_font();
+    let pts = series.iter().flat_map(|s| s.points.iter()).filter(|(_, y)| y.is_finite() && (!log_y || *y > 0.0));
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for (x, y) in pts {
+        (x0, x1, y0, y1) = (x0.min(*x), x1.max(*x), y0.min(*y), y1.max(*y));
+    }
+    if x0 > x1 {
+        return Err(anyhow!("nothing to plot for {}", path.display()));
+    }
+    if x1 <= x0 {
+        x1 = x0 + 1.0;
+    }
+    if y1 <= y0 {
+        y1 = y0 * 1.1 + 1e-6;
+    }
+    let err = |e: &dyn std::fmt::Display| anyhow!("cannot draw {}: {e}", path.display());
+    let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    macro_rules! draw {
+        ($chart:expr) => {{
+            let mut chart = $chart;
+            chart.configure_mesh().x_desc(x_label).y_desc(y_label).draw().map_err(|e| err(&e))?;
+            for s in series {
+                let c = s.color;
+                chart
+                    .draw_series(LineSeries::new(
+                        s.points.iter().copied().filter(|(_, y)| y.is_finite() && (!log_y || *y > 0.0)),
+                        c.stroke_width(2),
+                    ))
+                    .map_err(|e| err(&e))?
+                    .label(s.name)
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()
+                .map_err(|e| err(&e))?;
+        }};
+    }
+    let mut builder = ChartBuilder::on(&root);
+    builder.caption(title, ("sans-serif", 22)).margin(12).x_label_area_size(40).y_label_area_size(70);
+    if log_y {
+        draw!(builder.build_cartesian_2d(x0..x1, (y0 * 0.9..y1 * 1.1).log_scale()).map_err(|e| err(&e))?);
+    } else {
+        let pad = (y1 - y0) * 0.05;
+        draw!(builder.build_cartesian_2d(x0..x1, y0 - pad..y1 + pad).map_err(|e| err(&e))?);
+    }
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
+
+/// The loss curve of a run: raw per-step loss and its exponential moving average, log scale.
+pub fn loss_curve(losses: &[(usize, f64)], path: &Path, title: &str) -> Result<()> {
+    let raw: Vec<(f64, f64)> = losses.iter().map(|(s, l)| (*s as f64, *l)).collect();
+    let alpha = 2.0 / (1.0 + (losses.len() as f64 / 20.0).clamp(5.0, 200.0));
+    let mut smooth = Vec::with_capacity(raw.len());
+    let mut m = f64::NAN;
+    for (s, l) in &raw {
+        m = if m.is_nan() { *l } else { m + alpha * (l - m) };
+        smooth.push((*s, m));
+    }
+    line_plot(
+        path,
+        title,
+        "step",
+        "loss",
+        &[
+            Series { name: "loss", points: raw, color: RGBColor(170, 190, 230) },
+            Series { name: "smoothed", points: smooth, color: RGBColor(20, 60, 160) },
+        ],
+        true,
+    )
+}
