@@ -247,33 +247,44 @@ struct Geo {
 }
 
 impl Geo {
-    /// Calls f(row, col, input offset) for every in-bounds tap of channel c.
+    /// For every (row, b, oy) of channel c with an in-bounds input row, calls
+    /// f(cols offset of ox0, input offset of (b, c, iy, ix(ox0)), count) where ox0..ox0+count are the output
+    /// columns whose taps fall inside the input (ix = ox * stride + kx - padding).
     #[inline]
-    fn for_channel(&self, c: usize, mut f: impl FnMut(usize, usize, usize)) {
+    fn for_channel_runs(&self, c: usize, mut f: impl FnMut(usize, usize, usize)) {
         let n = self.b * self.oh * self.ow;
+        let (s, p) = (self.stride as isize, self.padding as isize);
         for ky in 0..self.kh {
             for kx in 0..self.kw {
                 let row = (c * self.kh + ky) * self.kw + kx;
+                // valid ox: 0 <= ox*s + kx - p < w
+                let lo = ((p - kx as isize).max(0) + s - 1) / s;
+                let hi = ((self.w as isize - 1 + p - kx as isize).div_euclid(s) + 1).min(self.ow as isize);
+                if hi <= lo {
+                    continue;
+                }
+                let (ox0, count) = (lo as usize, (hi - lo) as usize);
+                let ix0 = (lo * s + kx as isize - p) as usize;
                 for b in 0..self.b {
                     for oy in 0..self.oh {
-                        let iy = (oy * self.stride + ky) as isize - self.padding as isize;
+                        let iy = oy as isize * s + ky as isize - p;
                         if iy < 0 || iy >= self.h as isize {
                             continue;
                         }
-                        for ox in 0..self.ow {
-                            let ix = (ox * self.stride + kx) as isize - self.padding as isize;
-                            if ix < 0 || ix >= self.w as isize {
-                                continue;
-                            }
-                            let col = (b * self.oh + oy) * self.ow + ox;
-                            f(row * n + col, row, ((b * self.c + c) * self.h + iy as usize) * self.w + ix as usize);
-                        }
+                        let col = (b * self.oh + oy) * self.ow + ox0;
+                        f(row * n + col, ((b * self.c + c) * self.h + iy as usize) * self.w + ix0, count);
                     }
                 }
             }
         }
     }
 }
+
+/// A pointer that may be shared by threads writing disjoint elements.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
 
 /// x [B, C, H, W] (contiguous f32, CPU) -> cols [C*kh*kw, B*oh*ow]; backward is [`Col2Im`].
 struct Im2Col {
@@ -306,9 +317,19 @@ impl candle_core::CustomOp1 for Im2Col {
         let g = self.geo(l.dims());
         let per_c = g.kh * g.kw * g.b * g.oh * g.ow;
         let mut out = vec![0f32; g.c * per_c];
+        let stride = g.stride;
         out.par_chunks_mut(per_c).enumerate().for_each(|(c, chunk)| {
             let base = c * per_c;
-            g.for_channel(c, |o, _, i| chunk[o - base] = x[i]);
+            g.for_channel_runs(c, |o, i, count| {
+                let dst = &mut chunk[o - base..o - base + count];
+                if stride == 1 {
+                    dst.copy_from_slice(&x[i..i + count]);
+                } else {
+                    for (k, d) in dst.iter_mut().enumerate() {
+                        *d = x[i + k * stride];
+                    }
+                }
+            });
         });
         Ok((candle_core::CpuStorage::F32(out), (g.c * g.kh * g.kw, g.b * g.oh * g.ow).into()))
     }
@@ -333,27 +354,20 @@ impl candle_core::CustomOp1 for Col2Im {
         use rayon::prelude::*;
         let cols = &s.as_slice::<f32>()?[l.start_offset()..];
         let g = self.0;
-        // one [C] slab per worker would need a transpose; instead gather per (b, c) plane in parallel over c
-        let plane = g.h * g.w;
-        let mut per_c: Vec<Vec<f32>> = (0..g.c)
-            .into_par_iter()
-            .map(|c| {
-                let mut acc = vec![0f32; g.b * plane];
-                g.for_channel(c, |o, _, i| {
-                    // i = ((b*C + c)*H + y)*W + x  ->  (b, y, x) within this channel
-                    let b = i / (g.c * plane);
-                    let within = i % plane;
-                    acc[b * plane + within] += cols[o];
-                });
-                acc
-            })
-            .collect();
-        let mut out = vec![0f32; g.b * g.c * plane];
-        for (c, acc) in per_c.iter_mut().enumerate() {
-            for b in 0..g.b {
-                out[(b * g.c + c) * plane..(b * g.c + c + 1) * plane].copy_from_slice(&acc[b * plane..(b + 1) * plane]);
-            }
-        }
+        let mut out = vec![0f32; g.b * g.c * g.h * g.w];
+        let ptr = SharedMut(out.as_mut_ptr());
+        let len = out.len();
+        (0..g.c).into_par_iter().for_each(|c| {
+            let ptr = ptr;
+            g.for_channel_runs(c, |o, i, count| {
+                debug_assert!(i + (count - 1) * g.stride < len);
+                for k in 0..count {
+                    // SAFETY: every input offset i belongs to channel c, and each channel is handled by
+                    // exactly one task, so no two threads touch the same element; i is in bounds.
+                    unsafe { *ptr.0.add(i + k * g.stride) += cols[o + k] };
+                }
+            });
+        });
         Ok((candle_core::CpuStorage::F32(out), (g.b, g.c, g.h, g.w).into()))
     }
 }

@@ -1,0 +1,34 @@
+//! Splits one training step of a preset into forward, backward and optimiser time.
+//! cargo run --release -p trainer --example step_profile -- trainer/configs/mnist.toml 32
+use std::time::Instant;
+
+use candle_core::Device;
+use trainer::config::Config;
+use trainer::train::{make_batch, step_rng, Trainer};
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let mut cfg = Config::load(std::path::Path::new(args.get(1).map(String::as_str).unwrap_or("trainer/configs/mnist.toml")))?;
+    cfg.train.batch_size = args.get(2).map(|s| s.parse().unwrap()).unwrap_or(32);
+    let data = trainer::data::load(&cfg.data, cfg.model.image_size)?;
+    let mut t = Trainer::new(cfg, data, Device::Cpu)?;
+    for i in 0..4 {
+        let mut rng = step_rng(0, i);
+        let idx = t.sampler.batch(i, t.cfg.train.batch_size);
+        let s = Instant::now();
+        let batch = make_batch(&t.data, &idx, &t.cfg, &t.schedule, &mut rng, &t.device)?;
+        let b = s.elapsed().as_secs_f64();
+        let s = Instant::now();
+        let loss = t.loss(&batch, &mut rng)?;
+        let f = s.elapsed().as_secs_f64();
+        let s = Instant::now();
+        let grads = loss.backward()?;
+        let bw = s.elapsed().as_secs_f64();
+        let s = Instant::now();
+        t.opt.step(&grads, 1e-4, 1.0)?;
+        t.ema.update(&t.vars)?;
+        let o = s.elapsed().as_secs_f64();
+        eprintln!("step {i}: batch {b:.3}s forward {f:.3}s backward {bw:.3}s optimiser+ema {o:.3}s");
+    }
+    Ok(())
+}
