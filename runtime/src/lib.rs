@@ -1,2 +1,4 @@
-pub mod schedule;
+#[cfg(feature = "onnx")]
+pub mod onnx;
 pub mod sampler;
+pub mod schedule;

@@ -49,7 +49,9 @@ pub fn timesteps(num_train: usize, steps: usize, spacing: Spacing) -> Result<Vec
         Spacing::Linspace => {
             (0..steps).map(|i| ((i as f64) * (t - 1) as f64 / (steps - 1).max(1) as f64).round() as usize).collect()
         }
-        Spacing::Trailing => (1..=steps).map(|i| ((i as f64 * t as f64 / steps as f64).round() as usize).max(1) - 1).collect(),
+        Spacing::Trailing => {
+            (1..=steps).map(|i| ((i as f64 * t as f64 / steps as f64).round() as usize).max(1) - 1).collect()
+        }
     };
     v.sort_unstable();
     v.dedup();
@@ -170,7 +172,14 @@ pub fn sample(
 }
 
 /// eps for a chunk, with classifier-free guidance batched into one call.
-fn guided_eps(den: &mut dyn Denoiser, req: &Request, x: &[f32], k: usize, t: usize, labels: Option<&[i64]>) -> Result<Vec<f32>> {
+fn guided_eps(
+    den: &mut dyn Denoiser,
+    req: &Request,
+    x: &[f32],
+    k: usize,
+    t: usize,
+    labels: Option<&[i64]>,
+) -> Result<Vec<f32>> {
     let [c, h, w] = req.shape;
     let ts = vec![t as i64; k];
     match (req.guidance != 0.0, labels, req.null_class) {

@@ -1,5 +1,5 @@
-use std::time::Instant;
 use candle_core::{Device, Tensor, Var};
+use std::time::Instant;
 fn main() -> anyhow::Result<()> {
     let dev = Device::Cpu;
     let x = Var::randn(0f32, 1.0, (32, 64, 28, 28), &dev)?;
@@ -22,7 +22,10 @@ fn main() -> anyhow::Result<()> {
         let s3 = Instant::now();
         let _n = x.as_tensor().conv2d(&w, 1, 1, 1, 1)?;
         let native = s3.elapsed().as_secs_f64();
-        eprintln!("ours fwd {f:.3}s bwd {b:.3}s | plain gemm 64x576x25088 {mm:.3}s | candle conv2d fwd {native:.3}s {}", g.get(&w).is_some());
+        eprintln!(
+            "ours fwd {f:.3}s bwd {b:.3}s | plain gemm 64x576x25088 {mm:.3}s | candle conv2d fwd {native:.3}s {}",
+            g.get(&w).is_some()
+        );
     }
     Ok(())
 }

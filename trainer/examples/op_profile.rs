@@ -28,32 +28,75 @@ macro_rules! timed {
 
 impl Ops for Timed<'_> {
     type T = Tensor;
-    fn conv2d(&mut self, x: &Tensor, w: &Param, b: &Param, s: usize, p: usize) -> Result<Tensor> { timed!(self, "conv2d", self.inner.conv2d(x, w, b, s, p)) }
-    fn linear(&mut self, x: &Tensor, w: &Param, b: &Param) -> Result<Tensor> { timed!(self, "linear", self.inner.linear(x, w, b)) }
-    fn group_norm(&mut self, x: &Tensor, g: usize, e: f64, w: &Param, b: &Param) -> Result<Tensor> { timed!(self, "group_norm", self.inner.group_norm(x, g, e, w, b)) }
-    fn silu(&mut self, x: &Tensor) -> Result<Tensor> { timed!(self, "silu", self.inner.silu(x)) }
-    fn add(&mut self, a: &Tensor, b: &Tensor) -> Result<Tensor> { timed!(self, "add", self.inner.add(a, b)) }
-    fn mul(&mut self, a: &Tensor, b: &Tensor) -> Result<Tensor> { timed!(self, "mul", self.inner.mul(a, b)) }
-    fn affine(&mut self, x: &Tensor, m: f64, a: f64) -> Result<Tensor> { timed!(self, "affine", self.inner.affine(x, m, a)) }
-    fn reshape(&mut self, x: &Tensor, d: &[i64]) -> Result<Tensor> { timed!(self, "reshape", self.inner.reshape(x, d)) }
-    fn permute(&mut self, x: &Tensor, p: &[usize]) -> Result<Tensor> { timed!(self, "permute", self.inner.permute(x, p)) }
-    fn narrow(&mut self, x: &Tensor, d: usize, s: usize, l: usize) -> Result<Tensor> { timed!(self, "narrow", self.inner.narrow(x, d, s, l)) }
-    fn concat(&mut self, xs: &[Tensor], d: usize) -> Result<Tensor> { timed!(self, "concat", self.inner.concat(xs, d)) }
-    fn matmul(&mut self, a: &Tensor, b: &Tensor) -> Result<Tensor> { timed!(self, "matmul", self.inner.matmul(a, b)) }
-    fn softmax_last(&mut self, x: &Tensor) -> Result<Tensor> { timed!(self, "softmax", self.inner.softmax_last(x)) }
-    fn upsample_nearest2x(&mut self, x: &Tensor) -> Result<Tensor> { timed!(self, "upsample", self.inner.upsample_nearest2x(x)) }
-    fn dropout(&mut self, x: &Tensor, p: f64) -> Result<Tensor> { timed!(self, "dropout", self.inner.dropout(x, p)) }
-    fn embedding(&mut self, i: &Tensor, t: &Param) -> Result<Tensor> { timed!(self, "embedding", self.inner.embedding(i, t)) }
-    fn timesteps_to_f32(&mut self, t: &Tensor) -> Result<Tensor> { self.inner.timesteps_to_f32(t) }
-    fn const_f32(&mut self, n: &str, v: &[f32]) -> Result<Tensor> { self.inner.const_f32(n, v) }
-    fn sin(&mut self, x: &Tensor) -> Result<Tensor> { self.inner.sin(x) }
-    fn cos(&mut self, x: &Tensor) -> Result<Tensor> { self.inner.cos(x) }
-    fn to_model_dtype(&mut self, x: &Tensor) -> Result<Tensor> { self.inner.to_model_dtype(x) }
+    fn conv2d(&mut self, x: &Tensor, w: &Param, b: &Param, s: usize, p: usize) -> Result<Tensor> {
+        timed!(self, "conv2d", self.inner.conv2d(x, w, b, s, p))
+    }
+    fn linear(&mut self, x: &Tensor, w: &Param, b: &Param) -> Result<Tensor> {
+        timed!(self, "linear", self.inner.linear(x, w, b))
+    }
+    fn group_norm(&mut self, x: &Tensor, g: usize, e: f64, w: &Param, b: &Param) -> Result<Tensor> {
+        timed!(self, "group_norm", self.inner.group_norm(x, g, e, w, b))
+    }
+    fn silu(&mut self, x: &Tensor) -> Result<Tensor> {
+        timed!(self, "silu", self.inner.silu(x))
+    }
+    fn add(&mut self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        timed!(self, "add", self.inner.add(a, b))
+    }
+    fn mul(&mut self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        timed!(self, "mul", self.inner.mul(a, b))
+    }
+    fn affine(&mut self, x: &Tensor, m: f64, a: f64) -> Result<Tensor> {
+        timed!(self, "affine", self.inner.affine(x, m, a))
+    }
+    fn reshape(&mut self, x: &Tensor, d: &[i64]) -> Result<Tensor> {
+        timed!(self, "reshape", self.inner.reshape(x, d))
+    }
+    fn permute(&mut self, x: &Tensor, p: &[usize]) -> Result<Tensor> {
+        timed!(self, "permute", self.inner.permute(x, p))
+    }
+    fn narrow(&mut self, x: &Tensor, d: usize, s: usize, l: usize) -> Result<Tensor> {
+        timed!(self, "narrow", self.inner.narrow(x, d, s, l))
+    }
+    fn concat(&mut self, xs: &[Tensor], d: usize) -> Result<Tensor> {
+        timed!(self, "concat", self.inner.concat(xs, d))
+    }
+    fn matmul(&mut self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        timed!(self, "matmul", self.inner.matmul(a, b))
+    }
+    fn softmax_last(&mut self, x: &Tensor) -> Result<Tensor> {
+        timed!(self, "softmax", self.inner.softmax_last(x))
+    }
+    fn upsample_nearest2x(&mut self, x: &Tensor) -> Result<Tensor> {
+        timed!(self, "upsample", self.inner.upsample_nearest2x(x))
+    }
+    fn dropout(&mut self, x: &Tensor, p: f64) -> Result<Tensor> {
+        timed!(self, "dropout", self.inner.dropout(x, p))
+    }
+    fn embedding(&mut self, i: &Tensor, t: &Param) -> Result<Tensor> {
+        timed!(self, "embedding", self.inner.embedding(i, t))
+    }
+    fn timesteps_to_f32(&mut self, t: &Tensor) -> Result<Tensor> {
+        self.inner.timesteps_to_f32(t)
+    }
+    fn const_f32(&mut self, n: &str, v: &[f32]) -> Result<Tensor> {
+        self.inner.const_f32(n, v)
+    }
+    fn sin(&mut self, x: &Tensor) -> Result<Tensor> {
+        self.inner.sin(x)
+    }
+    fn cos(&mut self, x: &Tensor) -> Result<Tensor> {
+        self.inner.cos(x)
+    }
+    fn to_model_dtype(&mut self, x: &Tensor) -> Result<Tensor> {
+        self.inner.to_model_dtype(x)
+    }
 }
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let cfg = Config::load(std::path::Path::new(args.get(1).map(String::as_str).unwrap_or("trainer/configs/mnist.toml")))?;
+    let cfg =
+        Config::load(std::path::Path::new(args.get(1).map(String::as_str).unwrap_or("trainer/configs/mnist.toml")))?;
     let b: usize = args.get(2).map(|s| s.parse().unwrap()).unwrap_or(32);
     let dev = Device::Cpu;
     let mut src = InitSource::new(0, &dev, DType::F32);

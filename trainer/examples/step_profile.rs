@@ -8,7 +8,8 @@ use trainer::train::{make_batch, step_rng, Trainer};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let mut cfg = Config::load(std::path::Path::new(args.get(1).map(String::as_str).unwrap_or("trainer/configs/mnist.toml")))?;
+    let mut cfg =
+        Config::load(std::path::Path::new(args.get(1).map(String::as_str).unwrap_or("trainer/configs/mnist.toml")))?;
     cfg.train.batch_size = args.get(2).map(|s| s.parse().unwrap()).unwrap_or(32);
     let data = trainer::data::load(&cfg.data, cfg.model.image_size)?;
     let mut t = Trainer::new(cfg, data, Device::Cpu)?;

@@ -20,6 +20,33 @@ struct Cli {
 enum Cmd {
     /// Train a model (or continue a run with --resume).
     Fit(FitArgs),
+    /// Write a run's model as a self-describing ONNX file.
+    Export(ExportArgs),
+}
+
+#[derive(clap::Args)]
+struct ExportArgs {
+    /// Run folder.
+    #[arg(long)]
+    run: PathBuf,
+    /// `latest` or a step number.
+    #[arg(long, default_value = "latest")]
+    checkpoint: String,
+    /// `ema` (default) or `raw` weights.
+    #[arg(long, default_value = "ema")]
+    weights: String,
+    /// `f32` or `f16` (GroupNorm statistics and softmax stay f32).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// ONNX opset (17..=21; 17 is readable by candle-onnx).
+    #[arg(long, default_value_t = 17)]
+    opset: i64,
+    /// Output file.
+    #[arg(long)]
+    out: PathBuf,
+    /// Replace an existing output file.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(clap::Args)]
@@ -120,6 +147,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Fit(a) => run_fit(a),
+        Cmd::Export(a) => trainer::export::export(&trainer::export::ExportOptions {
+            run: &a.run,
+            checkpoint: &a.checkpoint,
+            weights: &a.weights,
+            dtype: &a.dtype,
+            opset: a.opset,
+            out: &a.out,
+            force: a.force,
+        }),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,189 @@
+//! The exported ONNX graph computes what the Candle model computes: ONNX Runtime (CPU, via the runtime
+//! crate) and candle-onnx's simple_eval against Candle, f32 and f16, conditional and unconditional,
+//! attention at two resolutions, scale-shift on and off, batch 1 and 7.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use prost::Message;
+use rand::{Rng, SeedableRng};
+use runtime::onnx::{OrtDenoiser, Provider};
+use runtime::sampler::Denoiser;
+use trainer::checkpoint::{RngState, State};
+use trainer::config::Config;
+use trainer::export::{build_model, candle_onnx_eval, metadata, ExportDtype};
+use trainer::ops::CandleOps;
+use trainer::params::{ShapeCounter, TensorSource};
+use trainer::unet::{UNet, UNetConfig};
+
+/// A U-Net whose every weight is random (the zero-initialised output layers would make parity trivial).
+fn random_unet(cfg: &UNetConfig, seed: u64) -> UNet {
+    let mut counter = ShapeCounter::default();
+    UNet::new(cfg.clone(), &mut counter).unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut map = HashMap::new();
+    for (name, shape) in counter.shapes {
+        let n: usize = shape.iter().product();
+        let fan_in = if shape.len() > 1 { shape[1..].iter().product::<usize>() } else { 1 };
+        let b = if name.ends_with("n1.weight")
+            || name.contains(".n.weight")
+            || name.ends_with("n2.weight")
+            || name == "out.0.weight"
+        {
+            1.0
+        } else {
+            1.0 / (fan_in as f64).sqrt()
+        };
+        let v: Vec<f32> = (0..n).map(|_| rng.gen_range(-b..b) as f32 + if b == 1.0 { 1.0 } else { 0.0 }).collect();
+        map.insert(name, Tensor::from_vec(v, shape, &Device::Cpu).unwrap());
+    }
+    let mut src = TensorSource::new(&map, "random");
+    let u = UNet::new(cfg.clone(), &mut src).unwrap();
+    src.finish().unwrap();
+    u
+}
+
+fn state_for(cfg: &UNetConfig) -> State {
+    let mut c = Config::default();
+    c.model = cfg.clone();
+    State {
+        format_version: 1,
+        trainer_version: "test".into(),
+        step: 0,
+        config: c,
+        rng: RngState { algorithm: "test".into(), seed: 0, next_stream: 0 },
+        data_fingerprint: "0".into(),
+        data_description: "random weights".into(),
+        class_names: (0..cfg.num_classes).map(|i| format!("c{i}")).collect(),
+        num_params: 0,
+        recent_loss: 0.0,
+        elapsed_s: 0.0,
+        device: "cpu".into(),
+    }
+}
+
+fn write_onnx(unet: &UNet, dtype: ExportDtype, tag: &str) -> (PathBuf, candle_onnx::onnx::ModelProto) {
+    let md = metadata(&state_for(&unet.cfg), "raw", dtype).unwrap();
+    let model = build_model(unet, dtype, 17, &md).unwrap();
+    let p = std::env::temp_dir().join(format!("parity-{tag}-{}.onnx", std::process::id()));
+    std::fs::write(&p, model.encode_to_vec()).unwrap();
+    (p, model)
+}
+
+fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+struct Case {
+    name: &'static str,
+    cfg: UNetConfig,
+}
+
+fn cases() -> Vec<Case> {
+    let base = UNetConfig {
+        channels: 3,
+        image_size: 16,
+        ch: 32,
+        ch_mult: vec![1, 2, 2],
+        num_res_blocks: 1,
+        attention_resolutions: vec![8, 4],
+        num_heads: 2,
+        dropout: 0.1,
+        use_scale_shift_norm: false,
+        num_classes: 0,
+        norm_groups: 8,
+    };
+    vec![
+        Case { name: "uncond-attn8,4-add", cfg: base.clone() },
+        Case {
+            name: "cond-attn16,8-scaleshift",
+            cfg: UNetConfig {
+                channels: 1,
+                num_classes: 5,
+                use_scale_shift_norm: true,
+                attention_resolutions: vec![16, 8],
+                num_heads: 1,
+                ..base
+            },
+        },
+    ]
+}
+
+fn inputs(cfg: &UNetConfig, b: usize, seed: u64) -> (Vec<f32>, Vec<i64>, Vec<i64>) {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let n = b * cfg.channels * cfg.image_size * cfg.image_size;
+    let x = (0..n).map(|_| rng.gen_range(-1.5f32..1.5)).collect();
+    let t = (0..b).map(|_| rng.gen_range(0..1000)).collect();
+    let y = (0..b).map(|_| rng.gen_range(0..=cfg.num_classes as i64)).collect();
+    (x, t, y)
+}
+
+fn candle_eps(unet: &UNet, x: &[f32], t: &[i64], y: &[i64]) -> Vec<f32> {
+    let cfg = &unet.cfg;
+    let b = t.len();
+    let xs = Tensor::from_vec(x.to_vec(), (b, cfg.channels, cfg.image_size, cfg.image_size), &Device::Cpu).unwrap();
+    let ts = Tensor::from_vec(t.to_vec(), b, &Device::Cpu).unwrap();
+    let ys = Tensor::from_vec(y.to_vec(), b, &Device::Cpu).unwrap();
+    let mut ops = CandleOps::inference(&Device::Cpu, DType::F32);
+    let yo = (cfg.num_classes > 0).then_some(&ys);
+    unet.forward(&mut ops, &xs, &ts, yo).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+}
+
+#[test]
+fn onnx_runtime_and_candle_onnx_match_candle() {
+    for case in cases() {
+        let unet = random_unet(&case.cfg, 7);
+        let (p32, model32) = write_onnx(&unet, ExportDtype::F32, &format!("{}-f32", case.name));
+        let (p16, _) = write_onnx(&unet, ExportDtype::F16, &format!("{}-f16", case.name));
+        let mut ort32 = OrtDenoiser::open(&p32, &Provider::Cpu, Some(2)).unwrap();
+        let mut ort16 = OrtDenoiser::open(&p16, &Provider::Cpu, Some(2)).unwrap();
+        let cfg = &case.cfg;
+        for b in [1usize, 7] {
+            let (x, t, y) = inputs(cfg, b, b as u64);
+            let reference = candle_eps(&unet, &x, &t, &y);
+            assert!(reference.iter().any(|v| v.abs() > 1e-3), "{}: degenerate output", case.name);
+            let shape = [b, cfg.channels, cfg.image_size, cfg.image_size];
+            let yo = (cfg.num_classes > 0).then_some(&y[..]);
+            let e32 = ort32.eps(&x, shape, &t, yo).unwrap();
+            let r = rel_err(&e32, &reference);
+            assert!(r <= 1e-4, "{} b{b}: ORT f32 relative error {r}", case.name);
+            let e16 = ort16.eps(&x, shape, &t, yo).unwrap();
+            let r16 = rel_err(&e16, &reference);
+            assert!(r16 <= 2e-2, "{} b{b}: ORT f16 relative error {r16}", case.name);
+            // candle-onnx reads the f32 export independently
+            let xs = Tensor::from_vec(x.clone(), shape.to_vec(), &Device::Cpu).unwrap();
+            let ts = Tensor::from_vec(t.clone(), b, &Device::Cpu).unwrap();
+            let ys = Tensor::from_vec(y.clone(), b, &Device::Cpu).unwrap();
+            let co = candle_onnx_eval(&model32, &xs, &ts, (cfg.num_classes > 0).then_some(&ys)).unwrap();
+            let co: Vec<f32> = co.flatten_all().unwrap().to_vec1().unwrap();
+            let rc = rel_err(&co, &reference);
+            assert!(rc <= 1e-4, "{} b{b}: candle-onnx relative error {rc}", case.name);
+            eprintln!("{} b{b}: ort f32 {r:.2e}, ort f16 {r16:.2e}, candle-onnx {rc:.2e}", case.name);
+        }
+        std::fs::remove_file(p32).unwrap();
+        std::fs::remove_file(p16).unwrap();
+    }
+}
+
+#[test]
+fn f16_export_has_no_nan_or_inf_at_any_timestep() {
+    let case = &cases()[1];
+    let unet = random_unet(&case.cfg, 3);
+    let (p16, _) = write_onnx(&unet, ExportDtype::F16, "nan");
+    let mut ort16 = OrtDenoiser::open(&p16, &Provider::Cpu, Some(2)).unwrap();
+    let cfg = &case.cfg;
+    let b = 100;
+    for chunk in 0..10 {
+        let (mut x, _, y) = inputs(cfg, b, 100 + chunk);
+        // include large inputs, as at t near T
+        for v in x.iter_mut().step_by(5) {
+            *v *= 3.0;
+        }
+        let t: Vec<i64> = (0..b as i64).map(|i| chunk as i64 * 100 + i).collect();
+        let e = ort16.eps(&x, [b, cfg.channels, cfg.image_size, cfg.image_size], &t, Some(&y)).unwrap();
+        assert!(e.iter().all(|v| v.is_finite()), "non-finite eps at t in {:?}..", t[0]);
+    }
+    std::fs::remove_file(p16).unwrap();
+}
