@@ -17,6 +17,7 @@ command -v python3 >/dev/null || need+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 command -v npm >/dev/null || need+=(npm)
 command -v xz >/dev/null || need+=(xz-utils)
+python3 -c "import ensurepip" 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   log "apt-get install ${need[*]}"
   sudo_if apt-get update -q >/dev/null
@@ -47,6 +48,14 @@ PY
   (cd "$ORT_DIR" && ln -sf "libonnxruntime.so.$ORT_VER" libonnxruntime.so.1 && ln -sf libonnxruntime.so.1 libonnxruntime.so)
 fi
 log "ONNX Runtime: $ORT_DIR/libonnxruntime.so.$ORT_VER"
+
+# --- Python interop checks (onnx checker + Python onnxruntime), in .venv (git-ignored)
+if ! .venv/bin/python -c "import onnx, onnxruntime, numpy" 2>/dev/null; then
+  log "Python venv with onnx, onnxruntime==$ORT_VER, numpy"
+  python3 -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+  .venv/bin/python -m pip install -q "onnx==1.19.0" "onnxruntime==$ORT_VER" "numpy<3"
+fi
 
 # --- datasets
 if [ "${1:-}" = "--no-data" ]; then

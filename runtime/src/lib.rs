@@ -1,4 +1,10 @@
 #[cfg(feature = "onnx")]
+pub mod capi;
+#[cfg(feature = "onnx")]
+pub mod generator;
+#[cfg(feature = "png")]
+pub mod images;
+#[cfg(feature = "onnx")]
 pub mod onnx;
 pub mod sampler;
 pub mod schedule;

@@ -158,13 +158,13 @@ impl OnnxOps {
     fn cast(&mut self, x: &str, to: DataType) -> String {
         self.node("Cast", &[x], vec![attr_int("to", to as i64)])
     }
-    fn to_f32_if_half(&mut self, x: &str) -> String {
+    fn widen_if_half(&mut self, x: &str) -> String {
         match self.dtype {
             ExportDtype::F16 => self.cast(x, DataType::Float),
             ExportDtype::F32 => x.to_string(),
         }
     }
-    fn from_f32_if_half(&mut self, x: &str) -> String {
+    fn narrow_if_half(&mut self, x: &str) -> String {
         match self.dtype {
             ExportDtype::F16 => self.cast(x, DataType::Float16),
             ExportDtype::F32 => x.to_string(),
@@ -194,7 +194,7 @@ impl Ops for OnnxOps {
     fn group_norm(&mut self, x: &String, groups: usize, eps: f64, w: &Param, b: &Param) -> Result<String> {
         // statistics in f32: Reshape [B, G, -1] -> (x - mean) / sqrt(var + eps) -> Reshape back
         let c = w.value.dim(0)? as i64;
-        let xf = self.to_f32_if_half(x);
+        let xf = self.widen_if_half(x);
         let shape = self.node("Shape", &[x], vec![]);
         let gshape = self.const_i64(&[0, groups as i64, -1]);
         let xg = self.node("Reshape", &[&xf, &gshape], vec![]);
@@ -207,7 +207,7 @@ impl Ops for OnnxOps {
         let sd = self.node("Sqrt", &[&ve], vec![]);
         let n = self.node("Div", &[&d, &sd], vec![]);
         let n = self.node("Reshape", &[&n, &shape], vec![]);
-        let n = self.from_f32_if_half(&n);
+        let n = self.narrow_if_half(&n);
         let wn = self.param_as(w, Some(&[c, 1, 1]))?;
         let bn = self.param_as(b, Some(&[c, 1, 1]))?;
         let y = self.node("Mul", &[&n, &wn], vec![]);
@@ -258,9 +258,9 @@ impl Ops for OnnxOps {
         Ok(self.node("MatMul", &[a, b], vec![]))
     }
     fn softmax_last(&mut self, x: &String) -> Result<String> {
-        let xf = self.to_f32_if_half(x);
+        let xf = self.widen_if_half(x);
         let s = self.node("Softmax", &[&xf], vec![attr_int("axis", -1)]);
-        Ok(self.from_f32_if_half(&s))
+        Ok(self.narrow_if_half(&s))
     }
     fn upsample_nearest2x(&mut self, x: &String) -> Result<String> {
         let scales = self.fresh("scales");
@@ -297,7 +297,7 @@ impl Ops for OnnxOps {
         Ok(self.node("Cos", &[x], vec![]))
     }
     fn to_model_dtype(&mut self, x: &String) -> Result<String> {
-        Ok(self.from_f32_if_half(x))
+        Ok(self.narrow_if_half(x))
     }
 }
 

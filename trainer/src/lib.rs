@@ -6,6 +6,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod denoise;
 pub mod export;
 pub mod ops;
 pub mod optim;

@@ -286,6 +286,13 @@ struct SharedMut(*mut f32);
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
+impl SharedMut {
+    /// Going through a method makes closures capture the whole (Send + Sync) wrapper.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// x [B, C, H, W] (contiguous f32, CPU) -> cols [C*kh*kw, B*oh*ow]; backward is [`Col2Im`].
 struct Im2Col {
     kh: usize,
@@ -358,13 +365,12 @@ impl candle_core::CustomOp1 for Col2Im {
         let ptr = SharedMut(out.as_mut_ptr());
         let len = out.len();
         (0..g.c).into_par_iter().for_each(|c| {
-            let ptr = ptr;
             g.for_channel_runs(c, |o, i, count| {
                 debug_assert!(i + (count - 1) * g.stride < len);
                 for k in 0..count {
                     // SAFETY: every input offset i belongs to channel c, and each channel is handled by
                     // exactly one task, so no two threads touch the same element; i is in bounds.
-                    unsafe { *ptr.0.add(i + k * g.stride) += cols[o + k] };
+                    unsafe { *ptr.get().add(i + k * g.stride) += cols[o + k] };
                 }
             });
         });

@@ -48,7 +48,14 @@ pub fn line_plot(path: &Path, title: &str, x_label: &str, y_label: &str, series:
     macro_rules! draw {
         ($chart:expr) => {{
             let mut chart = $chart;
-            chart.configure_mesh().x_desc(x_label).y_desc(y_label).draw().map_err(|e| err(&e))?;
+            chart
+                .configure_mesh()
+                .x_desc(x_label)
+                .y_desc(y_label)
+                .x_label_formatter(&|v| fmt_num(*v))
+                .y_label_formatter(&|v| fmt_num(*v))
+                .draw()
+                .map_err(|e| err(&e))?;
             for s in series {
                 let c = s.color;
                 chart
@@ -78,6 +85,18 @@ pub fn line_plot(path: &Path, title: &str, x_label: &str, y_label: &str, series:
     }
     root.present().map_err(|e| err(&e))?;
     Ok(())
+}
+
+/// Axis labels: integers as integers, other values with 3 significant digits.
+fn fmt_num(v: f64) -> String {
+    if v == v.round() && v.abs() < 1e9 {
+        format!("{}", v as i64)
+    } else if v.abs() >= 1e-3 && v.abs() < 1e4 {
+        let digits = (2 - v.abs().log10().floor() as i32).max(0) as usize;
+        format!("{v:.digits$}")
+    } else {
+        format!("{v:.2e}")
+    }
 }
 
 /// The loss curve of a run: raw per-step loss and its exponential moving average, log scale.

@@ -316,6 +316,19 @@ impl Trainer {
         )
     }
 
+    /// A sample grid from the EMA weights: RUN/samples/step-N.png (None when previews are off).
+    pub fn preview(&self, run: &Path) -> Result<Option<PathBuf>> {
+        let tc = &self.cfg.train;
+        if tc.preview_images == 0 || tc.preview_steps == 0 {
+            return Ok(None);
+        }
+        let path = run.join("samples").join(format!("step-{:08}.png", self.step));
+        let unet = self.ema_unet()?;
+        let steps = tc.preview_steps.min(self.schedule.num_timesteps());
+        crate::denoise::preview(&unet, &self.schedule, &self.device, tc.preview_images, steps, tc.seed, &path)?;
+        Ok(Some(path))
+    }
+
     /// The EMA weights as a model (for previews, evaluation and export).
     pub fn ema_unet(&self) -> Result<UNet> {
         let map = self.ema.as_map();
@@ -436,6 +449,10 @@ pub fn fit(cfg: Option<Config>, opts: &FitOptions) -> Result<()> {
             metrics.flush()?;
             trainer.save_checkpoint(run, &opts.device)?;
         }
+        let pe = trainer.cfg.train.preview_every;
+        if pe > 0 && trainer.step % pe == 0 && trainer.step < stop {
+            pb.suspend(|| trainer.preview(run))?;
+        }
         if pb.is_hidden() && !opts.quiet && (trainer.step % (total / 20).max(1) == 0) {
             eprintln!(
                 "step {}/{} loss {:.4} ({:.2} steps/s)",
@@ -449,8 +466,15 @@ pub fn fit(cfg: Option<Config>, opts: &FitOptions) -> Result<()> {
     metrics.flush()?;
     let ck = trainer.save_checkpoint(run, &opts.device)?;
     pb.finish_and_clear();
+    if let Some(p) = trainer.preview(run)? {
+        log(opts, &format!("samples (EMA weights, DDIM {} steps): {}", trainer.cfg.train.preview_steps, p.display()));
+    }
     let losses = read_losses(&metrics_path)?;
-    crate::plot::loss_curve(&losses, &run.join("loss.png"), &format!("{} loss", run.display()))?;
+    crate::plot::loss_curve(
+        &losses,
+        &run.join("loss.png"),
+        &format!("{} loss", run.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()),
+    )?;
     log(
         opts,
         &format!(

@@ -41,6 +41,7 @@ pub fn tiny(preset: &str) -> Config {
     cfg.train.warmup_steps = 10;
     cfg.train.ema_decay = 0.99;
     cfg.train.checkpoint_every = 1000;
+    cfg.train.preview_images = 0;
     cfg
 }
 

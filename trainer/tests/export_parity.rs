@@ -45,8 +45,7 @@ fn random_unet(cfg: &UNetConfig, seed: u64) -> UNet {
 }
 
 fn state_for(cfg: &UNetConfig) -> State {
-    let mut c = Config::default();
-    c.model = cfg.clone();
+    let c = Config { model: cfg.clone(), ..Default::default() };
     State {
         format_version: 1,
         trainer_version: "test".into(),
@@ -186,4 +185,83 @@ fn f16_export_has_no_nan_or_inf_at_any_timestep() {
         assert!(e.iter().all(|v| v.is_finite()), "non-finite eps at t in {:?}..", t[0]);
     }
     std::fs::remove_file(p16).unwrap();
+}
+
+#[test]
+fn runtime_refuses_foreign_models_and_impossible_requests() {
+    use runtime::generator::{GenerateRequest, Generator, GeneratorOptions};
+    let case = &cases()[0]; // unconditional
+    let unet = random_unet(&case.cfg, 1);
+    let dir = std::env::temp_dir().join(format!("foreign-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // no metadata: the missing keys are named
+    let bare = build_model(&unet, ExportDtype::F32, 17, &Default::default()).unwrap();
+    let p = dir.join("bare.onnx");
+    std::fs::write(&p, bare.encode_to_vec()).unwrap();
+    let e = format!("{:#}", OrtDenoiser::open(&p, &Provider::Cpu, Some(1)).err().unwrap());
+    assert!(e.contains("not exported by `trainer export`") && e.contains("diffusion.betas"), "{e}");
+    // other input names
+    let md = metadata(&state_for(&unet.cfg), "raw", ExportDtype::F32).unwrap();
+    let mut renamed = build_model(&unet, ExportDtype::F32, 17, &md).unwrap();
+    let g = renamed.graph.as_mut().unwrap();
+    g.input[0].name = "sample".into();
+    for n in g.node.iter_mut() {
+        for i in n.input.iter_mut().filter(|i| *i == "x") {
+            *i = "sample".into();
+        }
+    }
+    let p2 = dir.join("renamed.onnx");
+    std::fs::write(&p2, renamed.encode_to_vec()).unwrap();
+    let e = format!("{:#}", OrtDenoiser::open(&p2, &Provider::Cpu, Some(1)).err().unwrap());
+    assert!(e.contains("inputs are") && e.contains("sample"), "{e}");
+    // an unconditional model: no --class, no --guidance
+    let (p3, _) = write_onnx(&unet, ExportDtype::F32, "uncond-gen");
+    let g = Generator::open(&p3, &GeneratorOptions::default()).unwrap();
+    let e = g.plan(&GenerateRequest { class: Some("3".into()), ..Default::default() }).unwrap_err().to_string();
+    assert!(e.contains("unconditional"), "{e}");
+    let e = g.plan(&GenerateRequest { guidance: 2.0, ..Default::default() }).unwrap_err().to_string();
+    assert!(e.contains("--guidance needs a class-conditional model"), "{e}");
+    // a provider that cannot load is an error with the reason, not a fall-back to the CPU
+    let e = format!(
+        "{:#}",
+        Generator::open(&p3, &GeneratorOptions { provider: Provider::Cuda { device: 0 }, threads: None })
+            .err()
+            .unwrap()
+    );
+    assert!(e.contains("CUDA provider cannot be used") || e.contains("CUDA"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_file(p3).unwrap();
+}
+
+#[test]
+fn python_onnx_checker_and_onnxruntime_agree_with_candle() {
+    let py = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    assert!(
+        py.is_file(),
+        "this test needs the Python venv with onnx and onnxruntime: run scripts/setup.sh (.ci/run does)"
+    );
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/check_onnx.py");
+    for (case, dtype, tol) in [
+        (&cases()[1], ExportDtype::F32, 1e-4),
+        (&cases()[1], ExportDtype::F16, 2e-2),
+        (&cases()[0], ExportDtype::F32, 1e-4),
+    ] {
+        let unet = random_unet(&case.cfg, 11);
+        let (p, _) = write_onnx(&unet, dtype, &format!("py-{}-{dtype:?}", case.name));
+        let cfg = &case.cfg;
+        let (x, t, y) = inputs(cfg, 3, 5);
+        let eps = candle_eps(&unet, &x, &t, &y);
+        let reference = serde_json::json!({
+            "shape": [3, cfg.channels, cfg.image_size, cfg.image_size],
+            "x": x, "t": t, "y": if cfg.num_classes > 0 { Some(y) } else { None }, "eps": eps,
+        });
+        let rp = p.with_extension("json");
+        std::fs::write(&rp, reference.to_string()).unwrap();
+        let out = std::process::Command::new(&py).arg(&script).arg(&p).arg(&rp).arg(tol.to_string()).output().unwrap();
+        let msg = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{msg}");
+        eprintln!("{msg}");
+        std::fs::remove_file(p).unwrap();
+        std::fs::remove_file(rp).unwrap();
+    }
 }

@@ -1,1 +1,202 @@
-fn main() {}
+//! `generate`: sample images from an exported DDPM U-Net with ONNX Runtime.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use runtime::generator::{to_u8_nhwc, GenerateRequest, Generator, GeneratorOptions, Images};
+use runtime::onnx::Provider;
+
+#[derive(Parser)]
+#[command(name = "generate", version, about = "Generate images from an exported DDPM U-Net (.onnx) with ONNX Runtime")]
+struct Args {
+    /// The exported model (`trainer export`); everything else is read from its metadata.
+    #[arg(long)]
+    model: PathBuf,
+    /// Number of images.
+    #[arg(long, default_value_t = 64)]
+    n: usize,
+    /// ddim, ddpm (all T steps) or dpm++ (DPM-Solver++(2M), good in ~20 steps).
+    #[arg(long, default_value = "ddim")]
+    sampler: String,
+    /// Sampling steps (ddim, dpm++).
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    /// DDIM eta (0: deterministic; 1: DDPM-like noise).
+    #[arg(long, default_value_t = 0.0)]
+    eta: f64,
+    /// Timestep spacing: leading, linspace or trailing.
+    #[arg(long, default_value = "trailing")]
+    spacing: String,
+    /// Classifier-free guidance weight w (conditional models): eps = (1+w) eps(x,c) - w eps(x,null).
+    #[arg(long, default_value_t = 0.0)]
+    guidance: f32,
+    /// Class index or name (conditional models); without it the images cycle through the classes.
+    #[arg(long)]
+    class: Option<String>,
+    /// Random seed: same seed, same images on the same provider.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Images per model call (memory is bounded by this, whatever --n).
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// cpu, cuda, tensorrt or auto (TensorRT, then CUDA, then CPU).
+    #[arg(long, default_value = "cpu")]
+    provider: String,
+    /// GPU index for cuda/tensorrt.
+    #[arg(long, default_value_t = 0)]
+    device_id: i32,
+    /// TensorRT engine cache folder.
+    #[arg(long)]
+    trt_cache: Option<PathBuf>,
+    /// TensorRT fp16 kernels.
+    #[arg(long)]
+    trt_fp16: bool,
+    /// ONNX Runtime intra-op threads.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Grid PNG.
+    #[arg(long, default_value = "samples.png")]
+    out: PathBuf,
+    /// Also write each image as DIR/NNNNNN.png.
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
+    /// Reverse-process strip PNG: x_t (top) and predicted x0 (bottom) of the first images at 8 steps.
+    #[arg(long)]
+    strip: Option<PathBuf>,
+    /// Do not clip the predicted x0 to [-1, 1].
+    #[arg(long)]
+    no_clip: bool,
+    /// Dynamic thresholding percentile (e.g. 0.995) instead of plain clipping.
+    #[arg(long)]
+    dynamic_threshold: Option<f32>,
+    /// No progress bar.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+const STRIP_COLS: usize = 8;
+const STRIP_ROWS: usize = 4;
+
+fn run(a: Args) -> Result<()> {
+    let provider = match Provider::from_name(&a.provider)? {
+        Provider::Cuda { .. } => Provider::Cuda { device: a.device_id },
+        Provider::TensorRt { .. } => {
+            Provider::TensorRt { device: a.device_id, fp16: a.trt_fp16, cache_dir: a.trt_cache.clone() }
+        }
+        p => p,
+    };
+    let mut g = Generator::open(&a.model, &GeneratorOptions { provider, threads: a.threads })?;
+    let req = GenerateRequest {
+        n: a.n,
+        sampler: a.sampler.clone(),
+        steps: a.steps,
+        eta: a.eta,
+        spacing: a.spacing.clone(),
+        class: a.class.clone(),
+        guidance: a.guidance,
+        seed: a.seed,
+        batch: a.batch,
+        clip_x0: !a.no_clip,
+        dynamic_threshold: a.dynamic_threshold,
+    };
+    let plan = g.plan(&req)?;
+    let steps_per_chunk = match req.sampler.as_str() {
+        "ddpm" => g.schedule.num_timesteps(),
+        _ => runtime::sampler::timesteps(
+            g.schedule.num_timesteps(),
+            req.steps,
+            runtime::sampler::Spacing::from_name(&req.spacing)?,
+        )?
+        .len(),
+    };
+    let chunks = req.n.div_ceil(plan.batch);
+    let pb = if a.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new((chunks * steps_per_chunk) as u64)
+    };
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps, ETA {eta}")
+            .unwrap(),
+    );
+    let [c, h, w] = plan.shape;
+    let strip_n = STRIP_ROWS.min(req.n).min(plan.batch);
+    let per = c * h * w;
+    // (step index, x_t, x0) of the first chunk's first images at evenly spaced steps
+    let mut strip: Vec<(usize, Vec<f32>, Vec<f32>)> = vec![];
+    let want: Vec<usize> = (0..STRIP_COLS).map(|k| k * (steps_per_chunk - 1) / (STRIP_COLS - 1).max(1)).collect();
+    let start = Instant::now();
+    let images = g.generate(&req, &mut |s| {
+        pb.inc(1);
+        if a.strip.is_some()
+            && s.chunk_start == 0
+            && want.contains(&s.step)
+            && strip.last().is_none_or(|l| l.0 != s.step)
+        {
+            strip.push((s.t, s.x[..strip_n * per].to_vec(), s.x0[..strip_n * per].to_vec()));
+        }
+    })?;
+    let secs = start.elapsed().as_secs_f64();
+    pb.finish_and_clear();
+    if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    images.save_grid(&a.out)?;
+    if let Some(d) = &a.out_dir {
+        images.save_each(d)?;
+    }
+    if let Some(p) = &a.strip {
+        // rows: for each image, x_t then x0; columns: the captured steps
+        let cols = strip.len();
+        let mut tiles = vec![];
+        for i in 0..strip_n {
+            for which in 0..2 {
+                for (_, x, x0) in &strip {
+                    let src = if which == 0 { x } else { x0 };
+                    tiles.extend_from_slice(&src[i * per..(i + 1) * per]);
+                }
+            }
+        }
+        let n = tiles.len() / per;
+        let imgs = Images { n, channels: c, height: h, width: w, pixels: to_u8_nhwc(&tiles, n, c, h, w), labels: None };
+        let (grid, gw, gh) = imgs.grid(Some(cols));
+        let color = if c == 1 { image::ColorType::L8 } else { image::ColorType::Rgb8 };
+        image::save_buffer(p, &grid, gw as u32, gh as u32, color)
+            .with_context(|| format!("cannot write {}", p.display()))?;
+        eprintln!(
+            "strip: {} (columns t = {})",
+            p.display(),
+            strip.iter().map(|s| s.0.to_string()).collect::<Vec<_>>().join(", ")
+        );
+    }
+    let steps_desc = format!("{steps_per_chunk} steps");
+    let guidance = if plan.guidance != 0.0 { format!(", guidance {}", plan.guidance) } else { String::new() };
+    println!(
+        "provider {} | {} {}{} | {} images {}x{}x{} in {:.2} s | {:.2} images/s | {}",
+        g.provider(),
+        req.sampler,
+        steps_desc,
+        guidance,
+        req.n,
+        c,
+        h,
+        w,
+        secs,
+        req.n as f64 / secs,
+        a.out.display()
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
