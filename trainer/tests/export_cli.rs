@@ -1,0 +1,92 @@
+//! `trainer export` on a real (tiny) run: the written model carries the metadata `generate` needs, and bad
+//! requests stop with a clear message without writing anything.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use runtime::onnx::{OrtDenoiser, Provider};
+
+fn trainer() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_trainer"))
+}
+
+fn fails_with(cmd: &mut Command, needle: &str) {
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "should fail with '{needle}'");
+    assert!(err.contains(needle), "expected '{needle}' in: {err}");
+}
+
+#[test]
+fn export_writes_self_describing_models_and_refuses_bad_requests() {
+    data_dir("mnist");
+    let dir = tmp_dir("export");
+    let mut cfg = tiny("mnist");
+    cfg.data.limit = 256;
+    cfg.train.steps = 2;
+    let conf = write_config(&cfg, &dir);
+    let run = dir.join("run");
+    let out = dir.join("m.onnx");
+
+    // a run folder without a checkpoint
+    std::fs::create_dir_all(&run).unwrap();
+    fails_with(trainer().args(["export", "--run"]).arg(&run).arg("--out").arg(&out), "has no checkpoint yet");
+    std::fs::remove_dir_all(&run).unwrap();
+
+    let st = trainer().args(["fit", "--config"]).arg(&conf).arg("--out").arg(&run).arg("-q").status().unwrap();
+    assert!(st.success());
+    for dtype in ["f32", "f16"] {
+        let p = dir.join(format!("m-{dtype}.onnx"));
+        let st =
+            trainer().args(["export", "--run"]).arg(&run).args(["--dtype", dtype, "--out"]).arg(&p).status().unwrap();
+        assert!(st.success());
+        let den = OrtDenoiser::open(&p, &Provider::Cpu, Some(1)).unwrap();
+        let md = &den.info.metadata;
+        assert_eq!(den.info.num_classes, 10);
+        assert_eq!(den.info.null_class, Some(10));
+        assert_eq!(den.info.class_names[7], "7");
+        assert_eq!(den.info.betas.len(), 1000);
+        assert_eq!(den.info.f16, dtype == "f16");
+        assert_eq!(md["diffusion.training_steps"], "2");
+        assert_eq!(md["diffusion.weights"], "ema");
+        for k in [
+            "diffusion.schedule",
+            "diffusion.ema_decay",
+            "diffusion.dataset_fingerprint",
+            "diffusion.exporter",
+            "diffusion.pixel_range",
+            "diffusion.model_config",
+        ] {
+            assert!(md.contains_key(k), "{k} missing");
+        }
+    }
+    // an existing output is kept without --force
+    std::fs::write(&out, b"precious").unwrap();
+    fails_with(trainer().args(["export", "--run"]).arg(&run).arg("--out").arg(&out), "--force");
+    assert_eq!(std::fs::read(&out).unwrap(), b"precious");
+    // unknown dtype, unknown step, bad weights: nothing written
+    let new = dir.join("new.onnx");
+    fails_with(
+        trainer().args(["export", "--run"]).arg(&run).args(["--dtype", "f64", "--out"]).arg(&new),
+        "unknown dtype 'f64'",
+    );
+    fails_with(
+        trainer().args(["export", "--run"]).arg(&run).args(["--checkpoint", "5", "--out"]).arg(&new),
+        "no checkpoint at step 5",
+    );
+    fails_with(
+        trainer().args(["export", "--run"]).arg(&run).args(["--weights", "best", "--out"]).arg(&new),
+        "--weights",
+    );
+    assert!(!new.exists());
+    // a checkpoint whose config does not match its tensors
+    let ck = trainer::checkpoint::resolve(&run, "latest").unwrap();
+    let sp = ck.join("state.json");
+    let text = std::fs::read_to_string(&sp).unwrap().replacen("\"ch\": 32", "\"ch\": 64", 1);
+    std::fs::write(&sp, text).unwrap();
+    fails_with(trainer().args(["export", "--run"]).arg(&run).arg("--out").arg(&new), "do not match");
+    assert!(!new.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
