@@ -22,6 +22,103 @@ enum Cmd {
     Fit(FitArgs),
     /// Write a run's model as a self-describing ONNX file.
     Export(ExportArgs),
+    /// Figures: noise schedules, forward-noising strips with histograms, loss curves.
+    #[command(subcommand)]
+    Plot(PlotCmd),
+}
+
+#[derive(Subcommand)]
+enum PlotCmd {
+    /// alpha-bar curves of the linear and cosine schedules.
+    Schedules {
+        #[arg(long, default_value_t = 1000)]
+        timesteps: usize,
+        #[arg(long, default_value = "schedules.png")]
+        out: PathBuf,
+    },
+    /// One training image noised by q(x_t|x_0) at several t, with per-channel histograms.
+    Noising {
+        /// Config whose data and schedule to use.
+        #[arg(long)]
+        config: PathBuf,
+        /// Comma-separated timesteps (T-1 for the last).
+        #[arg(long, default_value = "0,330,700,999")]
+        t: String,
+        /// Which image of the dataset.
+        #[arg(long, default_value_t = 0)]
+        index: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Strip PNG; histograms go beside it as NAME-hist-cK.png.
+        #[arg(long, default_value = "noising.png")]
+        out: PathBuf,
+    },
+    /// The loss curve of a run (from its metrics.csv).
+    Loss {
+        #[arg(long)]
+        run: PathBuf,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+fn run_plot(cmd: PlotCmd) -> Result<()> {
+    match cmd {
+        PlotCmd::Schedules { timesteps, out } => {
+            anyhow::ensure!(timesteps >= 2, "--timesteps must be at least 2");
+            trainer::plot::schedules(timesteps, &out)?;
+            eprintln!("wrote {}", out.display());
+        }
+        PlotCmd::Noising { config, t, index, seed, out } => {
+            use rand::SeedableRng;
+            use rand_distr::Distribution;
+            let cfg = Config::load(&config)?;
+            let sched = cfg.diffusion.schedule()?;
+            let data = trainer::data::load(&cfg.data, cfg.model.image_size)?;
+            anyhow::ensure!(index < data.len, "--index {index}: the dataset has {} images", data.len);
+            let ts: Vec<usize> = t
+                .split(',')
+                .map(|s| s.trim().parse::<usize>().with_context(|| format!("--t: '{s}' is not a timestep")))
+                .collect::<Result<_>>()?;
+            if let Some(bad) = ts.iter().find(|t| **t >= sched.num_timesteps()) {
+                anyhow::bail!("--t {bad}: timesteps run from 0 to {}", sched.num_timesteps() - 1);
+            }
+            let x0 = data.image_f32(index);
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            let eps: Vec<f32> = (0..x0.len()).map(|_| rand_distr::StandardNormal.sample(&mut rng)).collect();
+            let xs: Vec<(usize, Vec<f32>)> = ts.iter().map(|&t| (t, sched.q_sample(&x0, t, &eps))).collect();
+            let (c, s) = (data.channels, data.size);
+            let flat: Vec<f32> = xs.iter().flat_map(|(_, x)| x.iter().copied()).collect();
+            let n = xs.len();
+            let imgs = runtime::images::Images {
+                n,
+                channels: c,
+                height: s,
+                width: s,
+                pixels: runtime::images::to_u8_nhwc(&flat, n, c, s, s),
+                labels: None,
+            };
+            let (g, w, h) = imgs.grid(Some(n));
+            let color = if c == 1 { image::ColorType::L8 } else { image::ColorType::Rgb8 };
+            image::save_buffer(&out, &g, w as u32, h as u32, color)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            let stem = out.with_extension("");
+            let hists =
+                trainer::plot::histograms(&xs, c, |k| PathBuf::from(format!("{}-hist-c{k}.png", stem.display())))?;
+            eprintln!(
+                "wrote {} (t = {t}) and {}",
+                out.display(),
+                hists.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+            );
+        }
+        PlotCmd::Loss { run, out } => {
+            let losses = trainer::train::read_losses(&run.join("metrics.csv"))?;
+            let out = out.unwrap_or_else(|| run.join("loss.png"));
+            trainer::plot::loss_curve(&losses, &out, &format!("{} loss", run.display()))?;
+            eprintln!("wrote {}", out.display());
+        }
+    }
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -147,6 +244,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Fit(a) => run_fit(a),
+        Cmd::Plot(p) => run_plot(p),
         Cmd::Export(a) => trainer::export::export(&trainer::export::ExportOptions {
             run: &a.run,
             checkpoint: &a.checkpoint,

@@ -121,3 +121,74 @@ pub fn loss_curve(losses: &[(usize, f64)], path: &Path, title: &str) -> Result<(
         true,
     )
 }
+
+/// alpha-bar_t of the linear and cosine schedules over T steps (the improved-DDPM figure 5 comparison).
+pub fn schedules(num_timesteps: usize, path: &Path) -> Result<()> {
+    use runtime::schedule::{BetaSchedule, NoiseSchedule};
+    let curve = |k: BetaSchedule| -> Vec<(f64, f64)> {
+        let s = NoiseSchedule::new(k, num_timesteps);
+        s.alphas_cumprod.iter().enumerate().map(|(t, a)| (t as f64 / (num_timesteps - 1) as f64, *a)).collect()
+    };
+    line_plot(
+        path,
+        &format!("alpha-bar over diffusion time (T = {num_timesteps})"),
+        "t / T",
+        "alpha-bar",
+        &[
+            Series {
+                name: "linear (Ho et al. 2020)",
+                points: curve(BetaSchedule::LINEAR),
+                color: RGBColor(200, 60, 40),
+            },
+            Series {
+                name: "cosine (Nichol & Dhariwal 2021)",
+                points: curve(BetaSchedule::COSINE),
+                color: RGBColor(20, 60, 160),
+            },
+        ],
+        false,
+    )
+}
+
+/// Per-channel histograms of x_t at several t, as lines over [-4, 4] (one PNG per channel).
+pub fn histograms(
+    samples: &[(usize, Vec<f32>)],
+    channels: usize,
+    path_for: impl Fn(usize) -> std::path::PathBuf,
+) -> Result<Vec<std::path::PathBuf>> {
+    let colors = [
+        RGBColor(20, 20, 20),
+        RGBColor(200, 60, 40),
+        RGBColor(40, 150, 60),
+        RGBColor(20, 60, 160),
+        RGBColor(150, 60, 170),
+    ];
+    let bins = 64;
+    let mut out = vec![];
+    for c in 0..channels {
+        let mut series = vec![];
+        for (k, (t, x)) in samples.iter().enumerate() {
+            let n = x.len() / channels;
+            let vals = &x[c * n..(c + 1) * n];
+            let mut h = vec![0f64; bins];
+            for v in vals {
+                let b = (((*v as f64 + 4.0) / 8.0) * bins as f64).floor();
+                if (0.0..bins as f64).contains(&b) {
+                    h[b as usize] += 1.0;
+                }
+            }
+            let pts: Vec<(f64, f64)> = h
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (-4.0 + (i as f64 + 0.5) * 8.0 / bins as f64, c / n as f64))
+                .collect();
+            let name = format!("t = {t}");
+            series.push((name, pts, colors[k % colors.len()]));
+        }
+        let s: Vec<Series> = series.iter().map(|(n, p, c)| Series { name: n, points: p.clone(), color: *c }).collect();
+        let p = path_for(c);
+        line_plot(&p, &format!("pixel histogram of x_t, channel {c}"), "value", "fraction", &s, false)?;
+        out.push(p);
+    }
+    Ok(out)
+}
