@@ -265,3 +265,30 @@ fn python_onnx_checker_and_onnxruntime_agree_with_candle() {
         std::fs::remove_file(rp).unwrap();
     }
 }
+
+#[test]
+fn the_same_sampler_gives_the_same_images_through_candle_and_onnx_runtime() {
+    use runtime::sampler::{sample, Method, Request, Spacing};
+    use trainer::denoise::CandleDenoiser;
+    let case = &cases()[1];
+    let unet = random_unet(&case.cfg, 21);
+    let (p, _) = write_onnx(&unet, ExportDtype::F32, "same-sampler");
+    let mut ort = OrtDenoiser::open(&p, &Provider::Cpu, Some(1)).unwrap();
+    let mut candle = CandleDenoiser { unet: &unet, device: Device::Cpu };
+    let sched = runtime::schedule::NoiseSchedule::new(runtime::schedule::BetaSchedule::LINEAR, 1000);
+    let cfg = &case.cfg;
+    let mut req = Request::new(
+        3,
+        [cfg.channels, cfg.image_size, cfg.image_size],
+        Method::DpmSolverPP { steps: 6, spacing: Spacing::Trailing },
+    );
+    req.labels = Some(vec![0, 2, 4]);
+    req.null_class = Some(cfg.num_classes as i64);
+    req.guidance = 1.5;
+    req.seed = 9;
+    let a = sample(&mut candle, &sched, &req, &mut |_| {}).unwrap();
+    let b = sample(&mut ort, &sched, &req, &mut |_| {}).unwrap();
+    let d = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(d < 1e-3, "Candle and ONNX Runtime samples differ by {d}");
+    std::fs::remove_file(p).unwrap();
+}
