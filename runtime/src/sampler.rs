@@ -272,9 +272,12 @@ fn sample_chunk(
                 let sigma = eta * ((1.0 - a_prev) / (1.0 - a_t)).sqrt() * (1.0 - a_t / a_prev).sqrt();
                 let dir = (1.0 - a_prev - sigma * sigma).max(0.0).sqrt();
                 // Song et al. 2020, eq. 12: x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z
-                let z = if sigma > 0.0 { noise(&mut rngs, per) } else { vec![0.0; x.len()] };
                 let (sa, dir, sg) = (a_prev.sqrt() as f32, dir as f32, sigma as f32);
-                x = x0.iter().zip(&eps).zip(&z).map(|((x0, e), z)| sa * x0 + dir * e + sg * z).collect();
+                x = x0.iter().zip(&eps).map(|(x0, e)| sa * x0 + dir * e).collect();
+                if sigma > 0.0 {
+                    let z = noise(&mut rngs, per);
+                    x.iter_mut().zip(&z).for_each(|(x, z)| *x += sg * z);
+                }
             }
             Method::DpmSolverPP { .. } => {
                 let lambda = |a: f64| 0.5 * (a / (1.0 - a)).ln(); // log(alpha_t / sigma_t)
