@@ -199,6 +199,23 @@ struct FitArgs {
 }
 
 fn run_fit(a: FitArgs) -> Result<()> {
+    if a.resume.is_some() {
+        let changed = [
+            ("--batch-size", a.batch_size.is_some()),
+            ("--seed", a.seed.is_some()),
+            ("--lr", a.lr.is_some()),
+            ("--ch", a.ch.is_some()),
+            ("--data", a.data.is_some()),
+            ("--limit", a.limit.is_some()),
+            ("--checkpoint-every", a.checkpoint_every.is_some()),
+            ("--warmup-steps", a.warmup_steps.is_some()),
+        ];
+        if let Some((flag, _)) = changed.iter().find(|(_, set)| *set) {
+            anyhow::bail!(
+                "{flag} cannot change a run being resumed (it continues with its saved config); only --steps can"
+            );
+        }
+    }
     let mut cfg = match &a.config {
         Some(p) => Some(Config::load(p)?),
         None => None,

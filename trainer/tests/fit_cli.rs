@@ -154,6 +154,8 @@ fn bad_input_is_named() {
     assert!(err.contains("image size 27"), "{err}");
     assert!(!dir.join("r").exists(), "a failed start must not leave a run folder");
 
+    let err = run_err(trainer().args(["fit", "--resume"]).arg(dir.join("absent")).args(["--lr", "0.1"]));
+    assert!(err.contains("--lr cannot change a run being resumed"), "{err}");
     let err = run_err(trainer().args(["fit", "--resume"]).arg(dir.join("absent")));
     assert!(err.contains("does not exist"), "{err}");
     let err =
