@@ -22,9 +22,38 @@ enum Cmd {
     Fit(FitArgs),
     /// Write a run's model as a self-describing ONNX file.
     Export(ExportArgs),
+    /// Classifier score and FID in a classifier's feature space (with the real-vs-real floor).
+    Eval(EvalArgs),
     /// Figures: noise schedules, forward-noising strips with histograms, loss curves.
     #[command(subcommand)]
     Plot(PlotCmd),
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// Run folder (its data config names the dataset; the test split is used as reference).
+    #[arg(long)]
+    run: PathBuf,
+    #[arg(long, default_value = "latest")]
+    checkpoint: String,
+    /// Generated images (classes cycle on conditional models).
+    #[arg(long, default_value_t = 1000)]
+    n: usize,
+    /// DDIM steps.
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    /// Classifier-free guidance weight.
+    #[arg(long, default_value_t = 2.0)]
+    guidance: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Where trained classifiers are cached (by dataset fingerprint).
+    #[arg(long, default_value = "data/classifiers")]
+    cache: PathBuf,
+    #[arg(long, short)]
+    quiet: bool,
 }
 
 #[derive(Subcommand)]
@@ -262,6 +291,18 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Fit(a) => run_fit(a),
         Cmd::Plot(p) => run_plot(p),
+        Cmd::Eval(a) => trainer::eval::evaluate(&trainer::eval::EvalOptions {
+            run: a.run.clone(),
+            checkpoint: a.checkpoint,
+            n: a.n,
+            steps: a.steps,
+            guidance: a.guidance,
+            seed: a.seed,
+            batch: a.batch,
+            cache: a.cache,
+            quiet: a.quiet,
+        })
+        .map(|r| println!("{}", serde_json::to_string_pretty(&r).unwrap())),
         Cmd::Export(a) => trainer::export::export(&trainer::export::ExportOptions {
             run: &a.run,
             checkpoint: &a.checkpoint,
