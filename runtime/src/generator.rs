@@ -130,14 +130,6 @@ impl Generator {
     pub fn generate(&mut self, req: &GenerateRequest, on_step: &mut dyn FnMut(&StepInfo)) -> Result<Images> {
         let plan = self.plan(req)?;
         let x = sampler::sample(&mut self.denoiser, &self.schedule, &plan, on_step)?;
-        let [c, h, w] = plan.shape;
-        Ok(Images {
-            n: req.n,
-            channels: c,
-            height: h,
-            width: w,
-            pixels: to_u8_nhwc(&x, req.n, c, h, w),
-            labels: plan.labels,
-        })
+        Ok(Images::from_f32(&x, req.n, plan.shape, plan.labels))
     }
 }

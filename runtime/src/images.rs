@@ -31,6 +31,11 @@ pub fn to_u8_nhwc(x: &[f32], n: usize, c: usize, h: usize, w: usize) -> Vec<u8> 
 }
 
 impl Images {
+    /// From [-1, 1] NCHW floats ([n, c, h, w]).
+    pub fn from_f32(x: &[f32], n: usize, [c, h, w]: [usize; 3], labels: Option<Vec<i64>>) -> Self {
+        Self { n, channels: c, height: h, width: w, pixels: to_u8_nhwc(x, n, c, h, w), labels }
+    }
+
     pub fn image(&self, i: usize) -> &[u8] {
         let n = self.height * self.width * self.channels;
         &self.pixels[i * n..(i + 1) * n]
@@ -66,7 +71,12 @@ impl Images {
     }
 
     pub fn save_grid(&self, path: &Path) -> Result<()> {
-        let (g, w, h) = self.grid(None);
+        self.save_grid_cols(path, None)
+    }
+
+    /// A grid PNG with `cols` columns (None: ceil(sqrt(n))).
+    pub fn save_grid_cols(&self, path: &Path, cols: Option<usize>) -> Result<()> {
+        let (g, w, h) = self.grid(cols);
         image::save_buffer(path, &g, w as u32, h as u32, self.color())
             .with_context(|| format!("cannot write {}", path.display()))
     }

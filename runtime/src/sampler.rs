@@ -70,6 +70,16 @@ pub enum Method {
 }
 
 impl Method {
+    /// The timesteps this method visits, decreasing (DDPM: all T).
+    pub fn timesteps(&self, num_train: usize) -> Result<Vec<usize>> {
+        match self {
+            Method::Ddpm { .. } => Ok((0..num_train).rev().collect()),
+            Method::Ddim { steps, spacing, .. } | Method::DpmSolverPP { steps, spacing } => {
+                timesteps(num_train, *steps, *spacing)
+            }
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Method::Ddpm { .. } => "ddpm",
@@ -181,7 +191,6 @@ fn guided_eps(
     labels: Option<&[i64]>,
 ) -> Result<Vec<f32>> {
     let [c, h, w] = req.shape;
-    let ts = vec![t as i64; k];
     match (req.guidance != 0.0, labels, req.null_class) {
         (true, Some(l), Some(null)) => {
             let mut x2 = Vec::with_capacity(2 * x.len());
@@ -195,7 +204,7 @@ fn guided_eps(
             // Ho & Salimans 2022, eq. 6: eps~ = (1 + w) eps(z, c) - w eps(z)
             Ok(cond.iter().zip(unc).map(|(a, b)| (1.0 + wt) * a - wt * b).collect())
         }
-        _ => den.eps(x, [k, c, h, w], &ts, labels),
+        _ => den.eps(x, [k, c, h, w], &vec![t as i64; k], labels),
     }
 }
 
@@ -238,12 +247,7 @@ fn sample_chunk(
         .collect();
     // x_T ~ N(0, I)
     let mut x = noise(&mut rngs, per);
-    let ts: Vec<usize> = match &req.method {
-        Method::Ddpm { .. } => (0..sched.num_timesteps()).rev().collect(),
-        Method::Ddim { steps, spacing, .. } | Method::DpmSolverPP { steps, spacing } => {
-            timesteps(sched.num_timesteps(), *steps, *spacing)?
-        }
-    };
+    let ts = req.method.timesteps(sched.num_timesteps())?;
     let ab = |t: Option<usize>| t.map(|t| sched.alphas_cumprod[t]).unwrap_or(1.0);
     let mut prev_x0: Option<Vec<f32>> = None;
     let mut prev_h = 0.0f64;

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
-use runtime::images::{to_u8_nhwc, Images};
+use runtime::images::Images;
 use runtime::sampler::{self, Denoiser, Method, Request, Spacing};
 use runtime::schedule::NoiseSchedule;
 
@@ -56,7 +56,7 @@ pub fn preview(
     let mut den = CandleDenoiser { unet, device: device.clone() };
     let x = sampler::sample(&mut den, sched, &req, &mut |_| {})?;
     let (c, s) = (cfg.channels, cfg.image_size);
-    let images = Images { n, channels: c, height: s, width: s, pixels: to_u8_nhwc(&x, n, c, s, s), labels: req.labels };
+    let images = Images::from_f32(&x, n, [c, s, s], req.labels);
     if let Some(d) = path.parent() {
         std::fs::create_dir_all(d)?;
     }

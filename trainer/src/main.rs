@@ -119,18 +119,7 @@ fn run_plot(cmd: PlotCmd) -> Result<()> {
             let (c, s) = (data.channels, data.size);
             let flat: Vec<f32> = xs.iter().flat_map(|(_, x)| x.iter().copied()).collect();
             let n = xs.len();
-            let imgs = runtime::images::Images {
-                n,
-                channels: c,
-                height: s,
-                width: s,
-                pixels: runtime::images::to_u8_nhwc(&flat, n, c, s, s),
-                labels: None,
-            };
-            let (g, w, h) = imgs.grid(Some(n));
-            let color = if c == 1 { image::ColorType::L8 } else { image::ColorType::Rgb8 };
-            image::save_buffer(&out, &g, w as u32, h as u32, color)
-                .with_context(|| format!("cannot write {}", out.display()))?;
+            runtime::images::Images::from_f32(&flat, n, [c, s, s], None).save_grid_cols(&out, Some(n))?;
             let stem = out.with_extension("");
             let hists =
                 trainer::plot::histograms(&xs, c, |k| PathBuf::from(format!("{}-hist-c{k}.png", stem.display())))?;

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use runtime::generator::{to_u8_nhwc, GenerateRequest, Generator, GeneratorOptions, Images};
+use runtime::generator::{GenerateRequest, Generator, GeneratorOptions, Images};
 use runtime::onnx::Provider;
 
 #[derive(Parser)]
@@ -103,15 +103,7 @@ fn run(a: Args) -> Result<()> {
         dynamic_threshold: a.dynamic_threshold,
     };
     let plan = g.plan(&req)?;
-    let steps_per_chunk = match req.sampler.as_str() {
-        "ddpm" => g.schedule.num_timesteps(),
-        _ => runtime::sampler::timesteps(
-            g.schedule.num_timesteps(),
-            req.steps,
-            runtime::sampler::Spacing::from_name(&req.spacing)?,
-        )?
-        .len(),
-    };
+    let steps_per_chunk = plan.method.timesteps(g.schedule.num_timesteps())?.len();
     let chunks = req.n.div_ceil(plan.batch);
     let pb = if a.quiet {
         indicatif::ProgressBar::hidden()
@@ -161,11 +153,7 @@ fn run(a: Args) -> Result<()> {
             }
         }
         let n = tiles.len() / per;
-        let imgs = Images { n, channels: c, height: h, width: w, pixels: to_u8_nhwc(&tiles, n, c, h, w), labels: None };
-        let (grid, gw, gh) = imgs.grid(Some(cols));
-        let color = if c == 1 { image::ColorType::L8 } else { image::ColorType::Rgb8 };
-        image::save_buffer(p, &grid, gw as u32, gh as u32, color)
-            .with_context(|| format!("cannot write {}", p.display()))?;
+        Images::from_f32(&tiles, n, [c, h, w], None).save_grid_cols(p, Some(cols))?;
         eprintln!(
             "strip: {} (columns t = {})",
             p.display(),
