@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use runtime::generator::{GenerateRequest, Generator, GeneratorOptions, Images};
 use runtime::onnx::Provider;
+use runtime::sampler::Strip;
 
 #[derive(Parser)]
 #[command(name = "generate", version, about = "Generate images from an exported DDPM U-Net (.onnx) with ONNX Runtime")]
@@ -115,20 +116,12 @@ fn run(a: Args) -> Result<()> {
             .unwrap(),
     );
     let [c, h, w] = plan.shape;
-    let strip_n = STRIP_ROWS.min(req.n).min(plan.batch);
-    let per = c * h * w;
-    // (step index, x_t, x0) of the first chunk's first images at evenly spaced steps
-    let mut strip: Vec<(usize, Vec<f32>, Vec<f32>)> = vec![];
-    let want: Vec<usize> = (0..STRIP_COLS).map(|k| k * (steps_per_chunk - 1) / (STRIP_COLS - 1).max(1)).collect();
+    let mut strip = Strip::new(steps_per_chunk, STRIP_COLS, STRIP_ROWS.min(plan.batch), c * h * w);
     let start = Instant::now();
     let images = g.generate(&req, &mut |s| {
         pb.inc(1);
-        if a.strip.is_some()
-            && s.chunk_start == 0
-            && want.contains(&s.step)
-            && strip.last().is_none_or(|l| l.0 != s.step)
-        {
-            strip.push((s.t, s.x[..strip_n * per].to_vec(), s.x0[..strip_n * per].to_vec()));
+        if a.strip.is_some() {
+            strip.record(s);
         }
     })?;
     let secs = start.elapsed().as_secs_f64();
@@ -141,23 +134,12 @@ fn run(a: Args) -> Result<()> {
         images.save_each(d)?;
     }
     if let Some(p) = &a.strip {
-        // rows: for each image, x_t then x0; columns: the captured steps
-        let cols = strip.len();
-        let mut tiles = vec![];
-        for i in 0..strip_n {
-            for which in 0..2 {
-                for (_, x, x0) in &strip {
-                    let src = if which == 0 { x } else { x0 };
-                    tiles.extend_from_slice(&src[i * per..(i + 1) * per]);
-                }
-            }
-        }
-        let n = tiles.len() / per;
-        Images::from_f32(&tiles, n, [c, h, w], None).save_grid_cols(p, Some(cols))?;
+        let (tiles, cols) = strip.tiles();
+        Images::from_f32(&tiles, tiles.len() / (c * h * w), [c, h, w], None).save_grid_cols(p, Some(cols))?;
         eprintln!(
             "strip: {} (columns t = {})",
             p.display(),
-            strip.iter().map(|s| s.0.to_string()).collect::<Vec<_>>().join(", ")
+            strip.timesteps().iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", ")
         );
     }
     let steps_desc = format!("{steps_per_chunk} steps");
