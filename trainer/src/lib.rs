@@ -9,6 +9,7 @@ pub mod data;
 pub mod denoise;
 pub mod eval;
 pub mod export;
+pub mod inception;
 pub mod ops;
 pub mod optim;
 pub mod params;

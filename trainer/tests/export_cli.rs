@@ -39,9 +39,21 @@ fn export_writes_self_describing_models_and_refuses_bad_requests() {
     assert!(st.success());
     for dtype in ["f32", "f16"] {
         let p = dir.join(format!("m-{dtype}.onnx"));
-        let st =
-            trainer().args(["export", "--run"]).arg(&run).args(["--dtype", dtype, "--out"]).arg(&p).status().unwrap();
+        let st = trainer()
+            .args(["export", "--card", "--run"])
+            .arg(&run)
+            .args(["--dtype", dtype, "--out"])
+            .arg(&p)
+            .status()
+            .unwrap();
         assert!(st.success());
+        // the model card names the file's hash, the training and the data
+        use sha2::Digest;
+        let card = std::fs::read_to_string(p.with_extension("md")).unwrap();
+        let sum = format!("{:x}", sha2::Sha256::digest(std::fs::read(&p).unwrap()));
+        assert!(card.contains(&format!("sha256 {sum}")), "{card}");
+        assert!(card.contains("| training | 2 steps, batch 8,") && card.contains("mnist (train)"), "{card}");
+        assert!(card.contains(&format!("| file | {dtype}, ema weights")), "{card}");
         let den = OrtDenoiser::open(&p, &Provider::Cpu, Some(1)).unwrap();
         let md = &den.info.metadata;
         assert_eq!(den.info.num_classes, 10);
