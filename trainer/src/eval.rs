@@ -259,12 +259,20 @@ pub struct EvalOptions {
     pub sweep_guidance: Vec<f32>,
     /// DDIM step counts to sweep (at `guidance`); empty: no sweep.
     pub sweep_steps: Vec<usize>,
+    pub device: Device,
+    /// Sample from this exported model through ONNX Runtime (what ships, f32 or f16) instead of the run's
+    /// Candle weights; the run still names the data. Its provider: CPU, or CUDA with a CUDA `device`.
+    pub model: Option<PathBuf>,
     pub quiet: bool,
 }
 
 /// A feature space for FID: the classifier's penultimate layer or Inception-v3's pool3.
 pub trait FeatureExtractor {
     fn name(&self) -> &'static str;
+    /// Whether features of real images are worth caching on disk (slow extractors with fixed weights).
+    fn cacheable(&self) -> bool {
+        false
+    }
     /// Features of images [n, C, H, W] in [-1, 1].
     fn features(&self, x: &[f32], shape: [usize; 3], pb: &indicatif::ProgressBar) -> Result<Vec<Vec<f64>>>;
 }
@@ -283,6 +291,9 @@ impl FeatureExtractor for ClassifierFeatures<'_> {
 impl FeatureExtractor for crate::inception::InceptionV3 {
     fn name(&self) -> &'static str {
         "inception"
+    }
+    fn cacheable(&self) -> bool {
+        true
     }
     fn features(&self, x: &[f32], shape: [usize; 3], pb: &indicatif::ProgressBar) -> Result<Vec<Vec<f64>>> {
         let per: usize = shape.iter().product();
@@ -338,8 +349,8 @@ fn progress(quiet: bool, len: u64, msg: &'static str) -> indicatif::ProgressBar 
 /// real-vs-real floors; optional sweeps over guidance and DDIM steps. Writes RUN/eval.json, and for sweeps
 /// RUN/sweep.csv with RUN/sweep-{guidance,steps}-{score,fid}.png.
 pub fn evaluate(o: &EvalOptions) -> Result<serde_json::Value> {
-    let dev = Device::Cpu;
-    let (unet, state) = crate::export::load_unet(&o.run, &o.checkpoint, "ema")?;
+    let dev = o.device.clone();
+    let (unet, state) = crate::export::load_unet(&o.run, &o.checkpoint, "ema", &dev)?;
     let cfg = &state.config;
     if o.n < 2 {
         bail!("--n must be at least 2 (FID needs a covariance)");
@@ -354,6 +365,11 @@ pub fn evaluate(o: &EvalOptions) -> Result<serde_json::Value> {
     if train.labels.is_none() || test.labels.is_none() {
         bail!("trainer eval needs a labelled dataset (for its classifier)");
     }
+    // a model or weights that cannot be used stop the evaluation before any long work
+    let mut onnx = match &o.model {
+        Some(p) => Some(open_model(p, &state, &dev)?),
+        None => None,
+    };
     let inception = match &o.inception {
         Some(p) => Some(crate::inception::InceptionV3::load(p, &dev).with_context(|| {
             format!("cannot load the Inception weights {} (scripts/fetch-data.sh inception fetches them)", p.display())
@@ -379,13 +395,33 @@ pub fn evaluate(o: &EvalOptions) -> Result<serde_json::Value> {
     let mut spaces = vec![];
     for ext in extractors {
         let pb = progress(o.quiet, 0, "real-image features");
-        let test = ext.features(&test_x, shape, &pb)?;
-        let floor = fid_features(&ext.features(&train_x, shape, &pb)?, &test);
+        let real_features = |x: &[f32], split: &str, fp: &str, seed: u64| -> Result<Vec<Vec<f64>>> {
+            if !ext.cacheable() {
+                return ext.features(x, shape, &pb);
+            }
+            // the same images (dataset fingerprint, split, count, subset seed) give the same features
+            let path = o.cache.join(format!("{}-{fp}-{split}-n{m}-s{seed}.safetensors", ext.name()));
+            if let Ok(t) = candle_core::safetensors::load(&path, &Device::Cpu) {
+                if let Some(f) = t.get("features") {
+                    return Ok(f.to_dtype(DType::F64)?.to_vec2()?);
+                }
+            }
+            let f = ext.features(x, shape, &pb)?;
+            let rows: Vec<f32> = f.iter().flatten().map(|v| *v as f32).collect();
+            let t = Tensor::from_vec(rows, (f.len(), f[0].len()), &Device::Cpu)?;
+            std::fs::create_dir_all(&o.cache)?;
+            let tmp = path.with_extension("tmp");
+            candle_core::safetensors::save(&[("features", t)].into_iter().collect(), &tmp)?;
+            std::fs::rename(&tmp, &path)?;
+            Ok(f)
+        };
+        let test_f = real_features(&test_x, "test", &test.fingerprint, o.seed ^ 1)?;
+        let floor = fid_features(&real_features(&train_x, "train", &train.fingerprint, o.seed ^ 2)?, &test_f);
         pb.finish_and_clear();
-        spaces.push(Space { ext, test, floor });
+        spaces.push(Space { ext, test: test_f, floor });
     }
     let k = cfg.model.num_classes;
-    let setting = |guidance: f32, steps: usize| -> Result<Outcome> {
+    let mut setting = |guidance: f32, steps: usize| -> Result<Outcome> {
         use runtime::sampler::{sample, Method, Request, Spacing};
         let mut req = Request::new(o.n, shape, Method::Ddim { steps, eta: 0.0, spacing: Spacing::Trailing });
         req.seed = o.seed;
@@ -396,9 +432,14 @@ pub fn evaluate(o: &EvalOptions) -> Result<serde_json::Value> {
             req.guidance = guidance;
         }
         let sched = cfg.diffusion.schedule()?;
-        let mut den = crate::denoise::CandleDenoiser { unet: &unet, device: dev.clone() };
         let pb = progress(o.quiet, (o.n.div_ceil(o.batch) * steps) as u64, "sampling");
-        let mut x = sample(&mut den, &sched, &req, &mut |_| pb.inc(1))?;
+        let mut x = match onnx.as_mut() {
+            Some(den) => sample(den, &sched, &req, &mut |_| pb.inc(1))?,
+            None => {
+                let mut den = crate::denoise::CandleDenoiser { unet: &unet, device: dev.clone() };
+                sample(&mut den, &sched, &req, &mut |_| pb.inc(1))?
+            }
+        };
         pb.finish_and_clear();
         quantize(&mut x);
         let (_, gen_p) = features(&clf, &x, shape, &dev)?;
@@ -429,6 +470,7 @@ pub fn evaluate(o: &EvalOptions) -> Result<serde_json::Value> {
     let main = setting(o.guidance, o.steps)?;
     let mut report = serde_json::json!({
         "run": o.run.display().to_string(),
+        "model": o.model.as_ref().map(|p| p.display().to_string()),
         "step": state.step,
         "samples": o.n,
         "sampler": format!("ddim {} steps, trailing", o.steps),
@@ -460,6 +502,31 @@ pub fn evaluate(o: &EvalOptions) -> Result<serde_json::Value> {
     }
     crate::checkpoint::write_atomic(&o.run.join("eval.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
     Ok(report)
+}
+
+/// Opens an exported model for sampling and checks that it is this run's model (data and schedule).
+fn open_model(path: &Path, state: &crate::checkpoint::State, dev: &Device) -> Result<runtime::onnx::OrtDenoiser> {
+    use runtime::onnx::{OrtDenoiser, Provider};
+    let provider = match dev {
+        Device::Cuda(_) => Provider::Cuda { device: 0 },
+        _ => Provider::Cpu,
+    };
+    let den = OrtDenoiser::open(path, &provider, None)?;
+    let fp = den.info.metadata.get("diffusion.dataset_fingerprint").map(String::as_str).unwrap_or("none");
+    if fp != state.data_fingerprint {
+        bail!(
+            "{} was trained on data {fp}, this run on {}: evaluate a model with the run it was exported from",
+            path.display(),
+            state.data_fingerprint
+        );
+    }
+    let sched = state.config.diffusion.schedule()?;
+    if den.info.betas.len() != sched.betas.len()
+        || den.info.betas.iter().zip(&sched.betas).any(|(a, b)| (a - b).abs() > 1e-9)
+    {
+        bail!("{}: its noise schedule differs from the run's", path.display());
+    }
+    Ok(den)
 }
 
 /// sweep.csv (one row per setting) and, per swept variable, a score plot and an FID plot with the floors.

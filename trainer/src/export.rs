@@ -463,10 +463,10 @@ pub struct ExportOptions<'a> {
     pub card: bool,
 }
 
-/// Loads a checkpoint's model (EMA or raw weights).
-pub fn load_unet(run: &Path, checkpoint: &str, weights: &str) -> Result<(UNet, State)> {
+/// Loads a checkpoint's model (EMA or raw weights) onto `device`.
+pub fn load_unet(run: &Path, checkpoint: &str, weights: &str, device: &Device) -> Result<(UNet, State)> {
     let dir = crate::checkpoint::resolve(run, checkpoint)?;
-    let ck = crate::checkpoint::load(&dir, &Device::Cpu, false)?;
+    let ck = crate::checkpoint::load(&dir, device, false)?;
     let (tensors, file) = match weights {
         "ema" => (&ck.ema, "ema.safetensors"),
         "raw" => (&ck.model, "model.safetensors"),
@@ -483,7 +483,7 @@ pub fn export(opts: &ExportOptions) -> Result<()> {
     if opts.out.exists() && !opts.force {
         bail!("{} already exists; use --force to replace it", opts.out.display());
     }
-    let (unet, state) = load_unet(opts.run, opts.checkpoint, opts.weights)?;
+    let (unet, state) = load_unet(opts.run, opts.checkpoint, opts.weights, &Device::Cpu)?;
     let md = metadata(&state, opts.weights, dtype)?;
     let model = build_model(&unet, dtype, opts.opset, &md)?;
     let bytes = model.encode_to_vec();

@@ -63,19 +63,30 @@ fn eval_reports_accuracy_score_and_fid_with_floor() {
     classifier_onnx_agrees(&cache, &cfg);
 
     // Inception-v3 FID beside the classifier's (16 images: Inception is slow on the CPU)
-    let out = Command::new(t)
-        .args(["eval", "--run"])
-        .arg(&run)
-        .args(["--n", "16", "--steps", "3", "--batch", "16", "-q", "--features", "classifier,inception"])
-        .args(["--inception-weights", root().join("data/inception/default_1.pt").to_str().unwrap(), "--cache"])
-        .arg(&cache)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let inception_eval = || {
+        let out = Command::new(t)
+            .args(["eval", "--run"])
+            .arg(&run)
+            .args(["--n", "16", "--steps", "3", "--batch", "16", "-q", "--features", "classifier,inception"])
+            .args(["--inception-weights", root().join("data/inception/default_1.pt").to_str().unwrap(), "--cache"])
+            .arg(&cache)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let r = inception_eval();
     let (fid, floor) = (r["fid_inception"].as_f64().unwrap(), r["fid_inception_floor"].as_f64().unwrap());
     // an untrained model's noise is far from digits in Inception space too
     assert!(floor.is_finite() && floor > 0.0 && fid > 2.0 * floor, "inception fid {fid}, floor {floor}");
+    // the real images' Inception features are cached (test and train subsets) and give the same figures
+    let cached = std::fs::read_dir(&cache)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("inception-"))
+        .count();
+    assert_eq!(cached, 2);
+    let again = inception_eval();
+    assert_eq!((again["fid_inception"].as_f64(), again["fid_inception_floor"].as_f64()), (Some(fid), Some(floor)));
 
     // the model card of an evaluated run carries its metrics
     let onnx = dir.join("m.onnx");
@@ -85,6 +96,40 @@ fn eval_reports_accuracy_score_and_fid_with_floor() {
     assert!(card.contains(&format!("| FID, Inception-v3 pool3 (2048-d) | {fid:.3} | {floor:.3} |")), "{card}");
     let score = r["classifier_score"].as_f64().unwrap();
     assert!(card.contains(&format!("| {:.2}% |", 100.0 * score)), "{card}");
+
+    // the exported f16 file sampled through ONNX Runtime: the same kind of report
+    let f16 = dir.join("m16.onnx");
+    let st =
+        Command::new(t).args(["export", "--dtype", "f16", "--run"]).arg(&run).arg("--out").arg(&f16).status().unwrap();
+    assert!(st.success());
+    let onnx_eval = |model: &std::path::Path| {
+        Command::new(t)
+            .args(["eval", "--run"])
+            .arg(&run)
+            .args(["--n", "24", "--steps", "3", "--batch", "24", "-q", "--features", "classifier", "--model"])
+            .arg(model)
+            .arg("--cache")
+            .arg(&cache)
+            .output()
+            .unwrap()
+    };
+    let out = onnx_eval(&f16);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["model"].as_str(), f16.to_str());
+    let s = r["classifier_score"].as_f64().unwrap();
+    assert!(
+        (0.0..=1.0).contains(&s) && r["fid_classifier_features"].as_f64() > r["fid_floor_train_vs_test"].as_f64(),
+        "{r}"
+    );
+    // a model of another run (other data) is refused by name
+    let out = onnx_eval(&root().join("fixtures/tiny-mnist-f32.onnx"));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("was trained on data"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // sweeps over guidance and DDIM steps: CSV rows and plots
     let out = Command::new(t)
