@@ -249,6 +249,8 @@ pub struct EvalOptions {
     pub checkpoint: String,
     pub n: usize,
     pub steps: usize,
+    /// `ddim` (eta 0) or `dpm++` (DPM-Solver++(2M)), trailing timestep spacing.
+    pub sampler: String,
     pub guidance: f32,
     pub seed: u64,
     pub batch: usize,
@@ -257,7 +259,7 @@ pub struct EvalOptions {
     pub inception: Option<PathBuf>,
     /// Guidance weights to sweep (at `steps`); empty: no sweep.
     pub sweep_guidance: Vec<f32>,
-    /// DDIM step counts to sweep (at `guidance`); empty: no sweep.
+    /// Step counts to sweep (at `guidance`); empty: no sweep.
     pub sweep_steps: Vec<usize>,
     pub device: Device,
     /// Sample from this exported model through ONNX Runtime (what ships, f32 or f16) instead of the run's
@@ -355,6 +357,13 @@ pub fn evaluate(o: &EvalOptions) -> Result<serde_json::Value> {
     if o.n < 2 {
         bail!("--n must be at least 2 (FID needs a covariance)");
     }
+    if !matches!(o.sampler.as_str(), "ddim" | "dpm++") {
+        bail!("unknown sampler '{}' (ddim, dpm++)", o.sampler);
+    }
+    let t = cfg.diffusion.timesteps;
+    if let Some(bad) = std::iter::once(o.steps).chain(o.sweep_steps.iter().copied()).find(|s| !(1..=t).contains(s)) {
+        bail!("{bad} sampling steps: use 1..={t}");
+    }
     let train = crate::data::load(&cfg.data, cfg.model.image_size)?;
     let mut test_cfg = cfg.data.clone();
     test_cfg.split = "test".into();
@@ -423,7 +432,11 @@ pub fn evaluate(o: &EvalOptions) -> Result<serde_json::Value> {
     let k = cfg.model.num_classes;
     let mut setting = |guidance: f32, steps: usize| -> Result<Outcome> {
         use runtime::sampler::{sample, Method, Request, Spacing};
-        let mut req = Request::new(o.n, shape, Method::Ddim { steps, eta: 0.0, spacing: Spacing::Trailing });
+        let method = match o.sampler.as_str() {
+            "ddim" => Method::Ddim { steps, eta: 0.0, spacing: Spacing::Trailing },
+            _ => Method::DpmSolverPP { steps, spacing: Spacing::Trailing },
+        };
+        let mut req = Request::new(o.n, shape, method);
         req.seed = o.seed;
         req.batch = o.batch;
         if k > 0 {
@@ -473,7 +486,7 @@ pub fn evaluate(o: &EvalOptions) -> Result<serde_json::Value> {
         "model": o.model.as_ref().map(|p| p.display().to_string()),
         "step": state.step,
         "samples": o.n,
-        "sampler": format!("ddim {} steps, trailing", o.steps),
+        "sampler": format!("{} {} steps, trailing", o.sampler, o.steps),
         "guidance": if k > 0 { o.guidance } else { 0.0 },
         "classifier": clf_path.display().to_string(),
         "classifier_onnx": clf_path.with_extension("onnx").display().to_string(),
@@ -548,7 +561,7 @@ fn write_sweeps(run: &Path, spaces: &[Space<'_>], rows: &[(&str, f32, usize, Out
     crate::checkpoint::write_atomic(&run.join("sweep.csv"), csv.as_bytes())?;
     const COLORS: [RGBColor; 4] =
         [RGBColor(31, 119, 180), RGBColor(214, 39, 40), RGBColor(44, 160, 44), RGBColor(148, 103, 189)];
-    for (sweep, label) in [("guidance", "guidance weight w"), ("steps", "DDIM steps")] {
+    for (sweep, label) in [("guidance", "guidance weight w"), ("steps", "sampling steps")] {
         let sel: Vec<_> = rows.iter().filter(|r| r.0 == sweep).collect();
         if sel.is_empty() {
             continue;

@@ -39,9 +39,12 @@ struct EvalArgs {
     /// Generated images (classes cycle on conditional models).
     #[arg(long, default_value_t = 1000)]
     n: usize,
-    /// DDIM steps.
+    /// Sampling steps.
     #[arg(long, default_value_t = 50)]
     steps: usize,
+    /// ddim (eta 0) or dpm++ (DPM-Solver++(2M)).
+    #[arg(long, default_value = "ddim")]
+    sampler: String,
     /// Classifier-free guidance weight.
     #[arg(long, default_value_t = 2.0)]
     guidance: f32,
@@ -61,7 +64,7 @@ struct EvalArgs {
     /// Also evaluate these guidance weights (at --steps), e.g. 0,1,2,4: sweep.csv and sweep-guidance-*.png.
     #[arg(long, value_delimiter = ',')]
     sweep_guidance: Vec<f32>,
-    /// Also evaluate these DDIM step counts (at --guidance), e.g. 10,25,50: sweep.csv and sweep-steps-*.png.
+    /// Also evaluate these step counts (at --guidance), e.g. 10,25,50: sweep.csv and sweep-steps-*.png.
     #[arg(long, value_delimiter = ',')]
     sweep_steps: Vec<usize>,
     /// cpu, cuda or cuda:N (CUDA needs the `cuda` build).
@@ -394,6 +397,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         checkpoint: a.checkpoint,
         n: a.n,
         steps: a.steps,
+        sampler: a.sampler,
         guidance: a.guidance,
         seed: a.seed,
         batch: a.batch,

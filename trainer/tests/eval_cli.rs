@@ -106,7 +106,20 @@ fn eval_reports_accuracy_score_and_fid_with_floor() {
         Command::new(t)
             .args(["eval", "--run"])
             .arg(&run)
-            .args(["--n", "24", "--steps", "3", "--batch", "24", "-q", "--features", "classifier", "--model"])
+            .args([
+                "--n",
+                "24",
+                "--steps",
+                "3",
+                "--batch",
+                "24",
+                "-q",
+                "--features",
+                "classifier",
+                "--sampler",
+                "dpm++",
+            ])
+            .arg("--model")
             .arg(model)
             .arg("--cache")
             .arg(&cache)
@@ -117,6 +130,7 @@ fn eval_reports_accuracy_score_and_fid_with_floor() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["model"].as_str(), f16.to_str());
+    assert_eq!(r["sampler"], "dpm++ 3 steps, trailing");
     let s = r["classifier_score"].as_f64().unwrap();
     assert!(
         (0.0..=1.0).contains(&s) && r["fid_classifier_features"].as_f64() > r["fid_floor_train_vs_test"].as_f64(),
@@ -131,7 +145,20 @@ fn eval_reports_accuracy_score_and_fid_with_floor() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    // sweeps over guidance and DDIM steps: CSV rows and plots
+    // bad requests stop at once with the reason
+    for (args, needle) in [
+        (vec!["--features", "classifier", "--sampler", "euler"], "unknown sampler 'euler'"),
+        (vec!["--features", "classifier", "--sweep-steps", "0,5"], "0 sampling steps"),
+        (vec!["--features", "classifier,clip"], "unknown feature space 'clip'"),
+        (vec!["--inception-weights", "/nonexistent/default_1.pt"], "scripts/fetch-data.sh inception"),
+    ] {
+        let out =
+            Command::new(t).args(["eval", "--run"]).arg(&run).args(&args).arg("--cache").arg(&cache).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(needle), "{args:?}: {err}");
+    }
+
+    // sweeps over guidance and sampling steps: CSV rows and plots
     let out = Command::new(t)
         .args(["eval", "--run"])
         .arg(&run)
