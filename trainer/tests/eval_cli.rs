@@ -27,18 +27,17 @@ fn eval_reports_accuracy_score_and_fid_with_floor() {
         .unwrap()
         .success());
     let cache = dir.join("classifiers");
-    let eval = || {
-        let out = Command::new(t)
-            .args(["eval", "--run"])
-            .arg(&run)
-            .args(["--n", "40", "--steps", "3", "--batch", "40", "-q", "--features", "classifier", "--cache"])
-            .arg(&cache)
-            .output()
-            .unwrap();
+    // `trainer eval` on the run with these arguments: its output, and its report when it succeeds
+    let run_eval = |args: &[&str]| {
+        Command::new(t).args(["eval", "-q", "--run"]).arg(&run).args(args).arg("--cache").arg(&cache).output().unwrap()
+    };
+    let eval = |args: &[&str]| {
+        let out = run_eval(args);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
     };
-    let r = eval();
+    let small = ["--n", "40", "--steps", "3", "--batch", "40", "--features", "classifier"];
+    let r = eval(&small);
     let acc = r["classifier_test_accuracy"].as_f64().unwrap();
     assert!(acc > 0.8, "classifier accuracy on the 10k test images: {acc}");
     let score = r["classifier_score"].as_f64().unwrap();
@@ -57,24 +56,15 @@ fn eval_reports_accuracy_score_and_fid_with_floor() {
         [cached[0].trim_end_matches(".onnx"), cached[0].trim_end_matches(".onnx")],
         "{cached:?}"
     );
-    let again = eval();
+    let again = eval(&small);
     assert_eq!(again["classifier_test_accuracy"], r["classifier_test_accuracy"]);
     assert_eq!(again["fid_classifier_features"], r["fid_classifier_features"]);
     classifier_onnx_agrees(&cache, &cfg);
 
     // Inception-v3 FID beside the classifier's (16 images: Inception is slow on the CPU)
-    let inception_eval = || {
-        let out = Command::new(t)
-            .args(["eval", "--run"])
-            .arg(&run)
-            .args(["--n", "16", "--steps", "3", "--batch", "16", "-q", "--features", "classifier,inception"])
-            .args(["--inception-weights", root().join("data/inception/default_1.pt").to_str().unwrap(), "--cache"])
-            .arg(&cache)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
-    };
+    let weights = root().join("data/inception/default_1.pt");
+    let with_inception = ["--n", "16", "--steps", "3", "--batch", "16", "--features", "classifier,inception"];
+    let inception_eval = || eval(&[&with_inception[..], &["--inception-weights", weights.to_str().unwrap()]].concat());
     let r = inception_eval();
     let (fid, floor) = (r["fid_inception"].as_f64().unwrap(), r["fid_inception_floor"].as_f64().unwrap());
     // an untrained model's noise is far from digits in Inception space too
@@ -102,29 +92,9 @@ fn eval_reports_accuracy_score_and_fid_with_floor() {
     let st =
         Command::new(t).args(["export", "--dtype", "f16", "--run"]).arg(&run).arg("--out").arg(&f16).status().unwrap();
     assert!(st.success());
+    let mid = ["--n", "24", "--steps", "3", "--batch", "24", "--features", "classifier"];
     let onnx_eval = |model: &std::path::Path| {
-        Command::new(t)
-            .args(["eval", "--run"])
-            .arg(&run)
-            .args([
-                "--n",
-                "24",
-                "--steps",
-                "3",
-                "--batch",
-                "24",
-                "-q",
-                "--features",
-                "classifier",
-                "--sampler",
-                "dpm++",
-            ])
-            .arg("--model")
-            .arg(model)
-            .arg("--cache")
-            .arg(&cache)
-            .output()
-            .unwrap()
+        run_eval(&[&mid[..], &["--sampler", "dpm++", "--model", model.to_str().unwrap()]].concat())
     };
     let out = onnx_eval(&f16);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -152,22 +122,13 @@ fn eval_reports_accuracy_score_and_fid_with_floor() {
         (vec!["--features", "classifier,clip"], "unknown feature space 'clip'"),
         (vec!["--inception-weights", "/nonexistent/default_1.pt"], "scripts/fetch-data.sh inception"),
     ] {
-        let out =
-            Command::new(t).args(["eval", "--run"]).arg(&run).args(&args).arg("--cache").arg(&cache).output().unwrap();
+        let out = run_eval(&args);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains(needle), "{args:?}: {err}");
     }
 
     // sweeps over guidance and sampling steps: CSV rows and plots
-    let out = Command::new(t)
-        .args(["eval", "--run"])
-        .arg(&run)
-        .args(["--n", "24", "--steps", "3", "--batch", "24", "-q", "--features", "classifier"])
-        .args(["--sweep-guidance", "0,3", "--sweep-steps", "2,4", "--cache"])
-        .arg(&cache)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    eval(&[&mid[..], &["--sweep-guidance", "0,3", "--sweep-steps", "2,4"]].concat());
     let csv = std::fs::read_to_string(run.join("sweep.csv")).unwrap();
     let lines: Vec<&str> = csv.lines().collect();
     assert_eq!(lines[0], "sweep,guidance,steps,classifier_score,fid_classifier,fid_classifier_floor");

@@ -51,22 +51,20 @@ fn check(x: &[f32], shape: [usize; 3], tag: &str) {
     assert!(d01 > 1.0, "{tag}: images 0 and 1 have the same features");
 }
 
+/// The first `n` images of a preset's dataset, in [-1, 1].
+fn first_images(preset: &str, size: usize, n: usize) -> Vec<f32> {
+    let mut data = common::tiny(preset).data;
+    data.limit = n;
+    let ds = trainer::data::load(&data, size).unwrap();
+    (0..n).flat_map(|i| ds.image_f32(i)).collect()
+}
+
 #[test]
 fn inception_matches_numpy_reference_on_mnist() {
-    let cfg = common::tiny("mnist");
-    let mut data = cfg.data.clone();
-    data.limit = 3;
-    let ds = trainer::data::load(&data, 28).unwrap();
-    let x: Vec<f32> = (0..3).flat_map(|i| ds.image_f32(i)).collect();
-    check(&x, [1, 28, 28], "inception-mnist");
+    check(&first_images("mnist", 28, 3), [1, 28, 28], "inception-mnist");
 }
 
 #[test]
 fn inception_matches_numpy_reference_on_colour_sprites() {
-    let cfg = common::tiny("pokemon64");
-    let mut data = cfg.data.clone();
-    data.limit = 2;
-    let ds = trainer::data::load(&data, 64).unwrap();
-    let x: Vec<f32> = (0..2).flat_map(|i| ds.image_f32(i)).collect();
-    check(&x, [3, 64, 64], "inception-sprites");
+    check(&first_images("pokemon64", 64, 2), [3, 64, 64], "inception-sprites");
 }
