@@ -480,8 +480,11 @@ pub fn load_unet(run: &Path, checkpoint: &str, weights: &str, device: &Device) -
 
 pub fn export(opts: &ExportOptions) -> Result<()> {
     let dtype = ExportDtype::from_name(opts.dtype)?;
-    if opts.out.exists() && !opts.force {
-        bail!("{} already exists; use --force to replace it", opts.out.display());
+    let card = opts.card.then(|| opts.out.with_extension("md"));
+    for p in std::iter::once(opts.out).chain(card.as_deref()) {
+        if p.exists() && !opts.force {
+            bail!("{} already exists; use --force to replace it", p.display());
+        }
     }
     let (unet, state) = load_unet(opts.run, opts.checkpoint, opts.weights, &Device::Cpu)?;
     let md = metadata(&state, opts.weights, dtype)?;
@@ -491,11 +494,9 @@ pub fn export(opts: &ExportOptions) -> Result<()> {
         std::fs::create_dir_all(dir)?;
     }
     crate::checkpoint::write_atomic(opts.out, &bytes)?;
-    if opts.card {
+    if let Some(p) = card {
         let eval = std::fs::read(opts.run.join("eval.json")).ok().and_then(|b| serde_json::from_slice(&b).ok());
-        let card = model_card(&state, opts, &bytes, eval.as_ref());
-        let p = opts.out.with_extension("md");
-        crate::checkpoint::write_atomic(&p, card.as_bytes())?;
+        crate::checkpoint::write_atomic(&p, model_card(&state, opts, &bytes, eval.as_ref()).as_bytes())?;
         eprintln!("wrote {}", p.display());
     }
     eprintln!(

@@ -22,7 +22,8 @@ enum Cmd {
     Fit(FitArgs),
     /// Write a run's model as a self-describing ONNX file.
     Export(ExportArgs),
-    /// Classifier score and FID in a classifier's feature space (with the real-vs-real floor).
+    /// Classifier score, FID in the classifier's and Inception-v3's feature spaces (with real-vs-real floors),
+    /// sweeps over guidance and sampling steps.
     Eval(EvalArgs),
     /// Figures: noise schedules, forward-noising strips with histograms, reverse-process strips, loss curves.
     #[command(subcommand)]

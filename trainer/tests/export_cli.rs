@@ -74,6 +74,15 @@ fn export_writes_self_describing_models_and_refuses_bad_requests() {
             assert!(md.contains_key(k), "{k} missing");
         }
     }
+    // an existing model card is kept without --force (and nothing else is written)
+    let fresh = dir.join("fresh.onnx");
+    std::fs::write(dir.join("fresh.md"), b"hand-written card").unwrap();
+    fails_with(
+        trainer().args(["export", "--card", "--run"]).arg(&run).arg("--out").arg(&fresh),
+        "fresh.md already exists",
+    );
+    assert!(!fresh.exists());
+    assert_eq!(std::fs::read(dir.join("fresh.md")).unwrap(), b"hand-written card");
     // an existing output is kept without --force
     std::fs::write(&out, b"precious").unwrap();
     fails_with(trainer().args(["export", "--run"]).arg(&run).arg("--out").arg(&out), "--force");
