@@ -96,15 +96,8 @@ impl Generator {
             bail!("--n must be at least 1");
         }
         let spacing = Spacing::from_name(&req.spacing)?;
-        let method = match req.sampler.as_str() {
-            "ddim" => Method::Ddim { steps: req.steps, eta: req.eta, spacing },
-            "ddpm" => Method::Ddpm { variance: info.variance },
-            "dpm++" | "dpmpp" | "dpm-solver++" => Method::DpmSolverPP { steps: req.steps, spacing },
-            o => bail!("unknown sampler '{o}' (ddim, ddpm, dpm++)"),
-        };
-        if !matches!(method, Method::Ddpm { .. }) && (req.steps == 0 || req.steps > self.schedule.num_timesteps()) {
-            bail!("--steps must be in 1..={} for this model, got {}", self.schedule.num_timesteps(), req.steps);
-        }
+        let method =
+            Method::from_name(&req.sampler, req.steps, req.eta, spacing, info.variance, self.schedule.num_timesteps())?;
         let labels = match (&req.class, info.num_classes) {
             (Some(c), _) => Some(vec![info.class_index(c)?; req.n]),
             (None, 0) => None,

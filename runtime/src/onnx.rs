@@ -157,20 +157,7 @@ impl ModelInfo {
 
     /// A class given as an index or a name.
     pub fn class_index(&self, s: &str) -> Result<i64> {
-        if self.num_classes == 0 {
-            bail!("--class {s}: this model is unconditional (it has no classes)");
-        }
-        if let Some(i) = self.class_names.iter().position(|n| n == s) {
-            return Ok(i as i64);
-        }
-        match s.parse::<usize>() {
-            Ok(i) if i < self.num_classes => Ok(i as i64),
-            _ => bail!(
-                "unknown class '{s}': this model's classes are 0..{} ({})",
-                self.num_classes - 1,
-                self.class_names.join(", ")
-            ),
-        }
+        crate::sampler::class_index(&self.class_names, self.num_classes, s)
     }
 }
 

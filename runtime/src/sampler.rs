@@ -70,6 +70,28 @@ pub enum Method {
 }
 
 impl Method {
+    /// A sampler by name (`ddim`, `ddpm`, `dpm++`) for a schedule of `num_train` steps; `steps` (not used by
+    /// DDPM, which visits all T) must be in 1..=T.
+    pub fn from_name(
+        name: &str,
+        steps: usize,
+        eta: f64,
+        spacing: Spacing,
+        variance: VarianceType,
+        num_train: usize,
+    ) -> Result<Self> {
+        let method = match name {
+            "ddim" => Method::Ddim { steps, eta, spacing },
+            "ddpm" => Method::Ddpm { variance },
+            "dpm++" | "dpmpp" | "dpm-solver++" => Method::DpmSolverPP { steps, spacing },
+            o => bail!("unknown sampler '{o}' (ddim, ddpm, dpm++)"),
+        };
+        if !matches!(method, Method::Ddpm { .. }) && !(1..=num_train).contains(&steps) {
+            bail!("--steps must be in 1..={num_train} for this model, got {steps}");
+        }
+        Ok(method)
+    }
+
     /// The timesteps this method visits, decreasing (DDPM: all T).
     pub fn timesteps(&self, num_train: usize) -> Result<Vec<usize>> {
         match self {
@@ -138,6 +160,20 @@ pub struct StepInfo<'a> {
     /// The current x_t (after the step) and the predicted x0 of this step, [k, c, h, w].
     pub x: &'a [f32],
     pub x0: &'a [f32],
+}
+
+/// A class given as an index or a name, for a model with `num_classes` classes named `names`.
+pub fn class_index(names: &[String], num_classes: usize, s: &str) -> Result<i64> {
+    if num_classes == 0 {
+        bail!("--class {s}: this model is unconditional (it has no classes)");
+    }
+    if let Some(i) = names.iter().position(|n| n == s) {
+        return Ok(i as i64);
+    }
+    match s.parse::<usize>() {
+        Ok(i) if i < num_classes => Ok(i as i64),
+        _ => bail!("unknown class '{s}': this model's classes are 0..{} ({})", num_classes - 1, names.join(", ")),
+    }
 }
 
 /// Records a reverse-process strip: x_t and the predicted x0 of the first `rows` images of the first chunk at

@@ -10,7 +10,7 @@ use runtime::sampler::{self, Denoiser, Method, Request, Spacing};
 use runtime::schedule::NoiseSchedule;
 
 use crate::ops::CandleOps;
-use crate::unet::UNet;
+use crate::unet::{UNet, UNetConfig};
 
 pub struct CandleDenoiser<'a> {
     pub unet: &'a UNet,
@@ -43,16 +43,7 @@ pub fn preview(
     path: &Path,
 ) -> Result<()> {
     let cfg = &unet.cfg;
-    let mut req = Request::new(
-        n,
-        [cfg.channels, cfg.image_size, cfg.image_size],
-        Method::Ddim { steps, eta: 0.0, spacing: Spacing::Trailing },
-    );
-    req.seed = seed;
-    if cfg.num_classes > 0 {
-        req.labels = Some((0..n).map(|i| (i % cfg.num_classes) as i64).collect());
-        req.null_class = cfg.null_class().map(|c| c as i64);
-    }
+    let req = request(cfg, n, Method::Ddim { steps, eta: 0.0, spacing: Spacing::Trailing }, None, 0.0, seed);
     let mut den = CandleDenoiser { unet, device: device.clone() };
     let x = sampler::sample(&mut den, sched, &req, &mut |_| {})?;
     let (c, s) = (cfg.channels, cfg.image_size);
@@ -63,34 +54,32 @@ pub fn preview(
     images.save_grid(path)
 }
 
-/// The reverse process of `unet` as a strip: for each of `rows` images, x_t and the predicted x0 at `cols`
-/// evenly spaced steps (`method` decides the steps). Conditional models draw `label` (or cycle the classes).
-/// Returns (tiles, columns, timesteps of the columns).
-#[allow(clippy::too_many_arguments)]
-pub fn reverse_strip(
-    unet: &UNet,
-    sched: &NoiseSchedule,
-    method: Method,
-    device: &Device,
-    rows: usize,
-    cols: usize,
-    label: Option<i64>,
-    guidance: f32,
-    seed: u64,
-) -> Result<(Vec<f32>, usize, Vec<usize>)> {
-    let cfg = &unet.cfg;
-    let shape = [cfg.channels, cfg.image_size, cfg.image_size];
-    let steps = method.timesteps(sched.num_timesteps())?.len();
-    let mut req = Request::new(rows, shape, method);
+/// A sampling request in `cfg`'s image shape. Conditional models draw `label`, or cycle through the classes,
+/// guided with weight `guidance` against the null class; unconditional models ignore both.
+pub fn request(cfg: &UNetConfig, n: usize, method: Method, label: Option<i64>, guidance: f32, seed: u64) -> Request {
+    let mut req = Request::new(n, [cfg.channels, cfg.image_size, cfg.image_size], method);
     req.seed = seed;
     if cfg.num_classes > 0 {
-        req.labels = Some((0..rows).map(|i| label.unwrap_or((i % cfg.num_classes) as i64)).collect());
+        req.labels = Some((0..n).map(|i| label.unwrap_or((i % cfg.num_classes) as i64)).collect());
         req.null_class = cfg.null_class().map(|c| c as i64);
         req.guidance = guidance;
     }
-    let mut strip = sampler::Strip::new(steps, cols, rows, shape.iter().product());
+    req
+}
+
+/// The reverse process of `unet` for `req` as a strip: for each image of the first chunk, x_t and the predicted
+/// x0 at `cols` evenly spaced steps. Returns (tiles, columns, timesteps of the columns).
+pub fn reverse_strip(
+    unet: &UNet,
+    sched: &NoiseSchedule,
+    device: &Device,
+    req: &Request,
+    cols: usize,
+) -> Result<(Vec<f32>, usize, Vec<usize>)> {
+    let steps = req.method.timesteps(sched.num_timesteps())?.len();
+    let mut strip = sampler::Strip::new(steps, cols, req.n, req.shape.iter().product());
     let mut den = CandleDenoiser { unet, device: device.clone() };
-    sampler::sample(&mut den, sched, &req, &mut |s| strip.record(s))?;
+    sampler::sample(&mut den, sched, req, &mut |s| strip.record(s))?;
     let (tiles, cols) = strip.tiles();
     Ok((tiles, cols, strip.timesteps()))
 }

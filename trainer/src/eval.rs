@@ -301,8 +301,10 @@ impl FeatureExtractor for crate::inception::InceptionV3 {
         let per: usize = shape.iter().product();
         let mut out = vec![];
         pb.set_length(pb.length().unwrap_or(0) + (x.len() / per) as u64);
-        for chunk in x.chunks(per * 32) {
-            out.extend(crate::inception::InceptionV3::features(self, chunk, shape, 16)?);
+        // one network batch per call, so the bar moves batch by batch
+        const BATCH: usize = 16;
+        for chunk in x.chunks(per * BATCH) {
+            out.extend(crate::inception::InceptionV3::features(self, chunk, shape, BATCH)?);
             pb.inc((chunk.len() / per) as u64);
         }
         Ok(out)
@@ -430,20 +432,12 @@ pub fn evaluate(o: &EvalOptions) -> Result<serde_json::Value> {
         spaces.push(Space { ext, test: test_f, floor });
     }
     let k = cfg.model.num_classes;
+    let variance = runtime::schedule::VarianceType::from_name(&cfg.diffusion.variance).map_err(anyhow::Error::msg)?;
     let mut setting = |guidance: f32, steps: usize| -> Result<Outcome> {
-        use runtime::sampler::{sample, Method, Request, Spacing};
-        let method = match o.sampler.as_str() {
-            "ddim" => Method::Ddim { steps, eta: 0.0, spacing: Spacing::Trailing },
-            _ => Method::DpmSolverPP { steps, spacing: Spacing::Trailing },
-        };
-        let mut req = Request::new(o.n, shape, method);
-        req.seed = o.seed;
+        use runtime::sampler::{sample, Method, Spacing};
+        let method = Method::from_name(&o.sampler, steps, 0.0, Spacing::Trailing, variance, cfg.diffusion.timesteps)?;
+        let mut req = crate::denoise::request(&cfg.model, o.n, method, None, guidance, o.seed);
         req.batch = o.batch;
-        if k > 0 {
-            req.labels = Some((0..o.n).map(|i| (i % k) as i64).collect());
-            req.null_class = cfg.model.null_class().map(|c| c as i64);
-            req.guidance = guidance;
-        }
         let sched = cfg.diffusion.schedule()?;
         let pb = progress(o.quiet, (o.n.div_ceil(o.batch) * steps) as u64, "sampling");
         let mut x = match onnx.as_mut() {

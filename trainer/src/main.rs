@@ -112,7 +112,7 @@ enum PlotCmd {
         run: PathBuf,
         #[arg(long, default_value = "latest")]
         checkpoint: String,
-        /// ddim (with --steps) or ddpm (all T steps, Ho et al. Algorithm 2).
+        /// ddim or dpm++ (with --steps), or ddpm (all T steps, Ho et al. Algorithm 2).
         #[arg(long, default_value = "ddim")]
         sampler: String,
         #[arg(long, default_value_t = 50)]
@@ -184,40 +184,21 @@ fn run_plot(cmd: PlotCmd) -> Result<()> {
             );
         }
         PlotCmd::Reverse { run, checkpoint, sampler, steps, rows, cols, class, guidance, seed, device, out } => {
-            use runtime::sampler::{Method, Spacing};
+            use runtime::sampler::{class_index, Method, Spacing};
             anyhow::ensure!(rows >= 1 && cols >= 2, "--rows must be at least 1 and --cols at least 2");
             let device = trainer::train::parse_device(&device)?;
             let (unet, state) = trainer::export::load_unet(&run, &checkpoint, "ema", &device)?;
             let cfg = &state.config;
             let sched = cfg.diffusion.schedule()?;
-            let method = match sampler.as_str() {
-                "ddim" => {
-                    anyhow::ensure!(
-                        (1..=sched.num_timesteps()).contains(&steps),
-                        "--steps must be in 1..={}",
-                        sched.num_timesteps()
-                    );
-                    Method::Ddim { steps, eta: 0.0, spacing: Spacing::Trailing }
-                }
-                "ddpm" => Method::Ddpm {
-                    variance: runtime::schedule::VarianceType::from_name(&cfg.diffusion.variance)
-                        .map_err(anyhow::Error::msg)?,
-                },
-                o => anyhow::bail!("unknown sampler '{o}' (ddim, ddpm)"),
-            };
+            let variance =
+                runtime::schedule::VarianceType::from_name(&cfg.diffusion.variance).map_err(anyhow::Error::msg)?;
+            let method = Method::from_name(&sampler, steps, 0.0, Spacing::Trailing, variance, sched.num_timesteps())?;
             let label = match &class {
+                Some(c) => Some(class_index(&state.class_names, cfg.model.num_classes, c)?),
                 None => None,
-                Some(_) if cfg.model.num_classes == 0 => anyhow::bail!("--class: this model is unconditional"),
-                Some(c) => Some(match state.class_names.iter().position(|n| n == c) {
-                    Some(i) => i as i64,
-                    None => match c.parse::<usize>() {
-                        Ok(i) if i < cfg.model.num_classes => i as i64,
-                        _ => anyhow::bail!("unknown class '{c}' (classes: {})", state.class_names.join(", ")),
-                    },
-                }),
             };
-            let (tiles, ncols, ts) =
-                trainer::denoise::reverse_strip(&unet, &sched, method, &device, rows, cols, label, guidance, seed)?;
+            let req = trainer::denoise::request(&cfg.model, rows, method, label, guidance, seed);
+            let (tiles, ncols, ts) = trainer::denoise::reverse_strip(&unet, &sched, &device, &req, cols)?;
             let (c, s) = (cfg.model.channels, cfg.model.image_size);
             runtime::images::Images::from_f32(&tiles, tiles.len() / (c * s * s), [c, s, s], None)
                 .save_grid_cols(&out, Some(ncols))?;

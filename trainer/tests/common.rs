@@ -45,6 +45,20 @@ pub fn tiny(preset: &str) -> Config {
     cfg
 }
 
+/// Trains `cfg` with `trainer fit -q` into DIR/run (its config written to DIR) and returns the run folder.
+pub fn fit_run(cfg: &Config, dir: &Path) -> PathBuf {
+    let run = dir.join("run");
+    let st = std::process::Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args(["fit", "-q", "--config"])
+        .arg(write_config(cfg, dir))
+        .arg("--out")
+        .arg(&run)
+        .status()
+        .unwrap();
+    assert!(st.success(), "trainer fit failed");
+    run
+}
+
 pub fn write_config(cfg: &Config, dir: &Path) -> PathBuf {
     let p = dir.join("config.toml");
     std::fs::write(&p, toml::to_string_pretty(cfg).unwrap()).unwrap();

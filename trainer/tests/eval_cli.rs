@@ -14,18 +14,8 @@ fn eval_reports_accuracy_score_and_fid_with_floor() {
     let mut cfg = tiny("mnist");
     cfg.data.limit = 3000;
     cfg.train.steps = 2;
-    let conf = write_config(&cfg, &dir);
-    let run = dir.join("run");
+    let run = fit_run(&cfg, &dir);
     let t = env!("CARGO_BIN_EXE_trainer");
-    assert!(Command::new(t)
-        .args(["fit", "--config"])
-        .arg(&conf)
-        .arg("--out")
-        .arg(&run)
-        .arg("-q")
-        .status()
-        .unwrap()
-        .success());
     let cache = dir.join("classifiers");
     // `trainer eval` on the run with these arguments: its output, and its report when it succeeds
     let run_eval = |args: &[&str]| {

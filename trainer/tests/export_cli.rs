@@ -26,7 +26,6 @@ fn export_writes_self_describing_models_and_refuses_bad_requests() {
     let mut cfg = tiny("mnist");
     cfg.data.limit = 256;
     cfg.train.steps = 2;
-    let conf = write_config(&cfg, &dir);
     let run = dir.join("run");
     let out = dir.join("m.onnx");
 
@@ -35,8 +34,7 @@ fn export_writes_self_describing_models_and_refuses_bad_requests() {
     fails_with(trainer().args(["export", "--run"]).arg(&run).arg("--out").arg(&out), "has no checkpoint yet");
     std::fs::remove_dir_all(&run).unwrap();
 
-    let st = trainer().args(["fit", "--config"]).arg(&conf).arg("--out").arg(&run).arg("-q").status().unwrap();
-    assert!(st.success());
+    assert_eq!(fit_run(&cfg, &dir), run);
     for dtype in ["f32", "f16"] {
         let p = dir.join(format!("m-{dtype}.onnx"));
         let st = trainer()

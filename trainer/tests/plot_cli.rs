@@ -44,16 +44,7 @@ fn reverse_process_strip_goes_from_noise_to_the_sample() {
     let t = env!("CARGO_BIN_EXE_trainer");
     let mut cfg = tiny("mnist");
     cfg.train.steps = 2;
-    let conf = write_config(&cfg, &dir);
-    let run = dir.join("run");
-    assert!(Command::new(t)
-        .args(["fit", "-q", "--config"])
-        .arg(&conf)
-        .arg("--out")
-        .arg(&run)
-        .status()
-        .unwrap()
-        .success());
+    let run = fit_run(&cfg, &dir);
     let plot = |extra: &[&str], out: &str| {
         Command::new(t)
             .args(["plot", "reverse", "--run"])
