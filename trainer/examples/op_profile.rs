@@ -1,5 +1,8 @@
 //! Times each primitive of one U-Net forward pass (CPU ops are synchronous).
 //! cargo run --release -p trainer --example op_profile -- trainer/configs/mnist.toml 32
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::collections::BTreeMap;
 use std::time::Instant;
 
@@ -90,6 +93,21 @@ impl Ops for Timed<'_> {
     }
     fn to_model_dtype(&mut self, x: &Tensor) -> Result<Tensor> {
         self.inner.to_model_dtype(x)
+    }
+    fn group_norm_act(
+        &mut self,
+        x: &Tensor,
+        g: usize,
+        e: f64,
+        w: &Param,
+        b: &Param,
+        ss: Option<(&Tensor, &Tensor)>,
+        silu: bool,
+    ) -> Result<Tensor> {
+        timed!(self, "group_norm_act", self.inner.group_norm_act(x, g, e, w, b, ss, silu))
+    }
+    fn softmax_last_scaled(&mut self, x: &Tensor, s: f64) -> Result<Tensor> {
+        timed!(self, "softmax", self.inner.softmax_last_scaled(x, s))
     }
 }
 

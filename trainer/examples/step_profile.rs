@@ -1,5 +1,8 @@
 //! Splits one training step of a preset into forward, backward and optimiser time.
 //! cargo run --release -p trainer --example step_profile -- trainer/configs/mnist.toml 32
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::time::Instant;
 
 use candle_core::Device;
@@ -13,7 +16,7 @@ fn main() -> anyhow::Result<()> {
     cfg.train.batch_size = args.get(2).map(|s| s.parse().unwrap()).unwrap_or(32);
     let data = trainer::data::load(&cfg.data, cfg.model.image_size)?;
     let mut t = Trainer::new(cfg, data, Device::Cpu)?;
-    for i in 0..4 {
+    for i in 0..args.get(3).map(|s| s.parse().unwrap()).unwrap_or(4) {
         let mut rng = step_rng(0, i);
         let idx = t.sampler.batch(i, t.cfg.train.batch_size);
         let s = Instant::now();

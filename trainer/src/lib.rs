@@ -10,6 +10,7 @@ pub mod denoise;
 pub mod eval;
 pub mod export;
 pub mod inception;
+pub mod kernels;
 pub mod ops;
 pub mod optim;
 pub mod params;

@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor, D};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
+use crate::kernels;
 use crate::params::Param;
 
 /// Graph primitives. Shapes are NCHW; every binary op broadcasts numpy-style.
@@ -47,6 +48,57 @@ pub trait Ops {
     fn cos(&mut self, x: &Self::T) -> Result<Self::T>;
     /// f32 -> the model's compute dtype (a no-op for f32 models).
     fn to_model_dtype(&mut self, x: &Self::T) -> Result<Self::T>;
+
+    /// GroupNorm, then the scale-shift norm h (1 + scale) + shift when given (Dhariwal & Nichol 2021, sec. 3),
+    /// then SiLU when `silu`. One op so that an implementation can fuse it; the default is the composition of
+    /// the primitives (the ONNX graph is written this way).
+    #[allow(clippy::too_many_arguments)]
+    fn group_norm_act(
+        &mut self,
+        x: &Self::T,
+        groups: usize,
+        eps: f64,
+        w: &Param,
+        b: &Param,
+        scale_shift: Option<(&Self::T, &Self::T)>,
+        silu: bool,
+    ) -> Result<Self::T> {
+        group_norm_act_composed(self, x, groups, eps, w, b, scale_shift, silu)
+    }
+
+    /// softmax(scale * x) over the last axis (the default: affine, then [`Ops::softmax_last`]).
+    fn softmax_last_scaled(&mut self, x: &Self::T, scale: f64) -> Result<Self::T> {
+        let x = self.affine(x, scale, 0.0)?;
+        self.softmax_last(&x)
+    }
+}
+
+/// [`Ops::group_norm_act`] from the primitives.
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_act_composed<O: Ops + ?Sized>(
+    o: &mut O,
+    x: &O::T,
+    groups: usize,
+    eps: f64,
+    w: &Param,
+    b: &Param,
+    scale_shift: Option<(&O::T, &O::T)>,
+    silu: bool,
+) -> Result<O::T> {
+    let h = o.group_norm(x, groups, eps, w, b)?;
+    let h = match scale_shift {
+        Some((scale, shift)) => {
+            let s1 = o.affine(scale, 1.0, 1.0)?;
+            let h = o.mul(&h, &s1)?;
+            o.add(&h, shift)?
+        }
+        None => h,
+    };
+    if silu {
+        o.silu(&h)
+    } else {
+        Ok(h)
+    }
 }
 
 /// Runs the primitives on Candle tensors (with autograd when the params are variables).
@@ -70,7 +122,37 @@ impl Ops for CandleOps<'_> {
     type T = Tensor;
 
     fn conv2d(&mut self, x: &Tensor, w: &Param, b: &Param, stride: usize, padding: usize) -> Result<Tensor> {
-        Ok(conv2d_gemm(x, &w.value, Some(&b.value), stride, padding)?)
+        Ok(kernels::conv2d(x, &w.value, &b.value, stride, padding)?)
+    }
+
+    fn group_norm_act(
+        &mut self,
+        x: &Tensor,
+        groups: usize,
+        eps: f64,
+        w: &Param,
+        b: &Param,
+        scale_shift: Option<(&Tensor, &Tensor)>,
+        silu: bool,
+    ) -> Result<Tensor> {
+        if !kernels::fused_applies(&[x, &w.value, &b.value]) {
+            return group_norm_act_composed(self, x, groups, eps, w, b, scale_shift, silu);
+        }
+        // the per-(image, channel) affine of the fused kernel: a = w (1 + scale), d = b (1 + scale) + shift
+        let (bsz, c) = (x.dim(0)?, x.dim(1)?);
+        let (w, b) = (w.value.reshape((1, c))?, b.value.reshape((1, c))?);
+        let (a, d) = match scale_shift {
+            Some((scale, shift)) => {
+                let s1 = (scale.reshape((bsz, c))? + 1.0)?;
+                (w.broadcast_mul(&s1)?, b.broadcast_mul(&s1)?.add(&shift.reshape((bsz, c))?)?)
+            }
+            None => (w.broadcast_as((bsz, c))?.contiguous()?, b.broadcast_as((bsz, c))?.contiguous()?),
+        };
+        Ok(kernels::group_norm_act(x, groups, eps, &a, &d, silu)?)
+    }
+
+    fn softmax_last_scaled(&mut self, x: &Tensor, scale: f64) -> Result<Tensor> {
+        Ok(kernels::softmax_last_scaled(x, scale)?)
     }
 
     fn linear(&mut self, x: &Tensor, w: &Param, b: &Param) -> Result<Tensor> {

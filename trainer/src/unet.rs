@@ -229,7 +229,15 @@ impl GroupNorm {
         })
     }
     pub fn forward<O: Ops>(&self, o: &mut O, x: &O::T) -> Result<O::T> {
-        o.group_norm(x, self.groups, GN_EPS, &self.w, &self.b)
+        o.group_norm_act(x, self.groups, GN_EPS, &self.w, &self.b, None, false)
+    }
+    /// SiLU(GroupNorm(x)), fused where the ops can.
+    pub fn forward_silu<O: Ops>(&self, o: &mut O, x: &O::T) -> Result<O::T> {
+        o.group_norm_act(x, self.groups, GN_EPS, &self.w, &self.b, None, true)
+    }
+    /// SiLU(GroupNorm(x) (1 + scale) + shift) (Dhariwal & Nichol 2021, sec. 3, AdaGN), fused where the ops can.
+    pub fn forward_scale_shift_silu<O: Ops>(&self, o: &mut O, x: &O::T, scale: &O::T, shift: &O::T) -> Result<O::T> {
+        o.group_norm_act(x, self.groups, GN_EPS, &self.w, &self.b, Some((scale, shift)), true)
     }
 }
 
@@ -270,8 +278,7 @@ impl ResBlock {
 
     /// x [B, cin, H, W], emb [B, 4ch] -> [B, cout, H, W]
     pub fn forward<O: Ops>(&self, o: &mut O, x: &O::T, emb: &O::T) -> Result<O::T> {
-        let h = self.n1.forward(o, x)?;
-        let h = o.silu(&h)?;
+        let h = self.n1.forward_silu(o, x)?;
         let h = self.c1.forward(o, &h)?;
         let e = o.silu(emb)?;
         let e = self.t.forward(o, &e)?;
@@ -280,17 +287,13 @@ impl ResBlock {
             let e = o.reshape(&e, &[-1, 2 * self.cout as i64, 1, 1])?;
             let scale = o.narrow(&e, 1, 0, self.cout)?;
             let shift = o.narrow(&e, 1, self.cout, self.cout)?;
-            let h = self.n2.forward(o, &h)?;
-            let s1 = o.affine(&scale, 1.0, 1.0)?;
-            let h = o.mul(&h, &s1)?;
-            o.add(&h, &shift)?
+            self.n2.forward_scale_shift_silu(o, &h, &scale, &shift)?
         } else {
             // Ho et al. 2020: the projected embedding is added per channel before the second norm
             let e = o.reshape(&e, &[-1, self.cout as i64, 1, 1])?;
             let h = o.add(&h, &e)?;
-            self.n2.forward(o, &h)?
+            self.n2.forward_silu(o, &h)?
         };
-        let h = o.silu(&h)?;
         let h = o.dropout(&h, self.dropout)?;
         let h = self.c2.forward(o, &h)?;
         let skip = match &self.skip {
@@ -337,8 +340,7 @@ impl Attention {
         let qt = o.permute(&q, &[0, 1, 3, 2])?; // [B, h, N, d]
                                                 // Vaswani et al. 2017, eq. 1: softmax(Q K^T / sqrt(d_k)) V
         let scores = o.matmul(&qt, &k)?; // [B, h, N, N]
-        let scores = o.affine(&scores, 1.0 / (d as f64).sqrt(), 0.0)?;
-        let attn = o.softmax_last(&scores)?;
+        let attn = o.softmax_last_scaled(&scores, 1.0 / (d as f64).sqrt())?;
         let vt = o.permute(&v, &[0, 1, 3, 2])?; // [B, h, N, d]
         let out = o.matmul(&attn, &vt)?; // [B, h, N, d]
         let out = o.permute(&out, &[0, 1, 3, 2])?; // [B, h, d, N]
@@ -493,8 +495,7 @@ impl UNet {
                 Layer::Down(_) => unreachable!("no downsampling on the way up"),
             };
         }
-        let h = self.out_norm.forward(o, &h)?;
-        let h = o.silu(&h)?;
+        let h = self.out_norm.forward_silu(o, &h)?;
         self.out_conv.forward(o, &h)
     }
 
