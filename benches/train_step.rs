@@ -10,7 +10,7 @@ use trainer::train::Trainer;
 
 fn bench(c: &mut Criterion) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let mut cfg = Config::load(&root.join("trainer/configs/mnist.toml")).unwrap();
+    let mut cfg = Config::load(&root.join("trainer/configs/mnist-ch64.toml")).unwrap();
     cfg.data.path = root.join("data/mnist");
     cfg.train.batch_size = 32;
     let data = trainer::data::load(&cfg.data, cfg.model.image_size)

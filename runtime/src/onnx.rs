@@ -83,6 +83,54 @@ impl Provider {
     }
 }
 
+/// How the exporter recommends sampling the model (the setting its model card measured); `generate` uses it
+/// unless told otherwise. Optional metadata: `diffusion.recommended_sampler`, `_steps`, `_guidance`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recommended {
+    pub sampler: String,
+    pub steps: usize,
+    pub guidance: f32,
+}
+
+impl Recommended {
+    pub const KEYS: [&'static str; 3] =
+        ["diffusion.recommended_sampler", "diffusion.recommended_steps", "diffusion.recommended_guidance"];
+
+    /// The three metadata entries.
+    pub fn to_props(&self) -> [(String, String); 3] {
+        [
+            (Self::KEYS[0].into(), self.sampler.clone()),
+            (Self::KEYS[1].into(), self.steps.to_string()),
+            (Self::KEYS[2].into(), self.guidance.to_string()),
+        ]
+    }
+
+    /// None when no key is present; an error when only some are, or when one does not parse.
+    pub fn from_props(md: &BTreeMap<String, String>) -> Result<Option<Self>> {
+        let present: Vec<&str> = Self::KEYS.iter().copied().filter(|k| md.contains_key(*k)).collect();
+        if present.is_empty() {
+            return Ok(None);
+        }
+        if present.len() != Self::KEYS.len() {
+            bail!(
+                "the recommended sampling is incomplete: the metadata has {} but not all of {}",
+                present.join(", "),
+                Self::KEYS.join(", ")
+            );
+        }
+        let sampler = md[Self::KEYS[0]].clone();
+        if !matches!(sampler.as_str(), "ddim" | "ddpm" | "dpm++") {
+            bail!("{}: unknown sampler '{sampler}'", Self::KEYS[0]);
+        }
+        let steps: usize = md[Self::KEYS[1]].parse().with_context(|| format!("bad {}", Self::KEYS[1]))?;
+        let guidance: f32 = md[Self::KEYS[2]].parse().with_context(|| format!("bad {}", Self::KEYS[2]))?;
+        if steps == 0 || !(guidance.is_finite() && guidance >= 0.0) {
+            bail!("the recommended sampling needs steps >= 1 and a guidance >= 0 (got {steps}, {guidance})");
+        }
+        Ok(Some(Self { sampler, steps, guidance }))
+    }
+}
+
 /// What the model's metadata says about it.
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
@@ -94,6 +142,8 @@ pub struct ModelInfo {
     pub class_names: Vec<String>,
     pub null_class: Option<i64>,
     pub f16: bool,
+    /// The sampler, steps and guidance the exporter recommends, if it wrote them.
+    pub recommended: Option<Recommended>,
     pub metadata: BTreeMap<String, String>,
 }
 
@@ -147,6 +197,7 @@ impl ModelInfo {
             class_names,
             null_class,
             f16: md.get("diffusion.dtype").is_some_and(|d| d == "float16"),
+            recommended: Recommended::from_props(&md).with_context(|| path.display().to_string())?,
             metadata: md,
         })
     }
@@ -286,5 +337,25 @@ impl Denoiser for OrtDenoiser {
             v.try_extract_tensor::<f32>().map_err(|e| anyhow!("{e}"))?.1.to_vec()
         };
         Ok(eps)
+    }
+}
+
+#[cfg(test)]
+mod recommended_tests {
+    use super::*;
+
+    #[test]
+    fn recommended_sampling_round_trips_and_refuses_partial_or_bad_entries() {
+        let r = Recommended { sampler: "dpm++".into(), steps: 20, guidance: 2.0 };
+        let mut md: BTreeMap<String, String> = r.to_props().into_iter().collect();
+        assert_eq!(Recommended::from_props(&md).unwrap(), Some(r));
+        assert_eq!(Recommended::from_props(&BTreeMap::new()).unwrap(), None);
+        md.insert("diffusion.recommended_sampler".into(), "euler".into());
+        assert!(Recommended::from_props(&md).unwrap_err().to_string().contains("unknown sampler 'euler'"));
+        md.insert("diffusion.recommended_sampler".into(), "ddim".into());
+        md.insert("diffusion.recommended_steps".into(), "0".into());
+        assert!(Recommended::from_props(&md).is_err());
+        md.remove("diffusion.recommended_steps");
+        assert!(Recommended::from_props(&md).unwrap_err().to_string().contains("incomplete"));
     }
 }

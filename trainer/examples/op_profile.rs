@@ -1,5 +1,5 @@
 //! Times each primitive of one U-Net forward pass (CPU ops are synchronous).
-//! cargo run --release -p trainer --example op_profile -- trainer/configs/mnist.toml 32
+//! cargo run --release -p trainer --example op_profile -- trainer/configs/mnist-ch64.toml 32
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -113,8 +113,9 @@ impl Ops for Timed<'_> {
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let cfg =
-        Config::load(std::path::Path::new(args.get(1).map(String::as_str).unwrap_or("trainer/configs/mnist.toml")))?;
+    let cfg = Config::load(std::path::Path::new(
+        args.get(1).map(String::as_str).unwrap_or("trainer/configs/mnist-ch64.toml"),
+    ))?;
     let b: usize = args.get(2).map(|s| s.parse().unwrap()).unwrap_or(32);
     let dev = Device::Cpu;
     let mut src = InitSource::new(0, &dev, DType::F32);

@@ -1,5 +1,5 @@
 //! Splits one training step of a preset into forward, backward and optimiser time.
-//! cargo run --release -p trainer --example step_profile -- trainer/configs/mnist.toml 32
+//! cargo run --release -p trainer --example step_profile -- trainer/configs/mnist-ch64.toml 32
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -11,8 +11,9 @@ use trainer::train::{make_batch, step_rng, Trainer};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let mut cfg =
-        Config::load(std::path::Path::new(args.get(1).map(String::as_str).unwrap_or("trainer/configs/mnist.toml")))?;
+    let mut cfg = Config::load(std::path::Path::new(
+        args.get(1).map(String::as_str).unwrap_or("trainer/configs/mnist-ch64.toml"),
+    ))?;
     cfg.train.batch_size = args.get(2).map(|s| s.parse().unwrap()).unwrap_or(32);
     let data = trainer::data::load(&cfg.data, cfg.model.image_size)?;
     let mut t = Trainer::new(cfg, data, Device::Cpu)?;
@@ -29,7 +30,7 @@ fn main() -> anyhow::Result<()> {
         let grads = loss.backward()?;
         let bw = s.elapsed().as_secs_f64();
         let s = Instant::now();
-        t.opt.step(&grads, 1e-4, 1.0)?;
+        t.opt.step(&trainer::optim::Grads::Candle(&grads), 1e-4, 1.0)?;
         t.ema.update(&t.vars)?;
         let o = s.elapsed().as_secs_f64();
         eprintln!("step {i}: batch {b:.3}s forward {f:.3}s backward {bw:.3}s optimiser+ema {o:.3}s");

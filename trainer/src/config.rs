@@ -53,6 +53,12 @@ pub struct TrainConfig {
     pub lr: f64,
     /// Linear warm-up steps (DDPM: 5000).
     pub warmup_steps: usize,
+    /// After the warm-up: `constant` (DDPM) or `cosine` (half a cosine from lr down to 0 at train.steps;
+    /// Loshchilov & Hutter 2017, SGDR without restarts), which suits short runs.
+    pub lr_schedule: String,
+    /// Min-SNR-gamma loss weighting (Hang et al. 2023, eq. 9 for eps-prediction: w_t = min(SNR_t, gamma) /
+    /// SNR_t); 0 = off (Ho et al.'s unweighted L_simple). 5 is the paper's choice.
+    pub min_snr_gamma: f64,
     pub weight_decay: f64,
     pub adam_beta1: f64,
     pub adam_beta2: f64,
@@ -84,6 +90,8 @@ impl Default for TrainConfig {
             batch_size: 128,
             lr: 2e-4,
             warmup_steps: 5000,
+            lr_schedule: "constant".into(),
+            min_snr_gamma: 0.0,
             weight_decay: 0.0,
             adam_beta1: 0.9,
             adam_beta2: 0.999,
@@ -125,6 +133,12 @@ impl Config {
         let t = &self.train;
         if t.batch_size == 0 || t.steps == 0 {
             bail!("train.steps and train.batch_size must be positive");
+        }
+        if !matches!(t.lr_schedule.as_str(), "constant" | "cosine") {
+            bail!("train.lr_schedule must be 'constant' or 'cosine', got '{}'", t.lr_schedule);
+        }
+        if !(t.min_snr_gamma >= 0.0 && t.min_snr_gamma.is_finite()) {
+            bail!("train.min_snr_gamma must be 0 (off) or positive, got {}", t.min_snr_gamma);
         }
         if !matches!(t.loss.as_str(), "mse" | "l1") {
             bail!("train.loss must be 'mse' or 'l1', got '{}'", t.loss);

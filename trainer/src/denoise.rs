@@ -10,22 +10,44 @@ use runtime::sampler::{self, Denoiser, Method, Request, Spacing};
 use runtime::schedule::NoiseSchedule;
 
 use crate::ops::CandleOps;
+use crate::tape::{Pool, Tape};
 use crate::unet::{UNet, UNetConfig};
 
 pub struct CandleDenoiser<'a> {
     pub unet: &'a UNet,
     pub device: Device,
+    /// Buffers of the CPU engine, reused between calls.
+    pool: Pool,
+}
+
+impl<'a> CandleDenoiser<'a> {
+    pub fn new(unet: &'a UNet, device: &Device) -> Self {
+        Self { unet, device: device.clone(), pool: Pool::default() }
+    }
 }
 
 impl Denoiser for CandleDenoiser<'_> {
     fn eps(&mut self, x: &[f32], shape: [usize; 4], t: &[i64], y: Option<&[i64]>) -> Result<Vec<f32>> {
-        let xs = Tensor::from_slice(x, shape.to_vec(), &self.device)?;
-        let ts = Tensor::from_slice(t, t.len(), &self.device)?;
-        let ys = match (y, self.unet.cfg.null_class()) {
-            (Some(y), Some(_)) => Some(Tensor::from_slice(y, y.len(), &self.device)?),
-            (None, Some(null)) => Some(Tensor::from_vec(vec![null as i64; t.len()], t.len(), &self.device)?),
+        let labels: Option<Vec<i64>> = match (y, self.unet.cfg.null_class()) {
+            (Some(y), Some(_)) => Some(y.to_vec()),
+            (None, Some(null)) => Some(vec![null as i64; t.len()]),
             _ => None,
         };
+        if self.device.is_cpu() {
+            // the CPU engine (the kernels training uses; buffers reused between sampler steps)
+            let mut tape = Tape::new(&mut self.pool, None);
+            let xs = tape.input(x, &shape)?;
+            let ts = tape.input(&t.iter().map(|&v| v as f32).collect::<Vec<_>>(), &[t.len()])?;
+            let ys = match &labels {
+                Some(y) => Some(tape.input(&y.iter().map(|&v| v as f32).collect::<Vec<_>>(), &[y.len()])?),
+                None => None,
+            };
+            let out = self.unet.forward(&mut tape, &xs, &ts, ys.as_ref())?;
+            return Ok(tape.data(out).to_vec());
+        }
+        let xs = Tensor::from_slice(x, shape.to_vec(), &self.device)?;
+        let ts = Tensor::from_slice(t, t.len(), &self.device)?;
+        let ys = labels.map(|y| Tensor::from_vec(y, t.len(), &self.device)).transpose()?;
         let mut ops = CandleOps::inference(&self.device, DType::F32);
         let eps = self.unet.forward(&mut ops, &xs, &ts, ys.as_ref())?;
         Ok(eps.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
@@ -44,7 +66,7 @@ pub fn preview(
 ) -> Result<()> {
     let cfg = &unet.cfg;
     let req = request(cfg, n, Method::Ddim { steps, eta: 0.0, spacing: Spacing::Trailing }, None, 0.0, seed);
-    let mut den = CandleDenoiser { unet, device: device.clone() };
+    let mut den = CandleDenoiser::new(unet, device);
     let x = sampler::sample(&mut den, sched, &req, &mut |_| {})?;
     let (c, s) = (cfg.channels, cfg.image_size);
     let images = Images::from_f32(&x, n, [c, s, s], req.labels);
@@ -78,7 +100,7 @@ pub fn reverse_strip(
 ) -> Result<(Vec<f32>, usize, Vec<usize>)> {
     let steps = req.method.timesteps(sched.num_timesteps())?.len();
     let mut strip = sampler::Strip::new(steps, cols, req.n, req.shape.iter().product());
-    let mut den = CandleDenoiser { unet, device: device.clone() };
+    let mut den = CandleDenoiser::new(unet, device);
     sampler::sample(&mut den, sched, req, &mut |s| strip.record(s))?;
     let (tiles, cols) = strip.tiles();
     Ok((tiles, cols, strip.timesteps()))

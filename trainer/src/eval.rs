@@ -97,17 +97,43 @@ pub fn train_classifier(
     let steps = epochs * train.len.div_ceil(bs);
     let mut sampler = crate::train::Sampler::new(seed, train.len);
     let pb = if quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(steps as u64) };
+    let mut pool = crate::tape::Pool::default();
     for step in 0..steps {
         let idx = sampler.batch(step, bs);
-        let x = batch_tensor(train, &idx, dev)?;
-        let y = Tensor::from_vec(idx.iter().map(|i| labels[*i]).collect::<Vec<u32>>(), idx.len(), dev)?;
-        let mut ops = CandleOps::inference(dev, DType::F32);
-        let (_, logits) = clf.forward(&mut ops, &x)?;
-        let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
-        let grads = loss.backward()?;
-        opt.step(&grads, 1e-3, 1.0)?;
+        let y: Vec<u32> = idx.iter().map(|i| labels[*i]).collect();
+        let loss = if dev.is_cpu() {
+            // the CPU engine: cross-entropy's gradient w.r.t. the logits is (softmax - one-hot) / B
+            let mut x = Vec::with_capacity(idx.len() * train.image_len());
+            idx.iter().for_each(|&i| x.extend(train.image_f32(i)));
+            let mut tape = crate::tape::Tape::new(&mut pool, None);
+            let xv = tape.input(&x, &[idx.len(), train.channels, train.size, train.size])?;
+            let (_, logits) = clf.forward(&mut tape, &xv)?;
+            let k = train.num_classes();
+            let mut seed = tape.data(logits).to_vec();
+            let mut loss = 0f64;
+            for (row, &label) in seed.chunks_exact_mut(k).zip(&y) {
+                let m = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let z: f32 = row.iter().map(|v| (v - m).exp()).sum();
+                loss += (z.ln() + m - row[label as usize]) as f64;
+                for (j, v) in row.iter_mut().enumerate() {
+                    let p = (*v - m).exp() / z;
+                    *v = (p - if j == label as usize { 1.0 } else { 0.0 }) / idx.len() as f32;
+                }
+            }
+            opt.step_host(tape.backward(logits, seed)?, 1e-3, 1.0)?;
+            loss / idx.len() as f64
+        } else {
+            let x = batch_tensor(train, &idx, dev)?;
+            let y = Tensor::from_vec(y, idx.len(), dev)?;
+            let mut ops = CandleOps::inference(dev, DType::F32);
+            let (_, logits) = clf.forward(&mut ops, &x)?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+            let grads = loss.backward()?;
+            opt.step(&crate::optim::Grads::Candle(&grads), 1e-3, 1.0)?;
+            loss.to_scalar::<f32>()? as f64
+        };
         pb.inc(1);
-        pb.set_message(format!("loss {:.4}", loss.to_scalar::<f32>()?));
+        pb.set_message(format!("loss {loss:.4}"));
     }
     pb.finish_and_clear();
     Ok(vars.iter().map(|(k, v): (&String, &Var)| (k.clone(), v.as_tensor().clone())).collect())
@@ -443,7 +469,7 @@ pub fn evaluate(o: &EvalOptions) -> Result<serde_json::Value> {
         let mut x = match onnx.as_mut() {
             Some(den) => sample(den, &sched, &req, &mut |_| pb.inc(1))?,
             None => {
-                let mut den = crate::denoise::CandleDenoiser { unet: &unet, device: dev.clone() };
+                let mut den = crate::denoise::CandleDenoiser::new(&unet, &dev);
                 sample(&mut den, &sched, &req, &mut |_| pb.inc(1))?
             }
         };

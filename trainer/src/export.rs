@@ -417,7 +417,12 @@ pub fn finish_model(
 }
 
 /// The self-describing metadata the runtime reads (keys prefixed `diffusion.`).
-pub fn metadata(state: &State, weights: &str, dtype: ExportDtype) -> Result<BTreeMap<String, String>> {
+pub fn metadata(
+    state: &State,
+    weights: &str,
+    dtype: ExportDtype,
+    recommended: Option<&runtime::onnx::Recommended>,
+) -> Result<BTreeMap<String, String>> {
     let cfg = &state.config;
     let sched = cfg.diffusion.schedule()?;
     let kind = runtime::schedule::BetaSchedule::from_name(&cfg.diffusion.schedule).map_err(anyhow::Error::msg)?;
@@ -447,6 +452,13 @@ pub fn metadata(state: &State, weights: &str, dtype: ExportDtype) -> Result<BTre
     put("dataset_fingerprint", state.data_fingerprint.clone());
     put("model_config", serde_json::to_string(m)?);
     put("exporter", format!("diffusion-rs trainer {}", env!("CARGO_PKG_VERSION")));
+    if let Some(r) = recommended {
+        if r.guidance != 0.0 && m.num_classes == 0 {
+            bail!("a guidance weight is recommended for an unconditional model");
+        }
+        md.extend(r.to_props());
+        runtime::onnx::Recommended::from_props(&md)?;
+    }
     Ok(md)
 }
 
@@ -461,6 +473,8 @@ pub struct ExportOptions<'a> {
     pub force: bool,
     /// Also write a model card (OUT with the extension .md) from the run's state and its eval.json.
     pub card: bool,
+    /// The sampler, steps and guidance to record as the model's default way of sampling.
+    pub recommended: Option<runtime::onnx::Recommended>,
 }
 
 /// Loads a checkpoint's model (EMA or raw weights) onto `device`.
@@ -487,7 +501,7 @@ pub fn export(opts: &ExportOptions) -> Result<()> {
         }
     }
     let (unet, state) = load_unet(opts.run, opts.checkpoint, opts.weights, &Device::Cpu)?;
-    let md = metadata(&state, opts.weights, dtype)?;
+    let md = metadata(&state, opts.weights, dtype, opts.recommended.as_ref())?;
     let model = build_model(&unet, dtype, opts.opset, &md)?;
     let bytes = model.encode_to_vec();
     if let Some(dir) = opts.out.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -570,12 +584,14 @@ pub fn model_card(state: &State, opts: &ExportOptions, bytes: &[u8], eval: Optio
         (
             "training",
             format!(
-                "{} steps, batch {}, lr {} ({} warm-up), AdamW, {} loss, EMA {}, seed {}; augmentation: {}",
+                "{} steps, batch {}, lr {} ({} warm-up, then {}), AdamW, {} loss{}, EMA {}, seed {}; augmentation: {}",
                 state.step,
                 t.batch_size,
                 t.lr,
                 t.warmup_steps,
+                t.lr_schedule,
                 t.loss,
+                if t.min_snr_gamma > 0.0 { format!(" with Min-SNR-{} weighting", t.min_snr_gamma) } else { String::new() },
                 t.ema_decay,
                 t.seed,
                 augmentation(&c.data.augment)
@@ -621,8 +637,19 @@ pub fn model_card(state: &State, opts: &ExportOptions, bytes: &[u8], eval: Optio
             }
         }
     }
-    let class = if m.num_classes > 0 { " --class 0 --guidance 2" } else { "" };
-    s += &format!("\n## Use\n\n```\ngenerate --model {} --n 64{class}\n```\n", opts.out.display());
+    let class = if m.num_classes > 0 { " --class 0" } else { "" };
+    let how = match &opts.recommended {
+        Some(r) => {
+            let g = if m.num_classes > 0 { format!(", guidance {}", r.guidance) } else { String::new() };
+            format!(
+                "The file recommends {} with {} steps{g} (its metadata; `generate` uses it unless told otherwise).\n\n",
+                r.sampler, r.steps
+            )
+        }
+        None if m.num_classes > 0 => "Try `--sampler dpm++ --steps 20 --guidance 2`.\n\n".to_string(),
+        None => String::new(),
+    };
+    s += &format!("\n## Use\n\n{how}```\ngenerate --model {} --n 64{class}\n```\n", opts.out.display());
     s
 }
 

@@ -48,7 +48,7 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
 
 /// A pointer that threads may share while writing disjoint ranges.
 #[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
+pub(crate) struct SharedMut(pub(crate) *mut f32);
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
@@ -56,15 +56,39 @@ impl SharedMut {
     /// # Safety
     /// `[off, off + len)` must lie in the buffer and no other thread may touch it meanwhile.
     #[allow(clippy::mut_from_ref)]
-    unsafe fn range(&self, off: usize, len: usize) -> &mut [f32] {
+    pub(crate) unsafe fn range(&self, off: usize, len: usize) -> &mut [f32] {
         std::slice::from_raw_parts_mut(self.0.add(off), len)
     }
+}
+
+thread_local! {
+    /// Per-thread im2col buffers, kept between calls: a fresh multi-megabyte buffer per convolution would be
+    /// faulted in page by page every time.
+    static SCRATCH: std::cell::RefCell<[Vec<f32>; 2]> = const { std::cell::RefCell::new([Vec::new(), Vec::new()]) };
+}
+
+/// Runs `f` with this thread's two scratch buffers of `a` and `b` elements (contents unspecified).
+fn with_scratch<R>(a: usize, b: usize, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
+    SCRATCH.with(|s| match s.try_borrow_mut() {
+        Ok(mut s) => {
+            let [x, y] = &mut *s;
+            if x.len() < a {
+                x.resize(a, 0.0);
+            }
+            if y.len() < b {
+                y.resize(b, 0.0);
+            }
+            f(&mut x[..a], &mut y[..b])
+        }
+        // re-entered on this thread (a nested parallel call): use fresh buffers
+        Err(_) => f(&mut vec![0f32; a], &mut vec![0f32; b]),
+    })
 }
 
 /// Runs `body(state, image, parallelism)` for every image of a batch of `b`: in one chunk per thread (each
 /// GEMM single-threaded, which suits the small per-image matrices), or, when there are fewer images than
 /// threads, one image after the other with the GEMMs themselves parallel. Returns each chunk's state.
-fn for_images<S: Send>(
+pub(crate) fn for_images<S: Send>(
     b: usize,
     init: impl Fn() -> S + Sync,
     body: impl Fn(&mut S, usize, Parallelism) + Sync,
@@ -90,7 +114,7 @@ fn for_images<S: Send>(
 /// dst[m, n] (row-major, row stride n) = (accumulate ? dst : 0) + lhs[m, k] . rhs[k, n], where lhs and rhs
 /// are given by their (row, column) strides.
 #[allow(clippy::too_many_arguments)]
-fn gemm_into(
+pub(crate) fn gemm_into(
     dst: &mut [f32],
     accumulate: bool,
     (m, n, k): (usize, usize, usize),
@@ -134,19 +158,19 @@ fn gemm_into(
 
 /// Geometry of a square-kernel convolution over one [C, H, W] image.
 #[derive(Clone, Copy, Debug)]
-struct ConvGeo {
+pub(crate) struct ConvGeo {
     c: usize,
     h: usize,
     w: usize,
     k: usize,
     stride: usize,
     padding: usize,
-    oh: usize,
-    ow: usize,
+    pub(crate) oh: usize,
+    pub(crate) ow: usize,
 }
 
 impl ConvGeo {
-    fn new(c: usize, h: usize, w: usize, k: usize, stride: usize, padding: usize) -> Result<Self> {
+    pub(crate) fn new(c: usize, h: usize, w: usize, k: usize, stride: usize, padding: usize) -> Result<Self> {
         if h + 2 * padding < k || w + 2 * padding < k || stride == 0 {
             candle_core::bail!("conv2d: a {k}x{k} kernel (stride {stride}, padding {padding}) does not fit {h}x{w}");
         }
@@ -158,7 +182,7 @@ impl ConvGeo {
     fn rows(&self) -> usize {
         self.c * self.k * self.k
     }
-    fn out_hw(&self) -> usize {
+    pub(crate) fn out_hw(&self) -> usize {
         self.oh * self.ow
     }
     /// A 1x1, stride-1, unpadded convolution reads the image itself as the im2col matrix.
@@ -280,14 +304,44 @@ impl CustomOp3 for Conv2d {
     ) -> Result<(CpuStorage, Shape)> {
         let (x, w, bias) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
         let (b, co, g) = self.geo(l1.dims(), l2.dims())?;
-        let (kk, ohw, in_len) = (g.rows(), g.out_hw(), g.c * g.h * g.w);
-        let mut out = vec![0f32; b * co * ohw];
-        let y = SharedMut(out.as_mut_ptr());
-        let pointwise = g.is_pointwise();
-        for_images(
-            b,
-            || if pointwise { vec![] } else { vec![0f32; kk * ohw] },
-            |cols, i, par| {
+        let mut out = vec![0f32; b * co * g.out_hw()];
+        conv2d_forward(x, w, bias, b, co, &g, &mut out);
+        Ok((CpuStorage::F32(out), (b, co, g.oh, g.ow).into()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, co, g) = self.geo(x.dims(), w.dims())?;
+        let mut dx = vec![0f32; x.elem_count()];
+        let (dw, db) = with_f32(x, |x| {
+            with_f32(w, |w| with_f32(grad, |gr| conv2d_backward(x, w, gr, b, co, &g, Some(&mut dx))))
+        })???;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.dims(), dev)?),
+            Some(Tensor::from_vec(dw, w.dims(), dev)?),
+            Some(Tensor::from_vec(db, co, dev)?),
+        ))
+    }
+}
+
+/// y [B, Co, oh, ow] = conv2d(x, w) + bias on contiguous f32 data (y is overwritten).
+pub(crate) fn conv2d_forward(x: &[f32], w: &[f32], bias: &[f32], b: usize, co: usize, g: &ConvGeo, out: &mut [f32]) {
+    let (kk, ohw, in_len) = (g.rows(), g.out_hw(), g.c * g.h * g.w);
+    debug_assert_eq!(out.len(), b * co * ohw);
+    let y = SharedMut(out.as_mut_ptr());
+    let pointwise = g.is_pointwise();
+    for_images(
+        b,
+        || (),
+        |_, i, par| {
+            with_scratch(if pointwise { 0 } else { kk * ohw }, 0, |cols, _| {
                 let xb = &x[i * in_len..(i + 1) * in_len];
                 let rhs: &[f32] = if pointwise {
                     xb
@@ -301,74 +355,69 @@ impl CustomOp3 for Conv2d {
                     row.fill(bv);
                 }
                 gemm_into(yb, true, (co, ohw, kk), w, (kk, 1), rhs, (ohw, 1), par);
-            },
-        );
-        Ok((CpuStorage::F32(out), (b, co, g.oh, g.ow).into()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _bias: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (b, co, g) = self.geo(x.dims(), w.dims())?;
-        let (kk, ohw, in_len) = (g.rows(), g.out_hw(), g.c * g.h * g.w);
-        let pointwise = g.is_pointwise();
-        let mut dx = vec![0f32; b * in_len];
-        let dxp = SharedMut(dx.as_mut_ptr());
-        let parts = with_f32(x, |x| {
-            with_f32(w, |w| {
-                with_f32(grad, |gr| {
-                    for_images(
-                        b,
-                        || {
-                            let scratch = if pointwise { 0 } else { kk * ohw };
-                            (vec![0f32; scratch], vec![0f32; scratch], vec![0f32; co * kk], vec![0f32; co])
-                        },
-                        |(cols, dcols, dw, db), i, par| {
-                            let xb = &x[i * in_len..(i + 1) * in_len];
-                            let gb = &gr[i * co * ohw..(i + 1) * co * ohw];
-                            // SAFETY: image i's input-gradient range is written by this call only
-                            let dxb = unsafe { dxp.range(i * in_len, in_len) };
-                            // dcols = W^T . g  ([kk, Co] . [Co, ohw])
-                            if pointwise {
-                                gemm_into(dxb, false, (kk, ohw, co), w, (1, kk), gb, (ohw, 1), par);
-                            } else {
-                                gemm_into(dcols, false, (kk, ohw, co), w, (1, kk), gb, (ohw, 1), par);
-                                g.col2im(dcols, dxb);
-                            }
-                            // dW += g . cols^T  ([Co, ohw] . [ohw, kk])
-                            let cols: &[f32] = if pointwise {
-                                xb
-                            } else {
-                                g.im2col(xb, cols);
-                                cols
-                            };
-                            gemm_into(dw, true, (co, kk, ohw), gb, (ohw, 1), cols, (1, ohw), par);
-                            for (d, row) in db.iter_mut().zip(gb.chunks_exact(ohw)) {
-                                *d += row.iter().sum::<f32>();
-                            }
-                        },
-                    )
-                })
             })
-        })???;
-        let mut parts = parts.into_iter();
-        let (_, _, mut dw, mut db) = parts.next().expect("at least one chunk");
-        for (_, _, w2, b2) in parts {
-            dw.iter_mut().zip(&w2).for_each(|(a, b)| *a += b);
-            db.iter_mut().zip(&b2).for_each(|(a, b)| *a += b);
-        }
-        let dev = x.device();
-        Ok((
-            Some(Tensor::from_vec(dx, x.dims(), dev)?),
-            Some(Tensor::from_vec(dw, w.dims(), dev)?),
-            Some(Tensor::from_vec(db, co, dev)?),
-        ))
+        },
+    );
+}
+
+/// The backward pass of [`conv2d_forward`] for the output gradient `gr`: writes dx when given (overwriting
+/// it) and returns (dW, db). The im2col matrix is recomputed rather than kept (memory).
+pub(crate) fn conv2d_backward(
+    x: &[f32],
+    w: &[f32],
+    gr: &[f32],
+    b: usize,
+    co: usize,
+    g: &ConvGeo,
+    dx: Option<&mut [f32]>,
+) -> (Vec<f32>, Vec<f32>) {
+    let (kk, ohw, in_len) = (g.rows(), g.out_hw(), g.c * g.h * g.w);
+    let pointwise = g.is_pointwise();
+    let dxp = dx.map(|d| {
+        debug_assert_eq!(d.len(), b * in_len);
+        SharedMut(d.as_mut_ptr())
+    });
+    let scratch = if pointwise { 0 } else { kk * ohw };
+    let dscratch = if pointwise || dxp.is_none() { 0 } else { kk * ohw };
+    let parts = for_images(
+        b,
+        || (vec![0f32; co * kk], vec![0f32; co]),
+        |(dw, db), i, par| {
+            with_scratch(scratch, dscratch, |cols, dcols| {
+                let xb = &x[i * in_len..(i + 1) * in_len];
+                let gb = &gr[i * co * ohw..(i + 1) * co * ohw];
+                if let Some(dxp) = dxp {
+                    // SAFETY: image i's input-gradient range is written by this call only
+                    let dxb = unsafe { dxp.range(i * in_len, in_len) };
+                    // dcols = W^T . g  ([kk, Co] . [Co, ohw])
+                    if pointwise {
+                        gemm_into(dxb, false, (kk, ohw, co), w, (1, kk), gb, (ohw, 1), par);
+                    } else {
+                        gemm_into(dcols, false, (kk, ohw, co), w, (1, kk), gb, (ohw, 1), par);
+                        g.col2im(dcols, dxb);
+                    }
+                }
+                // dW += g . cols^T  ([Co, ohw] . [ohw, kk])
+                let cols: &[f32] = if pointwise {
+                    xb
+                } else {
+                    g.im2col(xb, cols);
+                    cols
+                };
+                gemm_into(dw, true, (co, kk, ohw), gb, (ohw, 1), cols, (1, ohw), par);
+                for (d, row) in db.iter_mut().zip(gb.chunks_exact(ohw)) {
+                    *d += row.iter().sum::<f32>();
+                }
+            })
+        },
+    );
+    let mut parts = parts.into_iter();
+    let (mut dw, mut db) = parts.next().expect("at least one chunk");
+    for (w2, b2) in parts {
+        dw.iter_mut().zip(&w2).for_each(|(a, b)| *a += b);
+        db.iter_mut().zip(&b2).for_each(|(a, b)| *a += b);
     }
+    (dw, db)
 }
 
 /// 2-D convolution with bias, square kernel `w` [Co, C, k, k], symmetric padding: the fused CPU kernel for
@@ -384,24 +433,29 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, padding: usize)
 // Vectorisable math
 
 /// e^x to ~2 ulp for x in [-87, 88] (clamped outside), written so that loops over it vectorise: Cody-Waite
-/// range reduction x = n ln2 + r, |r| <= ln2 / 2, then a degree-6 Taylor polynomial of e^r.
+/// range reduction x = n ln2 + r, |r| <= ln2 / 2, then a degree-6 Taylor polynomial of e^r. n is rounded
+/// and turned into the exponent bits of 2^n with the 1.5 * 2^23 trick (no saturating float-to-int cast,
+/// which would keep the loop scalar).
 #[inline(always)]
-fn exp_approx(x: f32) -> f32 {
+pub(crate) fn exp_approx(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer, kept in the low bits
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E).round_ties_even();
+    let t = x * LOG2E + MAGIC;
+    let n = t - MAGIC;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = 1.0
         + r * (1.0
             + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r / 5040.0))))));
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    let bits = t.to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127) << 23;
+    p * f32::from_bits(bits)
 }
 
 /// The logistic sigmoid 1 / (1 + e^-z).
 #[inline(always)]
-fn sigmoid(z: f32) -> f32 {
+pub(crate) fn sigmoid(z: f32) -> f32 {
     1.0 / (1.0 + exp_approx(-z))
 }
 
@@ -493,21 +547,33 @@ fn gn_bwd_group(
         let (xc, gc, oc) = (&x[r.clone()], &dy[r.clone()], &mut dx[r]);
         let sc = rstd * a[c];
         let sh = d[c] - mean * sc;
-        let (mut sa, mut sd) = ([0f32; 8], [0f32; 8]);
-        for (j, ((o, &v), &g)) in oc.iter_mut().zip(xc).zip(gc).enumerate() {
-            let dz = if silu {
+        // dz = dy * act'(z) into dx first (a plain elementwise loop, which vectorises) ...
+        if silu {
+            for (o, (&v, &g)) in oc.iter_mut().zip(xc.iter().zip(gc)) {
                 let z = v * sc + sh;
                 let s = sigmoid(z);
                 // d/dz z s(z) = s (1 + z (1 - s))
-                g * s * (1.0 + z * (1.0 - s))
-            } else {
-                g
-            };
-            let xh = (v - mean) * rstd;
-            sa[j % 8] += dz * xh;
-            sd[j % 8] += dz;
-            *o = dz * a[c];
+                *o = g * s * (1.0 + z * (1.0 - s));
+            }
+        } else {
+            oc.copy_from_slice(gc);
         }
+        // ... then the two sums in eight lanes (a strict sequential float sum would stay scalar) ...
+        let (mut sa, mut sd) = ([0f32; 8], [0f32; 8]);
+        let n8 = hw / 8 * 8;
+        for (o8, x8) in oc[..n8].chunks_exact(8).zip(xc[..n8].chunks_exact(8)) {
+            for l in 0..8 {
+                sa[l] += o8[l] * ((x8[l] - mean) * rstd);
+                sd[l] += o8[l];
+            }
+        }
+        for (&dz, &v) in oc[n8..].iter().zip(&xc[n8..]) {
+            sa[0] += dz * ((v - mean) * rstd);
+            sd[0] += dz;
+        }
+        // ... and dx_hat = dz a
+        let ac = a[c];
+        oc.iter_mut().for_each(|o| *o *= ac);
         da[c] = sa.iter().sum();
         dd[c] = sd.iter().sum();
         // sum dx_hat = a sum dz; sum dx_hat x_hat = a sum dz x_hat
@@ -619,6 +685,30 @@ unsafe fn gn_bwd_group_avx2(
     gn_bwd_group(x, dy, dx, a, d, da, dd, hw, eps, silu)
 }
 
+/// act(a[b, c] * x_hat + d[b, c]) over x [B, groups * cpg, hw] (y overwritten), parallel over (image, group).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gn_forward(x: &[f32], y: &mut [f32], a: &[f32], d: &[f32], cpg: usize, hw: usize, eps: f32, silu: bool) {
+    dispatch!(gn_fwd_avx2, gn_fwd_generic(x, y, a, d, cpg, hw, eps, silu))
+}
+
+/// The backward pass of [`gn_forward`]: writes dx, da and dd (all overwritten).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gn_backward(
+    x: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    a: &[f32],
+    d: &[f32],
+    da: &mut [f32],
+    dd: &mut [f32],
+    cpg: usize,
+    hw: usize,
+    eps: f32,
+    silu: bool,
+) {
+    dispatch!(gn_bwd_avx2, gn_bwd_generic(x, dy, dx, a, d, da, dd, cpg, hw, eps, silu))
+}
+
 impl GroupNormAct {
     fn check(&self, x: &[usize], a: &[usize]) -> Result<(usize, usize, usize)> {
         let (b, c) = (x[0], x[1]);
@@ -648,8 +738,7 @@ impl CustomOp3 for GroupNormAct {
         let (_, cpg, hw) = self.check(l1.dims(), l2.dims())?;
         let mut y = vec![0f32; x.len()];
         let (eps, silu) = (self.eps, self.silu);
-        let run = |y: &mut [f32]| dispatch!(gn_fwd_avx2, gn_fwd_generic(x, y, a, d, cpg, hw, eps, silu));
-        run(&mut y);
+        gn_forward(x, &mut y, a, d, cpg, hw, eps, silu);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -669,12 +758,7 @@ impl CustomOp3 for GroupNormAct {
         with_f32(x, |xs| {
             with_f32(grad, |gs| {
                 with_f32(a, |as_| {
-                    with_f32(d, |ds| {
-                        let run = |dx: &mut [f32], da: &mut [f32], dd: &mut [f32]| {
-                            dispatch!(gn_bwd_avx2, gn_bwd_generic(xs, gs, dx, as_, ds, da, dd, cpg, hw, eps, silu))
-                        };
-                        run(&mut dx, &mut da, &mut dd)
-                    })
+                    with_f32(d, |ds| gn_backward(xs, gs, &mut dx, as_, ds, &mut da, &mut dd, cpg, hw, eps, silu))
                 })
             })
         })????;
@@ -709,10 +793,25 @@ struct SoftmaxScaled {
 
 #[inline(always)]
 fn softmax_rows(x: &[f32], y: &mut [f32], n: usize, scale: f32) {
+    let n8 = n / 8 * 8;
     for (xr, yr) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
-        let m = xr.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * scale;
-        let mut sum = 0f32;
-        for (o, &v) in yr.iter_mut().zip(xr) {
+        // eight lanes at a time so that the max, exp and sum loops vectorise
+        let mut mx = [f32::NEG_INFINITY; 8];
+        for c in xr[..n8].chunks_exact(8) {
+            for l in 0..8 {
+                mx[l] = if c[l] > mx[l] { c[l] } else { mx[l] };
+            }
+        }
+        let m = xr[n8..].iter().chain(&mx).fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m }) * scale;
+        let mut acc = [0f32; 8];
+        for (o, c) in yr[..n8].chunks_exact_mut(8).zip(xr[..n8].chunks_exact(8)) {
+            for l in 0..8 {
+                o[l] = exp_approx(c[l] * scale - m);
+                acc[l] += o[l];
+            }
+        }
+        let mut sum: f32 = acc.iter().sum();
+        for (o, &v) in yr[n8..].iter_mut().zip(&xr[n8..]) {
             *o = exp_approx(v * scale - m);
             sum += *o;
         }
@@ -750,10 +849,105 @@ unsafe fn softmax_avx2(x: &[f32], y: &mut [f32], n: usize, scale: f32) {
     y.par_chunks_mut(blk).zip(x.par_chunks(blk)).for_each(|(yb, xb)| unsafe { softmax_rows_avx2(xb, yb, n, scale) });
 }
 
+/// Explicit AVX2 + FMA softmax rows: the compiler keeps the portable loops above scalar.
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::*;
+
+    /// [`super::exp_approx`] on eight lanes (same reduction and polynomial).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn exp8(x: __m256) -> __m256 {
+        const MAGIC: f32 = 12_582_912.0;
+        let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0)), _mm256_set1_ps(88.0));
+        let t = _mm256_fmadd_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E), _mm256_set1_ps(MAGIC));
+        let n = _mm256_sub_ps(t, _mm256_set1_ps(MAGIC));
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_145_75), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428_606_8e-6), r);
+        let mut p = _mm256_set1_ps(1.0 / 5040.0);
+        for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let e = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(MAGIC.to_bits() as i32));
+        let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(e, _mm256_set1_epi32(127)));
+        _mm256_mul_ps(p, _mm256_castsi256_ps(e))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hmax(v: __m256) -> f32 {
+        let s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn softmax_rows(x: &[f32], y: &mut [f32], n: usize, scale: f32) {
+        let n8 = n / 8 * 8;
+        for (xr, yr) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
+            let mut mv = _mm256_set1_ps(f32::NEG_INFINITY);
+            for c in xr[..n8].chunks_exact(8) {
+                // SAFETY: c holds 8 floats
+                mv = _mm256_max_ps(mv, unsafe { _mm256_loadu_ps(c.as_ptr()) });
+            }
+            let m = xr[n8..].iter().fold(hmax(mv), |m, &v| if v > m { v } else { m }) * scale;
+            let (sv, mb) = (_mm256_set1_ps(scale), _mm256_set1_ps(m));
+            let mut acc = _mm256_setzero_ps();
+            for (o, c) in yr[..n8].chunks_exact_mut(8).zip(xr[..n8].chunks_exact(8)) {
+                // SAFETY: o and c hold 8 floats each
+                let e = exp8(_mm256_fmsub_ps(unsafe { _mm256_loadu_ps(c.as_ptr()) }, sv, mb));
+                unsafe { _mm256_storeu_ps(o.as_mut_ptr(), e) };
+                acc = _mm256_add_ps(acc, e);
+            }
+            let mut sum = hsum(acc);
+            for (o, &v) in yr[n8..].iter_mut().zip(&xr[n8..]) {
+                *o = super::exp_approx(v * scale - m);
+                sum += *o;
+            }
+            let inv = 1.0 / sum;
+            yr.iter_mut().for_each(|o| *o *= inv);
+        }
+    }
+
+    /// dx = s y (dy - <dy, y>) per row.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn softmax_bwd_rows(y: &[f32], dy: &[f32], dx: &mut [f32], n: usize, scale: f32) {
+        let n8 = n / 8 * 8;
+        for ((yr, gr), or) in y.chunks_exact(n).zip(dy.chunks_exact(n)).zip(dx.chunks_exact_mut(n)) {
+            let mut acc = _mm256_setzero_ps();
+            for (a, b) in yr[..n8].chunks_exact(8).zip(gr[..n8].chunks_exact(8)) {
+                // SAFETY: a and b hold 8 floats each
+                acc = unsafe { _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr()), _mm256_loadu_ps(b.as_ptr()), acc) };
+            }
+            let dot = hsum(acc) + yr[n8..].iter().zip(&gr[n8..]).map(|(a, b)| a * b).sum::<f32>();
+            for ((o, &yv), &g) in or.iter_mut().zip(yr).zip(gr) {
+                *o = scale * yv * (g - dot);
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn softmax_rows_avx2(x: &[f32], y: &mut [f32], n: usize, scale: f32) {
-    softmax_rows(x, y, n, scale)
+    simd::softmax_rows(x, y, n, scale)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_bwd_avx2(y: &[f32], dy: &[f32], dx: &mut [f32], n: usize, scale: f32) {
+    let blk = row_block(y.len() / n, n) * n;
+    dx.par_chunks_mut(blk)
+        .zip(y.par_chunks(blk).zip(dy.par_chunks(blk)))
+        .for_each(|(o, (yb, gb))| simd::softmax_bwd_rows(yb, gb, o, n, scale));
 }
 
 fn softmax_bwd_generic(y: &[f32], dy: &[f32], dx: &mut [f32], n: usize, scale: f32) {
@@ -761,6 +955,16 @@ fn softmax_bwd_generic(y: &[f32], dy: &[f32], dx: &mut [f32], n: usize, scale: f
     dx.par_chunks_mut(blk)
         .zip(y.par_chunks(blk).zip(dy.par_chunks(blk)))
         .for_each(|(o, (yb, gb))| softmax_bwd_rows(yb, gb, o, n, scale));
+}
+
+/// y = softmax(scale * x) over rows of n (y overwritten).
+pub(crate) fn softmax_forward(x: &[f32], y: &mut [f32], n: usize, scale: f32) {
+    dispatch!(softmax_avx2, softmax_generic(x, y, n, scale))
+}
+
+/// dx = d softmax(scale x) given y = softmax(scale x) and dy (dx overwritten).
+pub(crate) fn softmax_backward(y: &[f32], dy: &[f32], dx: &mut [f32], n: usize, scale: f32) {
+    dispatch!(softmax_bwd_avx2, softmax_bwd_generic(y, dy, dx, n, scale))
 }
 
 impl CustomOp1 for SoftmaxScaled {
@@ -773,9 +977,8 @@ impl CustomOp1 for SoftmaxScaled {
         let n = *l.dims().last().unwrap_or(&1);
         let mut y = vec![0f32; x.len()];
         let scale = self.scale;
-        let run = |y: &mut [f32]| dispatch!(softmax_avx2, softmax_generic(x, y, n, scale));
         if n > 0 {
-            run(&mut y);
+            softmax_forward(x, &mut y, n, scale);
         }
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
@@ -784,7 +987,7 @@ impl CustomOp1 for SoftmaxScaled {
         let n = *res.dims().last().unwrap_or(&1);
         let mut dx = vec![0f32; res.elem_count()];
         if n > 0 {
-            with_f32(res, |y| with_f32(grad, |g| softmax_bwd_generic(y, g, &mut dx, n, self.scale)))??;
+            with_f32(res, |y| with_f32(grad, |g| softmax_backward(y, g, &mut dx, n, self.scale)))??;
         }
         Ok(Some(Tensor::from_vec(dx, res.dims(), res.device())?))
     }

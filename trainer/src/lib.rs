@@ -3,6 +3,7 @@
 //! The diffusion math (schedules, q(x_t|x_0), posteriors, samplers) lives in the `runtime` crate; this crate
 //! owns the data, the U-Net, the training loop, checkpoints and the ONNX writer.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
@@ -15,5 +16,6 @@ pub mod ops;
 pub mod optim;
 pub mod params;
 pub mod plot;
+pub mod tape;
 pub mod train;
 pub mod unet;

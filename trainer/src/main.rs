@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use trainer::config::Config;
-use trainer::train::{fit, FitOptions};
+use trainer::train::{fit, Engine, FitOptions};
 
 #[derive(Parser)]
 #[command(name = "trainer", version, about = "Train DDPM noise-prediction U-Nets with Candle and export them to ONNX")]
@@ -28,6 +28,47 @@ enum Cmd {
     /// Figures: noise schedules, forward-noising strips with histograms, reverse-process strips, loss curves.
     #[command(subcommand)]
     Plot(PlotCmd),
+    /// Time training steps and the sampler's model call on the config's real data; prints JSON (seconds per
+    /// step, images/s, peak RSS). benches/train_speed.py puts it beside PyTorch.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Config file (its data is read; the model is freshly initialised).
+    #[arg(long)]
+    config: PathBuf,
+    /// Override model.ch.
+    #[arg(long)]
+    ch: Option<usize>,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Timed training steps (the median is reported).
+    #[arg(long, default_value_t = 8)]
+    steps: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Batch of the timed inference call (0: skip).
+    #[arg(long, default_value_t = 64)]
+    eval_batch: usize,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long, value_enum, default_value_t = Engine::Auto)]
+    engine: Engine,
+}
+
+fn run_bench(a: BenchArgs) -> Result<()> {
+    let mut cfg = Config::load(&a.config)?;
+    if let Some(ch) = a.ch {
+        cfg.model.ch = ch;
+    }
+    cfg.train.batch_size = a.batch_size;
+    let device = trainer::train::parse_device(&a.device)?;
+    let r = trainer::bench::run(cfg, device, a.engine, a.steps, a.warmup, a.eval_batch)?;
+    println!("{}", serde_json::to_string(&r)?);
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -242,6 +283,16 @@ struct ExportArgs {
     /// the run's eval.json when `trainer eval` has been run.
     #[arg(long)]
     card: bool,
+    /// Record the recommended sampler (ddim, dpm++, ddpm) in the metadata: `generate` uses it, with
+    /// --steps and --guidance, unless told otherwise. Use the setting the model card measured.
+    #[arg(long, requires_all = ["steps", "guidance"])]
+    sampler: Option<String>,
+    /// Recommended sampling steps (with --sampler).
+    #[arg(long, requires = "sampler")]
+    steps: Option<usize>,
+    /// Recommended guidance weight (with --sampler).
+    #[arg(long, requires = "sampler")]
+    guidance: Option<f32>,
 }
 
 #[derive(clap::Args)]
@@ -291,6 +342,10 @@ struct FitArgs {
     /// Stop after N steps of this invocation, checkpointing (the run can be resumed).
     #[arg(long)]
     stop_after: Option<usize>,
+    /// How gradients are computed: auto (the CPU tape engine on the CPU, Candle's autograd elsewhere), tape,
+    /// candle.
+    #[arg(long, value_enum, default_value_t = Engine::Auto)]
+    engine: Engine,
     /// No progress bar or log lines.
     #[arg(long, short)]
     quiet: bool,
@@ -348,6 +403,7 @@ fn run_fit(a: FitArgs) -> Result<()> {
         force: a.force,
         max_steps_now: a.stop_after,
         quiet: a.quiet,
+        engine: a.engine,
     };
     if opts.resume && a.config.is_some() {
         anyhow::bail!("--resume continues a run with its own saved config; drop --config (use --steps to extend it)");
@@ -401,6 +457,7 @@ fn main() -> ExitCode {
         Cmd::Fit(a) => run_fit(a),
         Cmd::Plot(p) => run_plot(p),
         Cmd::Eval(a) => run_eval(a),
+        Cmd::Bench(a) => run_bench(a),
         Cmd::Export(a) => trainer::export::export(&trainer::export::ExportOptions {
             run: &a.run,
             checkpoint: &a.checkpoint,
@@ -410,6 +467,12 @@ fn main() -> ExitCode {
             out: &a.out,
             force: a.force,
             card: a.card,
+            recommended: match (&a.sampler, a.steps, a.guidance) {
+                (Some(s), Some(st), Some(g)) => {
+                    Some(runtime::onnx::Recommended { sampler: s.clone(), steps: st, guidance: g })
+                }
+                _ => None,
+            },
         }),
     };
     match r {

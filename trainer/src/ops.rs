@@ -101,6 +101,23 @@ pub fn group_norm_act_composed<O: Ops + ?Sized>(
     }
 }
 
+/// Fills `mask` with inverted-dropout factors: 0 with probability p, else 1 / (1 - p). Both gradient engines
+/// draw their masks here, so they train alike; one u32 per element (drawn in bulk) decides.
+pub fn dropout_mask(rng: &mut ChaCha8Rng, p: f64, mask: &mut [f32]) {
+    let keep = 1.0 - p;
+    let scale = (1.0 / keep) as f32;
+    // u < keep * 2^32 with probability keep
+    let threshold = (keep * 4_294_967_296.0).min(u32::MAX as f64) as u32;
+    let mut bits = [0u32; 1024];
+    for chunk in mask.chunks_mut(bits.len()) {
+        let b = &mut bits[..chunk.len()];
+        rng.fill(b);
+        for (m, &u) in chunk.iter_mut().zip(b.iter()) {
+            *m = if u < threshold { scale } else { 0.0 };
+        }
+    }
+}
+
 /// Runs the primitives on Candle tensors (with autograd when the params are variables).
 pub struct CandleOps<'a> {
     /// Dropout is applied only when an RNG is given (training).
@@ -218,9 +235,8 @@ impl Ops for CandleOps<'_> {
             return Ok(x.clone());
         }
         // Inverted dropout with a seeded host-side mask, so training is reproducible on every device.
-        let keep = 1.0 - p;
-        let scale = (1.0 / keep) as f32;
-        let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.gen::<f64>() < keep { scale } else { 0.0 }).collect();
+        let mut mask = vec![0f32; x.elem_count()];
+        dropout_mask(rng, p, &mut mask);
         let mask = Tensor::from_vec(mask, x.dims(), &self.device)?.to_dtype(x.dtype())?;
         Ok((x * mask)?)
     }

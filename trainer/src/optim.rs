@@ -7,6 +7,23 @@ use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 
+/// Where the optimiser finds each parameter's gradient.
+pub enum Grads<'a> {
+    /// Candle's autograd, keyed by variable.
+    Candle(&'a GradStore),
+    /// By parameter name (the CPU engine).
+    Named(&'a HashMap<String, Tensor>),
+}
+
+impl Grads<'_> {
+    fn get(&self, name: &str, var: &Var) -> Option<Tensor> {
+        match self {
+            Grads::Candle(g) => g.get(var).cloned(),
+            Grads::Named(m) => m.get(name).cloned(),
+        }
+    }
+}
+
 pub struct AdamW {
     vars: Vec<(String, Var)>,
     m: Vec<Tensor>,
@@ -27,11 +44,11 @@ impl AdamW {
     }
 
     /// Global L2 norm of the gradients (Pascanu et al. 2013), one device sync.
-    pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
+    pub fn grad_norm(&self, grads: &Grads) -> Result<f64> {
         let sq: Vec<Tensor> = self
             .vars
             .iter()
-            .filter_map(|(_, v)| grads.get(v))
+            .filter_map(|(k, v)| grads.get(k, v))
             .map(|g| g.to_dtype(candle_core::DType::F32).and_then(|g| g.sqr()?.sum_all()))
             .collect::<candle_core::Result<_>>()?;
         if sq.is_empty() {
@@ -41,7 +58,7 @@ impl AdamW {
     }
 
     /// One update; gradients are scaled by min(1, clip / ||g||) when clip > 0. Returns ||g|| before clipping.
-    pub fn step(&mut self, grads: &GradStore, lr: f64, clip: f64) -> Result<f64> {
+    pub fn step(&mut self, grads: &Grads, lr: f64, clip: f64) -> Result<f64> {
         let norm = self.grad_norm(grads)?;
         if !norm.is_finite() {
             bail!("gradient norm is {norm} at optimiser step {}: training diverged (lower train.lr or enable train.grad_clip)", self.t + 1);
@@ -52,9 +69,9 @@ impl AdamW {
         // Kingma & Ba 2015, Algorithm 1: bias corrections 1 - beta^t
         let c1 = 1.0 - b1.powi(self.t as i32);
         let c2 = 1.0 - b2.powi(self.t as i32);
-        for (i, (_, var)) in self.vars.iter().enumerate() {
-            let Some(g) = grads.get(var) else { continue };
-            let g = if gscale != 1.0 { (g * gscale)? } else { g.clone() };
+        for (i, (name, var)) in self.vars.iter().enumerate() {
+            let Some(g) = grads.get(name, var) else { continue };
+            let g = if gscale != 1.0 { (g * gscale)? } else { g };
             let m = ((&self.m[i] * b1)? + (&g * (1.0 - b1))?)?;
             let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             // Loshchilov & Hutter 2019, Algorithm 2: decoupled weight decay theta <- theta (1 - lr lambda) - lr m_hat / (sqrt(v_hat) + eps)
@@ -67,6 +84,17 @@ impl AdamW {
             self.v[i] = v.detach();
         }
         Ok(norm)
+    }
+
+    /// [`AdamW::step`] with host gradients by parameter name (the CPU engine's output).
+    pub fn step_host(&mut self, grads: HashMap<String, Vec<f32>>, lr: f64, clip: f64) -> Result<f64> {
+        let mut named = HashMap::with_capacity(grads.len());
+        for (name, g) in grads {
+            let var = self.vars.iter().find(|(k, _)| *k == name).map(|(_, v)| v);
+            let var = var.with_context(|| format!("a gradient for '{name}', which the optimiser does not hold"))?;
+            named.insert(name, Tensor::from_vec(g, var.dims(), var.device())?);
+        }
+        self.step(&Grads::Named(&named), lr, clip)
     }
 
     /// Moments keyed `m.<param>` / `v.<param>` for the checkpoint.

@@ -1,7 +1,7 @@
 //! The training loop: Ho et al. 2020, Algorithm 1, with AdamW, warm-up, gradient clipping, EMA, label
 //! dropout for classifier-free guidance, checkpoints, metrics and a loss curve.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -18,8 +18,9 @@ use crate::checkpoint::{self, RngState, State};
 use crate::config::Config;
 use crate::data::Dataset;
 use crate::ops::CandleOps;
-use crate::optim::{AdamW, Ema};
+use crate::optim::{AdamW, Ema, Grads};
 use crate::params::{InitSource, ParamSource, TensorSource};
+use crate::tape::{Pool, Tape};
 use crate::unet::UNet;
 
 /// Parses `cpu`, `cuda` or `cuda:N`.
@@ -90,16 +91,37 @@ pub struct Batch {
     pub eps: Tensor,
 }
 
+/// The same inputs in host memory (the CPU engine reads them directly).
+pub struct HostBatch {
+    /// [B, C, H, W]
+    pub dims: [usize; 4],
+    pub xt: Vec<f32>,
+    pub eps: Vec<f32>,
+    pub t: Vec<u32>,
+    pub y: Option<Vec<u32>>,
+}
+
+impl HostBatch {
+    pub fn to_device(self, device: &Device) -> Result<Batch> {
+        let b = self.dims[0];
+        Ok(Batch {
+            xt: Tensor::from_vec(self.xt, self.dims.to_vec(), device)?,
+            eps: Tensor::from_vec(self.eps, self.dims.to_vec(), device)?,
+            t: Tensor::from_vec(self.t, b, device)?,
+            y: self.y.map(|y| Tensor::from_vec(y, b, device)).transpose()?,
+        })
+    }
+}
+
 /// Builds the batch of Algorithm 1 (Ho et al. 2020): x_0 ~ data, t ~ U{0..T-1}, eps ~ N(0, I),
 /// x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps.
-pub fn make_batch(
+pub fn make_host_batch(
     data: &Dataset,
     idx: &[usize],
     cfg: &Config,
     schedule: &NoiseSchedule,
     rng: &mut ChaCha8Rng,
-    device: &Device,
-) -> Result<Batch> {
+) -> HostBatch {
     let (c, s) = (data.channels, data.size);
     let n = data.image_len();
     let b = idx.len();
@@ -121,13 +143,31 @@ pub fn make_batch(
             ys.push(if rng.gen::<f64>() < cfg.train.p_uncond { null as u32 } else { labels[i] });
         }
     }
-    let shape = (b, c, s, s);
-    Ok(Batch {
-        xt: Tensor::from_vec(xt, shape, device)?,
-        eps: Tensor::from_vec(eps_all, shape, device)?,
-        t: Tensor::from_vec(ts, b, device)?,
-        y: if ys.is_empty() { None } else { Some(Tensor::from_vec(ys, b, device)?) },
-    })
+    HostBatch { dims: [b, c, s, s], xt, eps: eps_all, t: ts, y: if ys.is_empty() { None } else { Some(ys) } }
+}
+
+/// [`make_host_batch`] as tensors on `device`.
+pub fn make_batch(
+    data: &Dataset,
+    idx: &[usize],
+    cfg: &Config,
+    schedule: &NoiseSchedule,
+    rng: &mut ChaCha8Rng,
+    device: &Device,
+) -> Result<Batch> {
+    make_host_batch(data, idx, cfg, schedule, rng).to_device(device)
+}
+
+/// How gradients are computed. Both engines run the same forward pass and draw the same random numbers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Engine {
+    /// The tape engine on the CPU, Candle's autograd elsewhere.
+    #[default]
+    Auto,
+    /// The CPU tape engine ([`crate::tape`]); CPU only.
+    Tape,
+    /// Candle's autograd (any device).
+    Candle,
 }
 
 /// Options of `trainer fit` that are not part of the config.
@@ -141,6 +181,7 @@ pub struct FitOptions {
     /// train.steps stays the target.
     pub max_steps_now: Option<usize>,
     pub quiet: bool,
+    pub engine: Engine,
 }
 
 pub struct Trainer {
@@ -156,6 +197,9 @@ pub struct Trainer {
     pub step: usize,
     pub elapsed_s: f64,
     pub recent_loss: f64,
+    /// Buffers of the CPU engine, reused from step to step.
+    pub pool: Pool,
+    pub engine: Engine,
 }
 
 pub struct StepStats {
@@ -241,17 +285,42 @@ impl Trainer {
             step: 0,
             elapsed_s: 0.0,
             recent_loss: 0.0,
+            pool: Pool::default(),
+            engine: Engine::Auto,
         })
     }
 
-    /// Learning rate at the current step: linear warm-up, then constant (Ho et al. 2020, appendix B).
+    /// Learning rate at the current step: linear warm-up, then constant (Ho et al. 2020, appendix B) or a
+    /// half cosine down to 0 at train.steps (`lr_schedule = "cosine"`).
     pub fn lr(&self) -> f64 {
-        let w = self.cfg.train.warmup_steps;
-        if w == 0 {
-            self.cfg.train.lr
-        } else {
-            self.cfg.train.lr * ((self.step + 1) as f64 / w as f64).min(1.0)
+        let tc = &self.cfg.train;
+        let (w, step) = (tc.warmup_steps, self.step);
+        if step < w {
+            return tc.lr * (step + 1) as f64 / w as f64;
         }
+        match tc.lr_schedule.as_str() {
+            "cosine" => {
+                let p = ((step - w) as f64 / (tc.steps.saturating_sub(w)).max(1) as f64).min(1.0);
+                tc.lr * 0.5 * (1.0 + (std::f64::consts::PI * p).cos())
+            }
+            _ => tc.lr,
+        }
+    }
+
+    /// Per-image loss weights: Min-SNR-gamma (Hang et al. 2023) for eps-prediction, min(SNR_t, gamma) / SNR_t;
+    /// all 1 when train.min_snr_gamma is 0.
+    pub fn loss_weights(&self, t: &[u32]) -> Vec<f32> {
+        let g = self.cfg.train.min_snr_gamma;
+        t.iter()
+            .map(|&t| {
+                if g > 0.0 {
+                    let snr = self.schedule.snr(t as usize);
+                    (snr.min(g) / snr) as f32
+                } else {
+                    1.0
+                }
+            })
+            .collect()
     }
 
     /// The loss of Algorithm 1 for one batch: || eps - eps_theta(x_t, t, y) ||^2 (Ho et al. 2020, eq. 14).
@@ -259,28 +328,88 @@ impl Trainer {
         let mut ops = CandleOps::training(&self.device, DType::F32, rng);
         let pred = self.unet.forward(&mut ops, &batch.xt, &batch.t, batch.y.as_ref())?;
         let diff = (pred - &batch.eps)?;
-        Ok(match self.cfg.train.loss.as_str() {
-            "l1" => diff.abs()?.mean_all()?,
-            _ => diff.sqr()?.mean_all()?,
-        })
+        let per_elem = match self.cfg.train.loss.as_str() {
+            "l1" => diff.abs()?,
+            _ => diff.sqr()?,
+        };
+        if self.cfg.train.min_snr_gamma <= 0.0 {
+            return Ok(per_elem.mean_all()?);
+        }
+        let b = per_elem.dim(0)?;
+        let w = self.loss_weights(&batch.t.to_vec1::<u32>()?);
+        let w = Tensor::from_vec(w, b, per_elem.device())?;
+        Ok(per_elem.flatten_from(1)?.mean(1)?.mul(&w)?.mean_all()?)
     }
 
-    /// One optimisation step (forward, backward, AdamW, EMA).
+    /// One optimisation step (forward, backward, AdamW, EMA): on the CPU through the tape engine
+    /// ([`crate::tape`]), elsewhere through Candle's autograd. Both draw the same random numbers.
     pub fn train_step(&mut self) -> Result<StepStats> {
         let mut rng = step_rng(self.cfg.train.seed, self.step);
         let idx = self.sampler.batch(self.step, self.cfg.train.batch_size);
-        let batch = make_batch(&self.data, &idx, &self.cfg, &self.schedule, &mut rng, &self.device)?;
-        let loss = self.loss(&batch, &mut rng)?;
-        let grads = loss.backward()?;
+        let batch = make_host_batch(&self.data, &idx, &self.cfg, &self.schedule, &mut rng);
         let lr = self.lr();
-        let grad_norm = self.opt.step(&grads, lr, self.cfg.train.grad_clip)?;
+        let tape = match self.engine {
+            Engine::Auto => self.device.is_cpu(),
+            Engine::Tape if !self.device.is_cpu() => bail!("the tape engine runs on the CPU only"),
+            Engine::Tape => true,
+            Engine::Candle => false,
+        };
+        let (loss, grad_norm) = if tape {
+            let (loss, grads) = self.cpu_loss_and_grads(&batch, &mut rng)?;
+            (loss, self.opt.step_host(grads, lr, self.cfg.train.grad_clip)?)
+        } else {
+            let batch = batch.to_device(&self.device)?;
+            let loss = self.loss(&batch, &mut rng)?;
+            let grads = loss.backward()?;
+            let norm = self.opt.step(&Grads::Candle(&grads), lr, self.cfg.train.grad_clip)?;
+            (loss.to_scalar::<f32>()? as f64, norm)
+        };
         self.ema.update(&self.vars)?;
         self.step += 1;
-        let loss = loss.to_scalar::<f32>()? as f64;
         if !loss.is_finite() {
             bail!("loss is {loss} at step {}: training diverged", self.step);
         }
         Ok(StepStats { loss, grad_norm, lr })
+    }
+
+    /// The loss of [`Trainer::loss`] and the gradient of every parameter, by name, through the CPU engine.
+    pub fn cpu_loss_and_grads(
+        &mut self,
+        batch: &HostBatch,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<(f64, HashMap<String, Vec<f32>>)> {
+        let weights = self.loss_weights(&batch.t);
+        let mut tape = Tape::new(&mut self.pool, Some(rng));
+        let b = batch.dims[0];
+        let x = tape.input(&batch.xt, &batch.dims)?;
+        let t = tape.input(&batch.t.iter().map(|&v| v as f32).collect::<Vec<_>>(), &[b])?;
+        let y = match &batch.y {
+            Some(y) => Some(tape.input(&y.iter().map(|&v| v as f32).collect::<Vec<_>>(), &[b])?),
+            None => None,
+        };
+        let out = self.unet.forward(&mut tape, &x, &t, y.as_ref())?;
+        let pred = tape.data(out);
+        let n = pred.len() as f64;
+        let per_image = pred.len() / b;
+        let l1 = self.cfg.train.loss == "l1";
+        let mut loss = 0f64;
+        let mut seed = vec![0f32; pred.len()];
+        for (i, w) in weights.iter().enumerate() {
+            let r = i * per_image..(i + 1) * per_image;
+            let w = *w as f64;
+            for ((s, &p), &e) in seed[r.clone()].iter_mut().zip(&pred[r.clone()]).zip(&batch.eps[r]) {
+                let d = (p - e) as f64;
+                if l1 {
+                    loss += w * d.abs();
+                    *s = (w * d.signum() / n) as f32;
+                } else {
+                    loss += w * d * d;
+                    *s = (2.0 * w * d / n) as f32;
+                }
+            }
+        }
+        let grads = tape.backward(out, seed)?;
+        Ok((loss / n, grads))
     }
 
     pub fn state(&self, device_name: &str) -> Result<State> {
@@ -317,7 +446,7 @@ impl Trainer {
     }
 
     /// A sample grid from the EMA weights: RUN/samples/step-N.png (None when previews are off).
-    pub fn preview(&self, run: &Path) -> Result<Option<PathBuf>> {
+    pub fn preview(&mut self, run: &Path) -> Result<Option<PathBuf>> {
         let tc = &self.cfg.train;
         if tc.preview_images == 0 || tc.preview_steps == 0 {
             return Ok(None);
@@ -325,6 +454,8 @@ impl Trainer {
         let path = run.join("samples").join(format!("step-{:08}.png", self.step));
         let unet = self.ema_unet()?;
         let steps = tc.preview_steps.min(self.schedule.num_timesteps());
+        // the sampler gets buffers of its own: release the training step's meanwhile (peak memory)
+        self.pool = Pool::default();
         crate::denoise::preview(&unet, &self.schedule, &self.device, tc.preview_images, steps, tc.seed, &path)?;
         Ok(Some(path))
     }
@@ -410,6 +541,7 @@ pub fn fit(cfg: Option<Config>, opts: &FitOptions) -> Result<()> {
         checkpoint::write_atomic(&run.join("metrics.csv"), format!("{METRICS_HEADER}\n").as_bytes())?;
         Trainer::new(cfg, data, device.clone())?
     };
+    trainer.engine = opts.engine;
     let params: usize = trainer.vars.values().map(|v| v.elem_count()).sum();
     log(
         opts,

@@ -72,6 +72,30 @@ fn export_writes_self_describing_models_and_refuses_bad_requests() {
             assert!(md.contains_key(k), "{k} missing");
         }
     }
+    // the recommended way of sampling goes into the metadata and the card
+    let rec = dir.join("rec.onnx");
+    let st = trainer()
+        .args(["export", "--card", "--run"])
+        .arg(&run)
+        .args(["--sampler", "dpm++", "--steps", "20", "--guidance", "2", "--out"])
+        .arg(&rec)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let den = OrtDenoiser::open(&rec, &Provider::Cpu, Some(1)).unwrap();
+    let want = runtime::onnx::Recommended { sampler: "dpm++".into(), steps: 20, guidance: 2.0 };
+    assert_eq!(den.info.recommended, Some(want));
+    let card = std::fs::read_to_string(rec.with_extension("md")).unwrap();
+    assert!(card.contains("recommends dpm++ with 20 steps, guidance 2"), "{card}");
+    fails_with(
+        trainer()
+            .args(["export", "--run"])
+            .arg(&run)
+            .args(["--sampler", "euler", "--steps", "9", "--guidance", "1", "--out"])
+            .arg(dir.join("x.onnx")),
+        "unknown sampler 'euler'",
+    );
+    assert!(!dir.join("x.onnx").exists());
     // an existing model card is kept without --force (and nothing else is written)
     let fresh = dir.join("fresh.onnx");
     std::fs::write(dir.join("fresh.md"), b"hand-written card").unwrap();

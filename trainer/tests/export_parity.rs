@@ -63,7 +63,7 @@ fn state_for(cfg: &UNetConfig) -> State {
 }
 
 fn write_onnx(unet: &UNet, dtype: ExportDtype, tag: &str) -> (PathBuf, candle_onnx::onnx::ModelProto) {
-    let md = metadata(&state_for(&unet.cfg), "raw", dtype).unwrap();
+    let md = metadata(&state_for(&unet.cfg), "raw", dtype, None).unwrap();
     let model = build_model(unet, dtype, 17, &md).unwrap();
     let p = std::env::temp_dir().join(format!("parity-{tag}-{}.onnx", std::process::id()));
     std::fs::write(&p, model.encode_to_vec()).unwrap();
@@ -201,7 +201,7 @@ fn runtime_refuses_foreign_models_and_impossible_requests() {
     let e = format!("{:#}", OrtDenoiser::open(&p, &Provider::Cpu, Some(1)).err().unwrap());
     assert!(e.contains("not exported by `trainer export`") && e.contains("diffusion.betas"), "{e}");
     // other input names
-    let md = metadata(&state_for(&unet.cfg), "raw", ExportDtype::F32).unwrap();
+    let md = metadata(&state_for(&unet.cfg), "raw", ExportDtype::F32, None).unwrap();
     let mut renamed = build_model(&unet, ExportDtype::F32, 17, &md).unwrap();
     let g = renamed.graph.as_mut().unwrap();
     g.input[0].name = "sample".into();
@@ -274,7 +274,7 @@ fn the_same_sampler_gives_the_same_images_through_candle_and_onnx_runtime() {
     let unet = random_unet(&case.cfg, 21);
     let (p, _) = write_onnx(&unet, ExportDtype::F32, "same-sampler");
     let mut ort = OrtDenoiser::open(&p, &Provider::Cpu, Some(1)).unwrap();
-    let mut candle = CandleDenoiser { unet: &unet, device: Device::Cpu };
+    let mut candle = CandleDenoiser::new(&unet, &Device::Cpu);
     let sched = runtime::schedule::NoiseSchedule::new(runtime::schedule::BetaSchedule::LINEAR, 1000);
     let cfg = &case.cfg;
     let mut req = Request::new(

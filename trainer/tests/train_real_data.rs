@@ -5,7 +5,7 @@ mod common;
 use candle_core::Device;
 use common::*;
 use trainer::data;
-use trainer::train::Trainer;
+use trainer::train::{Engine, Trainer};
 
 fn train_steps(mut cfg: trainer::config::Config, steps: usize) -> Vec<f64> {
     cfg.train.steps = steps;
@@ -71,4 +71,59 @@ fn twemoji_folder_loads() {
     cfg.data.limit = 16;
     let ds = data::load(&cfg.data, 64).unwrap();
     assert_eq!((ds.len, ds.channels, ds.size), (16, 3, 64));
+}
+
+/// The CPU tape engine and Candle's autograd take the same steps on real MNIST: same losses, same weights
+/// (dropout, label dropout, Min-SNR weighting and a cosine schedule included).
+#[test]
+fn tape_engine_and_candle_autograd_train_alike_on_mnist() {
+    data_dir("mnist");
+    let mut cfg = tiny("mnist");
+    cfg.model.dropout = 0.1;
+    cfg.train.min_snr_gamma = 5.0;
+    cfg.train.lr_schedule = "cosine".into();
+    cfg.train.steps = 12;
+    cfg.train.warmup_steps = 2;
+    let run = |engine| {
+        let ds = data::load(&cfg.data, cfg.model.image_size).unwrap();
+        let mut t = Trainer::new(cfg.clone(), ds, Device::Cpu).unwrap();
+        t.engine = engine;
+        let losses: Vec<f64> = (0..4).map(|_| t.train_step().unwrap().loss).collect();
+        let w: Vec<f32> = t.vars["down.0.0.c1.weight"].as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        (losses, w)
+    };
+    let (l_tape, w_tape) = run(Engine::Tape);
+    let (l_candle, w_candle) = run(Engine::Candle);
+    for (a, b) in l_tape.iter().zip(&l_candle) {
+        assert!((a - b).abs() <= 1e-4 * b.abs().max(1e-3), "losses differ: {l_tape:?} vs {l_candle:?}");
+    }
+    let d = w_tape.iter().zip(&w_candle).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(d < 1e-5, "weights differ by {d} after 4 steps");
+    // and training moved them
+    assert!(l_tape[0] > 0.0 && w_tape.iter().zip(&w_candle).any(|(a, _)| *a != 0.0));
+}
+
+#[test]
+fn cosine_schedule_warms_up_then_decays_to_zero() {
+    data_dir("mnist");
+    let mut cfg = tiny("mnist");
+    cfg.data.limit = 64;
+    cfg.train.lr = 1e-3;
+    cfg.train.warmup_steps = 10;
+    cfg.train.steps = 110;
+    cfg.train.lr_schedule = "cosine".into();
+    let ds = data::load(&cfg.data, cfg.model.image_size).unwrap();
+    let mut t = Trainer::new(cfg, ds, Device::Cpu).unwrap();
+    let mut at = |s| {
+        t.step = s;
+        t.lr()
+    };
+    assert!((at(0) - 1e-4).abs() < 1e-12 && (at(9) - 1e-3).abs() < 1e-12);
+    assert!((at(10) - 1e-3).abs() < 1e-12, "peak right after warm-up");
+    assert!((at(60) - 0.5e-3).abs() < 1e-9, "half way down the cosine");
+    assert!(at(110) < 1e-12 && at(109) > 0.0);
+    // Min-SNR-5 weights: 1 where SNR <= 5 (noisy t), 5 / SNR at small t
+    let w = t.loss_weights(&[0, 999]);
+    let snr0 = t.schedule.snr(0);
+    assert!((w[0] as f64 - 1.0f64.min(5.0 / snr0)).abs() < 1e-6 && w[1] == 1.0, "{w:?}");
 }

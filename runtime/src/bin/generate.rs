@@ -19,12 +19,13 @@ struct Args {
     /// Number of images.
     #[arg(long, default_value_t = 64)]
     n: usize,
-    /// ddim, ddpm (all T steps) or dpm++ (DPM-Solver++(2M), good in ~20 steps).
-    #[arg(long, default_value = "ddim")]
-    sampler: String,
-    /// Sampling steps (ddim, dpm++).
-    #[arg(long, default_value_t = 50)]
-    steps: usize,
+    /// ddim, ddpm (all T steps) or dpm++ (DPM-Solver++(2M), good in ~20 steps). Default: the model's
+    /// recommended sampler (its metadata, as measured on its model card), else ddim.
+    #[arg(long)]
+    sampler: Option<String>,
+    /// Sampling steps (ddim, dpm++). Default: the model's recommended steps, else 50.
+    #[arg(long)]
+    steps: Option<usize>,
     /// DDIM eta (0: deterministic; 1: DDPM-like noise).
     #[arg(long, default_value_t = 0.0)]
     eta: f64,
@@ -32,8 +33,9 @@ struct Args {
     #[arg(long, default_value = "trailing")]
     spacing: String,
     /// Classifier-free guidance weight w (conditional models): eps = (1+w) eps(x,c) - w eps(x,null).
-    #[arg(long, default_value_t = 0.0)]
-    guidance: f32,
+    /// Default: the model's recommended guidance, else 0.
+    #[arg(long)]
+    guidance: Option<f32>,
     /// Class index or name (conditional models); without it the images cycle through the classes.
     #[arg(long)]
     class: Option<String>,
@@ -90,14 +92,15 @@ fn run(a: Args) -> Result<()> {
         p => p,
     };
     let mut g = Generator::open(&a.model, &GeneratorOptions { provider, threads: a.threads })?;
+    let rec = g.info().recommended.clone();
     let req = GenerateRequest {
         n: a.n,
-        sampler: a.sampler.clone(),
-        steps: a.steps,
+        sampler: a.sampler.clone().or(rec.as_ref().map(|r| r.sampler.clone())).unwrap_or_else(|| "ddim".into()),
+        steps: a.steps.or(rec.as_ref().map(|r| r.steps)).unwrap_or(50),
         eta: a.eta,
         spacing: a.spacing.clone(),
         class: a.class.clone(),
-        guidance: a.guidance,
+        guidance: a.guidance.or(rec.as_ref().map(|r| r.guidance)).unwrap_or(0.0),
         seed: a.seed,
         batch: a.batch,
         clip_x0: !a.no_clip,
