@@ -26,7 +26,7 @@ fn cpu_f32(ts: &[&Tensor]) -> bool {
 }
 
 /// Runs `f` on the contiguous f32 data of a CPU tensor.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let t = t.contiguous()?;
     let (s, l) = t.storage_and_layout();
     match &*s {

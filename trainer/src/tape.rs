@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 
 use anyhow::{bail, ensure, Result};
-use candle_core::{Storage, Tensor};
+use candle_core::Tensor;
 use gemm::Parallelism;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -293,19 +293,6 @@ fn permute_copy(x: &[f32], dims: &[usize], perm: &[usize], y: &mut [f32]) {
     });
 }
 
-/// Runs `f` on a CPU tensor's contiguous f32 data.
-fn tensor_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    ensure!(t.is_contiguous(), "parameter tensor is not contiguous");
-    let (s, l) = t.storage_and_layout();
-    match &*s {
-        Storage::Cpu(c) => {
-            let o = l.start_offset();
-            Ok(f(&c.as_slice::<f32>()?[o..o + t.elem_count()]))
-        }
-        _ => bail!("the CPU training engine got a tensor on {:?}", t.device()),
-    }
-}
-
 impl<'a> Tape<'a> {
     /// An empty tape; dropout draws from `dropout_rng` when given (training), as [`crate::ops::CandleOps`] does.
     pub fn new(pool: &'a mut Pool, dropout_rng: Option<&'a mut ChaCha8Rng>) -> Self {
@@ -441,7 +428,7 @@ impl<'a> Tape<'a> {
                 let need_dx = self.ng(*x);
                 let mut dx = if need_dx { self.pool.take(self.buf_of(*x).len()) } else { vec![] };
                 let xs = &self.bufs[self.nodes[*x].buf];
-                let (dw, db) = tensor_f32(&w.t, |ws| {
+                let (dw, db) = kernels::with_f32(&w.t, |ws| {
                     kernels::conv2d_backward(xs, ws, g, bsz, *co, geo, need_dx.then_some(&mut dx[..]))
                 })?;
                 Self::pacc(pgrads, w.slot, dw);
@@ -464,7 +451,7 @@ impl<'a> Tape<'a> {
                 if self.ng(*x) {
                     let mut dx = self.pool.take(bsz * cin);
                     // dx = g W  ([B, out] . [out, in])
-                    tensor_f32(&w.t, |ws| {
+                    kernels::with_f32(&w.t, |ws| {
                         kernels::gemm_into(
                             &mut dx,
                             false,
@@ -500,7 +487,8 @@ impl<'a> Tape<'a> {
                         }
                     }
                     Some((sc, sh)) => {
-                        let (ws, bs) = (tensor_f32(&w.t, |v| v.to_vec())?, tensor_f32(&b.t, |v| v.to_vec())?);
+                        let (ws, bs) =
+                            (kernels::with_f32(&w.t, |v| v.to_vec())?, kernels::with_f32(&b.t, |v| v.to_vec())?);
                         let mut dscale = self.pool.take(bsz * c);
                         let s = &self.bufs[self.nodes[*sc].buf];
                         for bi in 0..bsz {
@@ -699,7 +687,9 @@ impl Ops for Tape<'_> {
         let (wp, bp) = (self.param(w)?, self.param(b)?);
         let mut out = self.pool.take(bsz * co * g.out_hw());
         let xs = &self.bufs[self.nodes[x.0].buf];
-        tensor_f32(&wp.t, |ws| tensor_f32(&bp.t, |bs| kernels::conv2d_forward(xs, ws, bs, bsz, co, &g, &mut out)))??;
+        kernels::with_f32(&wp.t, |ws| {
+            kernels::with_f32(&bp.t, |bs| kernels::conv2d_forward(xs, ws, bs, bsz, co, &g, &mut out))
+        })??;
         let (oh, ow) = (g.oh, g.ow);
         Ok(self.push(vec![bsz, co, oh, ow], out, Op::Conv { x: x.0, w: wp, b: bp, g, co }, true))
     }
@@ -712,8 +702,8 @@ impl Ops for Tape<'_> {
         let (wp, bp) = (self.param(w)?, self.param(b)?);
         let mut out = self.pool.take(bsz * cout);
         let xs = &self.bufs[self.nodes[x.0].buf];
-        tensor_f32(&wp.t, |ws| {
-            tensor_f32(&bp.t, |bs| {
+        kernels::with_f32(&wp.t, |ws| {
+            kernels::with_f32(&bp.t, |bs| {
                 for row in out.chunks_exact_mut(cout) {
                     row.copy_from_slice(bs);
                 }
@@ -744,7 +734,7 @@ impl Ops for Tape<'_> {
         ensure!(groups > 0 && c % groups == 0, "group_norm: {c} channels in {groups} groups");
         let hw = numel(&xd[2..]);
         let (wp, bp) = (self.param(w)?, self.param(b)?);
-        let (ws, bs) = (tensor_f32(&wp.t, |v| v.to_vec())?, tensor_f32(&bp.t, |v| v.to_vec())?);
+        let (ws, bs) = (kernels::with_f32(&wp.t, |v| v.to_vec())?, kernels::with_f32(&bp.t, |v| v.to_vec())?);
         let (mut a, mut d) = (vec![0f32; bsz * c], vec![0f32; bsz * c]);
         let ss = match scale_shift {
             Some((s, t)) => {
@@ -934,7 +924,7 @@ impl Ops for Tape<'_> {
             bail!("embedding: id {bad} is out of range for {} with {rows} rows", table.name);
         }
         let mut y = self.pool.take(idv.len() * d);
-        tensor_f32(&tp.t, |ts| {
+        kernels::with_f32(&tp.t, |ts| {
             for (r, &id) in idv.iter().enumerate() {
                 y[r * d..(r + 1) * d].copy_from_slice(&ts[id * d..(id + 1) * d]);
             }

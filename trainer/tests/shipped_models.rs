@@ -1,0 +1,123 @@
+//! The trained models in models/ do what their cards say: sampled the way their metadata recommends (the
+//! library path `generate` takes), the project's evaluation classifier recognises the digit asked for; and
+//! ONNX Runtime, candle-onnx and Python's onnx/onnxruntime read each file alike.
+
+mod common;
+
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use common::*;
+use runtime::generator::{GenerateRequest, Generator, GeneratorOptions};
+use runtime::onnx::{OrtDenoiser, Provider};
+use runtime::sampler::Denoiser;
+use trainer::config::Config;
+
+/// (file in models/, preset that made it, minimum fraction recognised)
+const SHIPPED: [(&str, &str, f64); 1] = [("mnist.onnx", "mnist", 0.90)];
+
+fn model(name: &str) -> PathBuf {
+    let p = root().join("models").join(name);
+    assert!(p.is_file(), "{} is missing: the shipped models are committed in models/", p.display());
+    p
+}
+
+#[test]
+fn shipped_models_draw_the_classes_asked_for() {
+    for (file, preset, min) in SHIPPED {
+        let mut cfg = Config::load(&root().join("trainer/configs").join(format!("{preset}.toml"))).unwrap();
+        cfg.data.path = root().join(&cfg.data.path);
+        data_dir(cfg.data.path.file_name().unwrap().to_str().unwrap());
+        let train = trainer::data::load(&cfg.data, cfg.model.image_size).unwrap();
+        let mut g =
+            Generator::open(&model(file), &GeneratorOptions { provider: Provider::Cpu, threads: None }).unwrap();
+        let info = g.info().clone();
+        assert_eq!(
+            info.metadata["diffusion.dataset_fingerprint"], train.fingerprint,
+            "{file} was not trained on this preset's data"
+        );
+        let rec = info.recommended.clone().expect("a shipped model recommends how to sample it");
+        let k = info.num_classes;
+        let req = GenerateRequest {
+            n: 20 * k,
+            sampler: rec.sampler.clone(),
+            steps: rec.steps,
+            guidance: rec.guidance,
+            batch: 50,
+            ..Default::default()
+        };
+        let plan = g.plan(&req).unwrap();
+        let labels = plan.labels.clone().expect("classes cycle");
+        let mut x = runtime::sampler::sample(&mut g.denoiser, &g.schedule, &plan, &mut |_| {}).unwrap();
+        trainer::eval::quantize(&mut x);
+        let (clf, _) =
+            trainer::eval::classifier_for(&train, &root().join("data/classifiers"), &Device::Cpu, true).unwrap();
+        let [c, s, _] = plan.shape;
+        let (_, preds) = trainer::eval::features(&clf, &x, [c, s, s], &Device::Cpu).unwrap();
+        let mut per_class = vec![0usize; k];
+        for (p, l) in preds.iter().zip(&labels) {
+            if *p as i64 == *l {
+                per_class[*l as usize] += 1;
+            }
+        }
+        let hit = per_class.iter().sum::<usize>() as f64 / labels.len() as f64;
+        eprintln!(
+            "{file}: {:.1}% recognised ({} {} steps, guidance {}); per class {per_class:?} of 20",
+            100.0 * hit,
+            rec.sampler,
+            rec.steps,
+            rec.guidance
+        );
+        assert!(
+            hit >= min,
+            "{file}: only {:.1}% of its images show the class asked for (per class {per_class:?})",
+            100.0 * hit
+        );
+    }
+}
+
+#[test]
+fn shipped_models_read_alike_in_onnx_runtime_candle_onnx_and_python() {
+    let py = root().join(".venv/bin/python");
+    assert!(
+        py.is_file(),
+        "this test needs the Python venv with onnx and onnxruntime: run scripts/setup.sh (.ci/run does)"
+    );
+    for (file, _, _) in SHIPPED {
+        let path = model(file);
+        let mut ort = OrtDenoiser::open(&path, &Provider::Cpu, Some(2)).unwrap();
+        let info = ort.info.clone();
+        let (b, c, s) = (5usize, info.channels, info.image_size);
+        let n = b * c * s * s;
+        let x: Vec<f32> = (0..n).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 1.5).collect();
+        let t: Vec<i64> = vec![0, 250, 500, 750, 999];
+        let y: Vec<i64> = (0..b as i64).map(|i| i % (info.num_classes as i64 + 1)).collect();
+        let yo = (info.num_classes > 0).then_some(&y[..]);
+        let eps = ort.eps(&x, [b, c, s, s], &t, yo).unwrap();
+        assert!(eps.iter().all(|v| v.is_finite()) && eps.iter().any(|v| v.abs() > 1e-2));
+        // candle-onnx, an independent reader
+        let proto = candle_onnx::read_file(&path).unwrap();
+        let xs = Tensor::from_vec(x.clone(), (b, c, s, s), &Device::Cpu).unwrap();
+        let ts = Tensor::from_vec(t.clone(), b, &Device::Cpu).unwrap();
+        let ys = Tensor::from_vec(y.clone(), b, &Device::Cpu).unwrap();
+        let co = trainer::export::candle_onnx_eval(&proto, &xs, &ts, yo.map(|_| &ys)).unwrap();
+        let co: Vec<f32> = co.flatten_all().unwrap().to_vec1().unwrap();
+        let num: f32 = co.iter().zip(&eps).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt();
+        let den: f32 = eps.iter().map(|v| v * v).sum::<f32>().sqrt();
+        assert!(num / den <= 1e-4, "{file}: candle-onnx and ONNX Runtime differ by {}", num / den);
+        // Python: onnx.checker (full check) and onnxruntime against ONNX Runtime's answer from Rust
+        let reference = serde_json::json!({ "shape": [b, c, s, s], "x": x, "t": t, "y": yo, "eps": eps });
+        let rp = std::env::temp_dir().join(format!("shipped-{file}-{}.json", std::process::id()));
+        std::fs::write(&rp, reference.to_string()).unwrap();
+        let out = std::process::Command::new(&py)
+            .arg(root().join("scripts/check_onnx.py"))
+            .arg(&path)
+            .arg(&rp)
+            .arg("1e-4")
+            .output()
+            .unwrap();
+        let _ = std::fs::remove_file(&rp);
+        let msg = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{file}: {msg}");
+    }
+}
