@@ -71,13 +71,17 @@ impl Classifier {
     }
 }
 
-fn batch_tensor(data: &Dataset, idx: &[usize], dev: &Device) -> Result<Tensor> {
-    let n = data.image_len();
-    let mut v = Vec::with_capacity(idx.len() * n);
+/// Images `idx` of `data` as one [B, C, S, S] buffer.
+fn batch_host(data: &Dataset, idx: &[usize]) -> Vec<f32> {
+    let mut v = Vec::with_capacity(idx.len() * data.image_len());
     for &i in idx {
         v.extend(data.image_f32(i));
     }
-    Ok(Tensor::from_vec(v, (idx.len(), data.channels, data.size, data.size), dev)?)
+    v
+}
+
+fn batch_tensor(data: &Dataset, idx: &[usize], dev: &Device) -> Result<Tensor> {
+    Ok(Tensor::from_vec(batch_host(data, idx), (idx.len(), data.channels, data.size, data.size), dev)?)
 }
 
 /// Trains the classifier for `epochs` on `train` (seeded), returning its tensors.
@@ -103,8 +107,7 @@ pub fn train_classifier(
         let y: Vec<u32> = idx.iter().map(|i| labels[*i]).collect();
         let loss = if dev.is_cpu() {
             // the CPU engine: cross-entropy's gradient w.r.t. the logits is (softmax - one-hot) / B
-            let mut x = Vec::with_capacity(idx.len() * train.image_len());
-            idx.iter().for_each(|&i| x.extend(train.image_f32(i)));
+            let x = batch_host(train, &idx);
             let mut tape = crate::tape::Tape::new(&mut pool, None);
             let xv = tape.input(&x, &[idx.len(), train.channels, train.size, train.size])?;
             let (_, logits) = clf.forward(&mut tape, &xv)?;

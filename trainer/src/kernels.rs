@@ -589,31 +589,63 @@ fn gn_bwd_group(
     }
 }
 
+/// Runs `group(x, y, a, d)` for every (image, group) of x [B, groups * cpg, hw], in parallel.
+fn gn_fwd_par(
+    x: &[f32],
+    y: &mut [f32],
+    (a, d): (&[f32], &[f32]),
+    (cpg, hw): (usize, usize),
+    group: impl Fn(&[f32], &mut [f32], &[f32], &[f32]) + Sync,
+) {
+    let glen = cpg * hw;
+    y.par_chunks_mut(glen)
+        .zip(x.par_chunks(glen))
+        .enumerate()
+        .for_each(|(bg, (yg, xg))| group(xg, yg, &a[bg * cpg..(bg + 1) * cpg], &d[bg * cpg..(bg + 1) * cpg]));
+}
+
 #[allow(clippy::too_many_arguments)]
 fn gn_fwd_generic(x: &[f32], y: &mut [f32], a: &[f32], d: &[f32], cpg: usize, hw: usize, eps: f32, silu: bool) {
-    let glen = cpg * hw;
-    y.par_chunks_mut(glen).zip(x.par_chunks(glen)).enumerate().for_each(|(bg, (yg, xg))| {
-        let ab = &a[bg * cpg..(bg + 1) * cpg];
-        let db = &d[bg * cpg..(bg + 1) * cpg];
-        gn_fwd_group(xg, yg, ab, db, hw, eps, silu)
-    });
+    gn_fwd_par(x, y, (a, d), (cpg, hw), |xg, yg, ab, db| gn_fwd_group(xg, yg, ab, db, hw, eps, silu))
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn gn_fwd_avx2(x: &[f32], y: &mut [f32], a: &[f32], d: &[f32], cpg: usize, hw: usize, eps: f32, silu: bool) {
-    let glen = cpg * hw;
-    y.par_chunks_mut(glen).zip(x.par_chunks(glen)).enumerate().for_each(|(bg, (yg, xg))| {
-        // SAFETY: the same features as the caller
-        unsafe { gn_fwd_group_avx2(xg, yg, &a[bg * cpg..(bg + 1) * cpg], &d[bg * cpg..(bg + 1) * cpg], hw, eps, silu) }
-    });
+    // SAFETY (inside): the same features as the caller
+    gn_fwd_par(x, y, (a, d), (cpg, hw), |xg, yg, ab, db| unsafe { gn_fwd_group_avx2(xg, yg, ab, db, hw, eps, silu) })
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn gn_fwd_group_avx2(x: &[f32], y: &mut [f32], a: &[f32], d: &[f32], hw: usize, eps: f32, silu: bool) {
     gn_fwd_group(x, y, a, d, hw, eps, silu)
+}
+
+/// The per-group backward function: (x, dy, dx, a, d, da, dd) of one (image, group).
+type GnBwdGroup<'a> = dyn Fn(&[f32], &[f32], &mut [f32], &[f32], &[f32], &mut [f32], &mut [f32]) + Sync + 'a;
+
+/// Runs `group` for every (image, group), in parallel.
+#[allow(clippy::too_many_arguments)]
+fn gn_bwd_par(
+    x: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    (a, d): (&[f32], &[f32]),
+    da: &mut [f32],
+    dd: &mut [f32],
+    (cpg, hw): (usize, usize),
+    group: &GnBwdGroup,
+) {
+    let glen = cpg * hw;
+    dx.par_chunks_mut(glen).zip(da.par_chunks_mut(cpg).zip(dd.par_chunks_mut(cpg))).enumerate().for_each(
+        |(bg, (dxg, (dag, ddg)))| {
+            let r = bg * glen..(bg + 1) * glen;
+            let (ab, db) = (&a[bg * cpg..(bg + 1) * cpg], &d[bg * cpg..(bg + 1) * cpg]);
+            group(&x[r.clone()], &dy[r], dxg, ab, db, dag, ddg)
+        },
+    );
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -630,14 +662,9 @@ fn gn_bwd_generic(
     eps: f32,
     silu: bool,
 ) {
-    let glen = cpg * hw;
-    dx.par_chunks_mut(glen).zip(da.par_chunks_mut(cpg).zip(dd.par_chunks_mut(cpg))).enumerate().for_each(
-        |(bg, (dxg, (dag, ddg)))| {
-            let r = bg * glen..(bg + 1) * glen;
-            let (ab, db) = (&a[bg * cpg..(bg + 1) * cpg], &d[bg * cpg..(bg + 1) * cpg]);
-            gn_bwd_group(&x[r.clone()], &dy[r], dxg, ab, db, dag, ddg, hw, eps, silu)
-        },
-    );
+    gn_bwd_par(x, dy, dx, (a, d), da, dd, (cpg, hw), &|x, dy, dx, a, d, da, dd| {
+        gn_bwd_group(x, dy, dx, a, d, da, dd, hw, eps, silu)
+    })
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -656,15 +683,10 @@ unsafe fn gn_bwd_avx2(
     eps: f32,
     silu: bool,
 ) {
-    let glen = cpg * hw;
-    dx.par_chunks_mut(glen).zip(da.par_chunks_mut(cpg).zip(dd.par_chunks_mut(cpg))).enumerate().for_each(
-        |(bg, (dxg, (dag, ddg)))| {
-            let r = bg * glen..(bg + 1) * glen;
-            let (ab, db) = (&a[bg * cpg..(bg + 1) * cpg], &d[bg * cpg..(bg + 1) * cpg]);
-            // SAFETY: the same features as the caller
-            unsafe { gn_bwd_group_avx2(&x[r.clone()], &dy[r], dxg, ab, db, dag, ddg, hw, eps, silu) }
-        },
-    );
+    gn_bwd_par(x, dy, dx, (a, d), da, dd, (cpg, hw), &|x, dy, dx, a, d, da, dd| {
+        // SAFETY: the same features as the caller
+        unsafe { gn_bwd_group_avx2(x, dy, dx, a, d, da, dd, hw, eps, silu) }
+    })
 }
 
 #[cfg(target_arch = "x86_64")]
