@@ -7,13 +7,13 @@ use std::path::Path;
 use candle_core::Device;
 use criterion::{criterion_group, criterion_main, Criterion};
 use trainer::eval::fid_features;
-use trainer::inception::{InceptionV3, FEATURES};
+use trainer::eval::inception::{InceptionV3, FEATURES};
 
 fn bench(c: &mut Criterion) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let net = InceptionV3::load(&root.join("data/inception/default_1.pt"), &Device::Cpu)
         .expect("needs the Inception weights: scripts/fetch-data.sh inception");
-    let mut cfg = trainer::config::Config::load(&root.join("trainer/configs/mnist.toml")).unwrap();
+    let mut cfg = trainer::train::config::Config::load(&root.join("trainer/configs/mnist.toml")).unwrap();
     cfg.data.path = root.join("data/mnist");
     cfg.data.limit = 16;
     let data = trainer::data::load(&cfg.data, 28).expect("needs real MNIST: scripts/fetch-data.sh mnist");

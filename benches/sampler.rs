@@ -11,7 +11,7 @@ use runtime::schedule::{BetaSchedule, NoiseSchedule};
 
 struct Zero;
 impl Denoiser for Zero {
-    fn eps(&mut self, x: &[f32], _: [usize; 4], _: &[i64], _: Option<&[i64]>) -> anyhow::Result<Vec<f32>> {
+    fn eps(&mut self, x: &[f32], _: [usize; 4], _: &[i64], _: Option<&[i64]>) -> runtime::Result<Vec<f32>> {
         Ok(vec![0.0; x.len()])
     }
 }

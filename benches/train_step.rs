@@ -5,7 +5,7 @@ use std::path::Path;
 
 use candle_core::Device;
 use criterion::{criterion_group, criterion_main, Criterion};
-use trainer::config::Config;
+use trainer::train::config::Config;
 use trainer::train::Trainer;
 
 fn bench(c: &mut Criterion) {

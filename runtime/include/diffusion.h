@@ -1,6 +1,7 @@
 /* C interface of the diffusion-rs runtime (libruntime.so): sample images from a model exported by
- * `trainer export`, on ONNX Runtime. ONNX Runtime 1.31.1 is loaded at run time from ORT_DYLIB_PATH,
- * next to the executable, or the project's .ort/ folder (scripts/setup.sh). */
+ * `trainer export`, on ONNX Runtime. ONNX Runtime 1.31.1 (libonnxruntime.so.1.31.1) is loaded at run time
+ * from ORT_DYLIB_PATH, else from the executable's folder (scripts/setup.sh installs it under .ort/).
+ * Errors: a NULL or -1 return, and the reason from dr_last_error(). */
 #ifndef DIFFUSION_RS_H
 #define DIFFUSION_RS_H
 
@@ -14,6 +15,7 @@ extern "C" {
 typedef struct DrGenerator dr_generator;
 
 typedef struct dr_request {
+    uint32_t size;       /* sizeof(dr_request): later versions may add fields at the end */
     uint32_t n;          /* number of images */
     const char *sampler; /* "ddim", "ddpm", "dpm++" or NULL (ddim) */
     uint32_t steps;      /* sampling steps (ddim, dpm++) */
@@ -21,7 +23,15 @@ typedef struct dr_request {
     int32_t class_index; /* class, or -1 for none (conditional models then cycle through the classes) */
     float guidance;      /* classifier-free guidance weight w (0: none) */
     uint64_t seed;
-    uint32_t batch;      /* images per model call */
+    uint32_t batch;      /* images per model call (>= 1) */
+    /* image-to-image (zero: unused); images are 8-bit [size][size][channels] like dr_generate's output */
+    const uint8_t *init;     /* SDEdit start image, or NULL */
+    float strength;          /* fraction of the steps run from init, in [0, 1] (0: init itself, 1: plain) */
+    uint32_t share_xt;       /* nonzero: every image starts from one shared x_T (variations) */
+    const uint8_t *inpaint;  /* image to inpaint (RePaint), or NULL; needs mask */
+    const uint8_t *mask;     /* [size][size] bytes: >= 128 generate, < 128 keep inpaint's pixel */
+    uint32_t resample;       /* RePaint resampling passes (0/1: none) over blocks of jump steps (0: 10) */
+    uint32_t jump;
 } dr_request;
 
 /* Opens a model; provider "cpu", "cuda", "tensorrt", "auto" or NULL (cpu). NULL on failure. */

@@ -1,13 +1,17 @@
 //! C ABI (header: runtime/include/diffusion.h): open a model, generate into a caller buffer, read the last
-//! error, free. Every function catches panics and reports failures through `dr_last_error`.
+//! error, free. Every entry point runs inside [`guard`], which turns errors and panics into a return value
+//! and a message for `dr_last_error`.
 
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 
-use crate::generator::{GenerateRequest, Generator, GeneratorOptions};
-use crate::onnx::Provider;
+use crate::error::Error;
+use crate::generator::{GenerateRequest, Generator, GeneratorOptions, InitImage, Inpaint};
+use crate::images::{from_u8_hwc, mask_from_u8};
+use crate::onnx::{Provider, ProviderKind};
+use crate::sampler::SamplerKind;
 
 thread_local! {
     static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
@@ -17,12 +21,44 @@ fn set_error(msg: String) {
     LAST_ERROR.with(|e| *e.borrow_mut() = CString::new(msg.replace('\0', " ")).unwrap_or_default());
 }
 
+/// Runs an entry point's body: its value on success; `fail` and the message in `dr_last_error` on an error
+/// or a panic (a panic must not unwind into C).
+fn guard<T>(entry: &str, fail: T, body: impl FnOnce() -> Result<T, String>) -> T {
+    match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => {
+            set_error(e);
+            fail
+        }
+        Err(_) => {
+            set_error(format!("internal error (panic) in {entry}"));
+            fail
+        }
+    }
+}
+
+/// A library error as the C caller reads it: request fields by their `dr_request` names.
+fn message(e: Error) -> String {
+    match e {
+        Error::InvalidRequest { field, reason } => {
+            let field = match field {
+                "class" => "class_index",
+                f => f,
+            };
+            format!("dr_request.{field} {reason}")
+        }
+        e => e.to_string(),
+    }
+}
+
 /// An open generator.
 pub struct DrGenerator(Generator);
 
 /// Mirrors `dr_request` in diffusion.h.
 #[repr(C)]
 pub struct DrRequest {
+    /// sizeof(dr_request) as the caller compiled it: fields may be added at the end in later versions.
+    pub size: u32,
     pub n: u32,
     /// "ddim", "ddpm" or "dpm++" (NULL: ddim).
     pub sampler: *const c_char,
@@ -33,6 +69,40 @@ pub struct DrRequest {
     pub guidance: f32,
     pub seed: u64,
     pub batch: u32,
+    // Image-to-image (zero: unused). Pixels are 8-bit [size][size][channels] like dr_generate's output.
+    /// A start image for SDEdit, or NULL.
+    pub init: *const u8,
+    /// The fraction of the steps run from `init`, in [0, 1].
+    pub strength: f32,
+    /// Nonzero: every image starts from one shared x_T.
+    pub share_xt: u32,
+    /// An image to inpaint, or NULL; needs `mask`.
+    pub inpaint: *const u8,
+    /// [size][size] bytes: >= 128 where the image is generated, below where `inpaint` is kept.
+    pub mask: *const u8,
+    /// RePaint resampling passes (0 or 1: none) over blocks of `jump` steps (0: 10).
+    pub resample: u32,
+    pub jump: u32,
+}
+
+/// The request as the caller compiled it: a shorter (older) struct is read up to its size, the fields it lacks
+/// stay zero; a longer (newer) one up to the fields this library knows.
+unsafe fn read_request(p: *const DrRequest) -> Result<DrRequest, String> {
+    let size = std::ptr::read_unaligned(p as *const u32) as usize;
+    let first = std::mem::offset_of!(DrRequest, batch) + std::mem::size_of::<u32>();
+    if size < first {
+        return Err(format!(
+            "dr_request.size is {size}; set it to sizeof(dr_request) ({} in this library's header)",
+            std::mem::size_of::<DrRequest>()
+        ));
+    }
+    let mut r: DrRequest = std::mem::zeroed();
+    std::ptr::copy_nonoverlapping(
+        p as *const u8,
+        &mut r as *mut DrRequest as *mut u8,
+        size.min(std::mem::size_of::<DrRequest>()),
+    );
+    Ok(r)
 }
 
 unsafe fn str_arg<'a>(p: *const c_char, what: &str) -> Result<Option<&'a str>, String> {
@@ -49,25 +119,14 @@ unsafe fn str_arg<'a>(p: *const c_char, what: &str) -> Result<Option<&'a str>, S
 /// `model_path` must be a NUL-terminated string; `provider` NULL or NUL-terminated.
 #[no_mangle]
 pub unsafe extern "C" fn dr_open(model_path: *const c_char, provider: *const c_char) -> *mut DrGenerator {
-    let r = catch_unwind(AssertUnwindSafe(|| -> Result<*mut DrGenerator, String> {
+    guard("dr_open", std::ptr::null_mut(), || {
         let path = str_arg(model_path, "model_path")?.ok_or("model_path is NULL")?;
-        let provider =
-            Provider::from_name(str_arg(provider, "provider")?.unwrap_or("cpu")).map_err(|e| e.to_string())?;
-        let g = Generator::open(Path::new(path), &GeneratorOptions { provider, threads: None })
-            .map_err(|e| format!("{e:#}"))?;
+        let kind: ProviderKind =
+            str_arg(provider, "provider")?.unwrap_or("cpu").parse().map_err(|e: Error| e.to_string())?;
+        let options = GeneratorOptions { provider: Provider::of_kind(kind), threads: None };
+        let g = Generator::open(Path::new(path), &options).map_err(message)?;
         Ok(Box::into_raw(Box::new(DrGenerator(g))))
-    }));
-    match r {
-        Ok(Ok(p)) => p,
-        Ok(Err(e)) => {
-            set_error(e);
-            std::ptr::null_mut()
-        }
-        Err(_) => {
-            set_error("internal error (panic) in dr_open".into());
-            std::ptr::null_mut()
-        }
-    }
+    })
 }
 
 /// Image geometry and class count of an open model. Returns 0 on success.
@@ -81,24 +140,23 @@ pub unsafe extern "C" fn dr_model_info(
     size: *mut c_int,
     num_classes: *mut c_int,
 ) -> c_int {
-    let Some(g) = g.as_ref() else {
-        set_error("generator is NULL".into());
-        return -1;
-    };
-    let info = g.0.info();
-    for (p, v) in [(channels, info.channels), (size, info.image_size), (num_classes, info.num_classes)] {
-        if !p.is_null() {
-            *p = v as c_int;
+    guard("dr_model_info", -1, || {
+        let info = g.as_ref().ok_or("generator is NULL")?.0.info();
+        for (p, v) in [(channels, info.channels), (size, info.image_size), (num_classes, info.num_classes)] {
+            if !p.is_null() {
+                *p = v as c_int;
+            }
         }
-    }
-    0
+        Ok(0)
+    })
 }
 
 /// Generates `req->n` images into `out` as 8-bit pixels [n, size, size, channels]; `out_len` must be at
 /// least that many bytes. Returns 0 on success, -1 on failure (see dr_last_error).
 ///
 /// # Safety
-/// `g` from dr_open, `req` valid, `out` writable for `out_len` bytes.
+/// `g` from dr_open, `req` valid for `req->size` bytes, `out` writable for `out_len` bytes; `init` and
+/// `inpaint`, when set, hold one image ([size][size][channels] bytes), `mask` [size][size] bytes.
 #[no_mangle]
 pub unsafe extern "C" fn dr_generate(
     g: *mut DrGenerator,
@@ -106,43 +164,55 @@ pub unsafe extern "C" fn dr_generate(
     out: *mut u8,
     out_len: usize,
 ) -> c_int {
-    let r = catch_unwind(AssertUnwindSafe(|| -> Result<(), String> {
+    guard("dr_generate", -1, || {
         let g = g.as_mut().ok_or("generator is NULL")?;
-        let req = req.as_ref().ok_or("request is NULL")?;
+        if req.is_null() {
+            return Err("request is NULL".into());
+        }
+        let req = read_request(req)?;
         if out.is_null() {
             return Err("output buffer is NULL".into());
         }
         let info = g.0.info();
-        let need = req.n as usize * info.channels * info.image_size * info.image_size;
+        let (c, size) = (info.channels, info.image_size);
+        let per = c * size * size;
+        let need = req.n as usize * per;
         if out_len < need {
             return Err(format!("output buffer holds {out_len} bytes, {need} are needed"));
         }
+        let sampler: SamplerKind =
+            str_arg(req.sampler, "sampler")?.unwrap_or("ddim").parse().map_err(|e: Error| e.to_string())?;
         let gr = GenerateRequest {
             n: req.n as usize,
-            sampler: str_arg(req.sampler, "sampler")?.unwrap_or("ddim").to_string(),
+            sampler,
             steps: req.steps as usize,
             eta: req.eta as f64,
             class: (req.class_index >= 0).then(|| req.class_index.to_string()),
             guidance: req.guidance,
             seed: req.seed,
-            batch: req.batch.max(1) as usize,
+            batch: req.batch as usize,
+            init: (!req.init.is_null()).then(|| InitImage {
+                x0: from_u8_hwc(std::slice::from_raw_parts(req.init, per), c),
+                strength: req.strength,
+            }),
+            share_xt: req.share_xt != 0,
+            inpaint: match (req.inpaint.is_null(), req.mask.is_null()) {
+                (true, true) => None,
+                (true, false) => return Err("dr_request.mask needs dr_request.inpaint".into()),
+                (false, true) => return Err("dr_request.inpaint needs dr_request.mask".into()),
+                (false, false) => Some(Inpaint {
+                    x0: from_u8_hwc(std::slice::from_raw_parts(req.inpaint, per), c),
+                    mask: mask_from_u8(std::slice::from_raw_parts(req.mask, size * size)),
+                    resample: req.resample.max(1) as usize,
+                    jump: if req.jump == 0 { 10 } else { req.jump as usize },
+                }),
+            },
             ..Default::default()
         };
-        let images = g.0.generate(&gr, &mut |_| {}).map_err(|e| format!("{e:#}"))?;
+        let images = g.0.generate(&gr, &mut |_| {}).map_err(message)?;
         std::slice::from_raw_parts_mut(out, need).copy_from_slice(&images.pixels);
-        Ok(())
-    }));
-    match r {
-        Ok(Ok(())) => 0,
-        Ok(Err(e)) => {
-            set_error(e);
-            -1
-        }
-        Err(_) => {
-            set_error("internal error (panic) in dr_generate".into());
-            -1
-        }
-    }
+        Ok(0)
+    })
 }
 
 /// The last error of this thread ("" if none). Valid until the next call on this thread.

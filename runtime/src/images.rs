@@ -2,7 +2,88 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use crate::error::{Error, Result};
+
+/// An image file as a model input: [c, h, w] in [-1, 1] (x = pixel / 127.5 - 1), converted to `channels` (1:
+/// luma, 3: RGB; transparency dropped) and resized to `size` x `size` (triangle filter). Also returns what
+/// was changed, for the caller to tell its user.
+pub fn load_image(path: &Path, channels: usize, size: usize) -> Result<(Vec<f32>, Vec<String>)> {
+    let img = image::open(path)
+        .map_err(|e| Error::Image { path: path.to_path_buf(), reason: format!("cannot read: {e}") })?;
+    let mut notes = vec![];
+    let (w, h) = (img.width(), img.height());
+    if (w as usize, h as usize) != (size, size) {
+        notes.push(format!("{}: {w}x{h} resized to the model's {size}x{size}", path.display()));
+    }
+    let img_channels = img.color().channel_count() as usize;
+    let filter = image::imageops::FilterType::Triangle;
+    let pixels: Vec<u8> = match channels {
+        1 => {
+            if img_channels >= 3 {
+                notes.push(format!("{}: colour converted to the model's grey", path.display()));
+            }
+            image::imageops::resize(&img.to_luma8(), size as u32, size as u32, filter).into_raw()
+        }
+        3 => {
+            if img_channels < 3 {
+                notes.push(format!("{}: grey converted to the model's RGB", path.display()));
+            }
+            image::imageops::resize(&img.to_rgb8(), size as u32, size as u32, filter).into_raw()
+        }
+        c => return Err(Error::request("channels", format!("{c}: images have 1 or 3 channels"))),
+    };
+    Ok((from_u8_hwc(&pixels, channels), notes))
+}
+
+/// 8-bit interleaved pixels [h, w, c] -> [c, h, w] in [-1, 1] (x = pixel / 127.5 - 1), the inverse of
+/// [`to_u8_nhwc`] for one image.
+pub fn from_u8_hwc(pixels: &[u8], channels: usize) -> Vec<f32> {
+    let hw = pixels.len() / channels;
+    let mut x = vec![0f32; pixels.len()];
+    for (i, p) in pixels.iter().enumerate() {
+        x[(i % channels) * hw + i / channels] = *p as f32 / 127.5 - 1.0;
+    }
+    x
+}
+
+/// An 8-bit mask (>= 128: generate, below: keep) as the sampler's known-pixel weights (1 = keep).
+pub fn mask_from_u8(mask: &[u8]) -> Vec<f32> {
+    mask.iter().map(|&p| if p >= 128 { 0.0 } else { 1.0 }).collect()
+}
+
+/// An inpainting mask file: white (>= 128) where the image is to be generated, black where it is kept. It
+/// must have the size of the image it masks (`image_size`, width x height); it is resized to `size` x `size`
+/// (nearest). Returns, per pixel, 1 where the image is known (kept) and 0 where it is generated.
+pub fn load_mask(path: &Path, image_size: (u32, u32), size: usize) -> Result<Vec<f32>> {
+    let img = image::open(path)
+        .map_err(|e| Error::Image { path: path.to_path_buf(), reason: format!("cannot read: {e}") })?;
+    if (img.width(), img.height()) != image_size {
+        return Err(Error::request(
+            "mask",
+            format!(
+                "{} is {}x{}, the image it masks {}x{}",
+                path.display(),
+                img.width(),
+                img.height(),
+                image_size.0,
+                image_size.1
+            ),
+        ));
+    }
+    let small =
+        image::imageops::resize(&img.to_luma8(), size as u32, size as u32, image::imageops::FilterType::Nearest);
+    Ok(mask_from_u8(&small.into_raw()))
+}
+
+/// Width and height of an image file.
+pub fn image_size(path: &Path) -> Result<(u32, u32)> {
+    image::image_dimensions(path)
+        .map_err(|e| Error::Image { path: path.to_path_buf(), reason: format!("cannot read: {e}") })
+}
+
+fn image_error(path: &Path, e: image::ImageError) -> Error {
+    Error::Image { path: path.to_path_buf(), reason: format!("cannot write: {e}") }
+}
 
 /// Generated images as 8-bit pixels, [n, h, w, c] interleaved.
 #[derive(Debug, Clone, PartialEq)]
@@ -77,17 +158,16 @@ impl Images {
     /// A grid PNG with `cols` columns (None: ceil(sqrt(n))).
     pub fn save_grid_cols(&self, path: &Path, cols: Option<usize>) -> Result<()> {
         let (g, w, h) = self.grid(cols);
-        image::save_buffer(path, &g, w as u32, h as u32, self.color())
-            .with_context(|| format!("cannot write {}", path.display()))
+        image::save_buffer(path, &g, w as u32, h as u32, self.color()).map_err(|e| image_error(path, e))
     }
 
     /// One PNG per image: DIR/000000.png ...
     pub fn save_each(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(|err| Error::Io { path: dir.to_path_buf(), err })?;
         for i in 0..self.n {
             let p = dir.join(format!("{i:06}.png"));
             image::save_buffer(&p, self.image(i), self.width as u32, self.height as u32, self.color())
-                .with_context(|| format!("cannot write {}", p.display()))?;
+                .map_err(|e| image_error(&p, e))?;
         }
         Ok(())
     }

@@ -1,10 +1,43 @@
+//! The diffusion runtime: the DDPM math, the samplers, the model metadata and the ONNX Runtime generator.
+//!
+//! - [`schedule`]: noise schedules and the closed forms of the forward process and its posterior.
+//! - [`sampler`]: DDPM, DDIM and DPM-Solver++(2M) with classifier-free guidance, written once against the
+//!   [`sampler::Denoiser`] trait (x_t, t, labels -> eps). ONNX Runtime implements it here; the trainer
+//!   implements it with its Candle model, so both run the same sampling code.
+//! - [`metadata`]: the self-describing metadata an exported model carries (schedule, image geometry, classes,
+//!   recommended sampling), one schema for the writer and the reader.
+//! - [`generator`] (feature `onnx`): open an exported model and generate images; [`capi`] is its C ABI.
+//!
+//! Every fallible function returns [`Result`], whose [`Error`] names the request field or metadata key at
+//! fault.
+//!
+//! ```no_run
+//! use runtime::generator::{GenerateRequest, Generator, GeneratorOptions};
+//! use runtime::sampler::SamplerKind;
+//!
+//! let mut g = Generator::open("models/mnist.onnx".as_ref(), &GeneratorOptions::default())?;
+//! let req = GenerateRequest { n: 8, class: Some("7".into()), sampler: SamplerKind::DpmSolverPP, steps: 10, ..Default::default() };
+//! let images = g.generate(&req, &mut |_step| {})?;
+//! images.save_grid("sevens.png".as_ref())?;
+//! # Ok::<(), runtime::Error>(())
+//! ```
+
+pub mod error;
+pub use error::{Error, Result};
+
 #[cfg(feature = "onnx")]
 pub mod capi;
 #[cfg(feature = "onnx")]
 pub mod generator;
 #[cfg(feature = "png")]
 pub mod images;
+pub mod metadata;
 #[cfg(feature = "onnx")]
 pub mod onnx;
 pub mod sampler;
 pub mod schedule;
+
+#[doc(hidden)]
+pub use clap as __clap;
+#[doc(hidden)]
+pub use serde as __serde;

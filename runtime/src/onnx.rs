@@ -1,20 +1,35 @@
-//! ONNX Runtime backend: loads libonnxruntime dynamically (one environment per process), reads our
-//! self-describing metadata and implements [`Denoiser`] for an exported U-Net.
+//! ONNX Runtime backend: loads libonnxruntime dynamically (one environment per process), reads the model's
+//! metadata ([`ModelMeta`]) and implements [`Denoiser`] for an exported U-Net.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
-use anyhow::{anyhow, bail, Context, Result};
 use ort::session::Session;
 use ort::value::Tensor;
 
+use crate::error::{Error, Result};
+use crate::metadata::{Dtype, ModelMeta};
 use crate::sampler::Denoiser;
-use crate::schedule::{NoiseSchedule, VarianceType};
 
 pub const ORT_VERSION: &str = "1.31.1";
 
-/// Where libonnxruntime is looked for, in order.
+/// Extra places to look for libonnxruntime, added by the embedding program.
+static EXTRA_CANDIDATES: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Adds a place to look for libonnxruntime, after `ORT_DYLIB_PATH` and the executable's folder. It counts
+/// only before the first model is opened (the library is loaded once per process).
+pub fn add_library_candidate(path: PathBuf) {
+    EXTRA_CANDIDATES.lock().unwrap_or_else(|p| p.into_inner()).push(path);
+}
+
+/// Where `scripts/setup.sh` installs ONNX Runtime under a checkout `root` (for programs built in the tree).
+pub fn setup_library_path(root: &Path) -> PathBuf {
+    root.join(format!(".ort/cpu-{ORT_VERSION}/libonnxruntime.so.{ORT_VERSION}"))
+}
+
+/// Where libonnxruntime is looked for, in order: `ORT_DYLIB_PATH`, the executable's folder, then the places
+/// given to [`add_library_candidate`].
 pub fn library_candidates() -> Vec<PathBuf> {
     let mut v = vec![];
     if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
@@ -26,15 +41,13 @@ pub fn library_candidates() -> Vec<PathBuf> {
             v.push(dir.join("libonnxruntime.so"));
         }
     }
-    // the project's own install folder (scripts/setup.sh)
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap_or(Path::new("."));
-    v.push(root.join(format!(".ort/cpu-{ORT_VERSION}/libonnxruntime.so.{ORT_VERSION}")));
+    v.extend(EXTRA_CANDIDATES.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned());
     v
 }
 
 static ENV: OnceLock<std::result::Result<(PathBuf, ort::environment::Environment), String>> = OnceLock::new();
 
-/// The process-wide ONNX Runtime environment (ONNX Runtime allows one per process).
+/// The process-wide ONNX Runtime environment (ONNX Runtime allows one per process) and the library it loaded.
 pub fn environment() -> Result<&'static (PathBuf, ort::environment::Environment)> {
     ENV.get_or_init(|| {
         let cands = library_candidates();
@@ -52,8 +65,26 @@ pub fn environment() -> Result<&'static (PathBuf, ort::environment::Environment)
         Ok((lib.clone(), env))
     })
     .as_ref()
-    .map_err(|e| anyhow!("{e}"))
+    .map_err(|e| Error::Library(e.clone()))
 }
+
+/// Which execution provider, by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ProviderKind {
+    #[default]
+    Cpu,
+    Cuda,
+    TensorRt,
+    /// TensorRT, then CUDA, then CPU.
+    Auto,
+}
+
+crate::named_enum!(ProviderKind, "provider", {
+    Cpu => ["cpu"],
+    Cuda => ["cuda"],
+    TensorRt => ["tensorrt"],
+    Auto => ["auto"],
+});
 
 /// Execution provider choice.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,290 +103,187 @@ pub enum Provider {
 }
 
 impl Provider {
-    pub fn from_name(s: &str) -> Result<Self> {
-        Ok(match s {
-            "cpu" => Provider::Cpu,
-            "cuda" => Provider::Cuda { device: 0 },
-            "tensorrt" => Provider::TensorRt { device: 0, fp16: false, cache_dir: None },
-            "auto" => Provider::Auto,
-            o => bail!("unknown provider '{o}' (cpu, cuda, tensorrt, auto)"),
-        })
+    /// The provider of this kind on GPU 0, TensorRT without fp16 or an engine cache.
+    pub fn of_kind(kind: ProviderKind) -> Self {
+        match kind {
+            ProviderKind::Cpu => Provider::Cpu,
+            ProviderKind::Cuda => Provider::Cuda { device: 0 },
+            ProviderKind::TensorRt => Provider::TensorRt { device: 0, fp16: false, cache_dir: None },
+            ProviderKind::Auto => Provider::Auto,
+        }
     }
 }
 
-/// How the exporter recommends sampling the model (the setting its model card measured); `generate` uses it
-/// unless told otherwise. Optional metadata: `diffusion.recommended_sampler`, `_steps`, `_guidance`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Recommended {
-    pub sampler: String,
-    pub steps: usize,
-    pub guidance: f32,
-}
-
-impl Recommended {
-    pub const KEYS: [&'static str; 3] =
-        ["diffusion.recommended_sampler", "diffusion.recommended_steps", "diffusion.recommended_guidance"];
-
-    /// The three metadata entries.
-    pub fn to_props(&self) -> [(String, String); 3] {
-        [
-            (Self::KEYS[0].into(), self.sampler.clone()),
-            (Self::KEYS[1].into(), self.steps.to_string()),
-            (Self::KEYS[2].into(), self.guidance.to_string()),
-        ]
+/// Reads a model file's metadata entries (all of them, ours and others).
+fn read_props(session: &Session) -> Result<BTreeMap<String, String>> {
+    let meta = session.metadata().map_err(|e| Error::ort(format!("cannot read metadata: {e}")))?;
+    let mut md = BTreeMap::new();
+    for k in meta.custom_keys().map_err(Error::ort)? {
+        if let Some(v) = meta.custom(&k) {
+            md.insert(k, v);
+        }
     }
-
-    /// None when no key is present; an error when only some are, or when one does not parse.
-    pub fn from_props(md: &BTreeMap<String, String>) -> Result<Option<Self>> {
-        let present: Vec<&str> = Self::KEYS.iter().copied().filter(|k| md.contains_key(*k)).collect();
-        if present.is_empty() {
-            return Ok(None);
-        }
-        if present.len() != Self::KEYS.len() {
-            bail!(
-                "the recommended sampling is incomplete: the metadata has {} but not all of {}",
-                present.join(", "),
-                Self::KEYS.join(", ")
-            );
-        }
-        let sampler = md[Self::KEYS[0]].clone();
-        if !matches!(sampler.as_str(), "ddim" | "ddpm" | "dpm++") {
-            bail!("{}: unknown sampler '{sampler}'", Self::KEYS[0]);
-        }
-        let steps: usize = md[Self::KEYS[1]].parse().with_context(|| format!("bad {}", Self::KEYS[1]))?;
-        let guidance: f32 = md[Self::KEYS[2]].parse().with_context(|| format!("bad {}", Self::KEYS[2]))?;
-        if steps == 0 || !(guidance.is_finite() && guidance >= 0.0) {
-            bail!("the recommended sampling needs steps >= 1 and a guidance >= 0 (got {steps}, {guidance})");
-        }
-        Ok(Some(Self { sampler, steps, guidance }))
-    }
-}
-
-/// What the model's metadata says about it.
-#[derive(Debug, Clone)]
-pub struct ModelInfo {
-    pub betas: Vec<f64>,
-    pub variance: VarianceType,
-    pub image_size: usize,
-    pub channels: usize,
-    pub num_classes: usize,
-    pub class_names: Vec<String>,
-    pub null_class: Option<i64>,
-    pub f16: bool,
-    /// The sampler, steps and guidance the exporter recommends, if it wrote them.
-    pub recommended: Option<Recommended>,
-    pub metadata: BTreeMap<String, String>,
-}
-
-pub const REQUIRED_KEYS: [&str; 9] = [
-    "diffusion.format_version",
-    "diffusion.betas",
-    "diffusion.prediction_type",
-    "diffusion.variance_type",
-    "diffusion.image_size",
-    "diffusion.channels",
-    "diffusion.num_classes",
-    "diffusion.class_names",
-    "diffusion.null_class",
-];
-
-impl ModelInfo {
-    pub fn from_metadata(md: BTreeMap<String, String>, path: &Path) -> Result<Self> {
-        let missing: Vec<&str> = REQUIRED_KEYS.iter().copied().filter(|k| !md.contains_key(*k)).collect();
-        if !missing.is_empty() {
-            bail!(
-                "{} was not exported by `trainer export`: its metadata lacks {} (found keys: {})",
-                path.display(),
-                missing.join(", "),
-                if md.is_empty() { "none".to_string() } else { md.keys().cloned().collect::<Vec<_>>().join(", ") }
-            );
-        }
-        let get = |k: &str| md[&format!("diffusion.{k}")].clone();
-        let num = |k: &str| -> Result<usize> {
-            get(k).parse().with_context(|| format!("{}: bad diffusion.{k}", path.display()))
-        };
-        if get("prediction_type") != "epsilon" {
-            bail!("{}: prediction type '{}' is not supported (epsilon only)", path.display(), get("prediction_type"));
-        }
-        let betas: Vec<f64> =
-            serde_json::from_str(&get("betas")).with_context(|| format!("{}: bad diffusion.betas", path.display()))?;
-        if betas.is_empty() || betas.iter().any(|b| !(*b > 0.0 && *b < 1.0)) {
-            bail!("{}: diffusion.betas must be a non-empty list in (0, 1)", path.display());
-        }
-        let num_classes = num("num_classes")?;
-        let class_names: Vec<String> = serde_json::from_str(&get("class_names")).unwrap_or_default();
-        let null_class = match get("null_class").as_str() {
-            "none" => None,
-            s => Some(s.parse::<i64>().with_context(|| format!("{}: bad diffusion.null_class", path.display()))?),
-        };
-        Ok(Self {
-            betas,
-            variance: VarianceType::from_name(&get("variance_type")).map_err(anyhow::Error::msg)?,
-            image_size: num("image_size")?,
-            channels: num("channels")?,
-            num_classes,
-            class_names,
-            null_class,
-            f16: md.get("diffusion.dtype").is_some_and(|d| d == "float16"),
-            recommended: Recommended::from_props(&md).with_context(|| path.display().to_string())?,
-            metadata: md,
-        })
-    }
-
-    pub fn schedule(&self) -> NoiseSchedule {
-        NoiseSchedule::from_betas(self.betas.clone())
-    }
-
-    /// A class given as an index or a name.
-    pub fn class_index(&self, s: &str) -> Result<i64> {
-        crate::sampler::class_index(&self.class_names, self.num_classes, s)
-    }
+    Ok(md)
 }
 
 /// An exported U-Net in an ONNX Runtime session.
 pub struct OrtDenoiser {
-    pub session: Session,
-    pub info: ModelInfo,
-    pub provider: String,
+    session: Session,
+    info: ModelMeta,
+    provider: ProviderKind,
+    notes: Vec<String>,
 }
 
-fn build_session(path: &Path, provider: &Provider, threads: Option<usize>) -> Result<(Session, String)> {
+/// A session builder with the thread setting.
+fn builder(threads: Option<usize>) -> Result<ort::session::builder::SessionBuilder> {
     let (_, env) = environment()?;
-    let mk = || -> Result<ort::session::builder::SessionBuilder> {
-        let mut b = Session::builder(env).map_err(|e| anyhow!("{e}"))?;
-        if let Some(n) = threads {
-            b = b.with_intra_threads(n).map_err(|e| anyhow!("{e}"))?;
-        }
-        Ok(b)
-    };
-    let commit = |b: ort::session::builder::SessionBuilder| -> Result<Session> {
-        let mut b = b;
-        b.commit_from_file(path).map_err(|e| anyhow!("{}: ONNX Runtime cannot load this model: {e}", path.display()))
-    };
-    let try_ep = |ep: ort::ep::ExecutionProviderDispatch, name: &str| -> Result<Session> {
-        let b = mk()?
+    let mut b = Session::builder(env).map_err(Error::ort)?;
+    if let Some(n) = threads {
+        b = b.with_intra_threads(n).map_err(Error::ort)?;
+    }
+    Ok(b)
+}
+
+fn commit(mut b: ort::session::builder::SessionBuilder, path: &Path) -> Result<Session> {
+    b.commit_from_file(path).map_err(|e| Error::Model {
+        path: path.to_path_buf(),
+        reason: format!("ONNX Runtime cannot load this model: {e}"),
+    })
+}
+
+/// A session on one provider (not Auto), failing if the provider cannot be used.
+fn session_on(path: &Path, provider: &Provider, threads: Option<usize>) -> Result<Session> {
+    let on = |ep: ort::ep::ExecutionProviderDispatch, name: &str| -> Result<Session> {
+        let b = builder(threads)?
             .with_execution_providers([ep.error_on_failure()])
-            .map_err(|e| anyhow!("the {name} provider cannot be used: {e}"))?;
-        commit(b)
+            .map_err(|e| Error::Ort(format!("the {name} provider cannot be used: {e}")))?;
+        commit(b, path)
     };
     match provider {
-        Provider::Cpu => Ok((commit(mk()?)?, "cpu".into())),
-        Provider::Cuda { device } => {
-            Ok((try_ep(ort::ep::CUDA::default().with_device_id(*device).build(), "CUDA")?, "cuda".into()))
-        }
+        Provider::Cpu | Provider::Auto => commit(builder(threads)?, path),
+        Provider::Cuda { device } => on(ort::ep::CUDA::default().with_device_id(*device).build(), "CUDA"),
         Provider::TensorRt { device, fp16, cache_dir } => {
             let mut trt = ort::ep::TensorRT::default().with_device_id(*device).with_fp16(*fp16);
             if let Some(d) = cache_dir {
                 trt = trt.with_engine_cache(true).with_engine_cache_path(d.display());
             }
-            Ok((try_ep(trt.build(), "TensorRT")?, "tensorrt".into()))
-        }
-        Provider::Auto => {
-            for (p, name) in [
-                (Provider::TensorRt { device: 0, fp16: false, cache_dir: None }, "tensorrt"),
-                (Provider::Cuda { device: 0 }, "cuda"),
-            ] {
-                match build_session(path, &p, threads) {
-                    Ok(s) => return Ok(s),
-                    Err(e) => eprintln!("auto: {name} unavailable ({e:#}); trying the next provider"),
-                }
-            }
-            Ok((commit(mk()?)?, "cpu".into()))
+            on(trt.build(), "TensorRT")
         }
     }
 }
 
-impl OrtDenoiser {
-    pub fn open(path: &Path, provider: &Provider, threads: Option<usize>) -> Result<Self> {
-        let bytes = std::fs::read(path).with_context(|| format!("cannot read model {}", path.display()))?;
-        if bytes.is_empty() {
-            bail!("{}: empty file, not an ONNX model", path.display());
-        }
-        let (session, provider) = build_session(path, provider, threads)?;
-        let meta = session.metadata().map_err(|e| anyhow!("{}: cannot read metadata: {e}", path.display()))?;
-        let mut md = BTreeMap::new();
-        for k in meta.custom_keys().map_err(|e| anyhow!("{e}"))? {
-            if let Some(v) = meta.custom(&k) {
-                md.insert(k, v);
+/// The session, the provider that runs it, and why providers tried before it were passed over (Auto).
+fn build_session(
+    path: &Path,
+    provider: &Provider,
+    threads: Option<usize>,
+) -> Result<(Session, ProviderKind, Vec<String>)> {
+    let kind = match provider {
+        Provider::Cpu => ProviderKind::Cpu,
+        Provider::Cuda { .. } => ProviderKind::Cuda,
+        Provider::TensorRt { .. } => ProviderKind::TensorRt,
+        Provider::Auto => {
+            let mut notes = vec![];
+            for kind in [ProviderKind::TensorRt, ProviderKind::Cuda] {
+                match session_on(path, &Provider::of_kind(kind), threads) {
+                    Ok(s) => return Ok((s, kind, notes)),
+                    Err(e @ Error::Model { .. }) => return Err(e),
+                    Err(e) => notes.push(format!("{kind} unavailable: {e}")),
+                }
             }
+            return Ok((session_on(path, &Provider::Cpu, threads)?, ProviderKind::Cpu, notes));
         }
-        drop(meta);
-        let info = ModelInfo::from_metadata(md, path)?;
+    };
+    Ok((session_on(path, provider, threads)?, kind, vec![]))
+}
+
+impl OrtDenoiser {
+    /// Opens a model exported by `trainer export`: its metadata is read and checked, and its inputs must be
+    /// x [B, C, H, W], t [B] (and y [B] for a conditional model), its output eps.
+    pub fn open(path: &Path, provider: &Provider, threads: Option<usize>) -> Result<Self> {
+        let model_err = |reason: String| Error::Model { path: path.to_path_buf(), reason };
+        let len = std::fs::metadata(path).map_err(|err| Error::Io { path: path.to_path_buf(), err })?.len();
+        if len == 0 {
+            return Err(model_err("empty file, not an ONNX model".into()));
+        }
+        let (session, provider, notes) = build_session(path, provider, threads)?;
+        let info = ModelMeta::from_props(&read_props(&session)?).map_err(|e| e.in_model(path))?;
         let names: Vec<&str> = session.inputs().iter().map(|o| o.name()).collect();
         let want: Vec<&str> = if info.num_classes > 0 { vec!["x", "t", "y"] } else { vec!["x", "t"] };
         if names != want {
-            bail!(
-                "{}: inputs are {:?}, expected {:?} (x [B,C,H,W], t [B] int64{})",
-                path.display(),
-                names,
-                want,
+            return Err(model_err(format!(
+                "inputs are {names:?}, expected {want:?} (x [B,C,H,W], t [B] int64{})",
                 if info.num_classes > 0 { ", y [B] int64" } else { "" }
-            );
+            )));
         }
         let outs: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
         if outs != ["eps"] {
-            bail!("{}: outputs are {:?}, expected [\"eps\"]", path.display(), outs);
+            return Err(model_err(format!("outputs are {outs:?}, expected [\"eps\"]")));
         }
-        Ok(Self { session, info, provider })
+        Ok(Self { session, info, provider, notes })
+    }
+
+    /// What the model's metadata says about it.
+    pub fn info(&self) -> &ModelMeta {
+        &self.info
+    }
+
+    /// The provider that runs the model.
+    pub fn provider(&self) -> ProviderKind {
+        self.provider
+    }
+
+    /// Why providers tried before the one in use were passed over (`Provider::Auto`); empty otherwise.
+    pub fn provider_notes(&self) -> &[String] {
+        &self.notes
     }
 }
 
 impl Denoiser for OrtDenoiser {
     fn eps(&mut self, x: &[f32], shape: [usize; 4], t: &[i64], y: Option<&[i64]>) -> Result<Vec<f32>> {
         let [n, c, h, w] = shape;
-        if c != self.info.channels || h != self.info.image_size || w != self.info.image_size {
-            bail!(
-                "the model takes {}x{}x{} images, got {c}x{h}x{w}",
-                self.info.channels,
-                self.info.image_size,
-                self.info.image_size
-            );
+        let info = &self.info;
+        if c != info.channels || h != info.image_size || w != info.image_size {
+            return Err(Error::request(
+                "shape",
+                format!(
+                    "the model takes {}x{}x{} images, got {c}x{h}x{w}",
+                    info.channels, info.image_size, info.image_size
+                ),
+            ));
         }
         let dims = vec![n as i64, c as i64, h as i64, w as i64];
-        let tt = Tensor::from_array((vec![n as i64], t.to_vec())).map_err(|e| anyhow!("{e}"))?;
         let mut inputs: Vec<(std::borrow::Cow<str>, ort::session::SessionInputValue)> = vec![];
-        if self.info.f16 {
-            let xh: Vec<half::f16> = x.iter().map(|v| half::f16::from_f32(*v)).collect();
-            inputs.push(("x".into(), Tensor::from_array((dims, xh)).map_err(|e| anyhow!("{e}"))?.into()));
-        } else {
-            inputs.push(("x".into(), Tensor::from_array((dims, x.to_vec())).map_err(|e| anyhow!("{e}"))?.into()));
-        }
-        inputs.push(("t".into(), tt.into()));
-        if self.info.num_classes > 0 {
-            let yv: Vec<i64> = match y {
-                Some(y) => y.to_vec(),
-                None => vec![self.info.null_class.unwrap_or(0); n],
-            };
-            inputs.push(("y".into(), Tensor::from_array((vec![n as i64], yv)).map_err(|e| anyhow!("{e}"))?.into()));
-        }
-        let out = self.session.run(inputs).map_err(|e| anyhow!("ONNX Runtime failed: {e}"))?;
-        let v = &out["eps"];
-        let eps = if self.info.f16 {
-            let (_, d) = v.try_extract_tensor::<half::f16>().map_err(|e| anyhow!("{e}"))?;
-            d.iter().map(|h| h.to_f32()).collect()
-        } else {
-            v.try_extract_tensor::<f32>().map_err(|e| anyhow!("{e}"))?.1.to_vec()
+        let xv: ort::session::SessionInputValue = match info.dtype {
+            Dtype::F16 => {
+                let xh: Vec<half::f16> = x.iter().map(|v| half::f16::from_f32(*v)).collect();
+                Tensor::from_array((dims, xh)).map_err(Error::ort)?.into()
+            }
+            Dtype::F32 => Tensor::from_array((dims, x.to_vec())).map_err(Error::ort)?.into(),
         };
-        Ok(eps)
-    }
-}
-
-#[cfg(test)]
-mod recommended_tests {
-    use super::*;
-
-    #[test]
-    fn recommended_sampling_round_trips_and_refuses_partial_or_bad_entries() {
-        let r = Recommended { sampler: "dpm++".into(), steps: 20, guidance: 2.0 };
-        let mut md: BTreeMap<String, String> = r.to_props().into_iter().collect();
-        assert_eq!(Recommended::from_props(&md).unwrap(), Some(r));
-        assert_eq!(Recommended::from_props(&BTreeMap::new()).unwrap(), None);
-        md.insert("diffusion.recommended_sampler".into(), "euler".into());
-        assert!(Recommended::from_props(&md).unwrap_err().to_string().contains("unknown sampler 'euler'"));
-        md.insert("diffusion.recommended_sampler".into(), "ddim".into());
-        md.insert("diffusion.recommended_steps".into(), "0".into());
-        assert!(Recommended::from_props(&md).is_err());
-        md.remove("diffusion.recommended_steps");
-        assert!(Recommended::from_props(&md).unwrap_err().to_string().contains("incomplete"));
+        inputs.push(("x".into(), xv));
+        inputs.push(("t".into(), Tensor::from_array((vec![n as i64], t.to_vec())).map_err(Error::ort)?.into()));
+        if info.num_classes > 0 {
+            let yv: Vec<i64> = match (y, info.null_class) {
+                (Some(y), _) => y.to_vec(),
+                (None, Some(null)) => vec![null; n],
+                (None, None) => {
+                    return Err(Error::request(
+                        "labels",
+                        "this conditional model has no null class: give a class for every image",
+                    ))
+                }
+            };
+            inputs.push(("y".into(), Tensor::from_array((vec![n as i64], yv)).map_err(Error::ort)?.into()));
+        }
+        let dtype = info.dtype;
+        let out = self.session.run(inputs).map_err(|e| Error::Ort(format!("the model failed to run: {e}")))?;
+        let v = &out["eps"];
+        Ok(match dtype {
+            Dtype::F16 => {
+                v.try_extract_tensor::<half::f16>().map_err(Error::ort)?.1.iter().map(|h| h.to_f32()).collect()
+            }
+            Dtype::F32 => v.try_extract_tensor::<f32>().map_err(Error::ort)?.1.to_vec(),
+        })
     }
 }

@@ -2,46 +2,66 @@
 //! classifier-free guidance. ONNX Runtime (deployment) and the trainer's Candle model (previews,
 //! evaluation) both implement `Denoiser`, so the same code path is exercised by both.
 //!
+//! Each sampler is one step function (x_t and the predicted x0 at t -> x at the next timestep) with its
+//! equation in the doc comment; [`sample`] drives them all with one loop: draw x_T, then at every timestep ask
+//! the denoiser for eps (guided), turn it into x0, clip, step.
+//!
 //! All sampler arithmetic is f32 on the host whatever the model's dtype. Every image draws its noise from
 //! its own ChaCha8 stream (seed, image index), so results do not depend on how `n` is split into batches.
 
-use anyhow::{bail, Result};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 
+use crate::error::{Error, Result};
 use crate::schedule::{NoiseSchedule, VarianceType};
 
 /// A noise-prediction model: eps_theta(x_t, t, y).
 pub trait Denoiser {
     /// `x` is [n, c, h, w] row-major, `t` and `y` have n entries. Returns eps, the same size as x.
-    /// `y` is None for unconditional models; the null class means "no class".
+    /// `y` is None for unconditional models; the null class means "no class". An implementation wraps its own
+    /// failures with [`Error::denoiser`].
     fn eps(&mut self, x: &[f32], shape: [usize; 4], t: &[i64], y: Option<&[i64]>) -> Result<Vec<f32>>;
 }
 
 /// How the sub-sequence of timesteps is chosen for DDIM / DPM-Solver (Lin et al. 2024, table 2).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Spacing {
     Leading,
     Linspace,
+    /// Starts at T - 1, so the first step sees pure noise (Lin et al. 2024's recommendation).
+    #[default]
     Trailing,
 }
 
-impl Spacing {
-    pub fn from_name(s: &str) -> Result<Self> {
-        Ok(match s {
-            "leading" => Spacing::Leading,
-            "linspace" => Spacing::Linspace,
-            "trailing" => Spacing::Trailing,
-            o => bail!("unknown timestep spacing '{o}' (leading, linspace, trailing)"),
-        })
-    }
+crate::named_enum!(Spacing, "timestep spacing", {
+    Leading => ["leading"],
+    Linspace => ["linspace"],
+    Trailing => ["trailing"],
+});
+
+/// The samplers by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SamplerKind {
+    /// DDIM (Song et al. 2020), `steps` steps, noise set by eta.
+    #[default]
+    Ddim,
+    /// Ancestral DDPM over all T steps (Ho et al. 2020, Algorithm 2).
+    Ddpm,
+    /// DPM-Solver++(2M) (Lu et al. 2022): good in 10-20 steps.
+    DpmSolverPP,
 }
+
+crate::named_enum!(SamplerKind, "sampler", {
+    Ddim => ["ddim"],
+    Ddpm => ["ddpm"],
+    DpmSolverPP => ["dpm++", "dpmpp", "dpm-solver++"],
+});
 
 /// `steps` timesteps out of 0..T, in decreasing order.
 pub fn timesteps(num_train: usize, steps: usize, spacing: Spacing) -> Result<Vec<usize>> {
     if steps == 0 || steps > num_train {
-        bail!("the number of sampling steps must be in 1..={num_train}, got {steps}");
+        return Err(Error::request("steps", format!("must be in 1..={num_train} for this model, got {steps}")));
     }
     let t = num_train;
     let mut v: Vec<usize> = match spacing {
@@ -59,6 +79,7 @@ pub fn timesteps(num_train: usize, steps: usize, spacing: Spacing) -> Result<Vec
     Ok(v)
 }
 
+/// A sampler with its settings.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Method {
     /// Ancestral sampling over all T steps (Ho et al. 2020, Algorithm 2).
@@ -70,26 +91,27 @@ pub enum Method {
 }
 
 impl Method {
-    /// A sampler by name (`ddim`, `ddpm`, `dpm++`) for a schedule of `num_train` steps; `steps` (not used by
-    /// DDPM, which visits all T) must be in 1..=T.
-    pub fn from_name(
-        name: &str,
+    /// The sampler `kind` for a schedule of `num_train` steps; `steps` (not used by DDPM, which visits all T)
+    /// must be in 1..=T, `eta` (DDIM only) in [0, 1].
+    pub fn new(
+        kind: SamplerKind,
         steps: usize,
         eta: f64,
         spacing: Spacing,
         variance: VarianceType,
         num_train: usize,
     ) -> Result<Self> {
-        let method = match name {
-            "ddim" => Method::Ddim { steps, eta, spacing },
-            "ddpm" => Method::Ddpm { variance },
-            "dpm++" | "dpmpp" | "dpm-solver++" => Method::DpmSolverPP { steps, spacing },
-            o => bail!("unknown sampler '{o}' (ddim, ddpm, dpm++)"),
-        };
-        if !matches!(method, Method::Ddpm { .. }) && !(1..=num_train).contains(&steps) {
-            bail!("--steps must be in 1..={num_train} for this model, got {steps}");
+        if kind != SamplerKind::Ddpm && !(1..=num_train).contains(&steps) {
+            return Err(Error::request("steps", format!("must be in 1..={num_train} for this model, got {steps}")));
         }
-        Ok(method)
+        if kind == SamplerKind::Ddim && !(0.0..=1.0).contains(&eta) {
+            return Err(Error::request("eta", format!("must be in [0, 1], got {eta}")));
+        }
+        Ok(match kind {
+            SamplerKind::Ddim => Method::Ddim { steps, eta, spacing },
+            SamplerKind::Ddpm => Method::Ddpm { variance },
+            SamplerKind::DpmSolverPP => Method::DpmSolverPP { steps, spacing },
+        })
     }
 
     /// The timesteps this method visits, decreasing (DDPM: all T).
@@ -102,11 +124,11 @@ impl Method {
         }
     }
 
-    pub fn name(&self) -> &'static str {
+    pub fn kind(&self) -> SamplerKind {
         match self {
-            Method::Ddpm { .. } => "ddpm",
-            Method::Ddim { .. } => "ddim",
-            Method::DpmSolverPP { .. } => "dpm++",
+            Method::Ddpm { .. } => SamplerKind::Ddpm,
+            Method::Ddim { .. } => SamplerKind::Ddim,
+            Method::DpmSolverPP { .. } => SamplerKind::DpmSolverPP,
         }
     }
 }
@@ -131,6 +153,43 @@ pub struct Request {
     pub clip_x0: bool,
     /// Dynamic thresholding percentile (Saharia et al. 2022, sec. 2.3), e.g. 0.995; None = off.
     pub dynamic_threshold: Option<f32>,
+    /// Start from an image instead of pure noise (SDEdit); None: x_T ~ N(0, I).
+    pub init: Option<InitImage>,
+    /// Every image starts from the same x_T (or x_t of `init`): with a stochastic sampler (DDPM, DDIM with
+    /// eta > 0) the images are variations of one another (Ho et al. 2020, sec. 4.3).
+    pub share_xt: bool,
+    /// Keep the known pixels of an image and generate the rest (RePaint).
+    pub inpaint: Option<Inpaint>,
+    /// The x_T of every image, [n, c, h, w], in place of the seed's draws (see [`seed_interpolation`]); the
+    /// seed still drives the noise of later steps.
+    pub start_noise: Option<Vec<f32>>,
+}
+
+/// SDEdit (Meng et al. 2021): the image is diffused by q(x_t | x0) to the timestep `strength` of the way to T and
+/// denoised from there by the request's sampler, so the result keeps the image's layout and loses its detail
+/// as the strength grows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InitImage {
+    /// [c, h, w] in [-1, 1], the start of every image; or [n, c, h, w], one per image (see [`interpolation`]).
+    pub x0: Vec<f32>,
+    /// In [0, 1]: the fraction of the sampler's steps that is run. 0 returns x0 unchanged; 1 starts from pure
+    /// noise, as plain sampling does (the same images for the same seed).
+    pub strength: f32,
+}
+
+/// RePaint (Lugmayr et al. 2022): after every reverse step the known pixels are replaced by a draw of
+/// q(x_{t_next} | x0) (at the end, by x0 itself); the others are generated. With `resample` r > 1, every `jump`
+/// steps the process is noised back `jump` steps and those steps are redone, r passes in all, which lets the
+/// generated region agree with the known one (RePaint, Algorithm 1 and sec. 4.2).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Inpaint {
+    /// [c, h, w] in [-1, 1].
+    pub x0: Vec<f32>,
+    /// [h, w]: 1 where x0 is known and kept, 0 where the image is generated (values between blend).
+    pub mask: Vec<f32>,
+    /// Passes over each block of `jump` steps (1: no resampling).
+    pub resample: usize,
+    pub jump: usize,
 }
 
 impl Request {
@@ -146,7 +205,78 @@ impl Request {
             batch: 16,
             clip_x0: true,
             dynamic_threshold: None,
+            init: None,
+            share_xt: false,
+            inpaint: None,
+            start_noise: None,
         }
+    }
+
+    /// The timesteps the reverse process visits, decreasing: the method's, cut to the strength of `init`.
+    pub fn timesteps(&self, num_train: usize) -> Result<Vec<usize>> {
+        let ts = self.method.timesteps(num_train)?;
+        Ok(match &self.init {
+            Some(init) => {
+                let k = ((init.strength as f64 * ts.len() as f64).round() as usize).min(ts.len());
+                ts[ts.len() - k..].to_vec()
+            }
+            None => ts,
+        })
+    }
+
+    /// Denoiser calls (per chunk) of the reverse process, resampling jumps included.
+    pub fn num_steps(&self, num_train: usize) -> Result<usize> {
+        let len = self.timesteps(num_train)?.len();
+        Ok(match &self.inpaint {
+            Some(p) if p.resample > 1 && p.jump >= 1 => {
+                let blocks = (p.jump..len).filter(|end| end % p.jump == 0).count();
+                len + (p.resample - 1) * p.jump * blocks
+            }
+            _ => len,
+        })
+    }
+
+    /// Checks the image-to-image parts against the request's shape.
+    fn check_images(&self) -> Result<()> {
+        let per: usize = self.shape.iter().product();
+        let hw = self.shape[1] * self.shape[2];
+        if let Some(init) = &self.init {
+            if init.x0.len() != per && init.x0.len() != self.n * per {
+                return Err(Error::request(
+                    "init",
+                    format!("has {} values: one image has {per}, {} images {}", init.x0.len(), self.n, self.n * per),
+                ));
+            }
+            if !(0.0..=1.0).contains(&init.strength) {
+                return Err(Error::request("strength", format!("must be in [0, 1], got {}", init.strength)));
+            }
+        }
+        if let Some(z) = &self.start_noise {
+            if z.len() != self.n * per {
+                return Err(Error::request(
+                    "start_noise",
+                    format!("has {} values, {} images {}", z.len(), self.n, self.n * per),
+                ));
+            }
+        }
+        if let Some(p) = &self.inpaint {
+            if p.x0.len() != per {
+                return Err(Error::request("inpaint", format!("has {} values, the model's images {per}", p.x0.len())));
+            }
+            if p.mask.len() != hw {
+                return Err(Error::request(
+                    "mask",
+                    format!("has {} values, the model's images {hw} pixels", p.mask.len()),
+                ));
+            }
+            if p.mask.iter().any(|m| !(0.0..=1.0).contains(m)) {
+                return Err(Error::request("mask", "values must lie in [0, 1] (1 = known)"));
+            }
+            if p.resample == 0 || p.jump == 0 {
+                return Err(Error::request("resample", "resample and jump must be at least 1"));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -165,14 +295,17 @@ pub struct StepInfo<'a> {
 /// A class given as an index or a name, for a model with `num_classes` classes named `names`.
 pub fn class_index(names: &[String], num_classes: usize, s: &str) -> Result<i64> {
     if num_classes == 0 {
-        bail!("--class {s}: this model is unconditional (it has no classes)");
+        return Err(Error::request("class", format!("{s}: this model is unconditional (it has no classes)")));
     }
     if let Some(i) = names.iter().position(|n| n == s) {
         return Ok(i as i64);
     }
     match s.parse::<usize>() {
         Ok(i) if i < num_classes => Ok(i as i64),
-        _ => bail!("unknown class '{s}': this model's classes are 0..{} ({})", num_classes - 1, names.join(", ")),
+        _ => Err(Error::request(
+            "class",
+            format!("unknown class '{s}': this model's classes are 0..{} ({})", num_classes - 1, names.join(", ")),
+        )),
     }
 }
 
@@ -223,14 +356,6 @@ impl Strip {
     }
 }
 
-fn noise(rngs: &mut [ChaCha8Rng], per: usize) -> Vec<f32> {
-    let mut v = Vec::with_capacity(rngs.len() * per);
-    for r in rngs.iter_mut() {
-        v.extend((0..per).map(|_| -> f32 { StandardNormal.sample(r) }));
-    }
-    v
-}
-
 /// Generates `req.n` images in [-1, 1] (clipped), [n, c, h, w].
 pub fn sample(
     den: &mut dyn Denoiser,
@@ -239,19 +364,23 @@ pub fn sample(
     on_step: &mut dyn FnMut(&StepInfo),
 ) -> Result<Vec<f32>> {
     if req.n == 0 {
-        bail!("nothing to generate: n must be at least 1");
+        return Err(Error::request("n", "must be at least 1"));
     }
     if req.batch == 0 {
-        bail!("batch must be at least 1");
+        return Err(Error::request("batch", "must be at least 1"));
     }
     if let Some(l) = &req.labels {
         if l.len() != req.n {
-            bail!("{} labels for {} images", l.len(), req.n);
+            return Err(Error::request("labels", format!("{} labels for {} images", l.len(), req.n)));
         }
     }
-    if req.guidance != 0.0 && (req.null_class.is_none() || req.labels.is_none()) {
-        bail!("guidance needs a class-conditional model and a class to guide towards");
+    if !req.guidance.is_finite() || req.guidance < 0.0 {
+        return Err(Error::request("guidance", format!("must be a finite number >= 0, got {}", req.guidance)));
     }
+    if req.guidance != 0.0 && (req.null_class.is_none() || req.labels.is_none()) {
+        return Err(Error::request("guidance", "needs a class-conditional model and a class to guide towards"));
+    }
+    req.check_images()?;
     let per: usize = req.shape.iter().product();
     let mut out = Vec::with_capacity(req.n * per);
     let mut start = 0;
@@ -311,88 +440,316 @@ fn threshold_x0(x0: &mut [f32], per: usize, req: &Request) {
     }
 }
 
+/// One N(0, I) draw per value, each image from its own stream.
+fn noise(rngs: &mut [ChaCha8Rng], per: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(rngs.len() * per);
+    for r in rngs.iter_mut() {
+        v.extend((0..per).map(|_| -> f32 { StandardNormal.sample(r) }));
+    }
+    v
+}
+
+/// alpha_bar at a timestep; 1 past the end of the chain (no noise left).
+fn alpha_bar(sched: &NoiseSchedule, t: Option<usize>) -> f64 {
+    t.map_or(1.0, |t| sched.alphas_cumprod[t])
+}
+
+/// DDPM (Ho et al. 2020, Algorithm 2, line 4, with the posterior mean of eq. 7):
+///
+///   x_{t-1} = mu~_t(x_t, x0) + sigma_t z,
+///   mu~_t = sqrt(a_bar_{t-1}) beta_t / (1 - a_bar_t) x0 + sqrt(a_t) (1 - a_bar_{t-1}) / (1 - a_bar_t) x_t
+///
+/// with sigma_t^2 = beta~_t or beta_t (`variance`), and no noise on the last step (t = 0).
+fn ddpm_step(
+    sched: &NoiseSchedule,
+    x: &[f32],
+    x0: &[f32],
+    t: usize,
+    variance: VarianceType,
+    rngs: &mut [ChaCha8Rng],
+) -> Vec<f32> {
+    let mean = sched.posterior_mean(x0, x, t);
+    let sd = if t > 0 { sched.reverse_variance(t, variance).sqrt() as f32 } else { 0.0 };
+    if sd == 0.0 {
+        return mean;
+    }
+    let z = noise(rngs, x.len() / rngs.len());
+    mean.iter().zip(&z).map(|(m, z)| m + sd * z).collect()
+}
+
+/// DDIM (Song et al. 2020, eq. 12), from t to the next timestep `t_next` (None: the end, a_bar = 1):
+///
+///   x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z,
+///   sigma = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev)   (eq. 16)
+///
+/// where eps is recomputed from the (possibly clipped) x0 so that the two agree.
+fn ddim_step(
+    sched: &NoiseSchedule,
+    x: &[f32],
+    x0: &[f32],
+    t: usize,
+    t_next: Option<usize>,
+    eta: f64,
+    rngs: &mut [ChaCha8Rng],
+) -> Vec<f32> {
+    let (a_t, a_prev) = (alpha_bar(sched, Some(t)), alpha_bar(sched, t_next));
+    let eps = sched.eps_from_x0(x, t, x0);
+    let sigma = eta * ((1.0 - a_prev) / (1.0 - a_t)).sqrt() * (1.0 - a_t / a_prev).sqrt();
+    let dir = (1.0 - a_prev - sigma * sigma).max(0.0).sqrt();
+    let (sa, dir, sg) = (a_prev.sqrt() as f32, dir as f32, sigma as f32);
+    let mut out: Vec<f32> = x0.iter().zip(&eps).map(|(x0, e)| sa * x0 + dir * e).collect();
+    if sigma > 0.0 {
+        let z = noise(rngs, x.len() / rngs.len());
+        out.iter_mut().zip(&z).for_each(|(o, z)| *o += sg * z);
+    }
+    out
+}
+
+/// The previous DPM-Solver++ step: its predicted x0 and its step size h in log-SNR.
+struct History {
+    x0: Vec<f32>,
+    h: f64,
+}
+
+/// DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), from t to `t_next`, with lambda = log(alpha / sigma):
+///
+///   h = lambda_next - lambda_t,  D = (1 + 1/(2r)) x0_t - 1/(2r) x0_prev,  r = h_prev / h
+///   x_next = (sigma_next / sigma_t) x_t - alpha_next (e^{-h} - 1) D
+///
+/// `prev` None makes it first order (D = x0_t: the DDIM step). The last step (`t_next` None, sigma = 0)
+/// returns x0 itself. Returns x_next and h.
+fn dpmpp_2m_step(
+    sched: &NoiseSchedule,
+    x: &[f32],
+    x0: &[f32],
+    t: usize,
+    t_next: Option<usize>,
+    prev: Option<&History>,
+) -> (Vec<f32>, f64) {
+    let Some(tn) = t_next else {
+        return (x0.to_vec(), 0.0);
+    };
+    let lambda = |a: f64| 0.5 * (a / (1.0 - a)).ln();
+    let (a_t, a_n) = (alpha_bar(sched, Some(t)), alpha_bar(sched, Some(tn)));
+    let h = lambda(a_n) - lambda(a_t);
+    let (sig_t, sig_n, alpha_n) = ((1.0 - a_t).sqrt(), (1.0 - a_n).sqrt(), a_n.sqrt());
+    let d: Vec<f32> = match prev {
+        Some(p) => {
+            let r = p.h / h;
+            let (c1, c2) = ((1.0 + 0.5 / r) as f32, (0.5 / r) as f32);
+            x0.iter().zip(&p.x0).map(|(a, b)| c1 * a - c2 * b).collect()
+        }
+        None => x0.to_vec(),
+    };
+    let (c1, c2) = ((sig_n / sig_t) as f32, (alpha_n * ((-h).exp() - 1.0)) as f32);
+    (x.iter().zip(&d).map(|(x, d)| c1 * x - c2 * d).collect(), h)
+}
+
+/// RePaint (Lugmayr et al. 2022, eq. 8): x_next = m x_next^known + (1 - m) x_next^unknown with
+/// x_next^known ~ q(x_{t_next} | x0), and x0 itself after the last step.
+fn keep_known(x: &mut [f32], p: &Inpaint, sched: &NoiseSchedule, t_next: Option<usize>, rngs: &mut [ChaCha8Rng]) {
+    let per = p.x0.len();
+    let hw = p.mask.len();
+    let known: Vec<f32> = match t_next {
+        Some(tn) => {
+            let z = noise(rngs, per);
+            z.chunks(per).flat_map(|z| sched.q_sample(&p.x0, tn, z)).collect()
+        }
+        None => p.x0.repeat(rngs.len()),
+    };
+    for (i, (v, k)) in x.iter_mut().zip(&known).enumerate() {
+        let m = p.mask[i % per % hw];
+        *v = m * k + (1.0 - m) * *v;
+    }
+}
+
+/// Noises x at timestep `t_now` back up to the earlier (noisier) `t_back`: q(x_back | x_now) =
+/// N(sqrt(a_bar_back / a_bar_now) x_now, (1 - a_bar_back / a_bar_now) I) (RePaint, Algorithm 1, line 13).
+fn renoise(sched: &NoiseSchedule, x: &[f32], t_now: usize, t_back: usize, rngs: &mut [ChaCha8Rng]) -> Vec<f32> {
+    let a = sched.alphas_cumprod[t_back] / sched.alphas_cumprod[t_now];
+    let (c1, c2) = (a.sqrt() as f32, (1.0 - a).sqrt() as f32);
+    let z = noise(rngs, x.len() / rngs.len());
+    x.iter().zip(&z).map(|(x, z)| c1 * x + c2 * z).collect()
+}
+
+impl InitImage {
+    /// The start image of image `i`.
+    fn image(&self, i: usize, per: usize) -> &[f32] {
+        if self.x0.len() == per {
+            &self.x0
+        } else {
+            &self.x0[i * per..(i + 1) * per]
+        }
+    }
+}
+
+/// Interpolation between two images through their diffused latents (Ho et al. 2020, sec. 4.3 and fig. 8):
+/// both are noised by q(x_t | x0) to the timestep at `strength` with the same noise, and each of `frames` linear
+/// mixes x_t = (1 - l) x_t(a) + l x_t(b), l evenly spaced in [0, 1], is denoised by the request's sampler. With
+/// shared noise the mix of latents is the mix of images noised, so this sets `init` to the mixed images and
+/// `share_xt`; frame 0 is exactly the image-to-image result of `a` with a shared x_t (and the last of `b`).
+/// `strength` sets coarse (1: only the layout survives) to fine (small: pixel blends) (fig. 9). Every frame is
+/// drawn with the request's first label.
+pub fn interpolation(mut req: Request, a: &[f32], b: &[f32], strength: f32, frames: usize) -> Result<Request> {
+    if frames < 2 {
+        return Err(Error::request("frames", format!("must be at least 2, got {frames}")));
+    }
+    if a.len() != b.len() {
+        return Err(Error::request("init", "the two images differ in size"));
+    }
+    let mut x0 = Vec::with_capacity(frames * a.len());
+    for f in 0..frames {
+        let l = f as f32 / (frames - 1) as f32;
+        x0.extend(a.iter().zip(b).map(|(a, b)| (1.0 - l) * a + l * b));
+    }
+    req.n = frames;
+    req.init = Some(InitImage { x0, strength });
+    req.share_xt = true;
+    // every frame is drawn with the first image's label
+    if let Some(labels) = &mut req.labels {
+        let first = labels.first().copied().or(req.null_class).unwrap_or(0);
+        *labels = vec![first; frames];
+    }
+    Ok(req)
+}
+
+/// The draw of x_T that `share_xt` gives every image of a request with this seed.
+fn shared_noise(seed: u64, per: usize) -> Vec<f32> {
+    let mut shared = ChaCha8Rng::seed_from_u64(seed);
+    shared.set_stream(u64::MAX);
+    noise(std::slice::from_mut(&mut shared), per)
+}
+
+/// Interpolation between the starts of two seeds (Song et al. 2020, sec. 5.3): frame l starts from the
+/// spherical interpolation slerp(z_a, z_b, l) of the two seeds' shared x_T (the start `share_xt` gives a
+/// request of that seed), so with a deterministic sampler (DDIM eta 0, DPM-Solver++) the first and last frames
+/// are those seeds' images and the frames between change smoothly. Every frame has the request's first label.
+pub fn seed_interpolation(mut req: Request, seed_a: u64, seed_b: u64, frames: usize) -> Result<Request> {
+    if frames < 2 {
+        return Err(Error::request("frames", format!("must be at least 2, got {frames}")));
+    }
+    let per: usize = req.shape.iter().product();
+    let (a, b) = (shared_noise(seed_a, per), shared_noise(seed_b, per));
+    let dot: f64 = a.iter().zip(&b).map(|(x, y)| (*x as f64) * (*y as f64)).sum();
+    let norm = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let theta = (dot / (norm(&a) * norm(&b))).clamp(-1.0, 1.0).acos();
+    let mut z = Vec::with_capacity(frames * per);
+    for f in 0..frames {
+        let l = f as f64 / (frames - 1) as f64;
+        // slerp(a, b, l) = sin((1 - l) theta) / sin(theta) a + sin(l theta) / sin(theta) b (lerp when theta ~ 0)
+        let (ca, cb) = if theta.sin().abs() < 1e-6 {
+            (1.0 - l, l)
+        } else {
+            (((1.0 - l) * theta).sin() / theta.sin(), (l * theta).sin() / theta.sin())
+        };
+        z.extend(a.iter().zip(&b).map(|(x, y)| (ca * *x as f64 + cb * *y as f64) as f32));
+    }
+    req.n = frames;
+    req.start_noise = Some(z);
+    req.seed = seed_a;
+    if let Some(labels) = &mut req.labels {
+        let first = labels.first().copied().or(req.null_class).unwrap_or(0);
+        *labels = vec![first; frames];
+    }
+    Ok(req)
+}
+
+/// The start of the reverse process: x_T ~ N(0, I) per image (or one draw shared by all), or the init image
+/// diffused to the first timestep (SDEdit, Meng et al. 2021: x_t = sqrt(a_bar_t) x0 + sqrt(1 - a_bar_t) eps).
+fn start(
+    req: &Request,
+    sched: &NoiseSchedule,
+    ts: &[usize],
+    rngs: &mut [ChaCha8Rng],
+    first: usize,
+    per: usize,
+) -> Vec<f32> {
+    // the per-image draws come first whatever the options, so the later draws of each stream stay in step
+    let own = noise(rngs, per);
+    let eps = if let Some(z) = &req.start_noise {
+        z[first * per..(first + rngs.len()) * per].to_vec()
+    } else if req.share_xt {
+        shared_noise(req.seed, per).repeat(rngs.len())
+    } else {
+        own
+    };
+    match &req.init {
+        Some(init) if init.strength < 1.0 => eps
+            .chunks(per)
+            .enumerate()
+            .flat_map(|(i, e)| sched.q_sample(init.image(first + i, per), ts[0], e))
+            .collect(),
+        _ => eps,
+    }
+}
+
+/// One chunk of `k` images (indices start..start + k): the start (noise, or a noised image), then one step per
+/// timestep, the known pixels of an inpainting request kept after each, with RePaint's resampling jumps.
 fn sample_chunk(
     den: &mut dyn Denoiser,
     sched: &NoiseSchedule,
     req: &Request,
-    start: usize,
+    start_index: usize,
     k: usize,
     labels: Option<&[i64]>,
     on_step: &mut dyn FnMut(&StepInfo),
 ) -> Result<Vec<f32>> {
     let per: usize = req.shape.iter().product();
-    let mut rngs: Vec<ChaCha8Rng> = (start..start + k)
+    let mut rngs: Vec<ChaCha8Rng> = (start_index..start_index + k)
         .map(|i| {
             let mut r = ChaCha8Rng::seed_from_u64(req.seed);
             r.set_stream(i as u64);
             r
         })
         .collect();
-    // x_T ~ N(0, I)
-    let mut x = noise(&mut rngs, per);
-    let ts = req.method.timesteps(sched.num_timesteps())?;
-    let ab = |t: Option<usize>| t.map(|t| sched.alphas_cumprod[t]).unwrap_or(1.0);
-    let mut prev_x0: Option<Vec<f32>> = None;
-    let mut prev_h = 0.0f64;
-    for (i, &t) in ts.iter().enumerate() {
-        let t_next = ts.get(i + 1).copied();
+    let ts = req.timesteps(sched.num_timesteps())?;
+    if ts.is_empty() {
+        // strength 0: nothing to denoise
+        let init = req.init.as_ref().expect("only a strength of 0 visits no timestep");
+        return Ok((start_index..start_index + k).flat_map(|i| init.image(i, per).to_vec()).collect());
+    }
+    let mut x = start(req, sched, &ts, &mut rngs, start_index, per);
+    let num_steps = req.num_steps(sched.num_timesteps())?;
+    let mut history: Option<History> = None;
+    let mut passes = vec![1usize; ts.len() + 1];
+    let (mut i, mut count) = (0, 0);
+    while i < ts.len() {
+        let (t, t_next) = (ts[i], ts.get(i + 1).copied());
         let eps = guided_eps(den, req, &x, k, t, labels)?;
         let mut x0 = sched.predict_x0_from_eps(&x, t, &eps);
         threshold_x0(&mut x0, per, req);
-        match &req.method {
-            Method::Ddpm { variance } => {
-                // Ho et al. 2020, Algorithm 2 via eq. 7: x_{t-1} = mu~(x_t, x0) + sigma_t z
-                let mean = sched.posterior_mean(&x0, &x, t);
-                let sd = if t > 0 { sched.reverse_variance(t, *variance).sqrt() as f32 } else { 0.0 };
-                x = if sd > 0.0 {
-                    let z = noise(&mut rngs, per);
-                    mean.iter().zip(&z).map(|(m, z)| m + sd * z).collect()
-                } else {
-                    mean
-                };
-            }
-            Method::Ddim { eta, .. } => {
-                let (a_t, a_prev) = (ab(Some(t)), ab(t_next));
-                // eps consistent with the (possibly clipped) x0
-                let eps = sched.eps_from_x0(&x, t, &x0);
-                // Song et al. 2020, eq. 16: sigma = eta sqrt((1 - a_prev)/(1 - a_t)) sqrt(1 - a_t/a_prev)
-                let sigma = eta * ((1.0 - a_prev) / (1.0 - a_t)).sqrt() * (1.0 - a_t / a_prev).sqrt();
-                let dir = (1.0 - a_prev - sigma * sigma).max(0.0).sqrt();
-                // Song et al. 2020, eq. 12: x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z
-                let (sa, dir, sg) = (a_prev.sqrt() as f32, dir as f32, sigma as f32);
-                x = x0.iter().zip(&eps).map(|(x0, e)| sa * x0 + dir * e).collect();
-                if sigma > 0.0 {
-                    let z = noise(&mut rngs, per);
-                    x.iter_mut().zip(&z).for_each(|(x, z)| *x += sg * z);
-                }
-            }
+        x = match &req.method {
+            Method::Ddpm { variance } => ddpm_step(sched, &x, &x0, t, *variance, &mut rngs),
+            Method::Ddim { eta, .. } => ddim_step(sched, &x, &x0, t, t_next, *eta, &mut rngs),
             Method::DpmSolverPP { .. } => {
-                let lambda = |a: f64| 0.5 * (a / (1.0 - a)).ln(); // log(alpha_t / sigma_t)
-                match t_next {
-                    None => x = x0.clone(),
-                    Some(tn) => {
-                        let (a_t, a_n) = (ab(Some(t)), ab(Some(tn)));
-                        let h = lambda(a_n) - lambda(a_t);
-                        let (sig_t, sig_n, alpha_n) = ((1.0 - a_t).sqrt(), (1.0 - a_n).sqrt(), a_n.sqrt());
-                        // Lu et al. 2022 (DPM-Solver++), Algorithm 2: D = (1 + 1/(2r)) x0_i - 1/(2r) x0_{i-1}
-                        let d: Vec<f32> = match &prev_x0 {
-                            Some(p) if i + 1 < ts.len() - 1 || ts.len() <= 2 => {
-                                let r = prev_h / h;
-                                let (c1, c2) = ((1.0 + 0.5 / r) as f32, (0.5 / r) as f32);
-                                x0.iter().zip(p).map(|(a, b)| c1 * a - c2 * b).collect()
-                            }
-                            _ => x0.clone(),
-                        };
-                        // x_{i} = (sigma_i / sigma_{i-1}) x_{i-1} - alpha_i (e^{-h} - 1) D
-                        let (c1, c2) = ((sig_n / sig_t) as f32, (alpha_n * ((-h).exp() - 1.0)) as f32);
-                        x = x.iter().zip(&d).map(|(x, d)| c1 * x - c2 * d).collect();
-                        prev_h = h;
-                    }
-                }
-                prev_x0 = Some(x0.clone());
+                // The order rule: first order on the first step (no history yet) and on the step that lands
+                // on the final timestep ("lower order final" in DPM-Solver++'s reference code and diffusers:
+                // few-step sampling is more stable without the second-order correction there); the last
+                // step then returns x0.
+                let lands_on_final = i + 2 == ts.len();
+                let prev = history.as_ref().filter(|_| !lands_on_final);
+                let (next, h) = dpmpp_2m_step(sched, &x, &x0, t, t_next, prev);
+                history = Some(History { x0: x0.clone(), h });
+                next
             }
+        };
+        if let Some(p) = &req.inpaint {
+            keep_known(&mut x, p, sched, t_next, &mut rngs);
         }
-        on_step(&StepInfo { chunk_start: start, step: i, num_steps: ts.len(), t, x: &x, x0: &x0 });
+        on_step(&StepInfo { chunk_start: start_index, step: count, num_steps, t, x: &x, x0: &x0 });
+        count += 1;
+        let end = i + 1;
+        match &req.inpaint {
+            // a block of `jump` steps is done and has passes left: noise back to its start and redo it
+            Some(p) if end < ts.len() && end >= p.jump && end % p.jump == 0 && passes[end] < p.resample => {
+                passes[end] += 1;
+                x = renoise(sched, &x, ts[end], ts[end - p.jump], &mut rngs);
+                // a multistep solver's history belongs to the path it came down
+                history = None;
+                i = end - p.jump;
+            }
+            _ => i += 1,
+        }
     }
     Ok(x)
 }
@@ -568,6 +925,229 @@ mod tests {
     }
 
     #[test]
+    fn names_and_settings_are_checked_with_the_field_named() {
+        assert_eq!("dpmpp".parse::<SamplerKind>().unwrap(), SamplerKind::DpmSolverPP);
+        assert_eq!(SamplerKind::DpmSolverPP.to_string(), "dpm++");
+        let e = "euler".parse::<SamplerKind>().unwrap_err().to_string();
+        assert_eq!(e, "unknown sampler 'euler' (expected one of: ddim, ddpm, dpm++)");
+        let v = VarianceType::FixedSmall;
+        let e = Method::new(SamplerKind::Ddim, 0, 0.0, Spacing::Trailing, v, 1000).unwrap_err();
+        assert!(matches!(e, Error::InvalidRequest { field: "steps", .. }), "{e}");
+        assert_eq!(e.cli_message(), "--steps must be in 1..=1000 for this model, got 0");
+        let e = Method::new(SamplerKind::Ddim, 10, 1.5, Spacing::Trailing, v, 1000).unwrap_err();
+        assert!(matches!(e, Error::InvalidRequest { field: "eta", .. }), "{e}");
+        // DDPM visits all T steps whatever `steps` says
+        let m = Method::new(SamplerKind::Ddpm, 0, 0.0, Spacing::Trailing, v, 10).unwrap();
+        assert_eq!(m.timesteps(10).unwrap().len(), 10);
+        assert_eq!(m.kind(), SamplerKind::Ddpm);
+    }
+
+    #[test]
+    fn dpm_solver_uses_the_second_order_correction_except_where_the_order_rule_says() {
+        // One image through 4 steps: with the oracle's exact eps every order lands on x0, so use a denoiser
+        // whose x0 estimate drifts with t; then DPM-Solver++(2M) must differ from the first-order (DDIM) path
+        // exactly from its second step on, and its final-step rule must make steps 3 -> 4 first order.
+        struct Drift(NoiseSchedule);
+        impl Denoiser for Drift {
+            fn eps(&mut self, x: &[f32], _: [usize; 4], t: &[i64], _: Option<&[i64]>) -> Result<Vec<f32>> {
+                let x0: Vec<f32> = vec![t[0] as f32 / 1000.0; x.len()];
+                Ok(self.0.eps_from_x0(x, t[0] as usize, &x0))
+            }
+        }
+        let sched = NoiseSchedule::new(BetaSchedule::LINEAR, 1000);
+        let run = |method: Method| {
+            let mut xs = vec![];
+            let req = Request::new(1, [1, 1, 4], method);
+            sample(&mut Drift(sched.clone()), &sched, &req, &mut |s| xs.push(s.x.to_vec())).unwrap();
+            xs
+        };
+        let dpm = run(Method::DpmSolverPP { steps: 4, spacing: Spacing::Trailing });
+        let ddim = run(Method::Ddim { steps: 4, eta: 0.0, spacing: Spacing::Trailing });
+        // the first step is first order: DDIM's step (the same formula written differently: within rounding)
+        assert!(max_err(&dpm[0], &ddim[0]) < 1e-6, "{}", max_err(&dpm[0], &ddim[0]));
+        assert!(max_err(&dpm[1], &ddim[1]) > 1e-4, "the second step uses the previous x0");
+        // the step onto the final timestep (499 -> 249) is first order: the DDIM step from the same x_t
+        let (a_t, a_n) = (sched.alphas_cumprod[499], sched.alphas_cumprod[249]);
+        let first: Vec<f32> = dpm[1]
+            .iter()
+            .map(|&x| {
+                let eps = (x as f64 - a_t.sqrt() * 0.499) / (1.0 - a_t).sqrt();
+                (a_n.sqrt() * 0.499 + (1.0 - a_n).sqrt() * eps) as f32
+            })
+            .collect();
+        assert!(max_err(&dpm[2], &first) < 1e-5, "{}", max_err(&dpm[2], &first));
+        // the last step returns the predicted x0 in both
+        assert!(max_err(&dpm[3], &[0.249; 4]) < 1e-6 && max_err(&ddim[3], &[0.249; 4]) < 1e-6);
+    }
+
+    #[test]
+    fn sdedit_strength_0_returns_the_image_1_is_plain_sampling_and_between_runs_part_of_the_steps() {
+        let sched = NoiseSchedule::new(BetaSchedule::LINEAR, 1000);
+        let mut o = oracle(&sched, 4);
+        let image: Vec<f32> = vec![0.5, -0.25, 0.0, 1.0];
+        let method = Method::DpmSolverPP { steps: 10, spacing: Spacing::Trailing };
+        let mut req = Request::new(3, [1, 2, 2], method);
+        req.seed = 4;
+        let plain = sample(&mut o, &sched, &req, &mut |_| {}).unwrap();
+        for (strength, calls) in [(0.0, 0), (0.5, 5), (1.0, 10)] {
+            req.init = Some(InitImage { x0: image.clone(), strength });
+            o.calls = 0;
+            let mut seen = 0;
+            let out = sample(&mut o, &sched, &req, &mut |s| {
+                assert_eq!(s.num_steps, calls);
+                seen += 1;
+            })
+            .unwrap();
+            assert_eq!((o.calls, seen), (calls, calls), "strength {strength}");
+            match strength {
+                0.0 => assert_eq!(out, image.repeat(3)),
+                1.0 => assert_eq!(out, plain),
+                // from t = 499 the oracle still pulls every image to its own x0
+                _ => assert!(max_err(&out[..4], &o.x0[0]) < 1e-4),
+            }
+        }
+        // the half-way start is the image noised to the first visited timestep
+        req.init = Some(InitImage { x0: image.clone(), strength: 0.5 });
+        assert_eq!(req.timesteps(1000).unwrap()[0], 499);
+        let mut first_x0 = vec![];
+        sample(&mut o, &sched, &req, &mut |s| {
+            if s.step == 0 {
+                first_x0 = s.x0[..4].to_vec();
+            }
+        })
+        .unwrap();
+        assert!(max_err(&first_x0, &o.x0[0]) < 1e-4, "the oracle sees x_499 and predicts its own x0");
+        req.init = Some(InitImage { x0: image.clone(), strength: 1.5 });
+        let e = sample(&mut o, &sched, &req, &mut |_| {}).unwrap_err();
+        assert!(matches!(e, Error::InvalidRequest { field: "strength", .. }), "{e}");
+        req.init = Some(InitImage { x0: vec![0.0; 3], strength: 0.5 });
+        assert!(sample(&mut o, &sched, &req, &mut |_| {}).unwrap_err().to_string().contains("has 3 values"));
+    }
+
+    #[test]
+    fn a_shared_x_t_gives_one_start_for_every_image_and_does_not_depend_on_chunks() {
+        // a denoiser that predicts x0 = 0 keeps DDIM (eta 0) a deterministic function of the start
+        struct Zero(NoiseSchedule);
+        impl Denoiser for Zero {
+            fn eps(&mut self, x: &[f32], _: [usize; 4], t: &[i64], _: Option<&[i64]>) -> Result<Vec<f32>> {
+                Ok(self.0.eps_from_x0(x, t[0] as usize, &vec![0.0; x.len()]))
+            }
+        }
+        let sched = NoiseSchedule::new(BetaSchedule::LINEAR, 100);
+        let mut req = Request::new(5, [1, 1, 3], Method::Ddim { steps: 5, eta: 0.0, spacing: Spacing::Trailing });
+        req.clip_x0 = false;
+        let first_step = |req: &Request| {
+            let mut xs = vec![];
+            sample(&mut Zero(sched.clone()), &sched, req, &mut |s| {
+                if s.step == 0 {
+                    xs.extend_from_slice(s.x);
+                }
+            })
+            .unwrap();
+            xs
+        };
+        let own = first_step(&req);
+        assert_ne!(own[..3], own[3..6], "each image has its own noise");
+        req.share_xt = true;
+        req.batch = 2;
+        let shared = first_step(&req);
+        assert!(shared.chunks(3).all(|c| c == &shared[..3]), "{shared:?}");
+        req.batch = 5;
+        assert_eq!(first_step(&req), shared);
+    }
+
+    #[test]
+    fn inpainting_keeps_the_known_pixels_and_resampling_redoes_blocks_of_steps() {
+        let sched = NoiseSchedule::new(BetaSchedule::LINEAR, 200);
+        let mut o = oracle(&sched, 8);
+        // 2 channels of 2x2: the left column is known
+        let known: Vec<f32> = vec![0.9, -0.4, 0.3, 0.1, -0.7, 0.6, 0.2, -0.2];
+        let mask = vec![1.0, 0.0, 1.0, 0.0];
+        for method in [
+            Method::DpmSolverPP { steps: 12, spacing: Spacing::Trailing },
+            Method::Ddim { steps: 12, eta: 0.5, spacing: Spacing::Leading },
+        ] {
+            for (resample, jump, calls) in [(1, 1, 12), (3, 4, 12 + 2 * 4 * 2)] {
+                let mut req = Request::new(2, [2, 2, 2], method.clone());
+                req.inpaint = Some(Inpaint { x0: known.clone(), mask: mask.clone(), resample, jump });
+                o.calls = 0;
+                let mut seen = vec![];
+                let out = sample(&mut o, &sched, &req, &mut |s| seen.push((s.step, s.num_steps))).unwrap();
+                assert_eq!(o.calls, calls, "{method:?} r={resample}");
+                assert_eq!(seen.last(), Some(&(calls - 1, calls)));
+                for img in out.chunks(8) {
+                    for (i, v) in img.iter().enumerate() {
+                        // known pixels are the image's; the others come from the model (the oracle's x0)
+                        let want = if mask[i % 4] == 1.0 { known[i] } else { o.x0[0][i] };
+                        assert!((v - want).abs() < 1e-3, "{method:?} r={resample} pixel {i}: {v} vs {want}");
+                    }
+                }
+            }
+        }
+        let mut req = Request::new(1, [2, 2, 2], Method::Ddpm { variance: VarianceType::FixedSmall });
+        req.inpaint = Some(Inpaint { x0: known.clone(), mask: vec![1.0; 3], resample: 1, jump: 1 });
+        let e = sample(&mut o, &sched, &req, &mut |_| {}).unwrap_err();
+        assert!(matches!(e, Error::InvalidRequest { field: "mask", .. }), "{e}");
+    }
+
+    #[test]
+    fn interpolation_frames_end_at_the_two_images_own_image_to_image_results() {
+        // a denoiser whose answer depends on its input: x0 = half of the naive estimate x_t / sqrt(a_bar_t)
+        struct Half(NoiseSchedule);
+        impl Denoiser for Half {
+            fn eps(&mut self, x: &[f32], _: [usize; 4], t: &[i64], _: Option<&[i64]>) -> Result<Vec<f32>> {
+                let t = t[0] as usize;
+                let s = self.0.alphas_cumprod[t].sqrt() as f32;
+                let x0: Vec<f32> = x.iter().map(|v| (0.5 * v / s).clamp(-1.0, 1.0)).collect();
+                Ok(self.0.eps_from_x0(x, t, &x0))
+            }
+        }
+        let sched = NoiseSchedule::new(BetaSchedule::LINEAR, 1000);
+        let (a, b) = (vec![0.8f32, -0.6, 0.2, 0.0], vec![-0.5f32, 0.5, 0.9, -0.9]);
+        let mut base = Request::new(1, [1, 2, 2], Method::Ddim { steps: 20, eta: 0.0, spacing: Spacing::Trailing });
+        base.seed = 3;
+        base.batch = 2;
+        let req = interpolation(base.clone(), &a, &b, 0.6, 5).unwrap();
+        let frames = sample(&mut Half(sched.clone()), &sched, &req, &mut |_| {}).unwrap();
+        assert_eq!(frames.len(), 5 * 4);
+        let alone = |x0: &[f32]| {
+            let mut r = base.clone();
+            (r.init, r.share_xt) = (Some(InitImage { x0: x0.to_vec(), strength: 0.6 }), true);
+            sample(&mut Half(sched.clone()), &sched, &r, &mut |_| {}).unwrap()
+        };
+        assert_eq!(frames[..4], alone(&a)[..]);
+        assert_eq!(frames[16..], alone(&b)[..]);
+        assert!(max_err(&frames[8..12], &frames[..4]) > 1e-3 && max_err(&frames[8..12], &frames[16..]) > 1e-3);
+        assert!(interpolation(base.clone(), &a, &b, 0.6, 1).unwrap_err().to_string().contains("frames"));
+    }
+
+    #[test]
+    fn seed_interpolation_starts_at_the_two_seeds_shared_starts() {
+        struct Half(NoiseSchedule);
+        impl Denoiser for Half {
+            fn eps(&mut self, x: &[f32], _: [usize; 4], t: &[i64], _: Option<&[i64]>) -> Result<Vec<f32>> {
+                let t = t[0] as usize;
+                let s = self.0.alphas_cumprod[t].sqrt() as f32;
+                let x0: Vec<f32> = x.iter().map(|v| (0.5 * v / s).clamp(-1.0, 1.0)).collect();
+                Ok(self.0.eps_from_x0(x, t, &x0))
+            }
+        }
+        let sched = NoiseSchedule::new(BetaSchedule::LINEAR, 100);
+        let base = Request::new(1, [1, 3, 3], Method::DpmSolverPP { steps: 8, spacing: Spacing::Trailing });
+        let req = seed_interpolation(base.clone(), 7, 8, 6).unwrap();
+        let z = req.start_noise.clone().unwrap();
+        // slerp keeps the norm of two independent draws roughly (a lerp would shrink the middle)
+        let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm(&z[18..27]) / norm(&z[..9]) - 1.0).abs() < 0.5, "{} vs {}", norm(&z[18..27]), norm(&z[..9]));
+        let frames = sample(&mut Half(sched.clone()), &sched, &req, &mut |_| {}).unwrap();
+        for (seed, frame) in [(7, &frames[..9]), (8, &frames[45..])] {
+            let mut r = base.clone();
+            (r.seed, r.share_xt) = (seed, true);
+            assert_eq!(sample(&mut Half(sched.clone()), &sched, &r, &mut |_| {}).unwrap(), frame);
+        }
+    }
+
+    #[test]
     fn bad_requests_are_refused() {
         let sched = NoiseSchedule::new(BetaSchedule::LINEAR, 10);
         let mut o = oracle(&sched, 4);
@@ -576,5 +1156,14 @@ mod tests {
         let mut req = Request::new(1, [1, 2, 2], Method::Ddpm { variance: VarianceType::FixedSmall });
         req.guidance = 2.0;
         assert!(sample(&mut o, &sched, &req, &mut |_| {}).unwrap_err().to_string().contains("guidance"));
+        req.guidance = f32::NAN;
+        let e = sample(&mut o, &sched, &req, &mut |_| {}).unwrap_err();
+        assert!(matches!(e, Error::InvalidRequest { field: "guidance", .. }), "{e}");
+        req.guidance = 0.0;
+        req.batch = 0;
+        assert_eq!(sample(&mut o, &sched, &req, &mut |_| {}).unwrap_err().cli_message(), "--batch must be at least 1");
+        req.batch = 1;
+        req.labels = Some(vec![0, 1]);
+        assert!(sample(&mut o, &sched, &req, &mut |_| {}).unwrap_err().to_string().contains("2 labels for 1 images"));
     }
 }

@@ -24,19 +24,18 @@ impl BetaSchedule {
     /// The improved-DDPM cosine schedule, s = 0.008, betas clipped at 0.999.
     pub const COSINE: BetaSchedule = BetaSchedule::Cosine { s: 0.008, max_beta: 0.999 };
 
-    /// Parses `linear` or `cosine` (with the papers' default parameters).
-    pub fn from_name(name: &str) -> Result<Self, String> {
-        match name {
-            "linear" => Ok(Self::LINEAR),
-            "cosine" => Ok(Self::COSINE),
-            other => Err(format!("unknown beta schedule '{other}' (expected 'linear' or 'cosine')")),
+    /// The schedule of this kind with the papers' default parameters.
+    pub fn of_kind(kind: ScheduleKind) -> Self {
+        match kind {
+            ScheduleKind::Linear => Self::LINEAR,
+            ScheduleKind::Cosine => Self::COSINE,
         }
     }
 
-    pub fn name(&self) -> &'static str {
+    pub fn kind(&self) -> ScheduleKind {
         match self {
-            BetaSchedule::Linear { .. } => "linear",
-            BetaSchedule::Cosine { .. } => "cosine",
+            BetaSchedule::Linear { .. } => ScheduleKind::Linear,
+            BetaSchedule::Cosine { .. } => ScheduleKind::Cosine,
         }
     }
 
@@ -61,9 +60,18 @@ impl BetaSchedule {
     }
 }
 
+/// The kind of beta schedule a configuration names (`linear`, `cosine`); [`BetaSchedule::of_kind`] gives its betas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ScheduleKind {
+    #[default]
+    Linear,
+    Cosine,
+}
+
+crate::named_enum!(ScheduleKind, "beta schedule", { Linear => ["linear"], Cosine => ["cosine"] });
+
 /// Which reverse-process variance sigma_t^2 a DDPM step uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum VarianceType {
     /// sigma_t^2 = beta-tilde_t, the posterior variance (Ho et al. 2020, sec. 3.2, "fixed small").
     #[default]
@@ -72,21 +80,10 @@ pub enum VarianceType {
     FixedLarge,
 }
 
-impl VarianceType {
-    pub fn from_name(name: &str) -> Result<Self, String> {
-        match name {
-            "fixed_small" | "beta_tilde" => Ok(Self::FixedSmall),
-            "fixed_large" | "beta" => Ok(Self::FixedLarge),
-            other => Err(format!("unknown variance type '{other}' (expected 'fixed_small' or 'fixed_large')")),
-        }
-    }
-    pub fn name(&self) -> &'static str {
-        match self {
-            VarianceType::FixedSmall => "fixed_small",
-            VarianceType::FixedLarge => "fixed_large",
-        }
-    }
-}
+crate::named_enum!(VarianceType, "variance type", {
+    FixedSmall => ["fixed_small", "beta_tilde"],
+    FixedLarge => ["fixed_large", "beta"],
+});
 
 /// A discrete noise schedule with every coefficient of the forward process and its posterior precomputed.
 #[derive(Debug, Clone, PartialEq)]
@@ -335,9 +332,16 @@ mod tests {
     }
 
     #[test]
-    fn names_parse() {
-        assert_eq!(BetaSchedule::from_name("cosine").unwrap(), BetaSchedule::COSINE);
-        assert!(BetaSchedule::from_name("sigmoid").unwrap_err().contains("sigmoid"));
-        assert_eq!(VarianceType::from_name("beta").unwrap(), VarianceType::FixedLarge);
+    fn names_parse_once_with_aliases_and_refuse_unknown_ones() {
+        assert_eq!(BetaSchedule::of_kind("cosine".parse().unwrap()), BetaSchedule::COSINE);
+        assert_eq!(BetaSchedule::COSINE.kind().to_string(), "cosine");
+        let e = "sigmoid".parse::<ScheduleKind>().unwrap_err().to_string();
+        assert_eq!(e, "unknown beta schedule 'sigmoid' (expected one of: linear, cosine)");
+        assert_eq!("beta".parse::<VarianceType>().unwrap(), VarianceType::FixedLarge);
+        // serde writes the canonical name and reads aliases; an unknown name is refused with the choices
+        assert_eq!(serde_json::to_string(&VarianceType::FixedSmall).unwrap(), "\"fixed_small\"");
+        assert_eq!(serde_json::from_str::<VarianceType>("\"beta_tilde\"").unwrap(), VarianceType::FixedSmall);
+        let e = serde_json::from_str::<VarianceType>("\"learned\"").unwrap_err().to_string();
+        assert!(e.contains("unknown variance type 'learned'") && e.contains("fixed_small, fixed_large"), "{e}");
     }
 }

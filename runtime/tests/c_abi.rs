@@ -37,19 +37,28 @@ fn c_example_compiles_and_runs() {
         .unwrap();
     assert!(cc.status.success(), "cc failed: {}", String::from_utf8_lossy(&cc.stderr));
     let out = dir.join("first.pgm");
+    let ort = runtime::onnx::setup_library_path(root);
     let run = Command::new(&bin)
         .arg(root.join("fixtures/tiny-mnist-f32.onnx"))
         .arg(&out)
         .env("LD_LIBRARY_PATH", target)
+        .env("ORT_DYLIB_PATH", &ort)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(run.status.success(), "{stdout}{}", String::from_utf8_lossy(&run.stderr));
     assert!(stdout.contains("ok: 4 images 1x28x28, classes 10") && stdout.contains("are needed"), "{stdout}");
+    assert!(stdout.contains("inpaint: left half kept"), "{stdout}");
     let pgm = std::fs::read(&out).unwrap();
     assert!(pgm.starts_with(b"P5\n28 28\n255\n") && pgm.len() == 13 + 784);
     // a bad path is an error message through dr_last_error, not a crash
-    let bad = Command::new(&bin).arg(dir.join("nope.onnx")).arg(&out).env("LD_LIBRARY_PATH", target).output().unwrap();
+    let bad = Command::new(&bin)
+        .arg(dir.join("nope.onnx"))
+        .arg(&out)
+        .env("LD_LIBRARY_PATH", target)
+        .env("ORT_DYLIB_PATH", &ort)
+        .output()
+        .unwrap();
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("nope.onnx"));
     std::fs::remove_dir_all(&dir).unwrap();

@@ -107,8 +107,16 @@ fn bad_input_gives_clear_errors() {
     let o = out.to_str().unwrap();
     assert!(err_of(&["--n", "0", "--out", o], &m).contains("--n must be at least 1"));
     assert!(err_of(&["--class", "giraffe", "--out", o], &m).contains("unknown class 'giraffe'"));
-    assert!(err_of(&["--provider", "quantum", "--out", o], &m).contains("unknown provider"));
-    assert!(err_of(&["--sampler", "euler", "--out", o], &m).contains("unknown sampler"));
+    assert!(err_of(&["--batch", "0", "--out", o], &m).contains("--batch must be at least 1"));
+    // names are checked by the argument parser, before the model loads, and --help lists them
+    for (flag, bad, choices) in
+        [("--provider", "quantum", "cpu, cuda, tensorrt, auto"), ("--sampler", "euler", "ddim, ddpm, dpm++")]
+    {
+        let o = generate().arg("--model").arg(&m).args([flag, bad]).output().unwrap();
+        assert_eq!(o.status.code(), Some(2), "a usage error");
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains(&format!("invalid value '{bad}' for '{flag}")) && e.contains(choices), "{e}");
+    }
     assert!(err_of(&["--steps", "5000", "--out", o], &m).contains("--steps must be in 1..=1000"));
     let txt = d.join("notes.onnx");
     std::fs::write(&txt, "this is not a model").unwrap();
@@ -120,5 +128,127 @@ fn bad_input_gives_clear_errors() {
     assert!(err_of(&["--out", o], &cut).contains("truncated.onnx"));
     assert!(err_of(&["--out", o], &d.join("missing.onnx")).contains("missing.onnx"));
     assert!(!out.exists(), "nothing is written on error");
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// The images of `--out-dir`, as 8-bit grey pixels.
+fn read_dir_images(d: &Path, n: usize) -> Vec<Vec<u8>> {
+    (0..n).map(|i| image::open(d.join(format!("{i:06}.png"))).unwrap().to_luma8().into_raw()).collect()
+}
+
+fn run_ok(args: &[&str], paths: &[(&str, &Path)]) -> String {
+    let mut c = generate();
+    c.arg("--model").arg(fixture("tiny-mnist-f32.onnx")).args(args).arg("-q");
+    for (flag, p) in paths {
+        c.arg(flag).arg(p);
+    }
+    if !paths.iter().any(|(flag, _)| *flag == "--out") {
+        // the grid is always written: keep it out of the working directory
+        c.arg("--out").arg(std::env::temp_dir().join(format!("generate-test-grid-{}.png", std::process::id())));
+    }
+    let o = c.output().unwrap();
+    assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+#[test]
+fn image_to_image_and_inpainting_from_files() {
+    let d = tmp("img2img");
+    // a 28x28 grey image: a bright square on a dark gradient
+    let img = image::GrayImage::from_fn(28, 28, |x, y| {
+        image::Luma([if (8..20).contains(&x) && (8..20).contains(&y) { 230 } else { (x * 4) as u8 }])
+    });
+    let input = d.join("in.png");
+    img.save(&input).unwrap();
+    let common = ["--n", "3", "--sampler", "ddim", "--steps", "10", "--seed", "5"];
+    let dir = |tag: &str| d.join(tag);
+    // strength 0 gives the input back, 1 is plain sampling with the same seed
+    run_ok(&[&common[..], &["--strength", "0"]].concat(), &[("--init", &input), ("--out-dir", &dir("s0"))]);
+    assert!(read_dir_images(&dir("s0"), 3).iter().all(|p| p == img.as_raw()));
+    run_ok(&[&common[..], &["--strength", "1"]].concat(), &[("--init", &input), ("--out-dir", &dir("s1"))]);
+    run_ok(&common, &[("--out-dir", &dir("plain"))]);
+    assert_eq!(read_dir_images(&dir("s1"), 3), read_dir_images(&dir("plain"), 3));
+    // half way: the output keeps more of the input than plain samples do
+    run_ok(&[&common[..], &["--strength", "0.3"]].concat(), &[("--init", &input), ("--out-dir", &dir("s03"))]);
+    let dist = |a: &[u8]| a.iter().zip(img.as_raw()).map(|(x, y)| (*x as f64 - *y as f64).abs()).sum::<f64>();
+    let (near, far) = (read_dir_images(&dir("s03"), 3), read_dir_images(&dir("plain"), 3));
+    assert!(near.iter().map(|p| dist(p)).sum::<f64>() < far.iter().map(|p| dist(p)).sum::<f64>());
+
+    // inpainting: the left half is kept (black in the mask), the right half generated (white)
+    let mask = image::GrayImage::from_fn(28, 28, |x, _| image::Luma([if x < 14 { 0 } else { 255 }]));
+    let mask_path = d.join("mask.png");
+    mask.save(&mask_path).unwrap();
+    run_ok(&common, &[("--inpaint", &input), ("--mask", &mask_path), ("--out-dir", &dir("inpaint"))]);
+    for out in read_dir_images(&dir("inpaint"), 3) {
+        let (mut kept, mut changed) = (true, 0);
+        for (i, (o, x)) in out.iter().zip(img.as_raw()).enumerate() {
+            if i % 28 < 14 {
+                kept &= o == x;
+            } else {
+                changed += (o != x) as usize;
+            }
+        }
+        assert!(kept, "the known pixels are the input's");
+        assert!(changed > 100, "the masked region is generated ({changed} of 392 pixels differ)");
+    }
+    // with RePaint's resampling the known pixels stay too
+    run_ok(
+        &[&common[..], &["--resample", "2", "--jump", "3"]].concat(),
+        &[("--inpaint", &input), ("--mask", &mask_path), ("--out-dir", &dir("repaint"))],
+    );
+    assert!(read_dir_images(&dir("repaint"), 3)
+        .iter()
+        .all(|p| (0..784).filter(|i| i % 28 < 14).all(|i| p[i] == img.as_raw()[i])));
+
+    // interpolation: frame 0 is the first image's own image-to-image result with a shared x_t, the last the
+    // second's; the grid is one row
+    let flipped = d.join("flipped.png");
+    image::imageops::flip_horizontal(&img).save(&flipped).unwrap();
+    let ends =
+        ["--sampler", "ddim", "--steps", "10", "--seed", "5", "--strength", "0.5", "--class", "3", "--batch", "1"];
+    let mut c = generate();
+    c.arg("--model").arg(fixture("tiny-mnist-f32.onnx")).args(ends).args(["--frames", "4", "-q", "--interpolate"]);
+    let o = c.arg(&input).arg(&flipped).arg("--out-dir").arg(dir("lerp")).arg("--out").arg(d.join("lerp.png")).output();
+    assert!(o.unwrap().status.success());
+    assert_eq!(png_size(&d.join("lerp.png")).0, 4 * 28 + 5 * 2, "one row of 4 frames");
+    let frames = read_dir_images(&dir("lerp"), 4);
+    for (k, (x0, frame)) in [(&input, &frames[0]), (&flipped, &frames[3])].into_iter().enumerate() {
+        let tag = format!("alone-{k}");
+        run_ok(&[&ends[..], &["--n", "1", "--share-xt"]].concat(), &[("--init", x0), ("--out-dir", &dir(&tag))]);
+        assert_eq!(&read_dir_images(&dir(&tag), 1)[0], frame);
+    }
+    assert_ne!(frames[1], frames[0]);
+    // between two seeds: the ends are those seeds' images from a shared x_T
+    let seeds = ["--sampler", "ddim", "--steps", "10", "--class", "3", "--batch", "1"];
+    let mut c = generate();
+    c.arg("--model").arg(fixture("tiny-mnist-f32.onnx")).args(seeds).args(["--frames", "3", "-q"]);
+    let st =
+        c.args(["--interpolate-seeds", "11", "12", "--out-dir"]).arg(dir("slerp")).arg("--out").arg(d.join("s.png"));
+    assert!(st.output().unwrap().status.success());
+    let frames = read_dir_images(&dir("slerp"), 3);
+    for (k, seed) in [(0, "11"), (2, "12")] {
+        let tag = format!("seed-{seed}");
+        run_ok(&[&seeds[..], &["--n", "1", "--share-xt", "--seed", seed]].concat(), &[("--out-dir", &dir(&tag))]);
+        assert_eq!(read_dir_images(&dir(&tag), 1)[0], frames[k], "frame {k} is seed {seed}'s");
+    }
+
+    // an RGB image of another size is converted and resized, and says so
+    let rgb = d.join("rgb.png");
+    image::RgbImage::from_pixel(40, 30, image::Rgb([200, 10, 10])).save(&rgb).unwrap();
+    let notes = run_ok(&common, &[("--init", &rgb), ("--out", &d.join("rgb-out.png"))]);
+    assert!(notes.contains("40x30 resized to the model's 28x28") && notes.contains("colour converted"), "{notes}");
+    // bad input: a mask of another size, a strength outside [0, 1], an unreadable file
+    let small = d.join("small.png");
+    image::GrayImage::new(10, 10).save(&small).unwrap();
+    let o = d.join("x.png");
+    let o = o.to_str().unwrap();
+    let m = fixture("tiny-mnist-f32.onnx");
+    let e = err_of(&["--inpaint", input.to_str().unwrap(), "--mask", small.to_str().unwrap(), "--out", o], &m);
+    assert!(e.contains("--mask") && e.contains("is 10x10, the image it masks 28x28"), "{e}");
+    let e = err_of(&["--init", input.to_str().unwrap(), "--strength", "1.5", "--out", o], &m);
+    assert!(e.contains("--strength must be in [0, 1]"), "{e}");
+    let e = err_of(&["--init", mask_path.with_extension("nope").to_str().unwrap(), "--out", o], &m);
+    assert!(e.contains("mask.nope") && e.contains("cannot read"), "{e}");
+    assert!(!Path::new(o).exists());
     std::fs::remove_dir_all(&d).unwrap();
 }

@@ -7,7 +7,7 @@ fn main() -> anyhow::Result<()> {
     for _ in 0..3 {
         let s = Instant::now();
         let cols = x.as_tensor().contiguous()?;
-        let y = trainer::ops::conv2d_gemm(&cols, &w, None, 1, 1)?;
+        let y = trainer::model::ops::conv2d_gemm(&cols, &w, None, 1, 1)?;
         let f = s.elapsed().as_secs_f64();
         let s = Instant::now();
         let g = y.sum_all()?.backward()?;

@@ -8,10 +8,10 @@ use std::time::Instant;
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
-use trainer::config::Config;
-use trainer::ops::{CandleOps, Ops};
-use trainer::params::{InitSource, Param};
-use trainer::unet::UNet;
+use trainer::model::ops::{CandleOps, Ops};
+use trainer::model::params::{InitSource, Param};
+use trainer::model::unet::UNet;
+use trainer::train::config::Config;
 
 struct Timed<'a> {
     inner: CandleOps<'a>,

@@ -6,7 +6,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::time::Instant;
 
 use candle_core::Device;
-use trainer::config::Config;
+use trainer::train::config::Config;
 use trainer::train::{make_batch, step_rng, Trainer};
 
 fn main() -> anyhow::Result<()> {
@@ -19,7 +19,7 @@ fn main() -> anyhow::Result<()> {
     let mut t = Trainer::new(cfg, data, Device::Cpu)?;
     for i in 0..args.get(3).map(|s| s.parse().unwrap()).unwrap_or(4) {
         let mut rng = step_rng(0, i);
-        let idx = t.sampler.batch(i, t.cfg.train.batch_size);
+        let idx = t.order.batch(i, t.cfg.train.batch_size);
         let s = Instant::now();
         let batch = make_batch(&t.data, &idx, &t.cfg, &t.schedule, &mut rng, &t.device)?;
         let b = s.elapsed().as_secs_f64();
@@ -30,7 +30,7 @@ fn main() -> anyhow::Result<()> {
         let grads = loss.backward()?;
         let bw = s.elapsed().as_secs_f64();
         let s = Instant::now();
-        t.opt.step(&trainer::optim::Grads::Candle(&grads), 1e-4, 1.0)?;
+        t.opt.step(&trainer::train::optim::Grads::Candle(&grads), 1e-4, 1.0)?;
         t.ema.update(&t.vars)?;
         let o = s.elapsed().as_secs_f64();
         eprintln!("step {i}: batch {b:.3}s forward {f:.3}s backward {bw:.3}s optimiser+ema {o:.3}s");

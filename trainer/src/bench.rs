@@ -12,8 +12,8 @@ use rand_distr::{Distribution, StandardNormal};
 use runtime::sampler::Denoiser;
 use serde::Serialize;
 
-use crate::config::Config;
 use crate::denoise::CandleDenoiser;
+use crate::train::config::Config;
 use crate::train::{Engine, Trainer};
 
 #[derive(Debug, Serialize)]

@@ -9,9 +9,9 @@ use runtime::images::Images;
 use runtime::sampler::{self, Denoiser, Method, Request, Spacing};
 use runtime::schedule::NoiseSchedule;
 
-use crate::ops::CandleOps;
-use crate::tape::{Pool, Tape};
-use crate::unet::{UNet, UNetConfig};
+use crate::model::ops::CandleOps;
+use crate::model::tape::{Pool, Tape};
+use crate::model::unet::{UNet, UNetConfig};
 
 pub struct CandleDenoiser<'a> {
     pub unet: &'a UNet,
@@ -27,7 +27,13 @@ impl<'a> CandleDenoiser<'a> {
 }
 
 impl Denoiser for CandleDenoiser<'_> {
-    fn eps(&mut self, x: &[f32], shape: [usize; 4], t: &[i64], y: Option<&[i64]>) -> Result<Vec<f32>> {
+    fn eps(&mut self, x: &[f32], shape: [usize; 4], t: &[i64], y: Option<&[i64]>) -> runtime::Result<Vec<f32>> {
+        self.eps_candle(x, shape, t, y).map_err(runtime::Error::denoiser)
+    }
+}
+
+impl CandleDenoiser<'_> {
+    fn eps_candle(&mut self, x: &[f32], shape: [usize; 4], t: &[i64], y: Option<&[i64]>) -> Result<Vec<f32>> {
         let labels: Option<Vec<i64>> = match (y, self.unet.cfg.null_class()) {
             (Some(y), Some(_)) => Some(y.to_vec()),
             (None, Some(null)) => Some(vec![null as i64; t.len()]),
@@ -73,7 +79,7 @@ pub fn preview(
     if let Some(d) = path.parent() {
         std::fs::create_dir_all(d)?;
     }
-    images.save_grid(path)
+    Ok(images.save_grid(path)?)
 }
 
 /// A sampling request in `cfg`'s image shape. Conditional models draw `label`, or cycle through the classes,
@@ -98,7 +104,7 @@ pub fn reverse_strip(
     req: &Request,
     cols: usize,
 ) -> Result<(Vec<f32>, usize, Vec<usize>)> {
-    let steps = req.method.timesteps(sched.num_timesteps())?.len();
+    let steps = req.num_steps(sched.num_timesteps())?;
     let mut strip = sampler::Strip::new(steps, cols, req.n, req.shape.iter().product());
     let mut den = CandleDenoiser::new(unet, device);
     sampler::sample(&mut den, sched, req, &mut |s| strip.record(s))?;

@@ -1,21 +1,22 @@
 //! Trains DDPM noise-prediction U-Nets with Candle and exports them to ONNX.
 //!
 //! The diffusion math (schedules, q(x_t|x_0), posteriors, samplers) lives in the `runtime` crate; this crate
-//! owns the data, the U-Net, the training loop, checkpoints and the ONNX writer.
+//! owns the data, the U-Net, the training loop, checkpoints and the ONNX writer:
+//!
+//! - [`data`]: datasets (IDX, CIFAR-10, image folders) and augmentation;
+//! - [`model`]: the U-Net, the `Ops` it is written against, the CPU tape engine and its kernels, parameters;
+//! - [`train`]: configuration, batches, the loop, AdamW and EMA, checkpoints;
+//! - [`onnx`]: the graph writer, `trainer export` and the model card;
+//! - [`eval`]: the evaluation classifier, Inception-v3, FID, `trainer eval` and its sweeps;
+//! - [`denoise`]: the U-Net as the runtime's `Denoiser` (previews, evaluation); [`plot`], [`bench`];
+//!   [`progress`]: how long work reports progress without printing.
 
 pub mod bench;
-pub mod checkpoint;
-pub mod config;
 pub mod data;
 pub mod denoise;
 pub mod eval;
-pub mod export;
-pub mod inception;
-pub mod kernels;
-pub mod ops;
-pub mod optim;
-pub mod params;
+pub mod model;
+pub mod onnx;
 pub mod plot;
-pub mod tape;
+pub mod progress;
 pub mod train;
-pub mod unet;

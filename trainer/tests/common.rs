@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use trainer::config::Config;
+use trainer::train::config::Config;
 
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
@@ -63,4 +63,9 @@ pub fn write_config(cfg: &Config, dir: &Path) -> PathBuf {
     let p = dir.join("config.toml");
     std::fs::write(&p, toml::to_string_pretty(cfg).unwrap()).unwrap();
     p
+}
+
+/// Lets in-process users of ONNX Runtime (OrtDenoiser, Generator) find the library scripts/setup.sh installed.
+pub fn ort() {
+    runtime::onnx::add_library_candidate(runtime::onnx::setup_library_path(&root()));
 }

@@ -46,9 +46,20 @@ fn eval_reports_accuracy_score_and_fid_with_floor() {
         [cached[0].trim_end_matches(".onnx"), cached[0].trim_end_matches(".onnx")],
         "{cached:?}"
     );
-    let again = eval(&small);
+    // again, with the memorisation check: the same numbers, and the nearest-neighbour grid and distances
+    let again = eval(&[&small[..], &["--nearest", "2"]].concat());
     assert_eq!(again["classifier_test_accuracy"], r["classifier_test_accuracy"]);
     assert_eq!(again["fid_classifier_features"], r["fid_classifier_features"]);
+    let near = &again["nearest"];
+    assert_eq!((near["k"].as_u64(), near["n"].as_u64()), (Some(2), Some(40)));
+    for space in ["pixel", "features"] {
+        let d = |k: &str| near[space][k].as_f64().unwrap();
+        assert!(d("samples_min") <= d("samples_p05") && d("samples_p05") <= d("samples_median"), "{near}");
+        // a 2-step model draws noise: real test digits lie nearer the training digits than its samples do
+        assert!(d("test_median") < d("samples_median"), "{space}: {near}");
+    }
+    let grid = image::open(run.join("nearest.png")).unwrap();
+    assert_eq!((grid.width(), grid.height()), (5 * 28 + 6 * 2, 10 * 28 + 11 * 2), "10 rows: sample + 2 + 2");
     classifier_onnx_agrees(&cache, &cfg);
 
     // Inception-v3 FID beside the classifier's (16 images: Inception is slow on the CPU)
@@ -107,9 +118,9 @@ fn eval_reports_accuracy_score_and_fid_with_floor() {
 
     // bad requests stop at once with the reason
     for (args, needle) in [
-        (vec!["--features", "classifier", "--sampler", "euler"], "unknown sampler 'euler'"),
+        (vec!["--features", "classifier", "--sampler", "euler"], "invalid value 'euler' for '--sampler"),
         (vec!["--features", "classifier", "--sweep-steps", "0,5"], "0 sampling steps"),
-        (vec!["--features", "classifier,clip"], "unknown feature space 'clip'"),
+        (vec!["--features", "classifier,clip"], "invalid value 'clip' for '--features"),
         (vec!["--inception-weights", "/nonexistent/default_1.pt"], "scripts/fetch-data.sh inception"),
     ] {
         let out = run_eval(&args);
@@ -142,7 +153,7 @@ fn eval_reports_accuracy_score_and_fid_with_floor() {
 }
 
 /// The cached classifier's ONNX twin (read by candle-onnx) predicts what the Candle classifier predicts.
-fn classifier_onnx_agrees(cache: &std::path::Path, cfg: &trainer::config::Config) {
+fn classifier_onnx_agrees(cache: &std::path::Path, cfg: &trainer::train::config::Config) {
     use candle_core::{Device, Tensor};
     let st = std::fs::read_dir(cache)
         .unwrap()
@@ -151,12 +162,12 @@ fn classifier_onnx_agrees(cache: &std::path::Path, cfg: &trainer::config::Config
         .unwrap();
     let onnx = candle_onnx::read_file(st.with_extension("onnx")).unwrap();
     let mut data = cfg.data.clone();
-    data.split = "test".into();
+    data.split = trainer::data::Split::Test;
     data.limit = 64;
     let test = trainer::data::load(&data, 28).unwrap();
     let x: Vec<f32> = (0..64).flat_map(|i| test.image_f32(i)).collect();
     let tensors = candle_core::safetensors::load(&st, &Device::Cpu).unwrap();
-    let mut src = trainer::params::TensorSource::new(&tensors, "classifier");
+    let mut src = trainer::model::params::TensorSource::new(&tensors, "classifier");
     let clf = trainer::eval::Classifier::new(1, 28, 10, &mut src).unwrap();
     let (_, ours) = trainer::eval::features(&clf, &x, [1, 28, 28], &Device::Cpu).unwrap();
     let xt = Tensor::from_vec(x, (64, 1, 28, 28), &Device::Cpu).unwrap();

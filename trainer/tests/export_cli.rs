@@ -6,7 +6,9 @@ mod common;
 use std::process::Command;
 
 use common::*;
+use runtime::metadata::{Dtype, Recommended, Weights};
 use runtime::onnx::{OrtDenoiser, Provider};
+use runtime::sampler::SamplerKind;
 
 fn trainer() -> Command {
     Command::new(env!("CARGO_BIN_EXE_trainer"))
@@ -21,6 +23,7 @@ fn fails_with(cmd: &mut Command, needle: &str) {
 
 #[test]
 fn export_writes_self_describing_models_and_refuses_bad_requests() {
+    ort();
     data_dir("mnist");
     let dir = tmp_dir("export");
     let mut cfg = tiny("mnist");
@@ -51,26 +54,20 @@ fn export_writes_self_describing_models_and_refuses_bad_requests() {
         let sum = format!("{:x}", sha2::Sha256::digest(std::fs::read(&p).unwrap()));
         assert!(card.contains(&format!("sha256 {sum}")), "{card}");
         assert!(card.contains("| training | 2 steps, batch 8,") && card.contains("mnist (train)"), "{card}");
-        assert!(card.contains(&format!("| file | {dtype}, ema weights")), "{card}");
+        let want: Dtype = dtype.parse().unwrap();
+        assert!(card.contains(&format!("| file | {want}, ema weights")), "{card}");
         let den = OrtDenoiser::open(&p, &Provider::Cpu, Some(1)).unwrap();
-        let md = &den.info.metadata;
-        assert_eq!(den.info.num_classes, 10);
-        assert_eq!(den.info.null_class, Some(10));
-        assert_eq!(den.info.class_names[7], "7");
-        assert_eq!(den.info.betas.len(), 1000);
-        assert_eq!(den.info.f16, dtype == "f16");
-        assert_eq!(md["diffusion.training_steps"], "2");
-        assert_eq!(md["diffusion.weights"], "ema");
-        for k in [
-            "diffusion.schedule",
-            "diffusion.ema_decay",
-            "diffusion.dataset_fingerprint",
-            "diffusion.exporter",
-            "diffusion.pixel_range",
-            "diffusion.model_config",
-        ] {
-            assert!(md.contains_key(k), "{k} missing");
-        }
+        let info = den.info();
+        assert_eq!((info.num_classes, info.null_class, info.class_names[7].as_str()), (10, Some(10), "7"));
+        assert_eq!((info.betas.len(), info.dtype), (1000, want));
+        assert_eq!(
+            (info.training_steps, info.weights, info.ema_decay),
+            (Some(2), Some(Weights::Ema), Some(cfg.train.ema_decay))
+        );
+        assert_eq!(info.schedule, Some(runtime::schedule::BetaSchedule::LINEAR));
+        assert!(info.dataset_fingerprint.is_some() && info.exporter.is_some() && info.model_config.is_some());
+        // everything the file says is in the schema (nothing written beside it)
+        assert!(info.extra.is_empty(), "{:?}", info.extra);
     }
     // the recommended way of sampling goes into the metadata and the card
     let rec = dir.join("rec.onnx");
@@ -83,8 +80,8 @@ fn export_writes_self_describing_models_and_refuses_bad_requests() {
         .unwrap();
     assert!(st.success());
     let den = OrtDenoiser::open(&rec, &Provider::Cpu, Some(1)).unwrap();
-    let want = runtime::onnx::Recommended { sampler: "dpm++".into(), steps: 20, guidance: 2.0 };
-    assert_eq!(den.info.recommended, Some(want));
+    let want = Recommended { sampler: SamplerKind::DpmSolverPP, steps: 20, guidance: 2.0 };
+    assert_eq!(den.info().recommended, Some(want));
     let card = std::fs::read_to_string(rec.with_extension("md")).unwrap();
     assert!(card.contains("recommends dpm++ with 20 steps, guidance 2"), "{card}");
     fails_with(
@@ -93,7 +90,7 @@ fn export_writes_self_describing_models_and_refuses_bad_requests() {
             .arg(&run)
             .args(["--sampler", "euler", "--steps", "9", "--guidance", "1", "--out"])
             .arg(dir.join("x.onnx")),
-        "unknown sampler 'euler'",
+        "invalid value 'euler' for '--sampler",
     );
     assert!(!dir.join("x.onnx").exists());
     // an existing model card is kept without --force (and nothing else is written)
@@ -105,6 +102,14 @@ fn export_writes_self_describing_models_and_refuses_bad_requests() {
     );
     assert!(!fresh.exists());
     assert_eq!(std::fs::read(dir.join("fresh.md")).unwrap(), b"hand-written card");
+    // a run's eval.json that is not an eval report stops the export before anything is written
+    std::fs::write(run.join("eval.json"), b"{\"samples\": \"many\"}").unwrap();
+    fails_with(
+        trainer().args(["export", "--card", "--run"]).arg(&run).arg("--out").arg(&fresh).arg("--force"),
+        "eval.json is not an eval report",
+    );
+    assert!(!fresh.exists());
+    std::fs::remove_file(run.join("eval.json")).unwrap();
     // an existing output is kept without --force
     std::fs::write(&out, b"precious").unwrap();
     fails_with(trainer().args(["export", "--run"]).arg(&run).arg("--out").arg(&out), "--force");
@@ -113,7 +118,7 @@ fn export_writes_self_describing_models_and_refuses_bad_requests() {
     let new = dir.join("new.onnx");
     fails_with(
         trainer().args(["export", "--run"]).arg(&run).args(["--dtype", "f64", "--out"]).arg(&new),
-        "unknown dtype 'f64'",
+        "invalid value 'f64' for '--dtype",
     );
     fails_with(
         trainer().args(["export", "--run"]).arg(&run).args(["--checkpoint", "5", "--out"]).arg(&new),
@@ -125,7 +130,7 @@ fn export_writes_self_describing_models_and_refuses_bad_requests() {
     );
     assert!(!new.exists());
     // a checkpoint whose config does not match its tensors
-    let ck = trainer::checkpoint::resolve(&run, "latest").unwrap();
+    let ck = trainer::train::checkpoint::resolve(&run, "latest").unwrap();
     let sp = ck.join("state.json");
     let text = std::fs::read_to_string(&sp).unwrap().replacen("\"ch\": 32", "\"ch\": 64", 1);
     std::fs::write(&sp, text).unwrap();

@@ -2,20 +2,24 @@
 //! crate) and candle-onnx's simple_eval against Candle, f32 and f16, conditional and unconditional,
 //! attention at two resolutions, scale-shift on and off, batch 1 and 7.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
+use common::ort;
 use prost::Message;
 use rand::{Rng, SeedableRng};
+use runtime::metadata::{Dtype, Weights};
 use runtime::onnx::{OrtDenoiser, Provider};
 use runtime::sampler::Denoiser;
-use trainer::checkpoint::{RngState, State};
-use trainer::config::Config;
-use trainer::export::{build_model, candle_onnx_eval, metadata, ExportDtype};
-use trainer::ops::CandleOps;
-use trainer::params::{ShapeCounter, TensorSource};
-use trainer::unet::{UNet, UNetConfig};
+use trainer::model::ops::CandleOps;
+use trainer::model::params::{ShapeCounter, TensorSource};
+use trainer::model::unet::{UNet, UNetConfig};
+use trainer::onnx::{build_model, candle_onnx_eval, metadata};
+use trainer::train::checkpoint::{RngState, State};
+use trainer::train::config::Config;
 
 /// A U-Net whose every weight is random (the zero-initialised output layers would make parity trivial).
 fn random_unet(cfg: &UNetConfig, seed: u64) -> UNet {
@@ -62,8 +66,8 @@ fn state_for(cfg: &UNetConfig) -> State {
     }
 }
 
-fn write_onnx(unet: &UNet, dtype: ExportDtype, tag: &str) -> (PathBuf, candle_onnx::onnx::ModelProto) {
-    let md = metadata(&state_for(&unet.cfg), "raw", dtype, None).unwrap();
+fn write_onnx(unet: &UNet, dtype: Dtype, tag: &str) -> (PathBuf, candle_onnx::onnx::ModelProto) {
+    let md = metadata(&state_for(&unet.cfg), Weights::Raw, dtype, None).unwrap().to_props();
     let model = build_model(unet, dtype, 17, &md).unwrap();
     let p = std::env::temp_dir().join(format!("parity-{tag}-{}.onnx", std::process::id()));
     std::fs::write(&p, model.encode_to_vec()).unwrap();
@@ -132,10 +136,11 @@ fn candle_eps(unet: &UNet, x: &[f32], t: &[i64], y: &[i64]) -> Vec<f32> {
 
 #[test]
 fn onnx_runtime_and_candle_onnx_match_candle() {
+    ort();
     for case in cases() {
         let unet = random_unet(&case.cfg, 7);
-        let (p32, model32) = write_onnx(&unet, ExportDtype::F32, &format!("{}-f32", case.name));
-        let (p16, _) = write_onnx(&unet, ExportDtype::F16, &format!("{}-f16", case.name));
+        let (p32, model32) = write_onnx(&unet, Dtype::F32, &format!("{}-f32", case.name));
+        let (p16, _) = write_onnx(&unet, Dtype::F16, &format!("{}-f16", case.name));
         let mut ort32 = OrtDenoiser::open(&p32, &Provider::Cpu, Some(2)).unwrap();
         let mut ort16 = OrtDenoiser::open(&p16, &Provider::Cpu, Some(2)).unwrap();
         let cfg = &case.cfg;
@@ -168,9 +173,10 @@ fn onnx_runtime_and_candle_onnx_match_candle() {
 
 #[test]
 fn f16_export_has_no_nan_or_inf_at_any_timestep() {
+    ort();
     let case = &cases()[1];
     let unet = random_unet(&case.cfg, 3);
-    let (p16, _) = write_onnx(&unet, ExportDtype::F16, "nan");
+    let (p16, _) = write_onnx(&unet, Dtype::F16, "nan");
     let mut ort16 = OrtDenoiser::open(&p16, &Provider::Cpu, Some(2)).unwrap();
     let cfg = &case.cfg;
     let b = 100;
@@ -189,20 +195,21 @@ fn f16_export_has_no_nan_or_inf_at_any_timestep() {
 
 #[test]
 fn runtime_refuses_foreign_models_and_impossible_requests() {
+    ort();
     use runtime::generator::{GenerateRequest, Generator, GeneratorOptions};
     let case = &cases()[0]; // unconditional
     let unet = random_unet(&case.cfg, 1);
     let dir = std::env::temp_dir().join(format!("foreign-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     // no metadata: the missing keys are named
-    let bare = build_model(&unet, ExportDtype::F32, 17, &Default::default()).unwrap();
+    let bare = build_model(&unet, Dtype::F32, 17, &Default::default()).unwrap();
     let p = dir.join("bare.onnx");
     std::fs::write(&p, bare.encode_to_vec()).unwrap();
     let e = format!("{:#}", OrtDenoiser::open(&p, &Provider::Cpu, Some(1)).err().unwrap());
     assert!(e.contains("not exported by `trainer export`") && e.contains("diffusion.betas"), "{e}");
     // other input names
-    let md = metadata(&state_for(&unet.cfg), "raw", ExportDtype::F32, None).unwrap();
-    let mut renamed = build_model(&unet, ExportDtype::F32, 17, &md).unwrap();
+    let md = metadata(&state_for(&unet.cfg), Weights::Raw, Dtype::F32, None).unwrap().to_props();
+    let mut renamed = build_model(&unet, Dtype::F32, 17, &md).unwrap();
     let g = renamed.graph.as_mut().unwrap();
     g.input[0].name = "sample".into();
     for n in g.node.iter_mut() {
@@ -215,12 +222,12 @@ fn runtime_refuses_foreign_models_and_impossible_requests() {
     let e = format!("{:#}", OrtDenoiser::open(&p2, &Provider::Cpu, Some(1)).err().unwrap());
     assert!(e.contains("inputs are") && e.contains("sample"), "{e}");
     // an unconditional model: no --class, no --guidance
-    let (p3, _) = write_onnx(&unet, ExportDtype::F32, "uncond-gen");
+    let (p3, _) = write_onnx(&unet, Dtype::F32, "uncond-gen");
     let g = Generator::open(&p3, &GeneratorOptions::default()).unwrap();
     let e = g.plan(&GenerateRequest { class: Some("3".into()), ..Default::default() }).unwrap_err().to_string();
     assert!(e.contains("unconditional"), "{e}");
     let e = g.plan(&GenerateRequest { guidance: 2.0, ..Default::default() }).unwrap_err().to_string();
-    assert!(e.contains("--guidance needs a class-conditional model"), "{e}");
+    assert!(e.contains("guidance needs a class-conditional model"), "{e}");
     // a provider that cannot load is an error with the reason, not a fall-back to the CPU
     let e = format!(
         "{:#}",
@@ -235,17 +242,16 @@ fn runtime_refuses_foreign_models_and_impossible_requests() {
 
 #[test]
 fn python_onnx_checker_and_onnxruntime_agree_with_candle() {
+    ort();
     let py = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
     assert!(
         py.is_file(),
         "this test needs the Python venv with onnx and onnxruntime: run scripts/setup.sh (.ci/run does)"
     );
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/check_onnx.py");
-    for (case, dtype, tol) in [
-        (&cases()[1], ExportDtype::F32, 1e-4),
-        (&cases()[1], ExportDtype::F16, 2e-2),
-        (&cases()[0], ExportDtype::F32, 1e-4),
-    ] {
+    for (case, dtype, tol) in
+        [(&cases()[1], Dtype::F32, 1e-4), (&cases()[1], Dtype::F16, 2e-2), (&cases()[0], Dtype::F32, 1e-4)]
+    {
         let unet = random_unet(&case.cfg, 11);
         let (p, _) = write_onnx(&unet, dtype, &format!("py-{}-{dtype:?}", case.name));
         let cfg = &case.cfg;
@@ -268,11 +274,12 @@ fn python_onnx_checker_and_onnxruntime_agree_with_candle() {
 
 #[test]
 fn the_same_sampler_gives_the_same_images_through_candle_and_onnx_runtime() {
+    ort();
     use runtime::sampler::{sample, Method, Request, Spacing};
     use trainer::denoise::CandleDenoiser;
     let case = &cases()[1];
     let unet = random_unet(&case.cfg, 21);
-    let (p, _) = write_onnx(&unet, ExportDtype::F32, "same-sampler");
+    let (p, _) = write_onnx(&unet, Dtype::F32, "same-sampler");
     let mut ort = OrtDenoiser::open(&p, &Provider::Cpu, Some(1)).unwrap();
     let mut candle = CandleDenoiser::new(&unet, &Device::Cpu);
     let sched = runtime::schedule::NoiseSchedule::new(runtime::schedule::BetaSchedule::LINEAR, 1000);

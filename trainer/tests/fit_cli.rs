@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use trainer::checkpoint;
+use trainer::train::checkpoint;
 
 fn trainer() -> Command {
     Command::new(env!("CARGO_BIN_EXE_trainer"))

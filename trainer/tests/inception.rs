@@ -3,7 +3,7 @@
 mod common;
 
 use candle_core::Device;
-use trainer::inception::InceptionV3;
+use trainer::eval::inception::InceptionV3;
 
 fn weights() -> std::path::PathBuf {
     let p = common::root().join("data/inception/default_1.pt");

@@ -11,10 +11,10 @@ use common::*;
 use runtime::generator::{GenerateRequest, Generator, GeneratorOptions};
 use runtime::onnx::{OrtDenoiser, Provider};
 use runtime::sampler::Denoiser;
-use trainer::config::Config;
+use trainer::train::config::Config;
 
 /// (file in models/, preset that made it, minimum fraction recognised)
-const SHIPPED: [(&str, &str, f64); 1] = [("mnist.onnx", "mnist", 0.90)];
+const SHIPPED: [(&str, &str, f64); 2] = [("mnist.onnx", "mnist", 0.90), ("fashion-mnist.onnx", "fashion-mnist", 0.90)];
 
 fn model(name: &str) -> PathBuf {
     let p = root().join("models").join(name);
@@ -24,6 +24,7 @@ fn model(name: &str) -> PathBuf {
 
 #[test]
 fn shipped_models_draw_the_classes_asked_for() {
+    ort();
     for (file, preset, min) in SHIPPED {
         let mut cfg = Config::load(&root().join("trainer/configs").join(format!("{preset}.toml"))).unwrap();
         cfg.data.path = root().join(&cfg.data.path);
@@ -33,14 +34,15 @@ fn shipped_models_draw_the_classes_asked_for() {
             Generator::open(&model(file), &GeneratorOptions { provider: Provider::Cpu, threads: None }).unwrap();
         let info = g.info().clone();
         assert_eq!(
-            info.metadata["diffusion.dataset_fingerprint"], train.fingerprint,
+            info.dataset_fingerprint.as_deref(),
+            Some(train.fingerprint.as_str()),
             "{file} was not trained on this preset's data"
         );
         let rec = info.recommended.clone().expect("a shipped model recommends how to sample it");
         let k = info.num_classes;
         let req = GenerateRequest {
             n: 20 * k,
-            sampler: rec.sampler.clone(),
+            sampler: rec.sampler,
             steps: rec.steps,
             guidance: rec.guidance,
             batch: 50,
@@ -48,10 +50,15 @@ fn shipped_models_draw_the_classes_asked_for() {
         };
         let plan = g.plan(&req).unwrap();
         let labels = plan.labels.clone().expect("classes cycle");
-        let mut x = runtime::sampler::sample(&mut g.denoiser, &g.schedule, &plan, &mut |_| {}).unwrap();
+        let mut x = g.sample(&plan, &mut |_| {}).unwrap();
         trainer::eval::quantize(&mut x);
-        let (clf, _) =
-            trainer::eval::classifier_for(&train, &root().join("data/classifiers"), &Device::Cpu, true).unwrap();
+        let (clf, _) = trainer::eval::classifier_for(
+            &train,
+            &root().join("data/classifiers"),
+            &Device::Cpu,
+            &trainer::progress::Silent,
+        )
+        .unwrap();
         let [c, s, _] = plan.shape;
         let (_, preds) = trainer::eval::features(&clf, &x, [c, s, s], &Device::Cpu).unwrap();
         let mut per_class = vec![0usize; k];
@@ -78,6 +85,7 @@ fn shipped_models_draw_the_classes_asked_for() {
 
 #[test]
 fn shipped_models_read_alike_in_onnx_runtime_candle_onnx_and_python() {
+    ort();
     let py = root().join(".venv/bin/python");
     assert!(
         py.is_file(),
@@ -86,7 +94,7 @@ fn shipped_models_read_alike_in_onnx_runtime_candle_onnx_and_python() {
     for (file, _, _) in SHIPPED {
         let path = model(file);
         let mut ort = OrtDenoiser::open(&path, &Provider::Cpu, Some(2)).unwrap();
-        let info = ort.info.clone();
+        let info = ort.info().clone();
         let (b, c, s) = (5usize, info.channels, info.image_size);
         let n = b * c * s * s;
         let x: Vec<f32> = (0..n).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 1.5).collect();
@@ -100,7 +108,7 @@ fn shipped_models_read_alike_in_onnx_runtime_candle_onnx_and_python() {
         let xs = Tensor::from_vec(x.clone(), (b, c, s, s), &Device::Cpu).unwrap();
         let ts = Tensor::from_vec(t.clone(), b, &Device::Cpu).unwrap();
         let ys = Tensor::from_vec(y.clone(), b, &Device::Cpu).unwrap();
-        let co = trainer::export::candle_onnx_eval(&proto, &xs, &ts, yo.map(|_| &ys)).unwrap();
+        let co = trainer::onnx::candle_onnx_eval(&proto, &xs, &ts, yo.map(|_| &ys)).unwrap();
         let co: Vec<f32> = co.flatten_all().unwrap().to_vec1().unwrap();
         let num: f32 = co.iter().zip(&eps).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt();
         let den: f32 = eps.iter().map(|v| v * v).sum::<f32>().sqrt();

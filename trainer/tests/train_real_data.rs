@@ -7,7 +7,7 @@ use common::*;
 use trainer::data;
 use trainer::train::{Engine, Trainer};
 
-fn train_steps(mut cfg: trainer::config::Config, steps: usize) -> Vec<f64> {
+fn train_steps(mut cfg: trainer::train::config::Config, steps: usize) -> Vec<f64> {
     cfg.train.steps = steps;
     let ds = data::load(&cfg.data, cfg.model.image_size).unwrap();
     let mut t = Trainer::new(cfg, ds, Device::Cpu).unwrap();
@@ -24,7 +24,7 @@ fn mnist_full_training_set_loads_and_trains() {
     let count = |c: u32| ds.labels.as_ref().unwrap().iter().filter(|l| **l == c).count();
     assert_eq!((count(0), count(9)), (5923, 5949));
     let mut test_cfg = cfg.data.clone();
-    test_cfg.split = "test".into();
+    test_cfg.split = trainer::data::Split::Test;
     assert_eq!(data::load(&test_cfg, 28).unwrap().len, 10_000);
     let losses = train_steps(cfg, 3);
     assert!(losses.iter().all(|l| l.is_finite() && *l > 0.0), "{losses:?}");
@@ -81,7 +81,7 @@ fn tape_engine_and_candle_autograd_train_alike_on_mnist() {
     let mut cfg = tiny("mnist");
     cfg.model.dropout = 0.1;
     cfg.train.min_snr_gamma = 5.0;
-    cfg.train.lr_schedule = "cosine".into();
+    cfg.train.lr_schedule = trainer::train::config::LrSchedule::Cosine;
     cfg.train.steps = 12;
     cfg.train.warmup_steps = 2;
     let run = |engine| {
@@ -111,7 +111,7 @@ fn cosine_schedule_warms_up_then_decays_to_zero() {
     cfg.train.lr = 1e-3;
     cfg.train.warmup_steps = 10;
     cfg.train.steps = 110;
-    cfg.train.lr_schedule = "cosine".into();
+    cfg.train.lr_schedule = trainer::train::config::LrSchedule::Cosine;
     let ds = data::load(&cfg.data, cfg.model.image_size).unwrap();
     let mut t = Trainer::new(cfg, ds, Device::Cpu).unwrap();
     let mut at = |s| {
@@ -126,4 +126,47 @@ fn cosine_schedule_warms_up_then_decays_to_zero() {
     let w = t.loss_weights(&[0, 999]);
     let snr0 = t.schedule.snr(0);
     assert!((w[0] as f64 - 1.0f64.min(5.0 / snr0)).abs() < 1e-6 && w[1] == 1.0, "{w:?}");
+}
+
+/// A step whose loss is not finite updates nothing and is counted; a few in a row stop the run; weights that are
+/// not finite are never checkpointed.
+#[test]
+fn non_finite_steps_are_skipped_counted_and_stop_the_run_when_they_persist() {
+    data_dir("mnist");
+    let mut cfg = tiny("mnist");
+    cfg.data.limit = 256;
+    cfg.train.steps = 50;
+    cfg.train.max_skipped_steps = 3;
+    let ds = data::load(&cfg.data, cfg.model.image_size).unwrap();
+    let mut t = Trainer::new(cfg, ds, Device::Cpu).unwrap();
+    assert!(!t.train_step().unwrap().skipped);
+    let name = "down.0.0.c1.weight";
+    let good = t.vars[name].as_tensor().copy().unwrap();
+    let mut poisoned: Vec<f32> = good.flatten_all().unwrap().to_vec1().unwrap();
+    poisoned[0] = f32::NAN;
+    t.vars[name].set(&candle_core::Tensor::from_vec(poisoned, good.dims(), &Device::Cpu).unwrap()).unwrap();
+    let ema_before = t.ema.tensors[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    // two poisoned steps are skipped: no optimiser step, no EMA update
+    for _ in 0..2 {
+        let s = t.train_step().unwrap();
+        assert!(s.skipped && !s.loss.is_finite(), "loss {}", s.loss);
+    }
+    assert_eq!((t.step, t.skipped_in_row, t.opt.t), (3, 2, 1));
+    assert_eq!(t.ema.tensors[name].flatten_all().unwrap().to_vec1::<f32>().unwrap(), ema_before);
+    // a checkpoint of non-finite weights is refused
+    let dir = tmp_dir("nonfinite");
+    let e = t.save_checkpoint(&dir, trainer::train::DeviceSpec::Cpu).unwrap_err().to_string();
+    assert!(e.contains(name) && e.contains("not finite"), "{e}");
+    assert!(trainer::train::checkpoint::list(&dir).unwrap().is_empty());
+    // a good step in between resets the count
+    t.vars[name].set(&good).unwrap();
+    assert!(!t.train_step().unwrap().skipped);
+    assert_eq!((t.skipped_in_row, t.opt.t), (0, 2));
+    // three in a row stop the run, naming the cause
+    t.vars[name].set(&candle_core::Tensor::full(f32::NAN, good.dims(), &Device::Cpu).unwrap()).unwrap();
+    t.train_step().unwrap();
+    t.train_step().unwrap();
+    let e = t.train_step().unwrap_err().to_string();
+    assert!(e.contains("3 steps in a row") && e.contains("non-finite"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

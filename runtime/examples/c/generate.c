@@ -1,6 +1,7 @@
 /* Generates images through the C ABI and writes the first one as a PGM/PPM file.
  * Build: cc -I runtime/include runtime/examples/c/generate.c -L target/release -lruntime -o generate_c
- * Run:   LD_LIBRARY_PATH=target/release ./generate_c fixtures/tiny-mnist-f32.onnx out.pgm */
+ * Run:   LD_LIBRARY_PATH=target/release ORT_DYLIB_PATH=.ort/cpu-1.31.1/libonnxruntime.so.1.31.1 \
+ *          ./generate_c fixtures/tiny-mnist-f32.onnx out.pgm */
 #include <stdio.h>
 #include <stdlib.h>
 #include "diffusion.h"
@@ -17,7 +18,7 @@ int main(int argc, char **argv) {
     }
     int channels = 0, size = 0, classes = 0;
     dr_model_info(g, &channels, &size, &classes);
-    dr_request req = {.n = 4, .sampler = "ddim", .steps = 10, .eta = 0.0f,
+    dr_request req = {.size = sizeof(dr_request), .n = 4, .sampler = "ddim", .steps = 10, .eta = 0.0f,
                       .class_index = classes > 0 ? 3 : -1, .guidance = classes > 0 ? 1.0f : 0.0f,
                       .seed = 1, .batch = 4};
     size_t len = (size_t)req.n * size * size * channels;
@@ -32,6 +33,25 @@ int main(int argc, char **argv) {
         fprintf(stderr, "expected an error for a short buffer\n");
         return 1;
     }
+    /* inpainting: keep the left half of the first image, generate the right half */
+    uint8_t *mask = malloc((size_t)size * size);
+    for (int i = 0; i < size * size; i++) mask[i] = (i % size) < size / 2 ? 0 : 255;
+    uint8_t *filled = malloc((size_t)size * size * channels);
+    dr_request fill = req;
+    fill.n = 1;
+    fill.batch = 1;
+    fill.inpaint = buf;
+    fill.mask = mask;
+    if (dr_generate(g, &fill, filled, (size_t)size * size * channels) != 0) {
+        fprintf(stderr, "error: %s\n", dr_last_error());
+        return 1;
+    }
+    int kept = 1;
+    for (int i = 0; i < size * size * channels; i++)
+        if ((i / channels) % size < size / 2 && filled[i] != buf[i]) kept = 0;
+    printf("inpaint: left half %s\n", kept ? "kept" : "CHANGED");
+    free(mask);
+    free(filled);
     FILE *f = fopen(argv[2], "wb");
     fprintf(f, "%s\n%d %d\n255\n", channels == 1 ? "P5" : "P6", size, size);
     fwrite(buf, 1, (size_t)size * size * channels, f);

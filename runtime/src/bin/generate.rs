@@ -6,9 +6,9 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use runtime::generator::{GenerateRequest, Generator, GeneratorOptions, Images};
-use runtime::onnx::Provider;
-use runtime::sampler::Strip;
+use runtime::generator::{GenerateRequest, Generator, GeneratorOptions, Images, InitImage, Inpaint};
+use runtime::onnx::{Provider, ProviderKind};
+use runtime::sampler::{SamplerKind, Spacing, Strip};
 
 #[derive(Parser)]
 #[command(name = "generate", version, about = "Generate images from an exported DDPM U-Net (.onnx) with ONNX Runtime")]
@@ -19,19 +19,19 @@ struct Args {
     /// Number of images.
     #[arg(long, default_value_t = 64)]
     n: usize,
-    /// ddim, ddpm (all T steps) or dpm++ (DPM-Solver++(2M), good in ~20 steps). Default: the model's
+    /// ddim, ddpm (all T steps) or dpm++ (DPM-Solver++(2M), good in 10-20 steps). Default: the model's
     /// recommended sampler (its metadata, as measured on its model card), else ddim.
-    #[arg(long)]
-    sampler: Option<String>,
+    #[arg(long, value_enum)]
+    sampler: Option<SamplerKind>,
     /// Sampling steps (ddim, dpm++). Default: the model's recommended steps, else 50.
     #[arg(long)]
     steps: Option<usize>,
     /// DDIM eta (0: deterministic; 1: DDPM-like noise).
     #[arg(long, default_value_t = 0.0)]
     eta: f64,
-    /// Timestep spacing: leading, linspace or trailing.
-    #[arg(long, default_value = "trailing")]
-    spacing: String,
+    /// Timestep spacing (ddim, dpm++).
+    #[arg(long, value_enum, default_value_t = Spacing::Trailing)]
+    spacing: Spacing,
     /// Classifier-free guidance weight w (conditional models): eps = (1+w) eps(x,c) - w eps(x,null).
     /// Default: the model's recommended guidance, else 0.
     #[arg(long)]
@@ -45,9 +45,9 @@ struct Args {
     /// Images per model call (memory is bounded by this, whatever --n).
     #[arg(long, default_value_t = 16)]
     batch: usize,
-    /// cpu, cuda, tensorrt or auto (TensorRT, then CUDA, then CPU).
-    #[arg(long, default_value = "cpu")]
-    provider: String,
+    /// ONNX Runtime execution provider; auto tries TensorRT, then CUDA, then the CPU.
+    #[arg(long, value_enum, default_value_t = ProviderKind::Cpu)]
+    provider: ProviderKind,
     /// GPU index for cuda/tensorrt.
     #[arg(long, default_value_t = 0)]
     device_id: i32,
@@ -75,6 +75,43 @@ struct Args {
     /// Dynamic thresholding percentile (e.g. 0.995) instead of plain clipping.
     #[arg(long)]
     dynamic_threshold: Option<f32>,
+    /// Image-to-image (SDEdit): start from this image (PNG/JPEG; resized to the model's size and converted to its
+    /// channels, with a note) noised to --strength, instead of pure noise.
+    #[arg(long, value_name = "IMAGE")]
+    init: Option<PathBuf>,
+    /// How much of --init is redrawn, in [0, 1]: the fraction of the sampler's steps that is run (0 returns the
+    /// image, 1 ignores it).
+    #[arg(long, default_value_t = 0.6)]
+    strength: f32,
+    /// Every image starts from one shared x_T (or --init's x_t): variations of one image with a stochastic
+    /// sampler (--sampler ddpm, or ddim with --eta > 0).
+    #[arg(long)]
+    share_xt: bool,
+    /// Inpainting (RePaint): keep this image where --mask is black and generate where it is white.
+    #[arg(long, value_name = "IMAGE", requires = "mask")]
+    inpaint: Option<PathBuf>,
+    /// The inpainting mask, the size of the --inpaint image: white = generate, black = keep.
+    #[arg(long, value_name = "MASK", requires = "inpaint")]
+    mask: Option<PathBuf>,
+    /// Interpolation (Ho et al. 2020, fig. 8): both images noised to --strength with the same noise, --frames
+    /// mixes of the two latents denoised; the grid is one row from A to B. Every frame has --class, or without
+    /// it none (the null class, no guidance).
+    #[arg(long, num_args = 2, value_names = ["A", "B"], conflicts_with_all = ["init", "inpaint"])]
+    interpolate: Option<Vec<PathBuf>>,
+    /// Interpolation between two seeds' starts x_T (slerp, Song et al. 2020, sec. 5.3): --frames images, the
+    /// first and last those of `--seed A --share-xt` and `--seed B --share-xt` (with a deterministic sampler).
+    #[arg(long, num_args = 2, value_names = ["A", "B"], conflicts_with_all = ["init", "inpaint", "interpolate"])]
+    interpolate_seeds: Option<Vec<u64>>,
+    /// Frames of --interpolate and --interpolate-seeds (their --n).
+    #[arg(long, default_value_t = 8)]
+    frames: usize,
+    /// RePaint resampling: passes over each block of --jump steps (1: none; RePaint used 10 with jumps of 10
+    /// over 250 steps).
+    #[arg(long, default_value_t = 1)]
+    resample: usize,
+    /// RePaint resampling: steps per block.
+    #[arg(long, default_value_t = 10)]
+    jump: usize,
     /// No progress bar.
     #[arg(long, short)]
     quiet: bool,
@@ -84,7 +121,11 @@ const STRIP_COLS: usize = 8;
 const STRIP_ROWS: usize = 4;
 
 fn run(a: Args) -> Result<()> {
-    let provider = match Provider::from_name(&a.provider)? {
+    // programs built in the checkout find the ONNX Runtime that scripts/setup.sh installed
+    runtime::onnx::add_library_candidate(runtime::onnx::setup_library_path(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap_or(std::path::Path::new(".")),
+    ));
+    let provider = match Provider::of_kind(a.provider) {
         Provider::Cuda { .. } => Provider::Cuda { device: a.device_id },
         Provider::TensorRt { .. } => {
             Provider::TensorRt { device: a.device_id, fp16: a.trt_fp16, cache_dir: a.trt_cache.clone() }
@@ -92,22 +133,59 @@ fn run(a: Args) -> Result<()> {
         p => p,
     };
     let mut g = Generator::open(&a.model, &GeneratorOptions { provider, threads: a.threads })?;
-    let rec = g.info().recommended.clone();
+    for note in g.provider_notes() {
+        eprintln!("auto: {note}");
+    }
+    let (c, size) = (g.info().channels, g.info().image_size);
+    let load = |p: &PathBuf| -> Result<Vec<f32>> {
+        let (x, notes) = runtime::images::load_image(p, c, size)?;
+        notes.iter().for_each(|n| eprintln!("note: {n}"));
+        Ok(x)
+    };
+    let init = match &a.init {
+        Some(p) => Some(InitImage { x0: load(p)?, strength: a.strength }),
+        None => None,
+    };
+    let inpaint = match (&a.inpaint, &a.mask) {
+        (Some(p), Some(m)) => {
+            let mask = runtime::images::load_mask(m, runtime::images::image_size(p)?, size)
+                .map_err(|e| anyhow::anyhow!(e.cli_message()))?;
+            Some(Inpaint { x0: load(p)?, mask, resample: a.resample, jump: a.jump })
+        }
+        _ => None,
+    };
+    let rec = GenerateRequest::recommended(g.info());
     let req = GenerateRequest {
-        n: a.n,
-        sampler: a.sampler.clone().or(rec.as_ref().map(|r| r.sampler.clone())).unwrap_or_else(|| "ddim".into()),
-        steps: a.steps.or(rec.as_ref().map(|r| r.steps)).unwrap_or(50),
+        n: if a.interpolate.is_some() || a.interpolate_seeds.is_some() { a.frames } else { a.n },
+        sampler: a.sampler.unwrap_or(rec.sampler),
+        steps: a.steps.unwrap_or(rec.steps),
         eta: a.eta,
-        spacing: a.spacing.clone(),
+        spacing: a.spacing,
         class: a.class.clone(),
-        guidance: a.guidance.or(rec.as_ref().map(|r| r.guidance)).unwrap_or(0.0),
+        guidance: a.guidance.unwrap_or(rec.guidance),
         seed: a.seed,
         batch: a.batch,
         clip_x0: !a.no_clip,
         dynamic_threshold: a.dynamic_threshold,
+        init,
+        share_xt: a.share_xt,
+        inpaint,
     };
-    let plan = g.plan(&req)?;
-    let steps_per_chunk = plan.method.timesteps(g.schedule.num_timesteps())?.len();
+    let mut plan = g.plan(&req).map_err(|e| anyhow::anyhow!(e.cli_message()))?;
+    if (a.interpolate.is_some() || a.interpolate_seeds.is_some()) && a.class.is_none() && plan.labels.is_some() {
+        // no class: every frame unconditional (the null class), so no guidance
+        plan.labels = plan.null_class.map(|n| vec![n; plan.n]);
+        plan.guidance = 0.0;
+    }
+    if let Some(seeds) = &a.interpolate_seeds {
+        plan = runtime::sampler::seed_interpolation(plan, seeds[0], seeds[1], a.frames)
+            .map_err(|e| anyhow::anyhow!(e.cli_message()))?;
+    }
+    if let Some(ab) = &a.interpolate {
+        plan = runtime::sampler::interpolation(plan, &load(&ab[0])?, &load(&ab[1])?, a.strength, a.frames)
+            .map_err(|e| anyhow::anyhow!(e.cli_message()))?;
+    }
+    let steps_per_chunk = plan.num_steps(g.schedule().num_timesteps())?;
     let chunks = req.n.div_ceil(plan.batch);
     let pb = if a.quiet {
         indicatif::ProgressBar::hidden()
@@ -121,18 +199,22 @@ fn run(a: Args) -> Result<()> {
     let [c, h, w] = plan.shape;
     let mut strip = Strip::new(steps_per_chunk, STRIP_COLS, STRIP_ROWS.min(plan.batch), c * h * w);
     let start = Instant::now();
-    let images = g.generate(&req, &mut |s| {
-        pb.inc(1);
-        if a.strip.is_some() {
-            strip.record(s);
-        }
-    })?;
+    let x = g
+        .sample(&plan, &mut |s| {
+            pb.inc(1);
+            if a.strip.is_some() {
+                strip.record(s);
+            }
+        })
+        .map_err(|e| anyhow::anyhow!(e.cli_message()))?;
+    let images = Images::from_f32(&x, req.n, plan.shape, plan.labels.clone());
     let secs = start.elapsed().as_secs_f64();
     pb.finish_and_clear();
     if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    images.save_grid(&a.out)?;
+    let one_row = a.interpolate.is_some() || a.interpolate_seeds.is_some();
+    images.save_grid_cols(&a.out, one_row.then_some(a.frames))?;
     if let Some(d) = &a.out_dir {
         images.save_each(d)?;
     }

@@ -101,4 +101,36 @@ mod tests {
         assert!(load_dir(&dir, false).unwrap_err().to_string().contains("test_batch.bin"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    /// Mutation fuzzing (smoke run): truncated, extended and flipped batches never panic, and what parses holds
+    /// whole records with labels 0..9.
+    #[test]
+    fn cifar_fuzz_mutated_batches_parse_or_are_refused() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let good: Vec<u8> =
+            (0..3 * RECORD).map(|i| if i % RECORD == 0 { (i / RECORD) as u8 } else { i as u8 }).collect();
+        let p = Path::new("batch.bin");
+        let (mut ok, mut refused) = (0, 0);
+        for _ in 0..3000 {
+            let mut b = good.clone();
+            match rng.gen_range(0..3) {
+                0 => b.truncate(rng.gen_range(0..b.len())),
+                1 => b.extend((0..rng.gen_range(1..2 * RECORD)).map(|_| rng.gen::<u8>())),
+                _ => {
+                    let i = rng.gen_range(0..b.len());
+                    b[i] = rng.gen();
+                }
+            }
+            match parse(&b, p) {
+                Ok((images, labels)) => {
+                    ok += 1;
+                    assert_eq!(images.len(), labels.len() * (RECORD - 1));
+                    assert!(labels.iter().all(|l| *l < 10));
+                }
+                Err(_) => refused += 1,
+            }
+        }
+        assert!(ok > 0 && refused > 0, "{ok} parsed, {refused} refused");
+    }
 }

@@ -20,16 +20,53 @@ pub const FASHION_CLASSES: [&str; 10] =
 pub const CIFAR10_CLASSES: [&str; 10] =
     ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"];
 
+/// What kind of dataset `data.path` holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DataKind {
+    /// MNIST digits (IDX files).
+    #[default]
+    Mnist,
+    /// Fashion-MNIST garments (IDX files).
+    FashionMnist,
+    /// EMNIST (IDX files, images stored transposed; names from data.class_names).
+    Emnist,
+    /// Any IDX image/label pair (names from data.class_names).
+    Idx,
+    /// CIFAR-10 binary batches.
+    Cifar10,
+    /// A folder of images, one sub-folder per class (or none).
+    Folder,
+}
+
+runtime::named_enum!(DataKind, "data kind", {
+    Mnist => ["mnist"],
+    FashionMnist => ["fashion-mnist"],
+    Emnist => ["emnist"],
+    Idx => ["idx"],
+    Cifar10 => ["cifar10"],
+    Folder => ["folder"],
+});
+
+/// Which part of a dataset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Split {
+    #[default]
+    Train,
+    Test,
+}
+
+runtime::named_enum!(Split, "split", { Train => ["train"], Test => ["test"] });
+
 /// `[data]` in a config.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
     /// `mnist`, `fashion-mnist`, `emnist`, `idx` (any IDX pair), `cifar10`, or `folder`.
-    pub kind: String,
+    pub kind: DataKind,
     /// The dataset folder (IDX files, CIFAR batches, or images).
     pub path: PathBuf,
     /// `train` or `test`.
-    pub split: String,
+    pub split: Split,
     /// Use only these classes (names), relabelled 0..k in this order (e.g. a CIFAR-10 subset).
     pub classes: Vec<String>,
     /// Class names for a generic `idx` dataset (label i is named classes_names[i]).
@@ -48,9 +85,9 @@ pub struct DataConfig {
 impl Default for DataConfig {
     fn default() -> Self {
         Self {
-            kind: "mnist".into(),
+            kind: DataKind::Mnist,
             path: PathBuf::from("data/mnist"),
-            split: "train".into(),
+            split: Split::Train,
             classes: vec![],
             class_names: vec![],
             unconditional: false,
@@ -184,21 +221,16 @@ impl Dataset {
 
 /// Loads the dataset a config describes, sized for a model of `image_size`.
 pub fn load(cfg: &DataConfig, image_size: usize) -> Result<Dataset> {
-    let train = match cfg.split.as_str() {
-        "train" => true,
-        "test" => false,
-        other => bail!("data.split must be 'train' or 'test', got '{other}'"),
-    };
+    let train = cfg.split == Split::Train;
     let named = |names: &[&str]| names.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    let ds = match cfg.kind.as_str() {
-        "mnist" => idx::load_dir(&cfg.path, train, named(&MNIST_CLASSES), false)?,
-        "fashion-mnist" => idx::load_dir(&cfg.path, train, named(&FASHION_CLASSES), false)?,
+    let ds = match cfg.kind {
+        DataKind::Mnist => idx::load_dir(&cfg.path, train, named(&MNIST_CLASSES), false)?,
+        DataKind::FashionMnist => idx::load_dir(&cfg.path, train, named(&FASHION_CLASSES), false)?,
         // EMNIST's IDX images are stored transposed
-        "emnist" => idx::load_dir(&cfg.path, train, cfg.class_names.clone(), true)?,
-        "idx" => idx::load_dir(&cfg.path, train, cfg.class_names.clone(), false)?,
-        "cifar10" => cifar::load_dir(&cfg.path, train)?,
-        "folder" => folder::load(&cfg.path, image_size, cfg.grayscale, cfg.background)?,
-        other => bail!("data.kind '{other}' is unknown (mnist, fashion-mnist, emnist, idx, cifar10, folder)"),
+        DataKind::Emnist => idx::load_dir(&cfg.path, train, cfg.class_names.clone(), true)?,
+        DataKind::Idx => idx::load_dir(&cfg.path, train, cfg.class_names.clone(), false)?,
+        DataKind::Cifar10 => cifar::load_dir(&cfg.path, train)?,
+        DataKind::Folder => folder::load(&cfg.path, image_size, cfg.grayscale, cfg.background)?,
     };
     let ds = if cfg.classes.is_empty() { ds } else { ds.select_classes(&cfg.classes)? };
     let ds = if cfg.unconditional { ds.drop_labels()? } else { ds };

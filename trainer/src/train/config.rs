@@ -6,7 +6,32 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::data::DataConfig;
-use crate::unet::UNetConfig;
+use crate::model::unet::UNetConfig;
+pub use runtime::schedule::{ScheduleKind, VarianceType};
+
+/// The learning rate after the warm-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LrSchedule {
+    /// Held at train.lr (DDPM).
+    #[default]
+    Constant,
+    /// Half a cosine from train.lr down to 0 at train.steps (Loshchilov & Hutter 2017, SGDR without restarts).
+    Cosine,
+}
+
+runtime::named_enum!(LrSchedule, "learning-rate schedule", { Constant => ["constant"], Cosine => ["cosine"] });
+
+/// The per-pixel loss between the true and the predicted noise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Loss {
+    /// Mean squared error: L_simple (Ho et al. 2020, eq. 14).
+    #[default]
+    Mse,
+    /// Mean absolute error.
+    L1,
+}
+
+runtime::named_enum!(Loss, "loss", { Mse => ["mse"], L1 => ["l1"] });
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -23,24 +48,31 @@ pub struct DiffusionConfig {
     /// T, the number of diffusion steps.
     pub timesteps: usize,
     /// `linear` (Ho et al. 2020) or `cosine` (Nichol & Dhariwal 2021).
-    pub schedule: String,
+    pub schedule: ScheduleKind,
     /// Reverse-process variance for DDPM sampling: `fixed_small` (beta-tilde) or `fixed_large` (beta).
-    pub variance: String,
+    pub variance: VarianceType,
 }
 
 impl Default for DiffusionConfig {
     fn default() -> Self {
-        Self { timesteps: 1000, schedule: "linear".into(), variance: "fixed_small".into() }
+        Self { timesteps: 1000, schedule: ScheduleKind::Linear, variance: VarianceType::FixedSmall }
     }
 }
 
+/// The most diffusion steps a configuration may ask for (DDPM uses 1,000; the schedule is held in memory).
+pub const MAX_TIMESTEPS: usize = 100_000;
+
 impl DiffusionConfig {
+    /// The named schedule with the papers' parameters.
+    pub fn beta_schedule(&self) -> runtime::schedule::BetaSchedule {
+        runtime::schedule::BetaSchedule::of_kind(self.schedule)
+    }
+
     pub fn schedule(&self) -> Result<runtime::schedule::NoiseSchedule> {
-        let kind = runtime::schedule::BetaSchedule::from_name(&self.schedule).map_err(anyhow::Error::msg)?;
-        if self.timesteps < 2 {
-            bail!("diffusion.timesteps must be at least 2, got {}", self.timesteps);
+        if !(2..=MAX_TIMESTEPS).contains(&self.timesteps) {
+            bail!("diffusion.timesteps must be in 2..={MAX_TIMESTEPS}, got {}", self.timesteps);
         }
-        Ok(runtime::schedule::NoiseSchedule::new(kind, self.timesteps))
+        Ok(runtime::schedule::NoiseSchedule::new(self.beta_schedule(), self.timesteps))
     }
 }
 
@@ -55,7 +87,7 @@ pub struct TrainConfig {
     pub warmup_steps: usize,
     /// After the warm-up: `constant` (DDPM) or `cosine` (half a cosine from lr down to 0 at train.steps;
     /// Loshchilov & Hutter 2017, SGDR without restarts), which suits short runs.
-    pub lr_schedule: String,
+    pub lr_schedule: LrSchedule,
     /// Min-SNR-gamma loss weighting (Hang et al. 2023, eq. 9 for eps-prediction: w_t = min(SNR_t, gamma) /
     /// SNR_t); 0 = off (Ho et al.'s unweighted L_simple). 5 is the paper's choice.
     pub min_snr_gamma: f64,
@@ -65,17 +97,22 @@ pub struct TrainConfig {
     pub adam_eps: f64,
     /// Gradient-norm clipping threshold (DDPM: 1.0); 0 disables it.
     pub grad_clip: f64,
+    /// A step whose loss or gradient norm is not finite is skipped (no update) and counted in metrics.csv;
+    /// this many in a row stop the run.
+    pub max_skipped_steps: usize,
     /// EMA decay of the weights (DDPM: 0.9999), warmed up as min(decay, (1 + n) / (10 + n)).
     pub ema_decay: f64,
     /// `mse` (Ho et al. 2020 eq. 14, L_simple) or `l1`.
-    pub loss: String,
+    pub loss: Loss,
     /// Probability of replacing the label with the null class (Ho & Salimans 2022: 0.1-0.2).
     pub p_uncond: f64,
     pub seed: u64,
     pub checkpoint_every: usize,
     /// Checkpoints kept on disk (the newest ones).
     pub keep_checkpoints: usize,
-    pub log_every: usize,
+    /// Read and ignored: runs made before logging went to every step's metrics.csv row wrote `log_every`.
+    #[serde(rename = "log_every", skip_serializing)]
+    pub legacy_log_every: Option<usize>,
     /// Sample-grid previews from the EMA weights every this many steps (0: only at the end).
     pub preview_every: usize,
     /// Images in a preview grid, and DDIM steps used for it.
@@ -90,20 +127,21 @@ impl Default for TrainConfig {
             batch_size: 128,
             lr: 2e-4,
             warmup_steps: 5000,
-            lr_schedule: "constant".into(),
+            lr_schedule: LrSchedule::Constant,
             min_snr_gamma: 0.0,
             weight_decay: 0.0,
             adam_beta1: 0.9,
             adam_beta2: 0.999,
             adam_eps: 1e-8,
             grad_clip: 1.0,
+            max_skipped_steps: 10,
             ema_decay: 0.9999,
-            loss: "mse".into(),
+            loss: Loss::Mse,
             p_uncond: 0.1,
             seed: 0,
             checkpoint_every: 5000,
             keep_checkpoints: 3,
-            log_every: 10,
+            legacy_log_every: None,
             preview_every: 0,
             preview_images: 16,
             preview_steps: 50,
@@ -129,19 +167,12 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         self.model.validate()?;
         self.diffusion.schedule()?;
-        runtime::schedule::VarianceType::from_name(&self.diffusion.variance).map_err(anyhow::Error::msg)?;
         let t = &self.train;
         if t.batch_size == 0 || t.steps == 0 {
             bail!("train.steps and train.batch_size must be positive");
         }
-        if !matches!(t.lr_schedule.as_str(), "constant" | "cosine") {
-            bail!("train.lr_schedule must be 'constant' or 'cosine', got '{}'", t.lr_schedule);
-        }
         if !(t.min_snr_gamma >= 0.0 && t.min_snr_gamma.is_finite()) {
             bail!("train.min_snr_gamma must be 0 (off) or positive, got {}", t.min_snr_gamma);
-        }
-        if !matches!(t.loss.as_str(), "mse" | "l1") {
-            bail!("train.loss must be 'mse' or 'l1', got '{}'", t.loss);
         }
         if !(0.0..1.0).contains(&t.p_uncond) {
             bail!("train.p_uncond must lie in [0, 1), got {}", t.p_uncond);
@@ -149,8 +180,8 @@ impl Config {
         if !(0.0..1.0).contains(&t.ema_decay) {
             bail!("train.ema_decay must lie in [0, 1), got {}", t.ema_decay);
         }
-        if t.checkpoint_every == 0 || t.log_every == 0 {
-            bail!("train.checkpoint_every and train.log_every must be positive");
+        if t.checkpoint_every == 0 || t.max_skipped_steps == 0 {
+            bail!("train.checkpoint_every and train.max_skipped_steps must be positive");
         }
         Ok(())
     }
@@ -181,6 +212,26 @@ mod tests {
     }
 
     #[test]
+    fn names_are_typed_where_the_file_is_read() {
+        let cfg = Config::from_toml_str("[train]\nloss = \"l1\"\nlr_schedule = \"cosine\"\n", "x.toml").unwrap();
+        assert_eq!((cfg.train.loss, cfg.train.lr_schedule), (Loss::L1, LrSchedule::Cosine));
+        for (text, what) in [
+            ("[train]\nloss = \"huber\"\n", "unknown loss 'huber' (expected one of: mse, l1)"),
+            ("[train]\nlr_schedule = \"step\"\n", "unknown learning-rate schedule 'step'"),
+            ("[diffusion]\nschedule = \"sigmoid\"\n", "unknown beta schedule 'sigmoid'"),
+            ("[diffusion]\nvariance = \"learned\"\n", "unknown variance type 'learned'"),
+        ] {
+            let msg = format!("{:#}", Config::from_toml_str(text, "x.toml").unwrap_err());
+            assert!(msg.contains(what) && msg.contains("x.toml"), "{msg}");
+        }
+        // the same check holds for a configuration read back as JSON (a checkpoint's state.json)
+        let mut json = serde_json::to_value(Config::default()).unwrap();
+        json["train"]["loss"] = "huber".into();
+        let e = serde_json::from_value::<Config>(json).unwrap_err().to_string();
+        assert!(e.contains("unknown loss 'huber'"), "{e}");
+    }
+
+    #[test]
     fn presets_parse_and_validate() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
         let mut n = 0;
@@ -193,5 +244,49 @@ mod tests {
             }
         }
         assert!(n >= 5, "expected the five presets, found {n}");
+    }
+
+    /// Mutation fuzzing of the config reader (smoke run): byte flips, truncations and hostile values in every
+    /// preset never panic, in parsing or in validation.
+    #[test]
+    fn config_fuzz_mutated_presets_are_read_or_refused_never_panic() {
+        use rand::{Rng, SeedableRng};
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        let presets: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+            .map(|p| std::fs::read_to_string(p).unwrap())
+            .collect();
+        let hostile =
+            ["-1", "0", "1e308", "nan", "inf", "18446744073709551616", "4000000000", "\"\"", "[]", "true", "{}"];
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let (mut ok, mut refused) = (0, 0);
+        for _ in 0..2000 {
+            let mut text = presets[rng.gen_range(0..presets.len())].clone().into_bytes();
+            match rng.gen_range(0..3) {
+                0 => {
+                    let i = rng.gen_range(0..text.len());
+                    text[i] = rng.gen_range(0x20..0x7f);
+                }
+                1 => text.truncate(rng.gen_range(0..text.len())),
+                _ => {
+                    // a value replaced: after some '= ', up to the end of its line
+                    let s = String::from_utf8(text.clone()).unwrap();
+                    let eqs: Vec<usize> = s.match_indices("= ").map(|(i, _)| i + 2).collect();
+                    if let Some(&at) = eqs.get(rng.gen_range(0..eqs.len().max(1))) {
+                        let end = s[at..].find('\n').map_or(s.len(), |e| at + e);
+                        text = format!("{}{}{}", &s[..at], hostile[rng.gen_range(0..hostile.len())], &s[end..])
+                            .into_bytes();
+                    }
+                }
+            }
+            let Ok(text) = String::from_utf8(text) else { continue };
+            match Config::from_toml_str(&text, "fuzz.toml").and_then(|c| c.validate().map(|_| c)) {
+                Ok(_) => ok += 1,
+                Err(_) => refused += 1,
+            }
+        }
+        assert!(ok > 0 && refused > 0, "{ok} accepted, {refused} refused");
     }
 }

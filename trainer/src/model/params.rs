@@ -178,3 +178,54 @@ impl ParamSource for ShapeCounter {
         Ok(Param { name: name.to_string(), value })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn initial_values_depend_on_seed_and_name_not_on_build_order() {
+        let build = |order: &[&str], seed: u64| {
+            let mut src = InitSource::new(seed, &Device::Cpu, DType::F32);
+            for name in order {
+                src.param(name, &[2, 3], Init::Uniform(0.5)).unwrap();
+            }
+            src.into_vars().into_iter().map(|(k, v)| (k, v.as_tensor().to_vec2::<f32>().unwrap())).collect::<Vec<_>>()
+        };
+        let ab = build(&["a", "b"], 3);
+        assert_eq!(ab, build(&["b", "a"], 3));
+        assert_ne!(ab, build(&["a", "b"], 4));
+        assert_ne!(ab[0].1, ab[1].1, "two parameters do not share values");
+        assert!(ab.iter().flat_map(|(_, v)| v.iter().flatten()).all(|x| (-0.5..0.5).contains(x)));
+        assert_eq!(init_values(0, "c", 3, Init::Const(0.25)), vec![0.25; 3]);
+        let z = init_values(1, "n", 20_000, Init::Normal(2.0));
+        let var = z.iter().map(|v| (v * v) as f64).sum::<f64>() / z.len() as f64;
+        assert!((var.sqrt() - 2.0).abs() < 0.05, "std {}", var.sqrt());
+        let mut src = InitSource::new(0, &Device::Cpu, DType::F32);
+        src.param("a", &[1], Init::Const(0.0)).unwrap();
+        assert!(src.param("a", &[1], Init::Const(0.0)).is_err(), "a name is created once");
+    }
+
+    #[test]
+    fn tensor_sources_check_names_shapes_and_leftovers() {
+        let t = |dims: &[usize]| Tensor::zeros(dims, DType::F32, &Device::Cpu).unwrap();
+        let map: HashMap<String, Tensor> = [("w".to_string(), t(&[2, 2])), ("b".to_string(), t(&[2]))].into();
+        let mut src = TensorSource::new(&map, "ck/model.safetensors").as_vars().with_dtype(DType::F16);
+        assert_eq!(src.param("w", &[2, 2], Init::Const(1.0)).unwrap().value.dtype(), DType::F16);
+        let e = src.param("w2", &[2], Init::Const(1.0)).unwrap_err().to_string();
+        assert!(e.contains("ck/model.safetensors") && e.contains("'w2' is missing"), "{e}");
+        let e = src.param("b", &[3], Init::Const(1.0)).unwrap_err().to_string();
+        assert!(e.contains("[2]") && e.contains("[3]"), "{e}");
+        // 'b' was never taken: the map and the model do not match
+        let e = src.finish().unwrap_err().to_string();
+        assert!(e.contains("1 tensor(s)") && e.contains("'b'"), "{e}");
+        let mut src = TensorSource::new(&map, "x").as_vars();
+        src.param("w", &[2, 2], Init::Const(1.0)).unwrap();
+        src.param("b", &[2], Init::Const(1.0)).unwrap();
+        assert_eq!(src.finish().unwrap().keys().collect::<Vec<_>>(), ["b", "w"]);
+        let mut count = ShapeCounter::default();
+        count.param("w", &[3, 4], Init::Const(0.0)).unwrap();
+        count.param("b", &[4], Init::Const(0.0)).unwrap();
+        assert_eq!(count.total(), 16);
+    }
+}

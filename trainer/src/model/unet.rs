@@ -22,8 +22,8 @@
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::ops::Ops;
-use crate::params::{Init, Param, ParamSource, ShapeCounter};
+use crate::model::ops::Ops;
+use crate::model::params::{Init, Param, ParamSource, ShapeCounter};
 
 /// The architecture; stored with every checkpoint and (as metadata) in every export.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -80,8 +80,8 @@ impl UNetConfig {
 
     /// Checks that the network can be built and can take images of `image_size`.
     pub fn validate(&self) -> Result<()> {
-        if self.ch_mult.is_empty() {
-            bail!("model.ch_mult must not be empty");
+        if self.ch_mult.is_empty() || self.ch_mult.len() > 8 {
+            bail!("model.ch_mult must have 1 to 8 levels, got {}", self.ch_mult.len());
         }
         if self.channels == 0
             || self.ch == 0

@@ -10,7 +10,7 @@
 //!   allocates (almost) nothing and faults in no pages;
 //! - a gradient is moved, not copied, into its first consumer and added in place only where paths join;
 //! - a node whose inputs need no gradient is not differentiated (`needs_grad`);
-//! - the heavy ops reuse the fused kernels of [`crate::kernels`] (GEMM convolution, GroupNorm + scale-shift
+//! - the heavy ops reuse the fused kernels of [`crate::model::kernels`] (GEMM convolution, GroupNorm + scale-shift
 //!   + SiLU, scaled softmax), so both engines compute the same numbers.
 //!
 //! Parameters are read in place from their Candle tensors; their gradients come back by name
@@ -24,9 +24,9 @@ use gemm::Parallelism;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use crate::kernels::{self, ConvGeo};
-use crate::ops::Ops;
-use crate::params::Param;
+use crate::model::kernels::{self, ConvGeo};
+use crate::model::ops::Ops;
+use crate::model::params::Param;
 
 /// Reusable f32 buffers, by length: a training step asks for the same sizes every time.
 #[derive(Default)]
@@ -294,7 +294,7 @@ fn permute_copy(x: &[f32], dims: &[usize], perm: &[usize], y: &mut [f32]) {
 }
 
 impl<'a> Tape<'a> {
-    /// An empty tape; dropout draws from `dropout_rng` when given (training), as [`crate::ops::CandleOps`] does.
+    /// An empty tape; dropout draws from `dropout_rng` when given (training), as [`crate::model::ops::CandleOps`] does.
     pub fn new(pool: &'a mut Pool, dropout_rng: Option<&'a mut ChaCha8Rng>) -> Self {
         Self { pool, nodes: vec![], bufs: vec![], dropout_rng, slots: HashMap::new(), names: vec![] }
     }
@@ -909,7 +909,7 @@ impl Ops for Tape<'_> {
         // the same draws as CandleOps::dropout, so both engines train identically
         let n = self.nodes[x.0].dims.iter().product();
         let mut mask = self.pool.take(n);
-        crate::ops::dropout_mask(rng, p, &mut mask);
+        crate::model::ops::dropout_mask(rng, p, &mut mask);
         let mut y = self.pool.take(n);
         par_map2(&mut y, self.buf_of(x.0), &mask, |v, m| v * m);
         let ng = self.ng(x.0);
@@ -996,9 +996,9 @@ impl Drop for Tape<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::CandleOps;
-    use crate::params::InitSource;
-    use crate::unet::{UNet, UNetConfig};
+    use crate::model::ops::CandleOps;
+    use crate::model::params::InitSource;
+    use crate::model::unet::{UNet, UNetConfig};
     use candle_core::{DType, Device};
     use rand::SeedableRng;
 

@@ -58,10 +58,12 @@ impl AdamW {
     }
 
     /// One update; gradients are scaled by min(1, clip / ||g||) when clip > 0. Returns ||g|| before clipping.
+    /// A non-finite norm updates nothing (neither the weights nor the moments nor t) and is returned as it is:
+    /// the caller skips the step.
     pub fn step(&mut self, grads: &Grads, lr: f64, clip: f64) -> Result<f64> {
         let norm = self.grad_norm(grads)?;
         if !norm.is_finite() {
-            bail!("gradient norm is {norm} at optimiser step {}: training diverged (lower train.lr or enable train.grad_clip)", self.t + 1);
+            return Ok(norm);
         }
         let gscale = if clip > 0.0 && norm > clip { clip / (norm + 1e-6) } else { 1.0 };
         self.t += 1;
@@ -156,5 +158,80 @@ impl Ema {
 
     pub fn as_map(&self) -> HashMap<String, Tensor> {
         self.tensors.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn one_param(values: &[f32]) -> BTreeMap<String, Var> {
+        let v = Var::from_slice(values, values.len(), &Device::Cpu).unwrap();
+        [("w".to_string(), v)].into_iter().collect()
+    }
+
+    fn values(vars: &BTreeMap<String, Var>) -> Vec<f32> {
+        vars["w"].as_tensor().to_vec1().unwrap()
+    }
+
+    fn close(a: &[f32], b: &[f64]) -> bool {
+        a.iter().zip(b).all(|(a, b)| (*a as f64 - b).abs() < 1e-5)
+    }
+
+    #[test]
+    fn adamw_matches_two_steps_computed_by_hand() {
+        // theta = [1, -2], lr 0.1, betas (0.9, 0.999), eps 1e-8, weight decay 0.01, no clipping.
+        let vars = one_param(&[1.0, -2.0]);
+        let mut opt = AdamW::new(&vars, 0.9, 0.999, 1e-8, 0.01).unwrap();
+        let grads = |g: Vec<f32>| [("w".to_string(), g)].into_iter().collect::<HashMap<_, _>>();
+        // step 1, g = [0.5, -1]: m = 0.1 g, v = 0.001 g^2, so m_hat / sqrt(v_hat) = sign(g) and
+        // theta = theta (1 - 0.1 * 0.01) - 0.1 sign(g) = [0.899, -1.898]
+        let norm = opt.step_host(grads(vec![0.5, -1.0]), 0.1, 0.0).unwrap();
+        assert!((norm - 1.25f64.sqrt()).abs() < 1e-6);
+        assert!(close(&values(&vars), &[0.899, -1.898]), "{:?}", values(&vars));
+        // step 2, g = [-0.25, 2]: m = [0.02, 0.11], v = [3.1225e-4, 4.999e-3], bias corrections 0.19 and
+        // 1.999e-3: theta_0 = 0.899 * 0.999 - 0.1 * (0.02 / 0.19) / sqrt(3.1225e-4 / 1.999e-3) = 0.8714673
+        opt.step_host(grads(vec![-0.25, 2.0]), 0.1, 0.0).unwrap();
+        assert!(close(&values(&vars), &[0.8714673, -1.9327124]), "{:?}", values(&vars));
+        let st = opt.state_tensors();
+        assert!(close(&st["m.w"].to_vec1::<f32>().unwrap(), &[0.02, 0.11]));
+        assert!(close(&st["v.w"].to_vec1::<f32>().unwrap(), &[3.1225e-4, 4.999e-3]));
+        assert_eq!(opt.t, 2);
+    }
+
+    #[test]
+    fn clipping_scales_the_gradient_to_the_threshold_and_reports_the_norm_before() {
+        let vars = one_param(&[0.0, 0.0]);
+        let mut opt = AdamW::new(&vars, 0.9, 0.999, 1e-8, 0.0).unwrap();
+        // ||[3, 4]|| = 5 > 1: the moments see [0.6, 0.8]
+        let g = [("w".to_string(), vec![3.0f32, 4.0])].into_iter().collect();
+        assert!((opt.step_host(g, 0.1, 1.0).unwrap() - 5.0).abs() < 1e-6);
+        assert!(close(&opt.state_tensors()["m.w"].to_vec1::<f32>().unwrap(), &[0.06, 0.08]));
+        // a gradient for a parameter the optimiser does not hold is an error, as is a NaN gradient
+        let g = [("nope".to_string(), vec![1.0f32])].into_iter().collect();
+        assert!(opt.step_host(g, 0.1, 1.0).unwrap_err().to_string().contains("'nope'"));
+        // a NaN gradient changes nothing: the step is the caller's to skip
+        let (before, m_before) = (values(&vars), opt.state_tensors()["m.w"].to_vec1::<f32>().unwrap());
+        let g = [("w".to_string(), vec![f32::NAN, 0.0])].into_iter().collect();
+        assert!(opt.step_host(g, 0.1, 1.0).unwrap().is_nan());
+        assert_eq!((values(&vars), opt.state_tensors()["m.w"].to_vec1::<f32>().unwrap()), (before, m_before));
+        assert_eq!(opt.t, 1);
+    }
+
+    #[test]
+    fn ema_warms_up_then_holds_its_decay() {
+        let vars = one_param(&[1.0]);
+        let mut ema = Ema::new(&vars, 0.999).unwrap();
+        // min(decay, (1 + n) / (10 + n)): 0.1 at first, 0.91 after 90 updates, the decay itself from ~9000 on
+        assert!((ema.effective_decay() - 0.1).abs() < 1e-12);
+        vars["w"].set(&Tensor::new(&[3.0f32], &Device::Cpu).unwrap()).unwrap();
+        ema.update(&vars).unwrap();
+        // 0.1 * 1 + 0.9 * 3
+        assert!((ema.tensors["w"].to_vec1::<f32>().unwrap()[0] - 2.8).abs() < 1e-6);
+        ema.updates = 90;
+        assert!((ema.effective_decay() - 0.91).abs() < 1e-12);
+        ema.updates = 1_000_000;
+        assert_eq!(ema.effective_decay(), 0.999);
     }
 }

@@ -1,6 +1,12 @@
 //! The training loop: Ho et al. 2020, Algorithm 1, with AdamW, warm-up, gradient clipping, EMA, label
 //! dropout for classifier-free guidance, checkpoints, metrics and a loss curve.
 
+pub mod batch;
+pub mod checkpoint;
+pub mod config;
+pub mod device;
+pub mod optim;
+
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -8,155 +14,20 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rand_distr::{Distribution, StandardNormal};
 use runtime::schedule::NoiseSchedule;
 
-use crate::checkpoint::{self, RngState, State};
-use crate::config::Config;
+pub use batch::{make_batch, make_host_batch, step_rng, Batch, DataOrder, HostBatch};
+use checkpoint::{RngState, State};
+use config::{Config, Loss, LrSchedule};
+pub use device::DeviceSpec;
+use optim::{AdamW, Ema, Grads};
+
 use crate::data::Dataset;
-use crate::ops::CandleOps;
-use crate::optim::{AdamW, Ema, Grads};
-use crate::params::{InitSource, ParamSource, TensorSource};
-use crate::tape::{Pool, Tape};
-use crate::unet::UNet;
-
-/// Parses `cpu`, `cuda` or `cuda:N`.
-pub fn parse_device(name: &str) -> Result<Device> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        s if s == "cuda" || s.starts_with("cuda:") => {
-            let ordinal: usize =
-                s.strip_prefix("cuda:").map(|n| n.parse()).transpose().context("cuda:N needs a number")?.unwrap_or(0);
-            if !candle_core::utils::cuda_is_available() {
-                bail!("--device {s}: this trainer was built without CUDA; rebuild with `cargo build --release -p trainer --features cuda`");
-            }
-            Ok(Device::new_cuda(ordinal)?)
-        }
-        other => bail!("unknown device '{other}' (cpu, cuda or cuda:N)"),
-    }
-}
-
-/// The random numbers of one training step, all drawn from ChaCha8(seed), stream = step.
-pub fn step_rng(seed: u64, step: usize) -> ChaCha8Rng {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    rng.set_stream(step as u64);
-    rng
-}
-
-/// Epoch-wise shuffled sampling without replacement; position k of the whole run is a pure function of
-/// (seed, k), so a resumed run sees the same batches.
-pub struct Sampler {
-    seed: u64,
-    n: usize,
-    epoch: usize,
-    perm: Vec<usize>,
-}
-
-impl Sampler {
-    pub fn new(seed: u64, n: usize) -> Self {
-        let mut s = Self { seed, n, epoch: usize::MAX, perm: vec![] };
-        s.set_epoch(0);
-        s
-    }
-    fn set_epoch(&mut self, epoch: usize) {
-        if self.epoch == epoch {
-            return;
-        }
-        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ 0x5eed_da7a);
-        rng.set_stream(epoch as u64);
-        self.perm = (0..self.n).collect();
-        self.perm.shuffle(&mut rng);
-        self.epoch = epoch;
-    }
-    /// Dataset indices for step `step` at batch size `b`.
-    pub fn batch(&mut self, step: usize, b: usize) -> Vec<usize> {
-        (0..b)
-            .map(|j| {
-                let k = step * b + j;
-                self.set_epoch(k / self.n);
-                self.perm[k % self.n]
-            })
-            .collect()
-    }
-}
-
-/// One step's inputs: x_t, t, labels and the target noise.
-pub struct Batch {
-    pub xt: Tensor,
-    pub t: Tensor,
-    pub y: Option<Tensor>,
-    pub eps: Tensor,
-}
-
-/// The same inputs in host memory (the CPU engine reads them directly).
-pub struct HostBatch {
-    /// [B, C, H, W]
-    pub dims: [usize; 4],
-    pub xt: Vec<f32>,
-    pub eps: Vec<f32>,
-    pub t: Vec<u32>,
-    pub y: Option<Vec<u32>>,
-}
-
-impl HostBatch {
-    pub fn to_device(self, device: &Device) -> Result<Batch> {
-        let b = self.dims[0];
-        Ok(Batch {
-            xt: Tensor::from_vec(self.xt, self.dims.to_vec(), device)?,
-            eps: Tensor::from_vec(self.eps, self.dims.to_vec(), device)?,
-            t: Tensor::from_vec(self.t, b, device)?,
-            y: self.y.map(|y| Tensor::from_vec(y, b, device)).transpose()?,
-        })
-    }
-}
-
-/// Builds the batch of Algorithm 1 (Ho et al. 2020): x_0 ~ data, t ~ U{0..T-1}, eps ~ N(0, I),
-/// x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps.
-pub fn make_host_batch(
-    data: &Dataset,
-    idx: &[usize],
-    cfg: &Config,
-    schedule: &NoiseSchedule,
-    rng: &mut ChaCha8Rng,
-) -> HostBatch {
-    let (c, s) = (data.channels, data.size);
-    let n = data.image_len();
-    let b = idx.len();
-    let mut xt = Vec::with_capacity(b * n);
-    let mut eps_all = Vec::with_capacity(b * n);
-    let mut ts = Vec::with_capacity(b);
-    let mut ys = Vec::with_capacity(b);
-    let null = cfg.model.null_class();
-    for &i in idx {
-        let mut x0 = data.image_f32(i);
-        cfg.data.augment.apply(&mut x0, c, s, rng);
-        let t = rng.gen_range(0..schedule.num_timesteps());
-        let eps: Vec<f32> = (0..n).map(|_| StandardNormal.sample(&mut *rng)).collect();
-        xt.extend(schedule.q_sample(&x0, t, &eps));
-        eps_all.extend(eps);
-        ts.push(t as u32);
-        if let (Some(null), Some(labels)) = (null, &data.labels) {
-            // Ho & Salimans 2022, Algorithm 1: drop the label with probability p_uncond
-            ys.push(if rng.gen::<f64>() < cfg.train.p_uncond { null as u32 } else { labels[i] });
-        }
-    }
-    HostBatch { dims: [b, c, s, s], xt, eps: eps_all, t: ts, y: if ys.is_empty() { None } else { Some(ys) } }
-}
-
-/// [`make_host_batch`] as tensors on `device`.
-pub fn make_batch(
-    data: &Dataset,
-    idx: &[usize],
-    cfg: &Config,
-    schedule: &NoiseSchedule,
-    rng: &mut ChaCha8Rng,
-    device: &Device,
-) -> Result<Batch> {
-    make_host_batch(data, idx, cfg, schedule, rng).to_device(device)
-}
+use crate::model::ops::CandleOps;
+use crate::model::params::{InitSource, ParamSource, TensorSource};
+use crate::model::tape::{Pool, Tape};
+use crate::model::unet::UNet;
 
 /// How gradients are computed. Both engines run the same forward pass and draw the same random numbers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -164,7 +35,7 @@ pub enum Engine {
     /// The tape engine on the CPU, Candle's autograd elsewhere.
     #[default]
     Auto,
-    /// The CPU tape engine ([`crate::tape`]); CPU only.
+    /// The CPU tape engine ([`crate::model::tape`]); CPU only.
     Tape,
     /// Candle's autograd (any device).
     Candle,
@@ -174,13 +45,12 @@ pub enum Engine {
 #[derive(Debug, Clone, Default)]
 pub struct FitOptions {
     pub out: PathBuf,
-    pub device: String,
+    pub device: DeviceSpec,
     pub resume: bool,
     pub force: bool,
     /// Stop after this many steps of this invocation (for tests and time-boxed runs); the config's
     /// train.steps stays the target.
     pub max_steps_now: Option<usize>,
-    pub quiet: bool,
     pub engine: Engine,
 }
 
@@ -193,8 +63,10 @@ pub struct Trainer {
     pub ema: Ema,
     pub schedule: NoiseSchedule,
     pub data: Dataset,
-    pub sampler: Sampler,
+    pub order: DataOrder,
     pub step: usize,
+    /// Steps skipped in a row for a non-finite loss or gradient norm.
+    pub skipped_in_row: usize,
     pub elapsed_s: f64,
     pub recent_loss: f64,
     /// Buffers of the CPU engine, reused from step to step.
@@ -202,10 +74,14 @@ pub struct Trainer {
     pub engine: Engine,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepStats {
     pub loss: f64,
     pub grad_norm: f64,
     pub lr: f64,
+    /// The loss or the gradient norm was not finite: no update was made (train.max_skipped_steps in a row stop
+    /// the run).
+    pub skipped: bool,
 }
 
 impl Trainer {
@@ -247,6 +123,8 @@ impl Trainer {
         vars: BTreeMap<String, Var>,
         ck: Option<&checkpoint::Checkpoint>,
     ) -> Result<Self> {
+        // a new run's file and a resumed run's state.json pass the same checks
+        cfg.validate()?;
         let tc = &cfg.train;
         let mut opt = AdamW::new(&vars, tc.adam_beta1, tc.adam_beta2, tc.adam_eps, tc.weight_decay)?;
         let mut ema = Ema::new(&vars, tc.ema_decay)?;
@@ -271,7 +149,7 @@ impl Trainer {
         if cfg.model.channels != data.channels {
             bail!("model.channels is {} but the images have {} channel(s)", cfg.model.channels, data.channels);
         }
-        let sampler = Sampler::new(cfg.train.seed, data.len);
+        let order = DataOrder::new(cfg.train.seed, data.len);
         Ok(Self {
             cfg,
             device,
@@ -281,8 +159,9 @@ impl Trainer {
             ema,
             schedule,
             data,
-            sampler,
+            order,
             step: 0,
+            skipped_in_row: 0,
             elapsed_s: 0.0,
             recent_loss: 0.0,
             pool: Pool::default(),
@@ -298,12 +177,12 @@ impl Trainer {
         if step < w {
             return tc.lr * (step + 1) as f64 / w as f64;
         }
-        match tc.lr_schedule.as_str() {
-            "cosine" => {
+        match tc.lr_schedule {
+            LrSchedule::Cosine => {
                 let p = ((step - w) as f64 / (tc.steps.saturating_sub(w)).max(1) as f64).min(1.0);
                 tc.lr * 0.5 * (1.0 + (std::f64::consts::PI * p).cos())
             }
-            _ => tc.lr,
+            LrSchedule::Constant => tc.lr,
         }
     }
 
@@ -328,9 +207,9 @@ impl Trainer {
         let mut ops = CandleOps::training(&self.device, DType::F32, rng);
         let pred = self.unet.forward(&mut ops, &batch.xt, &batch.t, batch.y.as_ref())?;
         let diff = (pred - &batch.eps)?;
-        let per_elem = match self.cfg.train.loss.as_str() {
-            "l1" => diff.abs()?,
-            _ => diff.sqr()?,
+        let per_elem = match self.cfg.train.loss {
+            Loss::L1 => diff.abs()?,
+            Loss::Mse => diff.sqr()?,
         };
         if self.cfg.train.min_snr_gamma <= 0.0 {
             return Ok(per_elem.mean_all()?);
@@ -342,10 +221,10 @@ impl Trainer {
     }
 
     /// One optimisation step (forward, backward, AdamW, EMA): on the CPU through the tape engine
-    /// ([`crate::tape`]), elsewhere through Candle's autograd. Both draw the same random numbers.
+    /// ([`crate::model::tape`]), elsewhere through Candle's autograd. Both draw the same random numbers.
     pub fn train_step(&mut self) -> Result<StepStats> {
         let mut rng = step_rng(self.cfg.train.seed, self.step);
-        let idx = self.sampler.batch(self.step, self.cfg.train.batch_size);
+        let idx = self.order.batch(self.step, self.cfg.train.batch_size);
         let batch = make_host_batch(&self.data, &idx, &self.cfg, &self.schedule, &mut rng);
         let lr = self.lr();
         let tape = match self.engine {
@@ -354,22 +233,37 @@ impl Trainer {
             Engine::Tape => true,
             Engine::Candle => false,
         };
+        let clip = self.cfg.train.grad_clip;
+        // a non-finite loss updates nothing; a non-finite gradient norm is refused by the optimiser
         let (loss, grad_norm) = if tape {
             let (loss, grads) = self.cpu_loss_and_grads(&batch, &mut rng)?;
-            (loss, self.opt.step_host(grads, lr, self.cfg.train.grad_clip)?)
+            (loss, if loss.is_finite() { self.opt.step_host(grads, lr, clip)? } else { f64::NAN })
         } else {
             let batch = batch.to_device(&self.device)?;
-            let loss = self.loss(&batch, &mut rng)?;
-            let grads = loss.backward()?;
-            let norm = self.opt.step(&Grads::Candle(&grads), lr, self.cfg.train.grad_clip)?;
-            (loss.to_scalar::<f32>()? as f64, norm)
+            let loss_t = self.loss(&batch, &mut rng)?;
+            let loss = loss_t.to_scalar::<f32>()? as f64;
+            let norm =
+                if loss.is_finite() { self.opt.step(&Grads::Candle(&loss_t.backward()?), lr, clip)? } else { f64::NAN };
+            (loss, norm)
         };
-        self.ema.update(&self.vars)?;
-        self.step += 1;
-        if !loss.is_finite() {
-            bail!("loss is {loss} at step {}: training diverged", self.step);
+        let skipped = !(loss.is_finite() && grad_norm.is_finite());
+        if skipped {
+            self.skipped_in_row += 1;
+        } else {
+            self.ema.update(&self.vars)?;
+            self.skipped_in_row = 0;
         }
-        Ok(StepStats { loss, grad_norm, lr })
+        self.step += 1;
+        let max = self.cfg.train.max_skipped_steps;
+        if self.skipped_in_row >= max {
+            bail!(
+                "{max} steps in a row (up to step {}) had a non-finite loss or gradient norm (loss {loss}, norm \
+                 {grad_norm}): training diverged; lower train.lr or keep train.grad_clip on, and resume from the last \
+                 checkpoint, which holds the weights before them",
+                self.step
+            );
+        }
+        Ok(StepStats { loss, grad_norm, lr, skipped })
     }
 
     /// The loss of [`Trainer::loss`] and the gradient of every parameter, by name, through the CPU engine.
@@ -391,7 +285,7 @@ impl Trainer {
         let pred = tape.data(out);
         let n = pred.len() as f64;
         let per_image = pred.len() / b;
-        let l1 = self.cfg.train.loss == "l1";
+        let l1 = self.cfg.train.loss == Loss::L1;
         let mut loss = 0f64;
         let mut seed = vec![0f32; pred.len()];
         for (i, w) in weights.iter().enumerate() {
@@ -412,7 +306,7 @@ impl Trainer {
         Ok((loss / n, grads))
     }
 
-    pub fn state(&self, device_name: &str) -> Result<State> {
+    pub fn state(&self, device: DeviceSpec) -> Result<State> {
         Ok(State {
             format_version: checkpoint::FORMAT_VERSION,
             trainer_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -429,15 +323,25 @@ impl Trainer {
             num_params: self.vars.values().map(|v| v.elem_count()).sum(),
             recent_loss: self.recent_loss,
             elapsed_s: self.elapsed_s,
-            device: device_name.to_string(),
+            device: device.to_string(),
         })
     }
 
-    pub fn save_checkpoint(&self, run: &Path, device_name: &str) -> Result<PathBuf> {
-        let model = self.vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+    /// Writes a checkpoint; weights that are not all finite are refused (the previous checkpoint stays the
+    /// newest).
+    pub fn save_checkpoint(&self, run: &Path, device: DeviceSpec) -> Result<PathBuf> {
+        let model: HashMap<String, Tensor> =
+            self.vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+        for (what, tensors) in [("weight", &model), ("EMA weight", &self.ema.as_map())] {
+            for (name, t) in tensors {
+                if t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?.iter().any(|v| !v.is_finite()) {
+                    bail!("{what} '{name}' is not finite at step {}: no checkpoint written", self.step);
+                }
+            }
+        }
         checkpoint::save(
             run,
-            &self.state(device_name)?,
+            &self.state(device)?,
             &model,
             &self.ema.as_map(),
             &self.opt.state_tensors(),
@@ -471,7 +375,7 @@ impl Trainer {
 }
 
 /// metrics.csv: one row per step.
-pub const METRICS_HEADER: &str = "step,loss,grad_norm,lr,elapsed_s";
+pub const METRICS_HEADER: &str = "step,loss,grad_norm,lr,elapsed_s,skipped";
 
 /// Keeps the metric rows up to `step` (a killed run may have logged past its last checkpoint, or written
 /// half a line).
@@ -481,8 +385,9 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
     out.push('\n');
     for line in text.lines().skip(1) {
         let f: Vec<&str> = line.split(',').collect();
-        if f.len() == 5 && f.iter().all(|x| x.parse::<f64>().is_ok()) && f[0].parse::<usize>().is_ok_and(|s| s <= step)
-        {
+        // a whole row (runs before the `skipped` column wrote 5 fields) of a step the checkpoint has
+        let whole = (5..=METRICS_HEADER.split(',').count()).contains(&f.len());
+        if whole && f.iter().all(|x| x.parse::<f64>().is_ok()) && f[0].parse::<usize>().is_ok_and(|s| s <= step) {
             out.push_str(line);
             out.push('\n');
         }
@@ -503,13 +408,48 @@ pub fn read_losses(path: &Path) -> Result<Vec<(usize, f64)>> {
         .collect())
 }
 
-/// `trainer fit`: creates or resumes a run folder and trains to cfg.train.steps.
-pub fn fit(cfg: Option<Config>, opts: &FitOptions) -> Result<()> {
+/// What [`fit`] reports as it goes; the command line turns it into log lines and a progress bar.
+pub enum FitEvent<'a> {
+    /// Before the first step of this invocation.
+    Started {
+        /// The checkpoint a resumed run continues from.
+        resumed_from: Option<&'a Path>,
+        step: usize,
+        total: usize,
+        data: &'a Dataset,
+        num_params: usize,
+    },
+    /// After every step.
+    Step { step: usize, total: usize, stats: &'a StepStats, elapsed_s: f64 },
+    /// A preview grid was written.
+    Preview(&'a Path),
+    /// Something the user should know (e.g. a newer checkpoint that could not be read was passed over).
+    Warning(&'a str),
+}
+
+/// What [`fit`] leaves behind.
+pub struct FitSummary {
+    pub step: usize,
+    pub total: usize,
+    /// Mean loss of the last 20 steps.
+    pub recent_loss: f64,
+    pub checkpoint: PathBuf,
+    pub loss_curve: PathBuf,
+}
+
+/// Trains a new run (`cfg`) or continues one (`opts.resume`; `cfg` may then only change train.steps):
+/// checkpoints every train.checkpoint_every steps and at the end, one metrics.csv row per step, previews,
+/// and the loss curve.
+pub fn fit(cfg: Option<Config>, opts: &FitOptions, on: &mut dyn FnMut(FitEvent)) -> Result<FitSummary> {
     let run = &opts.out;
-    let device = parse_device(&opts.device)?;
+    let device = opts.device.open()?;
+    let mut resumed_from = None;
     let mut trainer = if opts.resume {
-        let dir = checkpoint::resolve(run, "latest")?;
-        let ck = checkpoint::load(&dir, &device, true)?;
+        let ck = checkpoint::load_which(run, "latest", &device, true)?;
+        for w in &ck.passed_over {
+            on(FitEvent::Warning(&format!("passed over an unreadable checkpoint: {w}")));
+        }
+        let dir = ck.dir.clone();
         // the run's own config, with a changed step target if one was given
         let mut rcfg = ck.state.config.clone();
         if let Some(c) = &cfg {
@@ -518,9 +458,9 @@ pub fn fit(cfg: Option<Config>, opts: &FitOptions) -> Result<()> {
             }
         }
         let data = crate::data::load(&rcfg.data, rcfg.model.image_size)?;
-        log(opts, &format!("resuming {} from step {} ({})", run.display(), ck.state.step, dir.display()));
         let t = Trainer::from_checkpoint(ck, rcfg, data, device.clone())?;
         truncate_metrics(&run.join("metrics.csv"), t.step)?;
+        resumed_from = Some(dir);
         t
     } else {
         let cfg = cfg.context("a config is needed for a new run")?;
@@ -542,26 +482,17 @@ pub fn fit(cfg: Option<Config>, opts: &FitOptions) -> Result<()> {
         Trainer::new(cfg, data, device.clone())?
     };
     trainer.engine = opts.engine;
-    let params: usize = trainer.vars.values().map(|v| v.elem_count()).sum();
-    log(
-        opts,
-        &format!(
-            "data: {} images {}x{}x{} ({} classes) from {}; model: {:.2}M parameters; device {}",
-            trainer.data.len,
-            trainer.data.channels,
-            trainer.data.size,
-            trainer.data.size,
-            trainer.data.num_classes(),
-            trainer.data.description,
-            params as f64 / 1e6,
-            opts.device
-        ),
-    );
     let total = trainer.cfg.train.steps;
+    on(FitEvent::Started {
+        resumed_from: resumed_from.as_deref(),
+        step: trainer.step,
+        total,
+        data: &trainer.data,
+        num_params: trainer.vars.values().map(|v| v.elem_count()).sum(),
+    });
     let stop = opts.max_steps_now.map(|n| (trainer.step + n).min(total)).unwrap_or(total);
     let metrics_path = run.join("metrics.csv");
     let mut metrics = std::fs::OpenOptions::new().append(true).create(true).open(&metrics_path)?;
-    let pb = progress_bar(opts, total as u64, trainer.step as u64);
     let started = Instant::now();
     let base_elapsed = trainer.elapsed_s;
     let mut window = std::collections::VecDeque::with_capacity(20);
@@ -569,75 +500,38 @@ pub fn fit(cfg: Option<Config>, opts: &FitOptions) -> Result<()> {
     while trainer.step < stop {
         let s = trainer.train_step()?;
         trainer.elapsed_s = base_elapsed + started.elapsed().as_secs_f64();
-        writeln!(metrics, "{},{:.6},{:.4},{:.3e},{:.2}", trainer.step, s.loss, s.grad_norm, s.lr, trainer.elapsed_s)?;
-        if window.len() == 20 {
-            window.pop_front();
+        let (step, elapsed, skipped) = (trainer.step, trainer.elapsed_s, s.skipped as u8);
+        writeln!(metrics, "{step},{:.6},{:.4},{:.3e},{elapsed:.2},{skipped}", s.loss, s.grad_norm, s.lr)?;
+        if !s.skipped {
+            if window.len() == 20 {
+                window.pop_front();
+            }
+            window.push_back(s.loss);
+            trainer.recent_loss = window.iter().sum::<f64>() / window.len() as f64;
         }
-        window.push_back(s.loss);
-        trainer.recent_loss = window.iter().sum::<f64>() / window.len() as f64;
-        pb.set_position(trainer.step as u64);
-        pb.set_message(format!("loss {:.4} | grad {:.3} | lr {:.1e}", s.loss, s.grad_norm, s.lr));
+        on(FitEvent::Step { step: trainer.step, total, stats: &s, elapsed_s: trainer.elapsed_s });
         if trainer.step % every == 0 && trainer.step < stop {
             metrics.flush()?;
-            trainer.save_checkpoint(run, &opts.device)?;
+            trainer.save_checkpoint(run, opts.device)?;
         }
         let pe = trainer.cfg.train.preview_every;
         if pe > 0 && trainer.step % pe == 0 && trainer.step < stop {
-            pb.suspend(|| trainer.preview(run))?;
-        }
-        if pb.is_hidden() && !opts.quiet && (trainer.step % (total / 20).max(1) == 0) {
-            eprintln!(
-                "step {}/{} loss {:.4} ({:.2} steps/s)",
-                trainer.step,
-                total,
-                s.loss,
-                trainer.step as f64 / trainer.elapsed_s.max(1e-9)
-            );
+            if let Some(p) = trainer.preview(run)? {
+                on(FitEvent::Preview(&p));
+            }
         }
     }
     metrics.flush()?;
-    let ck = trainer.save_checkpoint(run, &opts.device)?;
-    pb.finish_and_clear();
+    let checkpoint = trainer.save_checkpoint(run, opts.device)?;
     if let Some(p) = trainer.preview(run)? {
-        log(opts, &format!("samples (EMA weights, DDIM {} steps): {}", trainer.cfg.train.preview_steps, p.display()));
+        on(FitEvent::Preview(&p));
     }
     let losses = read_losses(&metrics_path)?;
+    let loss_curve = run.join("loss.png");
     crate::plot::loss_curve(
         &losses,
-        &run.join("loss.png"),
+        &loss_curve,
         &format!("{} loss", run.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()),
     )?;
-    log(
-        opts,
-        &format!(
-            "step {} of {}: loss {:.4} (mean of last 20); checkpoint {}; loss curve {}",
-            trainer.step,
-            total,
-            trainer.recent_loss,
-            ck.display(),
-            run.join("loss.png").display()
-        ),
-    );
-    Ok(())
-}
-
-fn log(opts: &FitOptions, msg: &str) {
-    if !opts.quiet {
-        eprintln!("{msg}");
-    }
-}
-
-fn progress_bar(opts: &FitOptions, total: u64, pos: u64) -> indicatif::ProgressBar {
-    if opts.quiet {
-        return indicatif::ProgressBar::hidden();
-    }
-    let pb = indicatif::ProgressBar::new(total);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {per_sec} ETA {eta} {msg}",
-        )
-        .unwrap(),
-    );
-    pb.set_position(pos);
-    pb
+    Ok(FitSummary { step: trainer.step, total, recent_loss: trainer.recent_loss, checkpoint, loss_curve })
 }

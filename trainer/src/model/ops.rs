@@ -9,8 +9,8 @@ use candle_core::{DType, Device, Tensor, D};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::kernels;
-use crate::params::Param;
+use crate::model::kernels;
+use crate::model::params::Param;
 
 /// Graph primitives. Shapes are NCHW; every binary op broadcasts numpy-style.
 pub trait Ops {

@@ -160,7 +160,7 @@ impl ConvBn {
         };
         if x.device().is_cpu() {
             // the project's im2col GEMM: ~20% faster than Candle's CPU conv2d here (0.29 vs 0.37 s/image)
-            return Ok(crate::ops::conv2d_gemm(&x, &self.w, Some(&self.b_flat), self.stride, 0)?.relu()?);
+            return Ok(crate::model::ops::conv2d_gemm(&x, &self.w, Some(&self.b_flat), self.stride, 0)?.relu()?);
         }
         Ok(x.conv2d(&self.w, 0, self.stride, 1, 1)?.broadcast_add(&self.b)?.relu()?)
     }

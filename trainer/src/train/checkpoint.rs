@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::config::Config;
+use crate::train::config::Config;
 
 pub const FORMAT_VERSION: u32 = 1;
 
@@ -47,6 +47,8 @@ pub struct RngState {
 
 pub struct Checkpoint {
     pub dir: PathBuf,
+    /// Newer checkpoints that could not be read and were passed over (`load_which` with `latest`), with why.
+    pub passed_over: Vec<String>,
     pub state: State,
     pub model: HashMap<String, Tensor>,
     pub ema: HashMap<String, Tensor>,
@@ -220,5 +222,109 @@ pub fn load(dir: &Path, device: &Device, with_optim: bool) -> Result<Checkpoint>
     let model = load_tensors(&dir.join("model.safetensors"), device)?;
     let ema = load_tensors(&dir.join("ema.safetensors"), device)?;
     let optim = if with_optim { load_tensors(&dir.join("optim.safetensors"), device)? } else { HashMap::new() };
-    Ok(Checkpoint { dir: dir.to_path_buf(), state, model, ema, optim })
+    Ok(Checkpoint { dir: dir.to_path_buf(), passed_over: vec![], state, model, ema, optim })
+}
+
+/// Loads the checkpoint `which` names (`latest` or a step). For `latest`, a newest checkpoint that cannot be
+/// read (a truncated tensor file, a broken state.json) is passed over for the one before it, and the reason
+/// is kept in [`Checkpoint::passed_over`] for the caller to warn about; a named step must load itself.
+pub fn load_which(run: &Path, which: &str, device: &Device, with_optim: bool) -> Result<Checkpoint> {
+    let first = resolve(run, which)?;
+    if which != "latest" {
+        return load(&first, device, with_optim);
+    }
+    let mut order = vec![first.clone()];
+    order.extend(list(run)?.into_iter().rev().map(|(_, p)| p).filter(|p| *p != first));
+    let mut passed_over = vec![];
+    for dir in &order {
+        match load(dir, device, with_optim) {
+            Ok(mut ck) => {
+                ck.passed_over = passed_over;
+                return Ok(ck);
+            }
+            Err(e) => passed_over.push(format!("{}: {e:#}", dir.display())),
+        }
+    }
+    bail!("no checkpoint of {} can be read: {}", run.display(), passed_over.join("; "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(step: usize) -> State {
+        State {
+            format_version: FORMAT_VERSION,
+            trainer_version: "test".into(),
+            step,
+            config: Config::default(),
+            rng: RngState { algorithm: "chacha8".into(), seed: 1, next_stream: step as u64 },
+            data_fingerprint: "fp".into(),
+            data_description: "toy".into(),
+            class_names: vec![],
+            num_params: 2,
+            recent_loss: 0.5,
+            elapsed_s: step as f64,
+            device: "cpu".into(),
+        }
+    }
+
+    fn tensors(v: f32) -> HashMap<String, Tensor> {
+        [("w".to_string(), Tensor::new(&[v, -v], &Device::Cpu).unwrap())].into_iter().collect()
+    }
+
+    #[test]
+    fn save_resolve_prune_and_the_latest_fallback() {
+        let run = std::env::temp_dir().join(format!("ck-unit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&run);
+        std::fs::create_dir_all(&run).unwrap();
+        assert!(resolve(&run, "latest").unwrap_err().to_string().contains("has no checkpoint yet"));
+        for step in [10, 20, 30] {
+            save(&run, &state(step), &tensors(step as f32), &tensors(1.0), &tensors(2.0), 2).unwrap();
+        }
+        // the newest two are kept; LATEST names the last
+        let steps: Vec<usize> = list(&run).unwrap().iter().map(|(s, _)| *s).collect();
+        assert_eq!(steps, vec![20, 30]);
+        let latest = resolve(&run, "latest").unwrap();
+        let ck = load(&latest, &Device::Cpu, true).unwrap();
+        assert_eq!((ck.state.step, ck.state.rng.next_stream), (30, 30));
+        assert_eq!(ck.model["w"].to_vec1::<f32>().unwrap(), vec![30.0, -30.0]);
+        assert_eq!(ck.optim["w"].to_vec1::<f32>().unwrap(), vec![2.0, -2.0]);
+        assert_eq!(resolve(&run, "20").unwrap(), checkpoints_dir(&run).join(step_dir_name(20)));
+        let e = resolve(&run, "10").unwrap_err().to_string();
+        assert!(e.contains("no checkpoint at step 10") && e.contains("[20, 30]"), "{e}");
+        assert!(resolve(&run, "newest").unwrap_err().to_string().contains("'latest' or a step number"));
+        // LATEST naming a checkpoint that is gone (or garbage): the newest complete one is used
+        std::fs::write(checkpoints_dir(&run).join("LATEST"), "step-00000099").unwrap();
+        assert_eq!(resolve(&run, "latest").unwrap(), latest);
+        // an interrupted save (a temporary folder, no state.json) is not a checkpoint and is cleaned up
+        let tmp = checkpoints_dir(&run).join(".step-00000040.tmp-1");
+        std::fs::create_dir_all(&tmp).unwrap();
+        assert_eq!(list(&run).unwrap().len(), 2);
+        save(&run, &state(40), &tensors(4.0), &tensors(1.0), &tensors(2.0), 2).unwrap();
+        assert!(!tmp.exists());
+        assert_eq!(resolve(&run, "latest").unwrap(), checkpoints_dir(&run).join(step_dir_name(40)));
+        // a state.json of another format version is refused with both versions named
+        let mut s = state(40);
+        s.format_version = 9;
+        write_atomic(
+            &checkpoints_dir(&run).join(step_dir_name(40)).join("state.json"),
+            &serde_json::to_vec(&s).unwrap(),
+        )
+        .unwrap();
+        let e = load(&resolve(&run, "latest").unwrap(), &Device::Cpu, false).err().unwrap().to_string();
+        assert!(e.contains("checkpoint format 9") && e.contains(&format!("reads {FORMAT_VERSION}")), "{e}");
+        // ... so `latest` passes over it to the one before, and says why; a named step must load itself
+        let ck = load_which(&run, "latest", &Device::Cpu, true).unwrap();
+        assert_eq!(ck.state.step, 30);
+        assert!(ck.passed_over.len() == 1 && ck.passed_over[0].contains("checkpoint format 9"), "{:?}", ck.passed_over);
+        assert!(load_which(&run, "40", &Device::Cpu, false).is_err());
+        // a truncated tensor file too; with nothing readable left the error names every reason
+        let ema = checkpoints_dir(&run).join(step_dir_name(30)).join("ema.safetensors");
+        let bytes = std::fs::read(&ema).unwrap();
+        std::fs::write(&ema, &bytes[..bytes.len() / 2]).unwrap();
+        let e = load_which(&run, "latest", &Device::Cpu, false).err().unwrap().to_string();
+        assert!(e.contains("no checkpoint") && e.contains("format 9") && e.contains("ema.safetensors"), "{e}");
+        std::fs::remove_dir_all(&run).unwrap();
+    }
 }

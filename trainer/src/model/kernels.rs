@@ -421,10 +421,10 @@ pub(crate) fn conv2d_backward(
 }
 
 /// 2-D convolution with bias, square kernel `w` [Co, C, k, k], symmetric padding: the fused CPU kernel for
-/// f32 on the CPU, [`crate::ops::conv2d_gemm`] elsewhere.
+/// f32 on the CPU, [`crate::model::ops::conv2d_gemm`] elsewhere.
 pub fn conv2d(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
     if !cpu_f32(&[x, w, b]) {
-        return crate::ops::conv2d_gemm(x, w, Some(b), stride, padding);
+        return crate::model::ops::conv2d_gemm(x, w, Some(b), stride, padding);
     }
     x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, Conv2d { stride, padding })
 }

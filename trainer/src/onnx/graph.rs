@@ -1,53 +1,33 @@
-//! `trainer export`: writes the ONNX graph of the U-Net straight from its definition.
-//!
-//! [`OnnxOps`] implements the same [`Ops`] trait that training runs on, emitting one ONNX node (or a few)
-//! per primitive, so the graph has exactly the trained model's structure. The op set stays inside what
-//! candle-onnx's `simple_eval` reads at opset 17 (GroupNorm as Reshape/ReduceMean/Sub/Mul/Add/Sqrt/Div,
-//! SiLU as Sigmoid*Mul), so three independent readers (Candle, ONNX Runtime, candle-onnx) can check it.
+//! The ONNX graph writer: [`OnnxOps`] implements the same [`Ops`] trait that training runs on, emitting one
+//! ONNX node (or a few) per primitive, so the graph has exactly the trained model's structure. The op set
+//! stays inside what candle-onnx's `simple_eval` reads at opset 17 (GroupNorm as Reshape/ReduceMean/Sub/Mul/
+//! Add/Sqrt/Div, SiLU as Sigmoid*Mul), so three independent readers (Candle, ONNX Runtime, candle-onnx) can
+//! check it.
 //!
 //! f16 export keeps weights and activations in f16 but computes the GroupNorm statistics and the
 //! attention softmax in f32 (fp16 U-Nets are known to produce NaN/black images otherwise: diffusers
 //! #1083, #4321); the timestep embedding is computed in f32 and cast.
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use candle_onnx::onnx::{
     attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto, AttributeProto, GraphProto,
     ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto, TensorProto, TensorShapeProto, TypeProto,
     ValueInfoProto,
 };
-use prost::Message;
+use runtime::metadata::Dtype;
 
-use crate::checkpoint::State;
-use crate::ops::Ops;
-use crate::params::{Param, TensorSource};
-use crate::unet::UNet;
+use crate::model::ops::Ops;
+use crate::model::params::Param;
+use crate::model::unet::UNet;
 
-/// Version of the metadata layout (`diffusion.format_version`).
-pub const METADATA_FORMAT: &str = "1";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExportDtype {
-    F32,
-    F16,
-}
-
-impl ExportDtype {
-    pub fn from_name(s: &str) -> Result<Self> {
-        match s {
-            "f32" | "float32" => Ok(Self::F32),
-            "f16" | "float16" => Ok(Self::F16),
-            o => bail!("unknown dtype '{o}' (f32 or f16)"),
-        }
-    }
-    pub fn onnx(self) -> DataType {
-        match self {
-            Self::F32 => DataType::Float,
-            Self::F16 => DataType::Float16,
-        }
+/// The ONNX element type of a dtype.
+pub fn onnx_type(dtype: Dtype) -> DataType {
+    match dtype {
+        Dtype::F32 => DataType::Float,
+        Dtype::F16 => DataType::Float16,
     }
 }
 
@@ -57,7 +37,7 @@ pub struct OnnxOps {
     pub initializers: Vec<TensorProto>,
     seen: HashSet<String>,
     next: usize,
-    dtype: ExportDtype,
+    dtype: Dtype,
 }
 
 fn attr_int(name: &str, v: i64) -> AttributeProto {
@@ -76,7 +56,7 @@ fn attr_str(name: &str, v: &str) -> AttributeProto {
 }
 
 impl OnnxOps {
-    pub fn new(dtype: ExportDtype) -> Self {
+    pub fn new(dtype: Dtype) -> Self {
         Self { nodes: vec![], initializers: vec![], seen: HashSet::new(), next: 0, dtype }
     }
 
@@ -98,15 +78,15 @@ impl OnnxOps {
         out
     }
 
-    fn tensor_proto(name: &str, dims: &[i64], values: &[f32], dtype: ExportDtype) -> TensorProto {
+    fn tensor_proto(name: &str, dims: &[i64], values: &[f32], dtype: Dtype) -> TensorProto {
         let raw: Vec<u8> = match dtype {
-            ExportDtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            ExportDtype::F16 => values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
+            Dtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            Dtype::F16 => values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
         };
         TensorProto {
             name: name.into(),
             dims: dims.to_vec(),
-            data_type: dtype.onnx() as i32,
+            data_type: onnx_type(dtype) as i32,
             raw_data: raw,
             ..Default::default()
         }
@@ -151,7 +131,7 @@ impl OnnxOps {
 
     fn scalar_f32(&mut self, v: f64) -> String {
         let name = self.fresh("scalar_f32");
-        self.initializers.push(Self::tensor_proto(&name, &[], &[v as f32], ExportDtype::F32));
+        self.initializers.push(Self::tensor_proto(&name, &[], &[v as f32], Dtype::F32));
         name
     }
 
@@ -160,14 +140,14 @@ impl OnnxOps {
     }
     fn widen_if_half(&mut self, x: &str) -> String {
         match self.dtype {
-            ExportDtype::F16 => self.cast(x, DataType::Float),
-            ExportDtype::F32 => x.to_string(),
+            Dtype::F16 => self.cast(x, DataType::Float),
+            Dtype::F32 => x.to_string(),
         }
     }
     fn narrow_if_half(&mut self, x: &str) -> String {
         match self.dtype {
-            ExportDtype::F16 => self.cast(x, DataType::Float16),
-            ExportDtype::F32 => x.to_string(),
+            Dtype::F16 => self.cast(x, DataType::Float16),
+            Dtype::F32 => x.to_string(),
         }
     }
 }
@@ -264,7 +244,7 @@ impl Ops for OnnxOps {
     }
     fn upsample_nearest2x(&mut self, x: &String) -> Result<String> {
         let scales = self.fresh("scales");
-        self.initializers.push(Self::tensor_proto(&scales, &[4], &[1.0, 1.0, 2.0, 2.0], ExportDtype::F32));
+        self.initializers.push(Self::tensor_proto(&scales, &[4], &[1.0, 1.0, 2.0, 2.0], Dtype::F32));
         Ok(self.node(
             "Resize",
             &[x, "", &scales],
@@ -287,7 +267,7 @@ impl Ops for OnnxOps {
     }
     fn const_f32(&mut self, name: &str, values: &[f32]) -> Result<String> {
         let n = self.fresh(name);
-        self.initializers.push(Self::tensor_proto(&n, &[values.len() as i64], values, ExportDtype::F32));
+        self.initializers.push(Self::tensor_proto(&n, &[values.len() as i64], values, Dtype::F32));
         Ok(n)
     }
     fn sin(&mut self, x: &String) -> Result<String> {
@@ -326,12 +306,7 @@ pub fn value_info(name: &str, elem: DataType, dims: &[Option<i64>]) -> ValueInfo
 }
 
 /// Builds the ONNX model of `unet` with `metadata` (key, value) pairs.
-pub fn build_model(
-    unet: &UNet,
-    dtype: ExportDtype,
-    opset: i64,
-    metadata: &BTreeMap<String, String>,
-) -> Result<ModelProto> {
+pub fn build_model(unet: &UNet, dtype: Dtype, opset: i64, metadata: &BTreeMap<String, String>) -> Result<ModelProto> {
     let cfg = &unet.cfg;
     let mut o = OnnxOps::new(dtype);
     let (x, t, y) = ("x".to_string(), "t".to_string(), "y".to_string());
@@ -339,7 +314,7 @@ pub fn build_model(
     let out = unet.forward(&mut o, &x, &t, conditional.then_some(&y))?;
     let (c, s) = (cfg.channels as i64, cfg.image_size as i64);
     let img = [None, Some(c), Some(s), Some(s)];
-    let mut inputs = vec![value_info("x", dtype.onnx(), &img), value_info("t", DataType::Int64, &[None])];
+    let mut inputs = vec![value_info("x", onnx_type(dtype), &img), value_info("t", DataType::Int64, &[None])];
     if conditional {
         inputs.push(value_info("y", DataType::Int64, &[None]));
     }
@@ -375,7 +350,7 @@ pub fn finish_model(
         if !o.nodes.iter().any(|n| n.output.iter().any(|v| v == public)) {
             bail!("the graph has no node computing {public}");
         }
-        outputs.push(value_info(public, o.dtype.onnx(), dims));
+        outputs.push(value_info(public, onnx_type(o.dtype), dims));
     }
     if opset >= 18 {
         // from opset 18 ReduceMean takes axes as an input
@@ -416,243 +391,6 @@ pub fn finish_model(
     })
 }
 
-/// The self-describing metadata the runtime reads (keys prefixed `diffusion.`).
-pub fn metadata(
-    state: &State,
-    weights: &str,
-    dtype: ExportDtype,
-    recommended: Option<&runtime::onnx::Recommended>,
-) -> Result<BTreeMap<String, String>> {
-    let cfg = &state.config;
-    let sched = cfg.diffusion.schedule()?;
-    let kind = runtime::schedule::BetaSchedule::from_name(&cfg.diffusion.schedule).map_err(anyhow::Error::msg)?;
-    let m = &cfg.model;
-    let mut md = BTreeMap::new();
-    let mut put = |k: &str, v: String| {
-        md.insert(format!("diffusion.{k}"), v);
-    };
-    put("format_version", METADATA_FORMAT.into());
-    put("schedule", serde_json::to_string(&kind)?);
-    put("betas", serde_json::to_string(&sched.betas)?);
-    put("num_timesteps", sched.num_timesteps().to_string());
-    put("prediction_type", "epsilon".into());
-    put("variance_type", cfg.diffusion.variance.clone());
-    put("image_size", m.image_size.to_string());
-    put("channels", m.channels.to_string());
-    put("num_classes", m.num_classes.to_string());
-    let names: Vec<String> = if m.num_classes > 0 { state.class_names.clone() } else { vec![] };
-    put("class_names", serde_json::to_string(&names)?);
-    put("null_class", m.null_class().map(|n| n.to_string()).unwrap_or_else(|| "none".into()));
-    put("pixel_range", "[-1, 1]: pixel = (x + 1) * 127.5".into());
-    put("dtype", if dtype == ExportDtype::F16 { "float16" } else { "float32" }.into());
-    put("weights", weights.into());
-    put("training_steps", state.step.to_string());
-    put("ema_decay", cfg.train.ema_decay.to_string());
-    put("dataset", state.data_description.clone());
-    put("dataset_fingerprint", state.data_fingerprint.clone());
-    put("model_config", serde_json::to_string(m)?);
-    put("exporter", format!("diffusion-rs trainer {}", env!("CARGO_PKG_VERSION")));
-    if let Some(r) = recommended {
-        if r.guidance != 0.0 && m.num_classes == 0 {
-            bail!("a guidance weight is recommended for an unconditional model");
-        }
-        md.extend(r.to_props());
-        runtime::onnx::Recommended::from_props(&md)?;
-    }
-    Ok(md)
-}
-
-/// Options of `trainer export`.
-pub struct ExportOptions<'a> {
-    pub run: &'a Path,
-    pub checkpoint: &'a str,
-    pub weights: &'a str,
-    pub dtype: &'a str,
-    pub opset: i64,
-    pub out: &'a Path,
-    pub force: bool,
-    /// Also write a model card (OUT with the extension .md) from the run's state and its eval.json.
-    pub card: bool,
-    /// The sampler, steps and guidance to record as the model's default way of sampling.
-    pub recommended: Option<runtime::onnx::Recommended>,
-}
-
-/// Loads a checkpoint's model (EMA or raw weights) onto `device`.
-pub fn load_unet(run: &Path, checkpoint: &str, weights: &str, device: &Device) -> Result<(UNet, State)> {
-    let dir = crate::checkpoint::resolve(run, checkpoint)?;
-    let ck = crate::checkpoint::load(&dir, device, false)?;
-    let (tensors, file) = match weights {
-        "ema" => (&ck.ema, "ema.safetensors"),
-        "raw" => (&ck.model, "model.safetensors"),
-        o => bail!("--weights must be 'ema' or 'raw', got '{o}'"),
-    };
-    let mut src = TensorSource::new(tensors, format!("{}/{file}", dir.display())).with_dtype(DType::F32);
-    let unet = UNet::new(ck.state.config.model.clone(), &mut src)?;
-    src.finish()?;
-    Ok((unet, ck.state))
-}
-
-pub fn export(opts: &ExportOptions) -> Result<()> {
-    let dtype = ExportDtype::from_name(opts.dtype)?;
-    let card = opts.card.then(|| opts.out.with_extension("md"));
-    for p in std::iter::once(opts.out).chain(card.as_deref()) {
-        if p.exists() && !opts.force {
-            bail!("{} already exists; use --force to replace it", p.display());
-        }
-    }
-    let (unet, state) = load_unet(opts.run, opts.checkpoint, opts.weights, &Device::Cpu)?;
-    let md = metadata(&state, opts.weights, dtype, opts.recommended.as_ref())?;
-    let model = build_model(&unet, dtype, opts.opset, &md)?;
-    let bytes = model.encode_to_vec();
-    if let Some(dir) = opts.out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    crate::checkpoint::write_atomic(opts.out, &bytes)?;
-    if let Some(p) = card {
-        let eval = std::fs::read(opts.run.join("eval.json")).ok().and_then(|b| serde_json::from_slice(&b).ok());
-        crate::checkpoint::write_atomic(&p, model_card(&state, opts, &bytes, eval.as_ref()).as_bytes())?;
-        eprintln!("wrote {}", p.display());
-    }
-    eprintln!(
-        "wrote {} ({:.1} MB, {}, opset {}, {} weights of step {})",
-        opts.out.display(),
-        bytes.len() as f64 / 1e6,
-        opts.dtype,
-        opts.opset,
-        opts.weights,
-        state.step
-    );
-    Ok(())
-}
-
-/// The augmentations that are on, as `name = value` (or "none").
-fn augmentation(a: &crate::data::augment::AugmentConfig) -> String {
-    let on: Vec<String> = serde_json::to_value(a)
-        .ok()
-        .and_then(|v| v.as_object().cloned())
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|(_, v)| v.as_bool() != Some(false) && v.as_f64() != Some(0.0))
-        .map(|(k, v)| format!("{k} = {v}"))
-        .collect();
-    if on.is_empty() {
-        "none".into()
-    } else {
-        on.join(", ")
-    }
-}
-
-/// A model card in Markdown: what the model was trained on and how, the file, and the metrics of `trainer eval`
-/// when the run has them.
-pub fn model_card(state: &State, opts: &ExportOptions, bytes: &[u8], eval: Option<&serde_json::Value>) -> String {
-    use sha2::Digest;
-    let (c, m, d, t) = (&state.config, &state.config.model, &state.config.diffusion, &state.config.train);
-    let name = opts.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let mut s = format!(
-        "# {name}\n\nDDPM noise-prediction U-Net (eps = f(x_t, t[, y])), exported by diffusion-rs trainer {}.\n\n",
-        env!("CARGO_PKG_VERSION")
-    );
-    let classes = if m.num_classes > 0 {
-        format!(
-            "{} ({}); null class {} for classifier-free guidance, label dropout p = {}",
-            m.num_classes,
-            state.class_names.join(", "),
-            m.null_class().map(|n| n.to_string()).unwrap_or_default(),
-            t.p_uncond
-        )
-    } else {
-        "unconditional".into()
-    };
-    let rows = [
-        ("data", format!("{} (fingerprint {})", state.data_description, state.data_fingerprint)),
-        ("image", format!("{}x{}, {} channel(s), pixels in [-1, 1]", m.image_size, m.image_size, m.channels)),
-        ("classes", classes),
-        (
-            "U-Net",
-            format!(
-                "ch {}, ch_mult {:?}, {} res blocks per level, attention at {:?} ({} heads), dropout {}; {:.2}M parameters",
-                m.ch,
-                m.ch_mult,
-                m.num_res_blocks,
-                m.attention_resolutions,
-                m.num_heads,
-                m.dropout,
-                state.num_params as f64 / 1e6
-            ),
-        ),
-        ("diffusion", format!("{} schedule, T = {}, variance {}, eps prediction", d.schedule, d.timesteps, d.variance)),
-        (
-            "training",
-            format!(
-                "{} steps, batch {}, lr {} ({} warm-up, then {}), AdamW, {} loss{}, EMA {}, seed {}; augmentation: {}",
-                state.step,
-                t.batch_size,
-                t.lr,
-                t.warmup_steps,
-                t.lr_schedule,
-                t.loss,
-                if t.min_snr_gamma > 0.0 { format!(" with Min-SNR-{} weighting", t.min_snr_gamma) } else { String::new() },
-                t.ema_decay,
-                t.seed,
-                augmentation(&c.data.augment)
-            ),
-        ),
-        ("device, wall time", format!("{}, {:.2} h ({:.0} s)", state.device, state.elapsed_s / 3600.0, state.elapsed_s)),
-        ("final loss", format!("{:.4} (mean of the last logged window)", state.recent_loss)),
-        (
-            "file",
-            format!(
-                "{}, {} weights, opset {}, {:.1} MB, sha256 {:x}",
-                opts.dtype,
-                opts.weights,
-                opts.opset,
-                bytes.len() as f64 / 1e6,
-                sha2::Sha256::digest(bytes)
-            ),
-        ),
-    ];
-    s += "| | |\n|---|---|\n";
-    for (k, v) in rows {
-        s += &format!("| {k} | {v} |\n");
-    }
-    if let Some(e) = eval {
-        let f = |k: &str| e.get(k).and_then(|v| v.as_f64());
-        s += &format!(
-            "\n## Metrics (`trainer eval`, {} samples, {}, guidance {})\n\n| metric | value | real-vs-real floor |\n|---|---|---|\n",
-            e["samples"], e["sampler"].as_str().unwrap_or("?"), e["guidance"]
-        );
-        if let Some(a) = f("classifier_test_accuracy") {
-            s += &format!("| evaluation classifier's test accuracy | {:.2}% | |\n", 100.0 * a);
-        }
-        if let Some(v) = f("classifier_score") {
-            s += &format!("| classifier score (samples classified as their class) | {:.2}% | |\n", 100.0 * v);
-        }
-        for (key, floor, label) in [
-            ("fid_classifier_features", "fid_floor_train_vs_test", "FID, classifier features (128-d)"),
-            ("fid_inception", "fid_inception_floor", "FID, Inception-v3 pool3 (2048-d)"),
-        ] {
-            if let Some(v) = f(key) {
-                let fl = f(floor).map(|x| format!("{x:.3}")).unwrap_or_default();
-                s += &format!("| {label} | {v:.3} | {fl} |\n");
-            }
-        }
-    }
-    let class = if m.num_classes > 0 { " --class 0" } else { "" };
-    let how = match &opts.recommended {
-        Some(r) => {
-            let g = if m.num_classes > 0 { format!(", guidance {}", r.guidance) } else { String::new() };
-            format!(
-                "The file recommends {} with {} steps{g} (its metadata; `generate` uses it unless told otherwise).\n\n",
-                r.sampler, r.steps
-            )
-        }
-        None if m.num_classes > 0 => "Try `--sampler dpm++ --steps 20 --guidance 2`.\n\n".to_string(),
-        None => String::new(),
-    };
-    s += &format!("\n## Use\n\n{how}```\ngenerate --model {} --n 64{class}\n```\n", opts.out.display());
-    s
-}
-
 /// Evaluates an exported model with candle-onnx (an independent reader, CPU).
 pub fn candle_onnx_eval(model: &ModelProto, x: &Tensor, t: &Tensor, y: Option<&Tensor>) -> Result<Tensor> {
     let mut inputs = std::collections::HashMap::new();
@@ -663,18 +401,4 @@ pub fn candle_onnx_eval(model: &ModelProto, x: &Tensor, t: &Tensor, y: Option<&T
     }
     let mut out = candle_onnx::simple_eval(model, inputs)?;
     out.remove("eps").context("no 'eps' output")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn model_card_lists_only_the_augmentations_that_are_on() {
-        let mut a = crate::data::augment::AugmentConfig::default();
-        assert_eq!(augmentation(&a), "none");
-        a.hflip = true;
-        a.rotate_degrees = 10.0;
-        assert_eq!(augmentation(&a), "hflip = true, rotate_degrees = 10.0");
-    }
 }

@@ -1,0 +1,536 @@
+//! The self-describing metadata of an exported model: one schema, written by `trainer export` into the ONNX
+//! file's `metadata_props` and read back by the runtime, `trainer eval` and the model card.
+//!
+//! Every key is prefixed `diffusion.`. Format 1 (this module's [`FORMAT_VERSION`]):
+//!
+//! | key | value | required |
+//! |---|---|---|
+//! | `format_version` | `1` | yes |
+//! | `betas` | JSON list of the T betas (authoritative for sampling) | yes |
+//! | `prediction_type` | `epsilon` | yes |
+//! | `variance_type` | `fixed_small` or `fixed_large` | yes |
+//! | `image_size`, `channels` | square side in pixels; 1 (grey) or 3 (RGB) | yes |
+//! | `num_classes` | 0 for an unconditional model | yes |
+//! | `class_names` | JSON list: empty, or one name per class | yes |
+//! | `null_class` | the "no class" label for guidance, or `none` | yes |
+//! | `dtype` | `float32` or `float16` (the type of x and eps) | yes |
+//! | `schedule` | JSON of the [`BetaSchedule`] that made the betas | no |
+//! | `num_timesteps` | T; must equal the length of `betas` | no |
+//! | `pixel_range` | how to map x to 8-bit pixels (documentation) | no |
+//! | `weights`, `training_steps`, `ema_decay` | `ema` or `raw`; the checkpoint's step; the EMA decay | no |
+//! | `dataset`, `dataset_fingerprint`, `model_config`, `exporter` | provenance | no |
+//! | `recommended_sampler`, `_steps`, `_guidance` | how the model card says to sample it: all or none | no |
+//!
+//! Keys this schema does not know are kept in [`ModelMeta::extra`] and written back unchanged.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::sampler::SamplerKind;
+use crate::schedule::{BetaSchedule, NoiseSchedule, VarianceType};
+
+/// The metadata layout this runtime writes and reads (`diffusion.format_version`).
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The prefix of every key.
+pub const PREFIX: &str = "diffusion.";
+
+/// The documentation entry `pixel_range`.
+pub const PIXEL_RANGE: &str = "[-1, 1]: pixel = (x + 1) * 127.5";
+
+/// What the network predicts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Prediction {
+    /// The noise eps (Ho et al. 2020, eq. 14's eps_theta).
+    #[default]
+    Epsilon,
+}
+
+crate::named_enum!(Prediction, "prediction type", { Epsilon => ["epsilon"] });
+
+/// The floating-point type of the model's x input and eps output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Dtype {
+    #[default]
+    F32,
+    F16,
+}
+
+crate::named_enum!(Dtype, "dtype", { F32 => ["float32", "f32"], F16 => ["float16", "f16"] });
+
+/// Which weights of a checkpoint were exported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Weights {
+    /// The exponential moving average of the weights (what DDPM samples from).
+    #[default]
+    Ema,
+    /// The optimiser's current weights.
+    Raw,
+}
+
+crate::named_enum!(Weights, "weights", { Ema => ["ema"], Raw => ["raw"] });
+
+/// How the exporter recommends sampling the model (the setting its model card measured); `generate` uses it
+/// unless told otherwise.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Recommended {
+    pub sampler: SamplerKind,
+    pub steps: usize,
+    pub guidance: f32,
+}
+
+/// Everything an exported model says about itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelMeta {
+    pub betas: Vec<f64>,
+    pub prediction: Prediction,
+    pub variance: VarianceType,
+    pub image_size: usize,
+    pub channels: usize,
+    /// 0 for an unconditional model.
+    pub num_classes: usize,
+    /// Empty, or one name per class.
+    pub class_names: Vec<String>,
+    /// The label meaning "no class" (classifier-free guidance); None: the model cannot sample without a class.
+    pub null_class: Option<i64>,
+    pub dtype: Dtype,
+    /// The named schedule the betas came from, when the exporter recorded it.
+    pub schedule: Option<BetaSchedule>,
+    pub weights: Option<Weights>,
+    pub training_steps: Option<u64>,
+    pub ema_decay: Option<f64>,
+    pub dataset: Option<String>,
+    /// The training data's fingerprint (`trainer eval` checks it against the run's).
+    pub dataset_fingerprint: Option<String>,
+    /// The trainer's model configuration, as JSON.
+    pub model_config: Option<String>,
+    pub exporter: Option<String>,
+    pub recommended: Option<Recommended>,
+    /// Entries this schema does not know (without the prefix), kept as they are.
+    pub extra: BTreeMap<String, String>,
+}
+
+/// The keys every model must carry (without the prefix).
+pub const REQUIRED: [&str; 10] = [
+    "format_version",
+    "betas",
+    "prediction_type",
+    "variance_type",
+    "image_size",
+    "channels",
+    "num_classes",
+    "class_names",
+    "null_class",
+    "dtype",
+];
+
+const RECOMMENDED: [&str; 3] = ["recommended_sampler", "recommended_steps", "recommended_guidance"];
+
+/// The optional keys this schema reads (without the prefix), besides the recommendation.
+const OPTIONAL: [&str; 10] = [
+    "schedule",
+    "num_timesteps",
+    "pixel_range",
+    "weights",
+    "training_steps",
+    "ema_decay",
+    "dataset",
+    "dataset_fingerprint",
+    "model_config",
+    "exporter",
+];
+
+fn key(k: &str) -> String {
+    format!("{PREFIX}{k}")
+}
+
+/// Parses one entry, naming the key on failure.
+fn parse<T: std::str::FromStr>(k: &str, v: &str, what: &str) -> Result<T>
+where
+    T::Err: std::fmt::Display,
+{
+    v.parse().map_err(|e| Error::metadata(key(k), format!("'{v}' is not {what} ({e})")))
+}
+
+fn json<T: serde::de::DeserializeOwned>(k: &str, v: &str, what: &str) -> Result<T> {
+    serde_json::from_str(v).map_err(|e| Error::metadata(key(k), format!("not {what} ({e})")))
+}
+
+impl ModelMeta {
+    /// The noise schedule the model was trained with.
+    pub fn noise_schedule(&self) -> NoiseSchedule {
+        NoiseSchedule::from_betas(self.betas.clone())
+    }
+
+    /// T, the number of diffusion steps.
+    pub fn num_timesteps(&self) -> usize {
+        self.betas.len()
+    }
+
+    /// A class given as an index or a name.
+    pub fn class_index(&self, s: &str) -> Result<i64> {
+        crate::sampler::class_index(&self.class_names, self.num_classes, s)
+    }
+
+    /// The metadata entries, keys prefixed `diffusion.`.
+    pub fn to_props(&self) -> BTreeMap<String, String> {
+        let mut md = BTreeMap::new();
+        let mut put = |k: &str, v: String| {
+            md.insert(key(k), v);
+        };
+        put("format_version", FORMAT_VERSION.to_string());
+        put("betas", to_json(&self.betas));
+        put("prediction_type", self.prediction.to_string());
+        put("variance_type", self.variance.to_string());
+        put("image_size", self.image_size.to_string());
+        put("channels", self.channels.to_string());
+        put("num_classes", self.num_classes.to_string());
+        put("class_names", to_json(&self.class_names));
+        put("null_class", self.null_class.map_or_else(|| "none".to_string(), |n| n.to_string()));
+        put("dtype", self.dtype.to_string());
+        put("num_timesteps", self.num_timesteps().to_string());
+        put("pixel_range", PIXEL_RANGE.to_string());
+        if let Some(s) = &self.schedule {
+            put("schedule", to_json(s));
+        }
+        let optional = [
+            ("weights", self.weights.map(|w| w.to_string())),
+            ("training_steps", self.training_steps.map(|s| s.to_string())),
+            ("ema_decay", self.ema_decay.map(|d| d.to_string())),
+            ("dataset", self.dataset.clone()),
+            ("dataset_fingerprint", self.dataset_fingerprint.clone()),
+            ("model_config", self.model_config.clone()),
+            ("exporter", self.exporter.clone()),
+        ];
+        for (k, v) in optional {
+            if let Some(v) = v {
+                put(k, v);
+            }
+        }
+        if let Some(r) = &self.recommended {
+            put(RECOMMENDED[0], r.sampler.to_string());
+            put(RECOMMENDED[1], r.steps.to_string());
+            put(RECOMMENDED[2], r.guidance.to_string());
+        }
+        for (k, v) in &self.extra {
+            put(k, v.clone());
+        }
+        md
+    }
+
+    /// Reads and checks the entries: a missing required key, an unknown format version, a value that does not
+    /// parse or does not fit the others is an error naming the key.
+    pub fn from_props(md: &BTreeMap<String, String>) -> Result<Self> {
+        let missing: Vec<String> = REQUIRED.iter().map(|k| key(k)).filter(|k| !md.contains_key(k)).collect();
+        if !missing.is_empty() {
+            let found: Vec<&str> = md.keys().map(String::as_str).collect();
+            return Err(Error::metadata(
+                missing.join(", "),
+                format!(
+                    "missing: the model was not exported by `trainer export` (its keys: {})",
+                    if found.is_empty() { "none".to_string() } else { found.join(", ") }
+                ),
+            ));
+        }
+        let get = |k: &str| md.get(&key(k)).map(String::as_str);
+        let req = |k: &str| md[&key(k)].as_str();
+        let version: u32 = parse("format_version", req("format_version"), "a number")?;
+        if version != FORMAT_VERSION {
+            return Err(Error::metadata(
+                key("format_version"),
+                format!("format {version}, but this runtime reads format {FORMAT_VERSION}: use a matching release"),
+            ));
+        }
+        let betas: Vec<f64> = json("betas", req("betas"), "a JSON list of numbers")?;
+        if betas.is_empty() || betas.iter().any(|b| !(*b > 0.0 && *b < 1.0)) {
+            return Err(Error::metadata(key("betas"), "must be a non-empty list of numbers in (0, 1)"));
+        }
+        if let Some(t) = get("num_timesteps") {
+            let t: usize = parse("num_timesteps", t, "a number")?;
+            if t != betas.len() {
+                return Err(Error::metadata(key("num_timesteps"), format!("{t}, but there are {} betas", betas.len())));
+            }
+        }
+        let prediction: Prediction = parse("prediction_type", req("prediction_type"), "a supported prediction")?;
+        let variance: VarianceType = parse("variance_type", req("variance_type"), "a variance type")?;
+        let image_size: usize = parse("image_size", req("image_size"), "a number")?;
+        if image_size == 0 {
+            return Err(Error::metadata(key("image_size"), "must be at least 1"));
+        }
+        let channels: usize = parse("channels", req("channels"), "a number")?;
+        if !matches!(channels, 1 | 3) {
+            return Err(Error::metadata(
+                key("channels"),
+                format!("{channels}: only 1 (grey) or 3 (RGB) are supported"),
+            ));
+        }
+        let num_classes: usize = parse("num_classes", req("num_classes"), "a number")?;
+        let class_names: Vec<String> = json("class_names", req("class_names"), "a JSON list of strings")?;
+        if !class_names.is_empty() && class_names.len() != num_classes {
+            return Err(Error::metadata(
+                key("class_names"),
+                format!("{} names for {num_classes} classes", class_names.len()),
+            ));
+        }
+        let null_class = match req("null_class") {
+            "none" => None,
+            s => Some(parse::<i64>("null_class", s, "a class index or 'none'")?),
+        };
+        match null_class {
+            Some(_) if num_classes == 0 => {
+                return Err(Error::metadata(key("null_class"), "an unconditional model has no null class"));
+            }
+            Some(n) if !(0..=num_classes as i64).contains(&n) => {
+                return Err(Error::metadata(key("null_class"), format!("{n} is outside 0..={num_classes}")));
+            }
+            _ => {}
+        }
+        let dtype: Dtype = parse("dtype", req("dtype"), "a dtype")?;
+        let schedule = get("schedule").map(|s| json("schedule", s, "a beta schedule")).transpose()?;
+        let weights = get("weights").map(|s| parse("weights", s, "ema or raw")).transpose()?;
+        let training_steps = get("training_steps").map(|s| parse("training_steps", s, "a number")).transpose()?;
+        let ema_decay = get("ema_decay").map(|s| parse("ema_decay", s, "a number")).transpose()?;
+        let text = |k: &str| get(k).map(str::to_string);
+        let recommended = Self::recommended_from(md, num_classes)?;
+        let extra = md
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix(PREFIX)?, v)))
+            .filter(|(k, _)| ![&REQUIRED[..], &OPTIONAL, &RECOMMENDED].concat().contains(k))
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        Ok(Self {
+            betas,
+            prediction,
+            variance,
+            image_size,
+            channels,
+            num_classes,
+            class_names,
+            null_class,
+            dtype,
+            schedule,
+            weights,
+            training_steps,
+            ema_decay,
+            dataset: text("dataset"),
+            dataset_fingerprint: text("dataset_fingerprint"),
+            model_config: text("model_config"),
+            exporter: text("exporter"),
+            recommended,
+            extra,
+        })
+    }
+
+    /// None when no recommendation key is present; an error when only some are, or one does not parse.
+    fn recommended_from(md: &BTreeMap<String, String>, num_classes: usize) -> Result<Option<Recommended>> {
+        let present: Vec<String> = RECOMMENDED.iter().map(|k| key(k)).filter(|k| md.contains_key(k)).collect();
+        if present.is_empty() {
+            return Ok(None);
+        }
+        if present.len() != RECOMMENDED.len() {
+            return Err(Error::metadata(
+                present.join(", "),
+                format!("the recommended sampling is incomplete (it needs all of {})", RECOMMENDED.map(key).join(", ")),
+            ));
+        }
+        let val = |k: &str| md[&key(k)].as_str();
+        let sampler: SamplerKind = parse(RECOMMENDED[0], val(RECOMMENDED[0]), "a sampler")?;
+        let steps: usize = parse(RECOMMENDED[1], val(RECOMMENDED[1]), "a number")?;
+        let guidance: f32 = parse(RECOMMENDED[2], val(RECOMMENDED[2]), "a number")?;
+        if steps == 0 {
+            return Err(Error::metadata(key(RECOMMENDED[1]), "must be at least 1"));
+        }
+        if !(guidance.is_finite() && guidance >= 0.0) || (guidance != 0.0 && num_classes == 0) {
+            return Err(Error::metadata(
+                key(RECOMMENDED[2]),
+                format!("{guidance}: guidance must be >= 0, and 0 for an unconditional model"),
+            ));
+        }
+        Ok(Some(Recommended { sampler, steps, guidance }))
+    }
+}
+
+/// serde_json of a metadata value (lists of numbers and strings, a tagged enum: these cannot fail).
+fn to_json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).expect("metadata values serialize to JSON")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schedule::ScheduleKind;
+
+    fn meta() -> ModelMeta {
+        ModelMeta {
+            betas: BetaSchedule::LINEAR.betas(1000),
+            prediction: Prediction::Epsilon,
+            variance: VarianceType::FixedSmall,
+            image_size: 28,
+            channels: 1,
+            num_classes: 10,
+            class_names: (0..10).map(|i| i.to_string()).collect(),
+            null_class: Some(10),
+            dtype: Dtype::F16,
+            schedule: Some(BetaSchedule::of_kind(ScheduleKind::Linear)),
+            weights: Some(Weights::Ema),
+            training_steps: Some(5400),
+            ema_decay: Some(0.999),
+            dataset: Some("./data/mnist (train)".into()),
+            dataset_fingerprint: Some("b2a523dbb17581eb".into()),
+            model_config: Some("{\"ch\":32}".into()),
+            exporter: Some("diffusion-rs trainer 0.1.0".into()),
+            recommended: Some(Recommended { sampler: SamplerKind::DpmSolverPP, steps: 10, guidance: 1.0 }),
+            extra: [("note".to_string(), "kept".to_string())].into_iter().collect(),
+        }
+    }
+
+    fn err(md: &BTreeMap<String, String>) -> String {
+        ModelMeta::from_props(md).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn round_trips_every_field_and_keeps_unknown_keys() {
+        let m = meta();
+        let md = m.to_props();
+        assert_eq!(md["diffusion.format_version"], "1");
+        assert_eq!(md["diffusion.dtype"], "float16");
+        assert_eq!(md["diffusion.null_class"], "10");
+        assert_eq!(md["diffusion.recommended_sampler"], "dpm++");
+        assert_eq!(md["diffusion.note"], "kept");
+        assert!(md.keys().all(|k| k.starts_with(PREFIX)));
+        assert_eq!(ModelMeta::from_props(&md).unwrap(), m);
+        let mut bare = m.clone();
+        (bare.num_classes, bare.class_names, bare.null_class, bare.recommended) = (0, vec![], None, None);
+        (bare.schedule, bare.weights, bare.training_steps, bare.ema_decay) = (None, None, None, None);
+        (bare.dataset, bare.dataset_fingerprint, bare.model_config, bare.exporter) = (None, None, None, None);
+        bare.extra.clear();
+        assert_eq!(ModelMeta::from_props(&bare.to_props()).unwrap(), bare);
+    }
+
+    #[test]
+    fn refuses_missing_keys_other_versions_and_values_that_do_not_fit() {
+        let good = meta().to_props();
+        let with = |k: &str, v: &str| {
+            let mut md = good.clone();
+            md.insert(key(k), v.into());
+            md
+        };
+        let mut md = good.clone();
+        md.remove("diffusion.betas");
+        md.remove("diffusion.dtype");
+        let e = err(&md);
+        assert!(
+            e.contains("diffusion.betas, diffusion.dtype") && e.contains("not exported by `trainer export`"),
+            "{e}"
+        );
+        assert!(err(&BTreeMap::new()).contains("(its keys: none)"));
+        assert!(err(&with("format_version", "2")).contains("format 2, but this runtime reads format 1"));
+        assert!(err(&with("betas", "[0.1, 1.5]")).contains("(0, 1)"));
+        assert!(err(&with("betas", "oops")).contains("diffusion.betas: not a JSON list"));
+        assert!(err(&with("num_timesteps", "999")).contains("999, but there are 1000 betas"));
+        assert!(err(&with("prediction_type", "v")).contains("unknown prediction type 'v'"));
+        assert!(err(&with("variance_type", "learned")).contains("unknown variance type 'learned'"));
+        assert!(err(&with("channels", "4")).contains("only 1 (grey) or 3 (RGB)"));
+        assert!(err(&with("class_names", "{}")).contains("diffusion.class_names: not a JSON list"));
+        assert!(err(&with("class_names", "[\"a\"]")).contains("1 names for 10 classes"));
+        assert!(err(&with("null_class", "12")).contains("outside 0..=10"));
+        assert!(err(&with("dtype", "bfloat16")).contains("unknown dtype 'bfloat16'"));
+        assert!(err(&with("image_size", "-3")).contains("diffusion.image_size: '-3' is not a number"));
+        // a conditional model may lack a null class (it then needs a class per image and cannot be guided)
+        assert_eq!(ModelMeta::from_props(&with("null_class", "none")).unwrap().null_class, None);
+        // class names are optional: an empty list is valid
+        assert!(ModelMeta::from_props(&with("class_names", "[]")).unwrap().class_names.is_empty());
+    }
+
+    #[test]
+    fn the_recommended_sampling_is_all_or_nothing_and_checked() {
+        let good = meta().to_props();
+        let mut md = good.clone();
+        md.insert(key("recommended_sampler"), "euler".into());
+        assert!(err(&md).contains("unknown sampler 'euler'"));
+        md.insert(key("recommended_sampler"), "ddim".into());
+        md.insert(key("recommended_steps"), "0".into());
+        assert!(err(&md).contains("recommended_steps: must be at least 1"));
+        md.remove(&key("recommended_steps"));
+        assert!(err(&md).contains("incomplete"));
+        for k in RECOMMENDED {
+            md.remove(&key(k));
+        }
+        assert_eq!(ModelMeta::from_props(&md).unwrap().recommended, None);
+        let mut unc = meta();
+        (unc.num_classes, unc.class_names, unc.null_class) = (0, vec![], None);
+        let e = err(&unc.to_props());
+        assert!(e.contains("0 for an unconditional model"), "{e}");
+    }
+
+    /// Mutation fuzzing of the metadata reader (a smoke run; `META_FUZZ_CASES=1000000 cargo test --release -p
+    /// runtime meta_fuzz` for a longer one): hostile values, missing and extra keys never panic, and whatever is
+    /// accepted writes back to itself.
+    #[test]
+    fn meta_fuzz_hostile_entries_are_refused_or_round_trip() {
+        use rand::{Rng, SeedableRng};
+        let cases: usize = std::env::var("META_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(3000);
+        let hostile = [
+            "",
+            "-1",
+            "0",
+            "1",
+            "3",
+            "10",
+            "1e309",
+            "NaN",
+            "inf",
+            "-0",
+            "none",
+            "[",
+            "[]",
+            "{}",
+            "null",
+            "[0.5]",
+            "[1e-300, 0.999999]",
+            "[\"a\"]",
+            "99999999999999999999",
+            "18446744073709551615",
+            "epsilon",
+            "float16",
+            "fixed_large",
+            "dpm++",
+            "\u{0}",
+            "ü",
+            "[0.1, -0.2]",
+        ];
+        let good = meta().to_props();
+        let keys: Vec<String> = good.keys().cloned().collect();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let mut accepted = 0;
+        for _ in 0..cases {
+            let mut md = good.clone();
+            for _ in 0..rng.gen_range(1..4) {
+                let k = keys[rng.gen_range(0..keys.len())].clone();
+                match rng.gen_range(0..4) {
+                    0 => {
+                        md.remove(&k);
+                    }
+                    1 => {
+                        md.insert(k, hostile[rng.gen_range(0..hostile.len())].to_string());
+                    }
+                    2 => {
+                        let v = md.get(&k).cloned().unwrap_or_default();
+                        let cut = rng.gen_range(0..=v.len());
+                        md.insert(k, v.get(..cut).unwrap_or("").to_string());
+                    }
+                    _ => {
+                        md.insert(format!("{PREFIX}x{}", rng.gen::<u16>()), "y".into());
+                    }
+                }
+            }
+            if let Ok(m) = ModelMeta::from_props(&md) {
+                accepted += 1;
+                assert_eq!(ModelMeta::from_props(&m.to_props()).unwrap(), m);
+            }
+        }
+        assert!(accepted > 0 && accepted < cases, "{accepted} of {cases} accepted");
+    }
+}

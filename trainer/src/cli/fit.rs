@@ -1,0 +1,177 @@
+//! `trainer fit`: train a model, or continue a run.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use trainer::train::config::Config;
+use trainer::train::{fit, DeviceSpec, Engine, FitEvent, FitOptions};
+
+#[derive(clap::Args)]
+pub struct FitArgs {
+    /// Config file (TOML; presets in trainer/configs/). Not needed with --resume.
+    #[arg(long, required_unless_present = "resume")]
+    config: Option<PathBuf>,
+    /// Continue the run in this folder from its latest checkpoint.
+    #[arg(long, value_name = "RUN", conflicts_with = "out")]
+    resume: Option<PathBuf>,
+    /// Run folder for checkpoints, metrics and figures.
+    #[arg(long, value_name = "RUN_DIR", default_value = "runs/default")]
+    out: PathBuf,
+    /// Replace an existing run folder.
+    #[arg(long)]
+    force: bool,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
+    /// Total training steps (overrides train.steps; with --resume, extends the run).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Batch size (overrides train.batch_size).
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Random seed (overrides train.seed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Peak learning rate (overrides train.lr).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Base channel count (overrides model.ch).
+    #[arg(long)]
+    ch: Option<usize>,
+    /// Dataset folder (overrides data.path).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Use at most this many images (overrides data.limit).
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Checkpoint every N steps (overrides train.checkpoint_every).
+    #[arg(long)]
+    checkpoint_every: Option<usize>,
+    /// Warm-up steps (overrides train.warmup_steps).
+    #[arg(long)]
+    warmup_steps: Option<usize>,
+    /// Stop after N steps of this invocation, checkpointing (the run can be resumed).
+    #[arg(long)]
+    stop_after: Option<usize>,
+    /// How gradients are computed: auto (the CPU tape engine on the CPU, Candle's autograd elsewhere), tape,
+    /// candle.
+    #[arg(long, value_enum, default_value_t = Engine::Auto)]
+    engine: Engine,
+    /// No progress bar or log lines.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+pub fn run_fit(a: FitArgs) -> Result<()> {
+    if a.resume.is_some() {
+        let changed = [
+            ("--batch-size", a.batch_size.is_some()),
+            ("--seed", a.seed.is_some()),
+            ("--lr", a.lr.is_some()),
+            ("--ch", a.ch.is_some()),
+            ("--data", a.data.is_some()),
+            ("--limit", a.limit.is_some()),
+            ("--checkpoint-every", a.checkpoint_every.is_some()),
+            ("--warmup-steps", a.warmup_steps.is_some()),
+        ];
+        if let Some((flag, _)) = changed.iter().find(|(_, set)| *set) {
+            anyhow::bail!(
+                "{flag} cannot change a run being resumed (it continues with its saved config); only --steps can"
+            );
+        }
+    }
+    let mut cfg = match &a.config {
+        Some(p) => Some(Config::load(p)?),
+        None => None,
+    };
+    if let Some(c) = cfg.as_mut() {
+        macro_rules! set {
+            ($flag:expr, $field:expr) => {
+                if let Some(v) = $flag.clone() {
+                    $field = v;
+                }
+            };
+        }
+        set!(a.steps, c.train.steps);
+        set!(a.batch_size, c.train.batch_size);
+        set!(a.seed, c.train.seed);
+        set!(a.lr, c.train.lr);
+        set!(a.ch, c.model.ch);
+        set!(a.data, c.data.path);
+        set!(a.limit, c.data.limit);
+        set!(a.checkpoint_every, c.train.checkpoint_every);
+        set!(a.warmup_steps, c.train.warmup_steps);
+    } else if let Some(steps) = a.steps {
+        // --resume RUN --steps N: only the target may change
+        let mut c = Config::default();
+        c.train.steps = steps;
+        cfg = Some(c);
+    }
+    let opts = FitOptions {
+        out: a.resume.clone().unwrap_or(a.out.clone()),
+        device: a.device,
+        resume: a.resume.is_some(),
+        force: a.force,
+        max_steps_now: a.stop_after,
+        engine: a.engine,
+    };
+    if opts.resume && a.config.is_some() {
+        anyhow::bail!("--resume continues a run with its own saved config; drop --config (use --steps to extend it)");
+    }
+    let log = |msg: String| {
+        if !a.quiet {
+            eprintln!("{msg}");
+        }
+    };
+    let pb = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {per_sec} ETA {eta} {msg}")
+            .unwrap(),
+    );
+    let summary = fit(cfg, &opts, &mut |event| match event {
+        FitEvent::Started { resumed_from, step, total, data, num_params } => {
+            if let Some(dir) = resumed_from {
+                log(format!("resuming {} from step {step} ({})", opts.out.display(), dir.display()));
+            }
+            log(format!(
+                "data: {} images {}x{}x{} ({} classes) from {}; model: {:.2}M parameters; device {}",
+                data.len,
+                data.channels,
+                data.size,
+                data.size,
+                data.num_classes(),
+                data.description,
+                num_params as f64 / 1e6,
+                opts.device
+            ));
+            pb.set_length(total as u64);
+            pb.set_position(step as u64);
+        }
+        FitEvent::Step { step, total, stats, elapsed_s } => {
+            pb.set_position(step as u64);
+            pb.set_message(format!("loss {:.4} | grad {:.3} | lr {:.1e}", stats.loss, stats.grad_norm, stats.lr));
+            // without a terminal (nohup, CI logs): a line every 5% instead of the bar
+            if pb.is_hidden() && !a.quiet && step % (total / 20).max(1) == 0 {
+                eprintln!(
+                    "step {step}/{total} loss {:.4} ({:.2} steps/s)",
+                    stats.loss,
+                    step as f64 / elapsed_s.max(1e-9)
+                );
+            }
+        }
+        FitEvent::Warning(w) => pb.suspend(|| log(format!("warning: {w}"))),
+        FitEvent::Preview(p) => pb.suspend(|| log(format!("samples (EMA weights, DDIM): {}", p.display()))),
+    });
+    pb.finish_and_clear();
+    let summary = summary.with_context(|| format!("trainer fit ({})", opts.out.display()))?;
+    log(format!(
+        "step {} of {}: loss {:.4} (mean of last 20); checkpoint {}; loss curve {}",
+        summary.step,
+        summary.total,
+        summary.recent_loss,
+        summary.checkpoint.display(),
+        summary.loss_curve.display()
+    ));
+    Ok(())
+}

@@ -1,0 +1,146 @@
+//! The model card `trainer export --card` writes beside a model: data, network, training, the file, and the
+//! metrics of the run's `trainer eval`.
+
+use super::export::ExportOptions;
+use crate::eval::EvalReport;
+use crate::train::checkpoint::State;
+
+/// The augmentations that are on, as `name = value` (or "none").
+fn augmentation(a: &crate::data::augment::AugmentConfig) -> String {
+    let on: Vec<String> = serde_json::to_value(a)
+        .ok()
+        .and_then(|v| v.as_object().cloned())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(_, v)| v.as_bool() != Some(false) && v.as_f64() != Some(0.0))
+        .map(|(k, v)| format!("{k} = {v}"))
+        .collect();
+    if on.is_empty() {
+        "none".into()
+    } else {
+        on.join(", ")
+    }
+}
+
+/// A model card in Markdown: what the model was trained on and how, the file, and the metrics of `trainer eval`
+/// when the run has them.
+pub fn model_card(state: &State, opts: &ExportOptions, bytes: &[u8], eval: Option<&EvalReport>) -> String {
+    use sha2::Digest;
+    let (c, m, d, t) = (&state.config, &state.config.model, &state.config.diffusion, &state.config.train);
+    let name = opts.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let mut s = format!(
+        "# {name}\n\nDDPM noise-prediction U-Net (eps = f(x_t, t[, y])), exported by diffusion-rs trainer {}.\n\n",
+        env!("CARGO_PKG_VERSION")
+    );
+    let classes = if m.num_classes > 0 {
+        format!(
+            "{} ({}); null class {} for classifier-free guidance, label dropout p = {}",
+            m.num_classes,
+            state.class_names.join(", "),
+            m.null_class().map(|n| n.to_string()).unwrap_or_default(),
+            t.p_uncond
+        )
+    } else {
+        "unconditional".into()
+    };
+    let rows = [
+        ("data", format!("{} (fingerprint {})", state.data_description, state.data_fingerprint)),
+        ("image", format!("{}x{}, {} channel(s), pixels in [-1, 1]", m.image_size, m.image_size, m.channels)),
+        ("classes", classes),
+        (
+            "U-Net",
+            format!(
+                "ch {}, ch_mult {:?}, {} res blocks per level, attention at {:?} ({} heads), dropout {}; {:.2}M parameters",
+                m.ch,
+                m.ch_mult,
+                m.num_res_blocks,
+                m.attention_resolutions,
+                m.num_heads,
+                m.dropout,
+                state.num_params as f64 / 1e6
+            ),
+        ),
+        ("diffusion", format!("{} schedule, T = {}, variance {}, eps prediction", d.schedule, d.timesteps, d.variance)),
+        (
+            "training",
+            format!(
+                "{} steps, batch {}, lr {} ({} warm-up, then {}), AdamW, {} loss{}, EMA {}, seed {}; augmentation: {}",
+                state.step,
+                t.batch_size,
+                t.lr,
+                t.warmup_steps,
+                t.lr_schedule,
+                t.loss,
+                if t.min_snr_gamma > 0.0 { format!(" with Min-SNR-{} weighting", t.min_snr_gamma) } else { String::new() },
+                t.ema_decay,
+                t.seed,
+                augmentation(&c.data.augment)
+            ),
+        ),
+        ("device, wall time", format!("{}, {:.2} h ({:.0} s)", state.device, state.elapsed_s / 3600.0, state.elapsed_s)),
+        ("final loss", format!("{:.4} (mean of the last logged window)", state.recent_loss)),
+        (
+            "file",
+            format!(
+                "{}, {} weights, opset {}, {:.1} MB, sha256 {:x}",
+                opts.dtype,
+                opts.weights,
+                opts.opset,
+                bytes.len() as f64 / 1e6,
+                sha2::Sha256::digest(bytes)
+            ),
+        ),
+    ];
+    s += "| | |\n|---|---|\n";
+    for (k, v) in rows {
+        s += &format!("| {k} | {v} |\n");
+    }
+    if let Some(e) = eval {
+        s += &format!(
+            "\n## Metrics (`trainer eval`, {} samples, {}, guidance {})\n\n| metric | value | real-vs-real floor |\n|---|---|---|\n",
+            e.samples, e.sampler, e.guidance
+        );
+        s += &format!("| evaluation classifier's test accuracy | {:.2}% | |\n", 100.0 * e.classifier_test_accuracy);
+        if let Some(v) = e.classifier_score {
+            s += &format!("| classifier score (samples classified as their class) | {:.2}% | |\n", 100.0 * v);
+        }
+        let fids = [
+            ("FID, classifier features (128-d)", Some(e.fid_classifier_features), Some(e.fid_floor_train_vs_test)),
+            ("FID, Inception-v3 pool3 (2048-d)", e.fid_inception, e.fid_inception_floor),
+        ];
+        for (label, v, floor) in fids {
+            if let Some(v) = v {
+                let fl = floor.map(|x| format!("{x:.3}")).unwrap_or_default();
+                s += &format!("| {label} | {v:.3} | {fl} |\n");
+            }
+        }
+    }
+    let class = if m.num_classes > 0 { " --class 0" } else { "" };
+    let how = match &opts.recommended {
+        Some(r) => {
+            let g = if m.num_classes > 0 { format!(", guidance {}", r.guidance) } else { String::new() };
+            format!(
+                "The file recommends {} with {} steps{g} (its metadata; `generate` uses it unless told otherwise).\n\n",
+                r.sampler, r.steps
+            )
+        }
+        None if m.num_classes > 0 => "Try `--sampler dpm++ --steps 20 --guidance 2`.\n\n".to_string(),
+        None => String::new(),
+    };
+    s += &format!("\n## Use\n\n{how}```\ngenerate --model {} --n 64{class}\n```\n", opts.out.display());
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_card_lists_only_the_augmentations_that_are_on() {
+        let mut a = crate::data::augment::AugmentConfig::default();
+        assert_eq!(augmentation(&a), "none");
+        a.hflip = true;
+        a.rotate_degrees = 10.0;
+        assert_eq!(augmentation(&a), "hflip = true, rotate_degrees = 10.0");
+    }
+}

@@ -1,0 +1,120 @@
+//! `trainer export`: a checkpoint's U-Net as a self-describing ONNX file ([`ModelMeta`] in its metadata), and
+//! its model card.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device};
+use prost::Message;
+use runtime::metadata::{Dtype, ModelMeta, Prediction, Recommended, Weights};
+
+use super::card::model_card;
+use super::graph::build_model;
+use crate::eval::EvalReport;
+use crate::model::params::TensorSource;
+use crate::model::unet::UNet;
+use crate::train::checkpoint::{self, State};
+
+/// The self-describing metadata the runtime reads ([`ModelMeta`], keys prefixed `diffusion.`).
+pub fn metadata(state: &State, weights: Weights, dtype: Dtype, recommended: Option<&Recommended>) -> Result<ModelMeta> {
+    let cfg = &state.config;
+    let sched = cfg.diffusion.schedule()?;
+    let m = &cfg.model;
+    let meta = ModelMeta {
+        betas: sched.betas,
+        prediction: Prediction::Epsilon,
+        variance: cfg.diffusion.variance,
+        image_size: m.image_size,
+        channels: m.channels,
+        num_classes: m.num_classes,
+        class_names: if m.num_classes > 0 { state.class_names.clone() } else { vec![] },
+        null_class: m.null_class().map(|n| n as i64),
+        dtype,
+        schedule: Some(cfg.diffusion.beta_schedule()),
+        weights: Some(weights),
+        training_steps: Some(state.step as u64),
+        ema_decay: Some(cfg.train.ema_decay),
+        dataset: Some(state.data_description.clone()),
+        dataset_fingerprint: Some(state.data_fingerprint.clone()),
+        model_config: Some(serde_json::to_string(m)?),
+        exporter: Some(format!("diffusion-rs trainer {}", env!("CARGO_PKG_VERSION"))),
+        recommended: recommended.cloned(),
+        extra: Default::default(),
+    };
+    // what the runtime will refuse is refused here, before a file is written
+    ModelMeta::from_props(&meta.to_props())?;
+    Ok(meta)
+}
+
+/// Options of `trainer export`.
+pub struct ExportOptions<'a> {
+    pub run: &'a Path,
+    pub checkpoint: &'a str,
+    pub weights: Weights,
+    pub dtype: Dtype,
+    pub opset: i64,
+    pub out: &'a Path,
+    pub force: bool,
+    /// Also write a model card (OUT with the extension .md) from the run's state and its eval.json.
+    pub card: bool,
+    /// The sampler, steps and guidance to record as the model's default way of sampling.
+    pub recommended: Option<Recommended>,
+}
+
+/// A checkpoint's model, its state, and the newer checkpoints passed over because they could not be read.
+pub struct LoadedUnet {
+    pub unet: UNet,
+    pub state: State,
+    pub passed_over: Vec<String>,
+}
+
+/// Loads a checkpoint's model (EMA or raw weights) onto `device` ([`checkpoint::load_which`]).
+pub fn load_unet(run: &Path, which: &str, weights: Weights, device: &Device) -> Result<LoadedUnet> {
+    let ck = checkpoint::load_which(run, which, device, false)?;
+    let dir = &ck.dir;
+    let (tensors, file) = match weights {
+        Weights::Ema => (&ck.ema, "ema.safetensors"),
+        Weights::Raw => (&ck.model, "model.safetensors"),
+    };
+    let mut src = TensorSource::new(tensors, format!("{}/{file}", dir.display())).with_dtype(DType::F32);
+    let unet = UNet::new(ck.state.config.model.clone(), &mut src)?;
+    src.finish()?;
+    Ok(LoadedUnet { unet, state: ck.state, passed_over: ck.passed_over })
+}
+
+/// Writes the ONNX file (atomically; an existing file only with `force`) and, when asked, its model card.
+pub fn export(opts: &ExportOptions) -> Result<Exported> {
+    let dtype = opts.dtype;
+    let card = opts.card.then(|| opts.out.with_extension("md"));
+    for p in std::iter::once(opts.out).chain(card.as_deref()) {
+        if p.exists() && !opts.force {
+            bail!("{} already exists; use --force to replace it", p.display());
+        }
+    }
+    let LoadedUnet { unet, state, passed_over } = load_unet(opts.run, opts.checkpoint, opts.weights, &Device::Cpu)?;
+    let md = metadata(&state, opts.weights, dtype, opts.recommended.as_ref())?.to_props();
+    let model = build_model(&unet, dtype, opts.opset, &md)?;
+    let bytes = model.encode_to_vec();
+    if let Some(dir) = opts.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    // a report that cannot be read stops the export before anything is written
+    let eval = if card.is_some() { EvalReport::read(opts.run)? } else { None };
+    checkpoint::write_atomic(opts.out, &bytes)?;
+    if let Some(p) = &card {
+        checkpoint::write_atomic(p, model_card(&state, opts, &bytes, eval.as_ref()).as_bytes())?;
+    }
+    Ok(Exported { bytes: bytes.len(), step: state.step, card, passed_over })
+}
+
+/// What [`export`] wrote.
+pub struct Exported {
+    /// The size of the ONNX file.
+    pub bytes: usize,
+    /// The training step of the exported weights.
+    pub step: usize,
+    /// The model card, when asked for.
+    pub card: Option<PathBuf>,
+    /// Newer checkpoints that could not be read (the export used the newest one that could).
+    pub passed_over: Vec<String>,
+}

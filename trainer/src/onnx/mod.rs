@@ -1,0 +1,9 @@
+//! The ONNX side of the trainer: the graph writer (the U-Net's [`Ops`](crate::model::ops::Ops) emitted as
+//! ONNX nodes), `trainer export` with the model's metadata, and the model card.
+
+pub mod card;
+pub mod export;
+pub mod graph;
+
+pub use export::{export, load_unet, metadata, ExportOptions, Exported, LoadedUnet};
+pub use graph::{build_model, candle_onnx_eval, finish_model, onnx_type, value_info, Graph, OnnxOps};

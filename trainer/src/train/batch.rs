@@ -1,0 +1,155 @@
+//! What one training step sees: the data order, and a batch (x_t, t, labels, target noise) drawn from it.
+
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+use runtime::schedule::NoiseSchedule;
+
+use super::config::Config;
+use crate::data::Dataset;
+
+/// The random numbers of one training step, all drawn from ChaCha8(seed), stream = step.
+pub fn step_rng(seed: u64, step: usize) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(step as u64);
+    rng
+}
+
+/// Epoch-wise shuffled sampling without replacement; position k of the whole run is a pure function of
+/// (seed, k), so a resumed run sees the same batches.
+pub struct DataOrder {
+    seed: u64,
+    n: usize,
+    epoch: usize,
+    perm: Vec<usize>,
+}
+
+impl DataOrder {
+    pub fn new(seed: u64, n: usize) -> Self {
+        let mut s = Self { seed, n, epoch: usize::MAX, perm: vec![] };
+        s.set_epoch(0);
+        s
+    }
+    fn set_epoch(&mut self, epoch: usize) {
+        if self.epoch == epoch {
+            return;
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ 0x5eed_da7a);
+        rng.set_stream(epoch as u64);
+        self.perm = (0..self.n).collect();
+        self.perm.shuffle(&mut rng);
+        self.epoch = epoch;
+    }
+    /// Dataset indices for step `step` at batch size `b`.
+    pub fn batch(&mut self, step: usize, b: usize) -> Vec<usize> {
+        (0..b)
+            .map(|j| {
+                let k = step * b + j;
+                self.set_epoch(k / self.n);
+                self.perm[k % self.n]
+            })
+            .collect()
+    }
+}
+
+/// One step's inputs: x_t, t, labels and the target noise.
+pub struct Batch {
+    pub xt: Tensor,
+    pub t: Tensor,
+    pub y: Option<Tensor>,
+    pub eps: Tensor,
+}
+
+/// The same inputs in host memory (the CPU engine reads them directly).
+pub struct HostBatch {
+    /// [B, C, H, W]
+    pub dims: [usize; 4],
+    pub xt: Vec<f32>,
+    pub eps: Vec<f32>,
+    pub t: Vec<u32>,
+    pub y: Option<Vec<u32>>,
+}
+
+impl HostBatch {
+    pub fn to_device(self, device: &Device) -> Result<Batch> {
+        let b = self.dims[0];
+        Ok(Batch {
+            xt: Tensor::from_vec(self.xt, self.dims.to_vec(), device)?,
+            eps: Tensor::from_vec(self.eps, self.dims.to_vec(), device)?,
+            t: Tensor::from_vec(self.t, b, device)?,
+            y: self.y.map(|y| Tensor::from_vec(y, b, device)).transpose()?,
+        })
+    }
+}
+
+/// Builds the batch of Algorithm 1 (Ho et al. 2020): x_0 ~ data, t ~ U{0..T-1}, eps ~ N(0, I),
+/// x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps.
+pub fn make_host_batch(
+    data: &Dataset,
+    idx: &[usize],
+    cfg: &Config,
+    schedule: &NoiseSchedule,
+    rng: &mut ChaCha8Rng,
+) -> HostBatch {
+    let (c, s) = (data.channels, data.size);
+    let n = data.image_len();
+    let b = idx.len();
+    let mut xt = Vec::with_capacity(b * n);
+    let mut eps_all = Vec::with_capacity(b * n);
+    let mut ts = Vec::with_capacity(b);
+    let mut ys = Vec::with_capacity(b);
+    let null = cfg.model.null_class();
+    for &i in idx {
+        let mut x0 = data.image_f32(i);
+        cfg.data.augment.apply(&mut x0, c, s, rng);
+        let t = rng.gen_range(0..schedule.num_timesteps());
+        let eps: Vec<f32> = (0..n).map(|_| StandardNormal.sample(&mut *rng)).collect();
+        xt.extend(schedule.q_sample(&x0, t, &eps));
+        eps_all.extend(eps);
+        ts.push(t as u32);
+        if let (Some(null), Some(labels)) = (null, &data.labels) {
+            // Ho & Salimans 2022, Algorithm 1: drop the label with probability p_uncond
+            ys.push(if rng.gen::<f64>() < cfg.train.p_uncond { null as u32 } else { labels[i] });
+        }
+    }
+    HostBatch { dims: [b, c, s, s], xt, eps: eps_all, t: ts, y: if ys.is_empty() { None } else { Some(ys) } }
+}
+
+/// [`make_host_batch`] as tensors on `device`.
+pub fn make_batch(
+    data: &Dataset,
+    idx: &[usize],
+    cfg: &Config,
+    schedule: &NoiseSchedule,
+    rng: &mut ChaCha8Rng,
+    device: &Device,
+) -> Result<Batch> {
+    make_host_batch(data, idx, cfg, schedule, rng).to_device(device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_epoch_of_the_data_order_is_a_permutation_and_resuming_repeats_it() {
+        let (n, b) = (10, 3);
+        let mut order = DataOrder::new(7, n);
+        // 40 steps of 3 = 12 epochs; every epoch visits every image once
+        let all: Vec<usize> = (0..40).flat_map(|s| order.batch(s, b)).collect();
+        let epochs: Vec<Vec<usize>> = all.chunks(n).map(|e| e.to_vec()).collect();
+        for e in &epochs {
+            let mut sorted = e.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, (0..n).collect::<Vec<_>>());
+        }
+        assert!(epochs.windows(2).any(|w| w[0] != w[1]), "epochs are reshuffled");
+        // a run resumed at step 23 (a fresh order, as after a restart) sees the same batches
+        let mut resumed = DataOrder::new(7, n);
+        assert_eq!(resumed.batch(23, b), all[23 * b..24 * b]);
+        assert_ne!(DataOrder::new(8, n).batch(0, n), all[..n], "the seed changes the order");
+    }
+}
