@@ -781,6 +781,19 @@ mod tests {
         }
     }
 
+    /// A deterministic denoiser whose answer depends on its input: x0 = half of the naive estimate
+    /// x_t / sqrt(a_bar_t).
+    struct Half(NoiseSchedule);
+
+    impl Denoiser for Half {
+        fn eps(&mut self, x: &[f32], _: [usize; 4], t: &[i64], _: Option<&[i64]>) -> Result<Vec<f32>> {
+            let t = t[0] as usize;
+            let s = self.0.alphas_cumprod[t].sqrt() as f32;
+            let x0: Vec<f32> = x.iter().map(|v| (0.5 * v / s).clamp(-1.0, 1.0)).collect();
+            Ok(self.0.eps_from_x0(x, t, &x0))
+        }
+    }
+
     fn oracle(sched: &NoiseSchedule, per: usize) -> Oracle {
         let a: Vec<f32> = (0..per).map(|i| ((i as f32) * 0.37).sin() * 0.8).collect();
         let b: Vec<f32> = (0..per).map(|i| ((i as f32) * 0.11).cos() * -0.5).collect();
@@ -1092,16 +1105,6 @@ mod tests {
 
     #[test]
     fn interpolation_frames_end_at_the_two_images_own_image_to_image_results() {
-        // a denoiser whose answer depends on its input: x0 = half of the naive estimate x_t / sqrt(a_bar_t)
-        struct Half(NoiseSchedule);
-        impl Denoiser for Half {
-            fn eps(&mut self, x: &[f32], _: [usize; 4], t: &[i64], _: Option<&[i64]>) -> Result<Vec<f32>> {
-                let t = t[0] as usize;
-                let s = self.0.alphas_cumprod[t].sqrt() as f32;
-                let x0: Vec<f32> = x.iter().map(|v| (0.5 * v / s).clamp(-1.0, 1.0)).collect();
-                Ok(self.0.eps_from_x0(x, t, &x0))
-            }
-        }
         let sched = NoiseSchedule::new(BetaSchedule::LINEAR, 1000);
         let (a, b) = (vec![0.8f32, -0.6, 0.2, 0.0], vec![-0.5f32, 0.5, 0.9, -0.9]);
         let mut base = Request::new(1, [1, 2, 2], Method::Ddim { steps: 20, eta: 0.0, spacing: Spacing::Trailing });
@@ -1123,15 +1126,6 @@ mod tests {
 
     #[test]
     fn seed_interpolation_starts_at_the_two_seeds_shared_starts() {
-        struct Half(NoiseSchedule);
-        impl Denoiser for Half {
-            fn eps(&mut self, x: &[f32], _: [usize; 4], t: &[i64], _: Option<&[i64]>) -> Result<Vec<f32>> {
-                let t = t[0] as usize;
-                let s = self.0.alphas_cumprod[t].sqrt() as f32;
-                let x0: Vec<f32> = x.iter().map(|v| (0.5 * v / s).clamp(-1.0, 1.0)).collect();
-                Ok(self.0.eps_from_x0(x, t, &x0))
-            }
-        }
         let sched = NoiseSchedule::new(BetaSchedule::LINEAR, 100);
         let base = Request::new(1, [1, 3, 3], Method::DpmSolverPP { steps: 8, spacing: Spacing::Trailing });
         let req = seed_interpolation(base.clone(), 7, 8, 6).unwrap();
