@@ -12,7 +12,7 @@
 
 use std::path::Path;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 pub use crate::images::{to_u8_nhwc, Images};
 use crate::metadata::ModelMeta;
 use crate::onnx::{OrtDenoiser, Provider, ProviderKind};
@@ -131,15 +131,9 @@ impl Generator {
         self.denoiser.provider_notes()
     }
 
-    /// Checks a request against the model and turns it into the sampler's form.
+    /// Checks a request against the model and turns it into the sampler's form ([`Request::validate`]).
     pub fn plan(&self, req: &GenerateRequest) -> Result<Request> {
         let info = self.info();
-        if req.n == 0 {
-            return Err(Error::request("n", "must be at least 1"));
-        }
-        if req.batch == 0 {
-            return Err(Error::request("batch", "must be at least 1"));
-        }
         let method =
             Method::new(req.sampler, req.steps, req.eta, req.spacing, info.variance, self.schedule.num_timesteps())?;
         let labels = match (&req.class, info.num_classes) {
@@ -147,15 +141,6 @@ impl Generator {
             (None, 0) => None,
             (None, k) => Some((0..req.n).map(|i| (i % k) as i64).collect()),
         };
-        if req.guidance != 0.0 && info.num_classes == 0 {
-            return Err(Error::request("guidance", "needs a class-conditional model; this one is unconditional"));
-        }
-        if req.guidance != 0.0 && info.null_class.is_none() {
-            return Err(Error::request("guidance", "needs a model trained with a null class; this one has none"));
-        }
-        if !req.guidance.is_finite() || req.guidance < 0.0 {
-            return Err(Error::request("guidance", format!("must be a finite number >= 0, got {}", req.guidance)));
-        }
         let mut r = Request::new(req.n, [info.channels, info.image_size, info.image_size], method);
         r.labels = labels;
         r.null_class = info.null_class;
@@ -167,6 +152,7 @@ impl Generator {
         r.init = req.init.clone();
         r.share_xt = req.share_xt;
         r.inpaint = req.inpaint.clone();
+        r.validate()?;
         Ok(r)
     }
 

@@ -8,8 +8,7 @@ use crate::error::{Error, Result};
 /// luma, 3: RGB; transparency dropped) and resized to `size` x `size` (triangle filter). Also returns what
 /// was changed, for the caller to tell its user.
 pub fn load_image(path: &Path, channels: usize, size: usize) -> Result<(Vec<f32>, Vec<String>)> {
-    let img = image::open(path)
-        .map_err(|e| Error::Image { path: path.to_path_buf(), reason: format!("cannot read: {e}") })?;
+    let img = image::open(path).map_err(|e| image_error(path, "read", e))?;
     let mut notes = vec![];
     let (w, h) = (img.width(), img.height());
     if (w as usize, h as usize) != (size, size) {
@@ -55,8 +54,7 @@ pub fn mask_from_u8(mask: &[u8]) -> Vec<f32> {
 /// must have the size of the image it masks (`image_size`, width x height); it is resized to `size` x `size`
 /// (nearest). Returns, per pixel, 1 where the image is known (kept) and 0 where it is generated.
 pub fn load_mask(path: &Path, image_size: (u32, u32), size: usize) -> Result<Vec<f32>> {
-    let img = image::open(path)
-        .map_err(|e| Error::Image { path: path.to_path_buf(), reason: format!("cannot read: {e}") })?;
+    let img = image::open(path).map_err(|e| image_error(path, "read", e))?;
     if (img.width(), img.height()) != image_size {
         return Err(Error::request(
             "mask",
@@ -77,12 +75,12 @@ pub fn load_mask(path: &Path, image_size: (u32, u32), size: usize) -> Result<Vec
 
 /// Width and height of an image file.
 pub fn image_size(path: &Path) -> Result<(u32, u32)> {
-    image::image_dimensions(path)
-        .map_err(|e| Error::Image { path: path.to_path_buf(), reason: format!("cannot read: {e}") })
+    image::image_dimensions(path).map_err(|e| image_error(path, "read", e))
 }
 
-fn image_error(path: &Path, e: image::ImageError) -> Error {
-    Error::Image { path: path.to_path_buf(), reason: format!("cannot write: {e}") }
+/// An image file that cannot be read or written (`what`).
+fn image_error(path: &Path, what: &str, e: image::ImageError) -> Error {
+    Error::Image { path: path.to_path_buf(), reason: format!("cannot {what}: {e}") }
 }
 
 /// Generated images as 8-bit pixels, [n, h, w, c] interleaved.
@@ -158,7 +156,7 @@ impl Images {
     /// A grid PNG with `cols` columns (None: ceil(sqrt(n))).
     pub fn save_grid_cols(&self, path: &Path, cols: Option<usize>) -> Result<()> {
         let (g, w, h) = self.grid(cols);
-        image::save_buffer(path, &g, w as u32, h as u32, self.color()).map_err(|e| image_error(path, e))
+        image::save_buffer(path, &g, w as u32, h as u32, self.color()).map_err(|e| image_error(path, "write", e))
     }
 
     /// One PNG per image: DIR/000000.png ...
@@ -167,7 +165,7 @@ impl Images {
         for i in 0..self.n {
             let p = dir.join(format!("{i:06}.png"));
             image::save_buffer(&p, self.image(i), self.width as u32, self.height as u32, self.color())
-                .map_err(|e| image_error(&p, e))?;
+                .map_err(|e| image_error(&p, "write", e))?;
         }
         Ok(())
     }

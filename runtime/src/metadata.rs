@@ -297,7 +297,7 @@ impl ModelMeta {
         let extra = md
             .iter()
             .filter_map(|(k, v)| Some((k.strip_prefix(PREFIX)?, v)))
-            .filter(|(k, _)| ![&REQUIRED[..], &OPTIONAL, &RECOMMENDED].concat().contains(k))
+            .filter(|(k, _)| !REQUIRED.iter().chain(&OPTIONAL).chain(&RECOMMENDED).any(|known| known == k))
             .map(|(k, v)| (k.to_string(), v.clone()))
             .collect();
         Ok(Self {

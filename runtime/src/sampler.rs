@@ -236,8 +236,29 @@ impl Request {
         })
     }
 
-    /// Checks the image-to-image parts against the request's shape.
-    fn check_images(&self) -> Result<()> {
+    /// Checks the request on its own terms (counts, labels, guidance, the image-to-image parts against the
+    /// shape); [`sample`] runs it first.
+    pub fn validate(&self) -> Result<()> {
+        if self.n == 0 {
+            return Err(Error::request("n", "must be at least 1"));
+        }
+        if self.batch == 0 {
+            return Err(Error::request("batch", "must be at least 1"));
+        }
+        if let Some(l) = &self.labels {
+            if l.len() != self.n {
+                return Err(Error::request("labels", format!("{} labels for {} images", l.len(), self.n)));
+            }
+        }
+        if !self.guidance.is_finite() || self.guidance < 0.0 {
+            return Err(Error::request("guidance", format!("must be a finite number >= 0, got {}", self.guidance)));
+        }
+        if self.guidance != 0.0 && self.labels.is_none() {
+            return Err(Error::request("guidance", "needs a class-conditional model and a class to guide towards"));
+        }
+        if self.guidance != 0.0 && self.null_class.is_none() {
+            return Err(Error::request("guidance", "needs a model trained with a null class; this one has none"));
+        }
         let per: usize = self.shape.iter().product();
         let hw = self.shape[1] * self.shape[2];
         if let Some(init) = &self.init {
@@ -363,24 +384,7 @@ pub fn sample(
     req: &Request,
     on_step: &mut dyn FnMut(&StepInfo),
 ) -> Result<Vec<f32>> {
-    if req.n == 0 {
-        return Err(Error::request("n", "must be at least 1"));
-    }
-    if req.batch == 0 {
-        return Err(Error::request("batch", "must be at least 1"));
-    }
-    if let Some(l) = &req.labels {
-        if l.len() != req.n {
-            return Err(Error::request("labels", format!("{} labels for {} images", l.len(), req.n)));
-        }
-    }
-    if !req.guidance.is_finite() || req.guidance < 0.0 {
-        return Err(Error::request("guidance", format!("must be a finite number >= 0, got {}", req.guidance)));
-    }
-    if req.guidance != 0.0 && (req.null_class.is_none() || req.labels.is_none()) {
-        return Err(Error::request("guidance", "needs a class-conditional model and a class to guide towards"));
-    }
-    req.check_images()?;
+    req.validate()?;
     let per: usize = req.shape.iter().product();
     let mut out = Vec::with_capacity(req.n * per);
     let mut start = 0;
@@ -590,10 +594,8 @@ impl InitImage {
 /// `share_xt`; frame 0 is exactly the image-to-image result of `a` with a shared x_t (and the last of `b`).
 /// `strength` sets coarse (1: only the layout survives) to fine (small: pixel blends) (fig. 9). Every frame is
 /// drawn with the request's first label.
-pub fn interpolation(mut req: Request, a: &[f32], b: &[f32], strength: f32, frames: usize) -> Result<Request> {
-    if frames < 2 {
-        return Err(Error::request("frames", format!("must be at least 2, got {frames}")));
-    }
+pub fn interpolation(req: Request, a: &[f32], b: &[f32], strength: f32, frames: usize) -> Result<Request> {
+    let mut req = frames_of(req, frames)?;
     if a.len() != b.len() {
         return Err(Error::request("init", "the two images differ in size"));
     }
@@ -602,10 +604,17 @@ pub fn interpolation(mut req: Request, a: &[f32], b: &[f32], strength: f32, fram
         let l = f as f32 / (frames - 1) as f32;
         x0.extend(a.iter().zip(b).map(|(a, b)| (1.0 - l) * a + l * b));
     }
-    req.n = frames;
     req.init = Some(InitImage { x0, strength });
     req.share_xt = true;
-    // every frame is drawn with the first image's label
+    Ok(req)
+}
+
+/// The request as `frames` frames of an interpolation (at least 2), every one with the request's first label.
+fn frames_of(mut req: Request, frames: usize) -> Result<Request> {
+    if frames < 2 {
+        return Err(Error::request("frames", format!("must be at least 2, got {frames}")));
+    }
+    req.n = frames;
     if let Some(labels) = &mut req.labels {
         let first = labels.first().copied().or(req.null_class).unwrap_or(0);
         *labels = vec![first; frames];
@@ -624,10 +633,8 @@ fn shared_noise(seed: u64, per: usize) -> Vec<f32> {
 /// spherical interpolation slerp(z_a, z_b, l) of the two seeds' shared x_T (the start `share_xt` gives a
 /// request of that seed), so with a deterministic sampler (DDIM eta 0, DPM-Solver++) the first and last frames
 /// are those seeds' images and the frames between change smoothly. Every frame has the request's first label.
-pub fn seed_interpolation(mut req: Request, seed_a: u64, seed_b: u64, frames: usize) -> Result<Request> {
-    if frames < 2 {
-        return Err(Error::request("frames", format!("must be at least 2, got {frames}")));
-    }
+pub fn seed_interpolation(req: Request, seed_a: u64, seed_b: u64, frames: usize) -> Result<Request> {
+    let mut req = frames_of(req, frames)?;
     let per: usize = req.shape.iter().product();
     let (a, b) = (shared_noise(seed_a, per), shared_noise(seed_b, per));
     let dot: f64 = a.iter().zip(&b).map(|(x, y)| (*x as f64) * (*y as f64)).sum();
@@ -644,13 +651,8 @@ pub fn seed_interpolation(mut req: Request, seed_a: u64, seed_b: u64, frames: us
         };
         z.extend(a.iter().zip(&b).map(|(x, y)| (ca * *x as f64 + cb * *y as f64) as f32));
     }
-    req.n = frames;
     req.start_noise = Some(z);
     req.seed = seed_a;
-    if let Some(labels) = &mut req.labels {
-        let first = labels.first().copied().or(req.null_class).unwrap_or(0);
-        *labels = vec![first; frames];
-    }
     Ok(req)
 }
 

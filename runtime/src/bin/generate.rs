@@ -120,7 +120,13 @@ struct Args {
 const STRIP_COLS: usize = 8;
 const STRIP_ROWS: usize = 4;
 
+/// A library error in the command line's words: a request field is named as its flag.
+fn flags(e: runtime::Error) -> anyhow::Error {
+    anyhow::anyhow!(e.cli_message())
+}
+
 fn run(a: Args) -> Result<()> {
+    let interpolating = a.interpolate.is_some() || a.interpolate_seeds.is_some();
     // programs built in the checkout find the ONNX Runtime that scripts/setup.sh installed
     runtime::onnx::add_library_candidate(runtime::onnx::setup_library_path(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap_or(std::path::Path::new(".")),
@@ -148,15 +154,14 @@ fn run(a: Args) -> Result<()> {
     };
     let inpaint = match (&a.inpaint, &a.mask) {
         (Some(p), Some(m)) => {
-            let mask = runtime::images::load_mask(m, runtime::images::image_size(p)?, size)
-                .map_err(|e| anyhow::anyhow!(e.cli_message()))?;
+            let mask = runtime::images::load_mask(m, runtime::images::image_size(p)?, size).map_err(flags)?;
             Some(Inpaint { x0: load(p)?, mask, resample: a.resample, jump: a.jump })
         }
         _ => None,
     };
     let rec = GenerateRequest::recommended(g.info());
     let req = GenerateRequest {
-        n: if a.interpolate.is_some() || a.interpolate_seeds.is_some() { a.frames } else { a.n },
+        n: if interpolating { a.frames } else { a.n },
         sampler: a.sampler.unwrap_or(rec.sampler),
         steps: a.steps.unwrap_or(rec.steps),
         eta: a.eta,
@@ -171,19 +176,18 @@ fn run(a: Args) -> Result<()> {
         share_xt: a.share_xt,
         inpaint,
     };
-    let mut plan = g.plan(&req).map_err(|e| anyhow::anyhow!(e.cli_message()))?;
-    if (a.interpolate.is_some() || a.interpolate_seeds.is_some()) && a.class.is_none() && plan.labels.is_some() {
+    let mut plan = g.plan(&req).map_err(flags)?;
+    if interpolating && a.class.is_none() && plan.labels.is_some() {
         // no class: every frame unconditional (the null class), so no guidance
         plan.labels = plan.null_class.map(|n| vec![n; plan.n]);
         plan.guidance = 0.0;
     }
     if let Some(seeds) = &a.interpolate_seeds {
-        plan = runtime::sampler::seed_interpolation(plan, seeds[0], seeds[1], a.frames)
-            .map_err(|e| anyhow::anyhow!(e.cli_message()))?;
+        plan = runtime::sampler::seed_interpolation(plan, seeds[0], seeds[1], a.frames).map_err(flags)?;
     }
     if let Some(ab) = &a.interpolate {
         plan = runtime::sampler::interpolation(plan, &load(&ab[0])?, &load(&ab[1])?, a.strength, a.frames)
-            .map_err(|e| anyhow::anyhow!(e.cli_message()))?;
+            .map_err(flags)?;
     }
     let steps_per_chunk = plan.num_steps(g.schedule().num_timesteps())?;
     let chunks = req.n.div_ceil(plan.batch);
@@ -206,15 +210,14 @@ fn run(a: Args) -> Result<()> {
                 strip.record(s);
             }
         })
-        .map_err(|e| anyhow::anyhow!(e.cli_message()))?;
+        .map_err(flags)?;
     let images = Images::from_f32(&x, req.n, plan.shape, plan.labels.clone());
     let secs = start.elapsed().as_secs_f64();
     pb.finish_and_clear();
     if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    let one_row = a.interpolate.is_some() || a.interpolate_seeds.is_some();
-    images.save_grid_cols(&a.out, one_row.then_some(a.frames))?;
+    images.save_grid_cols(&a.out, interpolating.then_some(a.frames))?;
     if let Some(d) = &a.out_dir {
         images.save_each(d)?;
     }
