@@ -20,6 +20,7 @@
 //! | `weights`, `training_steps`, `ema_decay` | `ema` or `raw`; the checkpoint's step; the EMA decay | no |
 //! | `dataset`, `dataset_fingerprint`, `model_config`, `exporter` | provenance | no |
 //! | `recommended_sampler`, `_steps`, `_guidance` | how the model card says to sample it: all or none | no |
+//! | `recommended_guidance_interval` | `LO,HI`: guide only at these timesteps (with the three above) | no |
 //!
 //! Keys this schema does not know are kept in [`ModelMeta::extra`] and written back unchanged.
 
@@ -28,7 +29,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::sampler::SamplerKind;
+use crate::sampler::{GuidanceInterval, SamplerKind};
 use crate::schedule::{BetaSchedule, NoiseSchedule, VarianceType};
 
 /// The metadata layout this runtime writes and reads (`diffusion.format_version`).
@@ -79,6 +80,9 @@ pub struct Recommended {
     pub sampler: SamplerKind,
     pub steps: usize,
     pub guidance: f32,
+    /// Guidance only at these timesteps (Kynkäänniemi et al. 2024); None: at every step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guidance_interval: Option<GuidanceInterval>,
 }
 
 /// Everything an exported model says about itself.
@@ -127,6 +131,9 @@ pub const REQUIRED: [&str; 10] = [
 ];
 
 const RECOMMENDED: [&str; 3] = ["recommended_sampler", "recommended_steps", "recommended_guidance"];
+
+/// The optional part of the recommendation.
+const RECOMMENDED_INTERVAL: &str = "recommended_guidance_interval";
 
 /// The optional keys this schema reads (without the prefix), besides the recommendation.
 const OPTIONAL: [&str; 10] = [
@@ -213,6 +220,9 @@ impl ModelMeta {
             put(RECOMMENDED[0], r.sampler.to_string());
             put(RECOMMENDED[1], r.steps.to_string());
             put(RECOMMENDED[2], r.guidance.to_string());
+            if let Some(g) = &r.guidance_interval {
+                put(RECOMMENDED_INTERVAL, g.to_string());
+            }
         }
         for (k, v) in &self.extra {
             put(k, v.clone());
@@ -293,11 +303,12 @@ impl ModelMeta {
         let training_steps = get("training_steps").map(|s| parse("training_steps", s, "a number")).transpose()?;
         let ema_decay = get("ema_decay").map(|s| parse("ema_decay", s, "a number")).transpose()?;
         let text = |k: &str| get(k).map(str::to_string);
-        let recommended = Self::recommended_from(md, num_classes)?;
+        let recommended = Self::recommended_from(md, num_classes, betas.len())?;
         let extra = md
             .iter()
             .filter_map(|(k, v)| Some((k.strip_prefix(PREFIX)?, v)))
             .filter(|(k, _)| !REQUIRED.iter().chain(&OPTIONAL).chain(&RECOMMENDED).any(|known| known == k))
+            .filter(|(k, _)| *k != RECOMMENDED_INTERVAL)
             .map(|(k, v)| (k.to_string(), v.clone()))
             .collect();
         Ok(Self {
@@ -324,9 +335,16 @@ impl ModelMeta {
     }
 
     /// None when no recommendation key is present; an error when only some are, or one does not parse.
-    fn recommended_from(md: &BTreeMap<String, String>, num_classes: usize) -> Result<Option<Recommended>> {
+    fn recommended_from(md: &BTreeMap<String, String>, num_classes: usize, t: usize) -> Result<Option<Recommended>> {
         let present: Vec<String> = RECOMMENDED.iter().map(|k| key(k)).filter(|k| md.contains_key(k)).collect();
+        let interval = md.get(&key(RECOMMENDED_INTERVAL));
         if present.is_empty() {
+            if interval.is_some() {
+                return Err(Error::metadata(
+                    key(RECOMMENDED_INTERVAL),
+                    format!("needs the recommended sampling ({})", RECOMMENDED.map(key).join(", ")),
+                ));
+            }
             return Ok(None);
         }
         if present.len() != RECOMMENDED.len() {
@@ -348,7 +366,12 @@ impl ModelMeta {
                 format!("{guidance}: guidance must be >= 0, and 0 for an unconditional model"),
             ));
         }
-        Ok(Some(Recommended { sampler, steps, guidance }))
+        let guidance_interval: Option<GuidanceInterval> =
+            interval.map(|v| parse(RECOMMENDED_INTERVAL, v, "a guidance interval")).transpose()?;
+        if let Some(g) = guidance_interval.filter(|g| g.hi >= t) {
+            return Err(Error::metadata(key(RECOMMENDED_INTERVAL), format!("{g}: timesteps run 0..={}", t - 1)));
+        }
+        Ok(Some(Recommended { sampler, steps, guidance, guidance_interval }))
     }
 }
 
@@ -381,7 +404,12 @@ mod tests {
             dataset_fingerprint: Some("b2a523dbb17581eb".into()),
             model_config: Some("{\"ch\":32}".into()),
             exporter: Some("diffusion-rs trainer 0.1.0".into()),
-            recommended: Some(Recommended { sampler: SamplerKind::DpmSolverPP, steps: 10, guidance: 1.0 }),
+            recommended: Some(Recommended {
+                sampler: SamplerKind::DpmSolverPP,
+                steps: 20,
+                guidance: 2.0,
+                guidance_interval: Some(GuidanceInterval { lo: 82, hi: 579 }),
+            }),
             extra: [("note".to_string(), "kept".to_string())].into_iter().collect(),
         }
     }
@@ -398,6 +426,7 @@ mod tests {
         assert_eq!(md["diffusion.dtype"], "float16");
         assert_eq!(md["diffusion.null_class"], "10");
         assert_eq!(md["diffusion.recommended_sampler"], "dpm++");
+        assert_eq!(md["diffusion.recommended_guidance_interval"], "82,579");
         assert_eq!(md["diffusion.note"], "kept");
         assert!(md.keys().all(|k| k.starts_with(PREFIX)));
         assert_eq!(ModelMeta::from_props(&md).unwrap(), m);
@@ -455,10 +484,23 @@ mod tests {
         assert!(err(&md).contains("recommended_steps: must be at least 1"));
         md.remove(&key("recommended_steps"));
         assert!(err(&md).contains("incomplete"));
-        for k in RECOMMENDED {
+        for k in RECOMMENDED.iter().chain([&RECOMMENDED_INTERVAL]) {
             md.remove(&key(k));
         }
         assert_eq!(ModelMeta::from_props(&md).unwrap().recommended, None);
+        // the interval: optional, only with the rest, inside 0..T
+        let mut md = good.clone();
+        md.remove(&key(RECOMMENDED_INTERVAL));
+        assert_eq!(ModelMeta::from_props(&md).unwrap().recommended.unwrap().guidance_interval, None);
+        for (v, why) in [("82,1000", "timesteps run 0..=999"), ("579,82", "above the second"), ("x", "LO,HI")] {
+            md.insert(key(RECOMMENDED_INTERVAL), v.into());
+            let e = err(&md);
+            assert!(e.contains("recommended_guidance_interval") && e.contains(why), "{v}: {e}");
+        }
+        for k in RECOMMENDED {
+            md.remove(&key(k));
+        }
+        assert!(err(&md).contains("needs the recommended sampling"));
         let mut unc = meta();
         (unc.num_classes, unc.class_names, unc.null_class) = (0, vec![], None);
         let e = err(&unc.to_props());

@@ -92,6 +92,47 @@ fn same_seed_same_bytes_and_per_image_files_and_strip() {
     std::fs::remove_dir_all(&d).unwrap();
 }
 
+#[test]
+fn a_guidance_interval_limits_guidance_to_its_timesteps() {
+    let d = tmp("interval");
+    // DDIM 4 steps, trailing: t = 249, 499, 749, 999 of the fixture's T = 1000
+    let run = |name: &str, extra: &[&str]| -> (Vec<u8>, String) {
+        let out = d.join(format!("{name}.png"));
+        let o = generate()
+            .arg("--model")
+            .arg(fixture("tiny-mnist-f32.onnx"))
+            .args(["--n", "4", "--steps", "4", "--class", "3", "--seed", "5", "-q", "--out"])
+            .arg(&out)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        (std::fs::read(&out).unwrap(), String::from_utf8_lossy(&o.stdout).to_string())
+    };
+    let (plain, _) = run("plain", &["--guidance", "0"]);
+    let (guided, _) = run("guided", &["--guidance", "4"]);
+    let (all, _) = run("all", &["--guidance", "4", "--guidance-interval", "all"]);
+    let (every, _) = run("every", &["--guidance", "4", "--guidance-interval", "0,999"]);
+    let (none, _) = run("none", &["--guidance", "4", "--guidance-interval", "250,498"]);
+    let (some, said) = run("some", &["--guidance", "4", "--guidance-interval", "400,800"]);
+    assert_ne!(plain, guided);
+    assert_eq!(all, guided);
+    assert_eq!(every, guided);
+    // an interval between the visited timesteps guides none of them
+    assert_eq!(none, plain);
+    assert!(some != plain && some != guided);
+    assert!(said.contains("guidance 4 at t 400..=800"), "{said}");
+    let o = d.join("x.png");
+    let m = fixture("tiny-mnist-f32.onnx");
+    // a malformed interval is refused by the argument parser (exit 2), one past T by the model (exit 1)
+    let bad = generate().arg("--model").arg(&m).args(["--guidance-interval", "800,400", "-q"]).output().unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("above the second"));
+    let e = err_of(&["--guidance", "2", "--guidance-interval", "5,1000", "--out", o.to_str().unwrap()], &m);
+    assert!(e.contains("--guidance-interval 5,1000: the model's timesteps run 0..=999"), "{e}");
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
 fn err_of(args: &[&str], model: &Path) -> String {
     let o = generate().arg("--model").arg(model).args(args).arg("-q").output().unwrap();
     assert!(!o.status.success(), "should fail: {args:?}");

@@ -8,7 +8,7 @@ use std::process::Command;
 use common::*;
 use runtime::metadata::{Dtype, Recommended, Weights};
 use runtime::onnx::{OrtDenoiser, Provider};
-use runtime::sampler::SamplerKind;
+use runtime::sampler::{GuidanceInterval, SamplerKind};
 
 fn trainer() -> Command {
     Command::new(env!("CARGO_BIN_EXE_trainer"))
@@ -74,16 +74,30 @@ fn export_writes_self_describing_models_and_refuses_bad_requests() {
     let st = trainer()
         .args(["export", "--card", "--run"])
         .arg(&run)
-        .args(["--sampler", "dpm++", "--steps", "20", "--guidance", "2", "--out"])
+        .args(["--sampler", "dpm++", "--steps", "20", "--guidance", "2", "--guidance-interval", "5,40", "--out"])
         .arg(&rec)
         .status()
         .unwrap();
     assert!(st.success());
     let den = OrtDenoiser::open(&rec, &Provider::Cpu, Some(1)).unwrap();
-    let want = Recommended { sampler: SamplerKind::DpmSolverPP, steps: 20, guidance: 2.0 };
+    let interval = Some(GuidanceInterval { lo: 5, hi: 40 });
+    let want = Recommended { sampler: SamplerKind::DpmSolverPP, steps: 20, guidance: 2.0, guidance_interval: interval };
     assert_eq!(den.info().recommended, Some(want));
     let card = std::fs::read_to_string(rec.with_extension("md")).unwrap();
-    assert!(card.contains("recommends dpm++ with 20 steps, guidance 2"), "{card}");
+    assert!(card.contains("recommends dpm++ with 20 steps, guidance 2 at timesteps 5..=40 only"), "{card}");
+    // an interval past the model's T is refused before anything is written
+    let t = den.info().num_timesteps();
+    fails_with(
+        trainer()
+            .args(["export", "--run"])
+            .arg(&run)
+            .args(["--sampler", "dpm++", "--steps", "9", "--guidance", "1", "--guidance-interval"])
+            .arg(format!("5,{t}"))
+            .arg("--out")
+            .arg(dir.join("x.onnx")),
+        &format!("timesteps run 0..={}", t - 1),
+    );
+    assert!(!dir.join("x.onnx").exists());
     fails_with(
         trainer()
             .args(["export", "--run"])

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use runtime::sampler::SamplerKind;
+use runtime::sampler::{GuidanceInterval, SamplerKind};
 use trainer::progress::Progress;
 use trainer::train::DeviceSpec;
 
@@ -26,6 +26,10 @@ pub struct EvalArgs {
     /// Classifier-free guidance weight.
     #[arg(long, default_value_t = 2.0)]
     guidance: f32,
+    /// Guide only at the timesteps LO..=HI (e.g. 100,700; Kynkäänniemi et al. 2024), the conditional model
+    /// alone elsewhere. Default: every step.
+    #[arg(long, value_name = "LO,HI")]
+    guidance_interval: Option<GuidanceInterval>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     #[arg(long, default_value_t = 64)]
@@ -90,6 +94,7 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
         steps: a.steps,
         sampler: a.sampler,
         guidance: a.guidance,
+        guidance_interval: a.guidance_interval,
         seed: a.seed,
         batch: a.batch,
         cache: a.cache,

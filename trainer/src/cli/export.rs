@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use runtime::metadata::{Dtype, Recommended, Weights};
-use runtime::sampler::SamplerKind;
+use runtime::sampler::{GuidanceInterval, SamplerKind};
 
 #[derive(clap::Args)]
 pub struct ExportArgs {
@@ -43,6 +43,9 @@ pub struct ExportArgs {
     /// Recommended guidance weight (with --sampler).
     #[arg(long, requires = "sampler")]
     guidance: Option<f32>,
+    /// Recommended guidance interval LO,HI: guidance only at these timesteps (with --sampler).
+    #[arg(long, value_name = "LO,HI", requires = "sampler")]
+    guidance_interval: Option<GuidanceInterval>,
 }
 
 pub fn run_export(a: ExportArgs) -> Result<()> {
@@ -56,7 +59,9 @@ pub fn run_export(a: ExportArgs) -> Result<()> {
         force: a.force,
         card: a.card,
         recommended: match (a.sampler, a.steps, a.guidance) {
-            (Some(sampler), Some(steps), Some(guidance)) => Some(Recommended { sampler, steps, guidance }),
+            (Some(sampler), Some(steps), Some(guidance)) => {
+                Some(Recommended { sampler, steps, guidance, guidance_interval: a.guidance_interval })
+            }
             _ => None,
         },
     };

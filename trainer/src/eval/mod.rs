@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use runtime::metadata::Weights;
-use runtime::sampler::SamplerKind;
+use runtime::sampler::{GuidanceInterval, SamplerKind};
 
 pub use classifier::{classifier_for, classifier_onnx, features, train_classifier, Classifier, FEATURES};
 pub use fid::{fid_features, frechet_distance, moments, subset};
@@ -30,6 +30,8 @@ pub struct EvalOptions {
     /// DDIM (eta 0), DPM-Solver++(2M) (both with trailing timestep spacing) or DDPM (all T steps).
     pub sampler: SamplerKind,
     pub guidance: f32,
+    /// Guide only at these timesteps (Kynkäänniemi et al. 2024); None: at every step.
+    pub guidance_interval: Option<GuidanceInterval>,
     pub seed: u64,
     pub batch: usize,
     pub cache: PathBuf,
@@ -120,6 +122,9 @@ pub struct EvalReport {
     /// e.g. "dpm++ 20 steps, trailing".
     pub sampler: String,
     pub guidance: f32,
+    /// The timesteps guidance was applied at, when limited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guidance_interval: Option<String>,
     pub classifier: String,
     pub classifier_onnx: String,
     /// The evaluation classifier's accuracy on the real test split.
@@ -267,6 +272,7 @@ pub fn evaluate(o: &EvalOptions, progress: &dyn Progress) -> Result<EvalReport> 
         let num_steps = method.timesteps(cfg.diffusion.timesteps)?.len();
         let mut req = crate::denoise::request(&cfg.model, o.n, method, None, guidance, o.seed);
         req.batch = o.batch;
+        req.guidance_interval = o.guidance_interval;
         let sched = cfg.diffusion.schedule()?;
         progress.begin("sampling", (o.n.div_ceil(o.batch) * num_steps) as u64);
         let mut x = match onnx.as_mut() {
@@ -318,6 +324,7 @@ pub fn evaluate(o: &EvalOptions, progress: &dyn Progress) -> Result<EvalReport> 
         samples: o.n,
         sampler: format!("{} {} steps, trailing", o.sampler, o.steps),
         guidance: if k > 0 { o.guidance } else { 0.0 },
+        guidance_interval: o.guidance_interval.filter(|_| k > 0).map(|g| g.to_string()),
         classifier: clf_path.display().to_string(),
         classifier_onnx: clf_path.with_extension("onnx").display().to_string(),
         classifier_test_accuracy: accuracy,

@@ -97,8 +97,11 @@ pub fn model_card(state: &State, opts: &ExportOptions, bytes: &[u8], eval: Optio
     }
     if let Some(e) = eval {
         s += &format!(
-            "\n## Metrics (`trainer eval`, {} samples, {}, guidance {})\n\n| metric | value | real-vs-real floor |\n|---|---|---|\n",
-            e.samples, e.sampler, e.guidance
+            "\n## Metrics (`trainer eval`, {} samples, {}, guidance {}{})\n\n| metric | value | real-vs-real floor |\n|---|---|---|\n",
+            e.samples,
+            e.sampler,
+            e.guidance,
+            e.guidance_interval.as_ref().map(|g| format!(" at t {g}")).unwrap_or_default()
         );
         s += &format!("| evaluation classifier's test accuracy | {:.2}% | |\n", 100.0 * e.classifier_test_accuracy);
         if let Some(v) = e.classifier_score {
@@ -118,7 +121,8 @@ pub fn model_card(state: &State, opts: &ExportOptions, bytes: &[u8], eval: Optio
     let class = if m.num_classes > 0 { " --class 0" } else { "" };
     let how = match &opts.recommended {
         Some(r) => {
-            let g = if m.num_classes > 0 { format!(", guidance {}", r.guidance) } else { String::new() };
+            let at = r.guidance_interval.map(|g| format!(" at timesteps {}..={} only", g.lo, g.hi)).unwrap_or_default();
+            let g = if m.num_classes > 0 { format!(", guidance {}{at}", r.guidance) } else { String::new() };
             format!(
                 "The file recommends {} with {} steps{g} (its metadata; `generate` uses it unless told otherwise).\n\n",
                 r.sampler, r.steps
