@@ -32,6 +32,14 @@ typedef struct dr_request {
     const uint8_t *mask;     /* [size][size] bytes: >= 128 generate, < 128 keep inpaint's pixel */
     uint32_t resample;       /* RePaint resampling passes (0/1: none) over blocks of jump steps (0: 10) */
     uint32_t jump;
+    uint32_t guidance_lo;    /* guide only at timesteps guidance_lo..=guidance_hi (both 0: every step) */
+    uint32_t guidance_hi;
+    /* interpolation: the n images are frames from one end to the other (every frame has class_index;
+     * with -1, on a conditional model, the null class and no guidance) */
+    const uint8_t *interpolate_a; /* two images noised to strength with the same noise, latents mixed; or NULL */
+    const uint8_t *interpolate_b;
+    uint32_t interpolate_seeds;   /* nonzero: between the starts x_T of seed and seed_b (slerp) */
+    uint64_t seed_b;
 } dr_request;
 
 /* Opens a model; provider "cpu", "cuda", "tensorrt", "auto" or NULL (cpu). NULL on failure. */

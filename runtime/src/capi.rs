@@ -8,7 +8,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 
 use crate::error::Error;
-use crate::generator::{GenerateRequest, Generator, GeneratorOptions, InitImage, Inpaint};
+use crate::generator::{
+    GenerateRequest, Generator, GeneratorOptions, GuidanceInterval, InitImage, Inpaint, Interpolation,
+};
 use crate::images::{from_u8_hwc, mask_from_u8};
 use crate::onnx::{Provider, ProviderKind};
 use crate::sampler::SamplerKind;
@@ -83,6 +85,16 @@ pub struct DrRequest {
     /// RePaint resampling passes (0 or 1: none) over blocks of `jump` steps (0: 10).
     pub resample: u32,
     pub jump: u32,
+    /// Guidance only at the timesteps guidance_lo..=guidance_hi (both 0: at every step).
+    pub guidance_lo: u32,
+    pub guidance_hi: u32,
+    // Interpolation: the n images are frames from one end to the other.
+    /// Two images noised to `strength` with the same noise, their latents mixed; or NULL.
+    pub interpolate_a: *const u8,
+    pub interpolate_b: *const u8,
+    /// Nonzero: between the starts of `seed` and `seed_b` (slerp).
+    pub interpolate_seeds: u32,
+    pub seed_b: u64,
 }
 
 /// The request as the caller compiled it: a shorter (older) struct is read up to its size, the fields it lacks
@@ -155,8 +167,9 @@ pub unsafe extern "C" fn dr_model_info(
 /// least that many bytes. Returns 0 on success, -1 on failure (see dr_last_error).
 ///
 /// # Safety
-/// `g` from dr_open, `req` valid for `req->size` bytes, `out` writable for `out_len` bytes; `init` and
-/// `inpaint`, when set, hold one image ([size][size][channels] bytes), `mask` [size][size] bytes.
+/// `g` from dr_open, `req` valid for `req->size` bytes, `out` writable for `out_len` bytes; `init`,
+/// `inpaint`, `interpolate_a` and `interpolate_b`, when set, hold one image ([size][size][channels] bytes),
+/// `mask` [size][size] bytes.
 #[no_mangle]
 pub unsafe extern "C" fn dr_generate(
     g: *mut DrGenerator,
@@ -189,6 +202,9 @@ pub unsafe extern "C" fn dr_generate(
             eta: req.eta as f64,
             class: (req.class_index >= 0).then(|| req.class_index.to_string()),
             guidance: req.guidance,
+            guidance_interval: (req.guidance_lo, req.guidance_hi)
+                .ne(&(0, 0))
+                .then_some(GuidanceInterval { lo: req.guidance_lo as usize, hi: req.guidance_hi as usize }),
             seed: req.seed,
             batch: req.batch as usize,
             init: (!req.init.is_null()).then(|| InitImage {
@@ -206,6 +222,20 @@ pub unsafe extern "C" fn dr_generate(
                     resample: req.resample.max(1) as usize,
                     jump: if req.jump == 0 { 10 } else { req.jump as usize },
                 }),
+            },
+            interpolation: match (req.interpolate_a.is_null(), req.interpolate_b.is_null(), req.interpolate_seeds != 0)
+            {
+                (true, true, false) => None,
+                (true, true, true) => Some(Interpolation::Seeds { a: req.seed, b: req.seed_b }),
+                (false, false, false) => Some(Interpolation::Images {
+                    a: from_u8_hwc(std::slice::from_raw_parts(req.interpolate_a, per), c),
+                    b: from_u8_hwc(std::slice::from_raw_parts(req.interpolate_b, per), c),
+                    strength: req.strength,
+                }),
+                (false, false, true) => {
+                    return Err("dr_request.interpolate_seeds and interpolate_a/_b exclude each other".into())
+                }
+                _ => return Err("dr_request.interpolate_a and interpolate_b are set together".into()),
             },
             ..Default::default()
         };

@@ -17,7 +17,7 @@ pub use crate::images::{to_u8_nhwc, Images};
 use crate::metadata::ModelMeta;
 use crate::onnx::{OrtDenoiser, Provider, ProviderKind};
 use crate::sampler::{self, Method, Request, SamplerKind, Spacing, StepInfo};
-pub use crate::sampler::{InitImage, Inpaint};
+pub use crate::sampler::{GuidanceInterval, InitImage, Inpaint};
 use crate::schedule::NoiseSchedule;
 
 #[derive(Debug, Clone)]
@@ -48,6 +48,8 @@ pub struct GenerateRequest {
     pub class: Option<String>,
     /// Classifier-free guidance weight w >= 0 (0: none).
     pub guidance: f32,
+    /// Guide only at these timesteps (Kynkäänniemi et al. 2024); None: at every step.
+    pub guidance_interval: Option<GuidanceInterval>,
     pub seed: u64,
     /// Images per model call (>= 1); memory is bounded by it whatever n.
     pub batch: usize,
@@ -59,6 +61,21 @@ pub struct GenerateRequest {
     pub share_xt: bool,
     /// Inpainting: keep the known pixels of this image, generate the rest (RePaint).
     pub inpaint: Option<Inpaint>,
+    /// Interpolation: the `n` images are frames from one end to the other. Every frame has `class`; without
+    /// one, on a conditional model, the null class (and so no guidance).
+    pub interpolation: Option<Interpolation>,
+}
+
+/// What an interpolation runs between.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Interpolation {
+    /// Two images ([c, h, w] in [-1, 1]) noised to `strength` with the same noise and their latents mixed
+    /// (Ho et al. 2020, fig. 8; [`sampler::interpolation`]): `strength` 1 keeps only the layout, small ones blend
+    /// pixels (fig. 9).
+    Images { a: Vec<f32>, b: Vec<f32>, strength: f32 },
+    /// The starts x_T of two seeds, spherically interpolated (Song et al. 2020, sec. 5.3;
+    /// [`sampler::seed_interpolation`]); `seed` is ignored.
+    Seeds { a: u64, b: u64 },
 }
 
 impl Default for GenerateRequest {
@@ -72,6 +89,7 @@ impl Default for GenerateRequest {
             spacing: Spacing::Trailing,
             class: None,
             guidance: 0.0,
+            guidance_interval: None,
             seed: 0,
             batch: 16,
             clip_x0: true,
@@ -79,6 +97,7 @@ impl Default for GenerateRequest {
             init: None,
             share_xt: false,
             inpaint: None,
+            interpolation: None,
         }
     }
 }
@@ -88,7 +107,8 @@ impl GenerateRequest {
     pub fn recommended(info: &ModelMeta) -> Self {
         let mut r = Self::default();
         if let Some(rec) = &info.recommended {
-            (r.sampler, r.steps, r.guidance) = (rec.sampler, rec.steps, rec.guidance);
+            (r.sampler, r.steps, r.guidance, r.guidance_interval) =
+                (rec.sampler, rec.steps, rec.guidance, rec.guidance_interval);
         }
         r
     }
@@ -133,27 +153,7 @@ impl Generator {
 
     /// Checks a request against the model and turns it into the sampler's form ([`Request::validate`]).
     pub fn plan(&self, req: &GenerateRequest) -> Result<Request> {
-        let info = self.info();
-        let method =
-            Method::new(req.sampler, req.steps, req.eta, req.spacing, info.variance, self.schedule.num_timesteps())?;
-        let labels = match (&req.class, info.num_classes) {
-            (Some(c), _) => Some(vec![info.class_index(c)?; req.n]),
-            (None, 0) => None,
-            (None, k) => Some((0..req.n).map(|i| (i % k) as i64).collect()),
-        };
-        let mut r = Request::new(req.n, [info.channels, info.image_size, info.image_size], method);
-        r.labels = labels;
-        r.null_class = info.null_class;
-        r.guidance = req.guidance;
-        r.seed = req.seed;
-        r.batch = req.batch;
-        r.clip_x0 = req.clip_x0;
-        r.dynamic_threshold = req.dynamic_threshold;
-        r.init = req.init.clone();
-        r.share_xt = req.share_xt;
-        r.inpaint = req.inpaint.clone();
-        r.validate()?;
-        Ok(r)
+        plan(self.info(), req)
     }
 
     /// Runs a planned request: images in [-1, 1], [n, c, h, w].
@@ -169,6 +169,49 @@ impl Generator {
     }
 }
 
+/// A request against a model's metadata in the sampler's form ([`Generator::plan`]).
+pub fn plan(info: &ModelMeta, req: &GenerateRequest) -> Result<Request> {
+    let method = Method::new(req.sampler, req.steps, req.eta, req.spacing, info.variance, info.num_timesteps())?;
+    let labels = match (&req.class, info.num_classes) {
+        (Some(c), _) => Some(vec![info.class_index(c)?; req.n]),
+        (None, 0) => None,
+        // no class: every frame of an interpolation unconditional, else the images cycle through the classes
+        (None, _) if req.interpolation.is_some() => info.null_class.map(|n| vec![n; req.n]),
+        (None, k) => Some((0..req.n).map(|i| (i % k) as i64).collect()),
+    };
+    let mut r = Request::new(req.n, [info.channels, info.image_size, info.image_size], method);
+    r.null_class = info.null_class;
+    r.guidance = if req.interpolation.is_some() && req.class.is_none() { 0.0 } else { req.guidance };
+    r.labels = labels;
+    r.guidance_interval = req.guidance_interval;
+    if let Some(g) = req.guidance_interval.filter(|g| g.hi >= info.num_timesteps()) {
+        return Err(crate::Error::request(
+            "guidance_interval",
+            format!("{g}: the model's timesteps run 0..={}", info.num_timesteps() - 1),
+        ));
+    }
+    r.seed = req.seed;
+    r.batch = req.batch;
+    r.clip_x0 = req.clip_x0;
+    r.dynamic_threshold = req.dynamic_threshold;
+    r.init = req.init.clone();
+    r.share_xt = req.share_xt;
+    r.inpaint = req.inpaint.clone();
+    r = match &req.interpolation {
+        None => r,
+        Some(_) if req.init.is_some() || req.inpaint.is_some() || req.share_xt => {
+            return Err(crate::Error::request(
+                "interpolation",
+                "cannot be combined with init, inpaint or share_xt (it sets the starts itself)",
+            ));
+        }
+        Some(Interpolation::Images { a, b, strength }) => sampler::interpolation(r, a, b, *strength, req.n)?,
+        Some(Interpolation::Seeds { a, b }) => sampler::seed_interpolation(r, *a, *b, req.n)?,
+    };
+    r.validate()?;
+    Ok(r)
+}
+
 #[cfg(test)]
 mod tests {
     //! `plan` needs an open model; the request checks it shares with the sampler are tested in sampler.rs and
@@ -177,13 +220,12 @@ mod tests {
     use crate::metadata::{Dtype, Prediction, Recommended};
     use crate::schedule::{BetaSchedule, VarianceType};
 
-    #[test]
-    fn recommended_requests_take_the_models_sampling_and_default_otherwise() {
-        let mut info = ModelMeta {
+    fn info() -> ModelMeta {
+        ModelMeta {
             betas: BetaSchedule::LINEAR.betas(10),
             prediction: Prediction::Epsilon,
             variance: VarianceType::FixedSmall,
-            image_size: 8,
+            image_size: 2,
             channels: 1,
             num_classes: 2,
             class_names: vec![],
@@ -199,11 +241,50 @@ mod tests {
             exporter: None,
             recommended: None,
             extra: Default::default(),
-        };
+        }
+    }
+
+    #[test]
+    fn recommended_requests_take_the_models_sampling_and_default_otherwise() {
+        let mut info = info();
         let d = GenerateRequest::recommended(&info);
-        assert_eq!((d.sampler, d.steps, d.guidance), (SamplerKind::Ddim, 50, 0.0));
-        info.recommended = Some(Recommended { sampler: SamplerKind::DpmSolverPP, steps: 10, guidance: 1.5 });
+        assert_eq!((d.sampler, d.steps, d.guidance, d.guidance_interval), (SamplerKind::Ddim, 50, 0.0, None));
+        let interval = Some(GuidanceInterval { lo: 2, hi: 6 });
+        info.recommended = Some(Recommended {
+            sampler: SamplerKind::DpmSolverPP,
+            steps: 10,
+            guidance: 1.5,
+            guidance_interval: interval,
+        });
         let r = GenerateRequest::recommended(&info);
         assert_eq!((r.sampler, r.steps, r.guidance, r.n), (SamplerKind::DpmSolverPP, 10, 1.5, 16));
+        assert_eq!(plan(&info, &GenerateRequest { steps: 5, ..r.clone() }).unwrap().guidance_interval, interval);
+        let past_t = GenerateRequest { steps: 5, guidance_interval: Some(GuidanceInterval { lo: 2, hi: 10 }), ..r };
+        let e = plan(&info, &past_t).unwrap_err();
+        assert!(e.to_string().contains("timesteps run 0..=9"), "{e}");
+    }
+
+    #[test]
+    fn interpolations_are_planned_as_frames_with_one_label() {
+        let info = info();
+        let (a, b) = (vec![-1.0; 4], vec![1.0; 4]);
+        let images = Interpolation::Images { a: a.clone(), b: b.clone(), strength: 0.5 };
+        let req = GenerateRequest { n: 5, steps: 4, guidance: 2.0, interpolation: Some(images), ..Default::default() };
+        // no class: every frame takes the null class, unguided
+        let p = plan(&info, &req).unwrap();
+        assert_eq!((p.n, p.labels.as_deref(), p.guidance, p.share_xt), (5, Some(&[2i64; 5][..]), 0.0, true));
+        let init = p.init.unwrap();
+        assert_eq!((&init.x0[..4], &init.x0[16..], init.strength), (&a[..], &b[..], 0.5));
+        assert_eq!(init.x0[8..12], [0.0; 4]);
+        // a class: every frame has it, guided
+        let p = plan(&info, &GenerateRequest { class: Some("1".into()), ..req.clone() }).unwrap();
+        assert_eq!((p.labels.as_deref(), p.guidance), (Some(&[1i64; 5][..]), 2.0));
+        let seeds = GenerateRequest { interpolation: Some(Interpolation::Seeds { a: 3, b: 4 }), ..req.clone() };
+        let p = plan(&info, &seeds).unwrap();
+        assert_eq!((p.seed, p.start_noise.map(|z| z.len())), (3, Some(20)));
+        let one = GenerateRequest { n: 1, ..req.clone() };
+        assert!(plan(&info, &one).unwrap_err().to_string().contains("frames"));
+        let both = GenerateRequest { share_xt: true, ..req };
+        assert!(plan(&info, &both).unwrap_err().to_string().contains("cannot be combined"));
     }
 }

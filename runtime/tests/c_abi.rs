@@ -10,14 +10,13 @@ fn c_example_compiles_and_runs() {
     let exe = std::env::current_exe().unwrap();
     let target = exe.parent().unwrap().parent().unwrap();
     let lib = target.join("libruntime.so");
-    if !lib.is_file() {
-        let st = Command::new(env!("CARGO"))
-            .args(["build", "--release", "-p", "runtime", "--lib"])
-            .current_dir(root)
-            .status()
-            .unwrap();
-        assert!(st.success());
-    }
+    // `cargo test` builds the rlib the tests link, not always the cdylib: build it, so a stale one is not tested
+    let st = Command::new(env!("CARGO"))
+        .args(["build", "--release", "-p", "runtime", "--lib"])
+        .current_dir(root)
+        .status()
+        .unwrap();
+    assert!(st.success());
     assert!(lib.is_file(), "{} missing", lib.display());
     let dir = std::env::temp_dir().join(format!("capi-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -49,6 +48,8 @@ fn c_example_compiles_and_runs() {
     assert!(run.status.success(), "{stdout}{}", String::from_utf8_lossy(&run.stderr));
     assert!(stdout.contains("ok: 4 images 1x28x28, classes 10") && stdout.contains("are needed"), "{stdout}");
     assert!(stdout.contains("inpaint: left half kept"), "{stdout}");
+    assert!(stdout.contains("interpolate: ends kept"), "{stdout}");
+    assert!(stdout.contains("interpolate seeds: first frame matches"), "{stdout}");
     let pgm = std::fs::read(&out).unwrap();
     assert!(pgm.starts_with(b"P5\n28 28\n255\n") && pgm.len() == 13 + 784);
     // a bad path is an error message through dr_last_error, not a crash

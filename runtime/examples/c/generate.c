@@ -52,6 +52,38 @@ int main(int argc, char **argv) {
     printf("inpaint: left half %s\n", kept ? "kept" : "CHANGED");
     free(mask);
     free(filled);
+    /* interpolation between the first two images: at strength 0 the frames are their pixel blends, so the ends
+     * are the images themselves; at 0.5 the blends are noised and denoised */
+    size_t per = (size_t)size * size * channels;
+    uint8_t *frames = malloc(5 * per);
+    dr_request mix = req;
+    mix.n = 5;
+    mix.batch = 5;
+    mix.interpolate_a = buf;
+    mix.interpolate_b = buf + per;
+    mix.strength = 0.0f;
+    int ends = dr_generate(g, &mix, frames, 5 * per) == 0;
+    for (size_t i = 0; ends && i < per; i++)
+        if (frames[i] != buf[i] || frames[4 * per + i] != buf[per + i]) ends = 0;
+    mix.strength = 0.5f;
+    ends = ends && dr_generate(g, &mix, frames, 5 * per) == 0;
+    printf("interpolate: ends %s\n", ends ? "kept" : "CHANGED");
+    /* between two seeds' starts: the first frame is seed 1's image with a shared start (DDIM eta 0) */
+    dr_request seeds = req;
+    seeds.n = 5;
+    seeds.batch = 5;
+    seeds.interpolate_seeds = 1;
+    seeds.seed_b = 2;
+    dr_request one = req;
+    one.n = 1;
+    one.share_xt = 1;
+    uint8_t *first = malloc(per);
+    int same = dr_generate(g, &seeds, frames, 5 * per) == 0 && dr_generate(g, &one, first, per) == 0;
+    for (size_t i = 0; same && i < per; i++)
+        if (frames[i] != first[i]) same = 0;
+    printf("interpolate seeds: first frame %s\n", same ? "matches" : "DIFFERS");
+    free(first);
+    free(frames);
     FILE *f = fopen(argv[2], "wb");
     fprintf(f, "%s\n%d %d\n255\n", channels == 1 ? "P5" : "P6", size, size);
     fwrite(buf, 1, (size_t)size * size * channels, f);
