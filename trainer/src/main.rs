@@ -32,6 +32,12 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    // a file-size limit (ulimit -f) reached while writing: an error naming the file (EFBIG) instead of the
+    // signal's default, which kills the process without a word
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     // `trainer eval --model` finds the ONNX Runtime that scripts/setup.sh installed in this checkout
     runtime::onnx::add_library_candidate(runtime::onnx::setup_library_path(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap_or(std::path::Path::new(".")),

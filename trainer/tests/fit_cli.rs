@@ -125,6 +125,55 @@ fn sigkill_then_resume_reaches_the_uninterrupted_weights() {
 }
 
 #[test]
+fn a_checkpoint_that_cannot_be_written_names_its_folder_and_the_one_before_resumes() {
+    use std::os::unix::process::CommandExt;
+    data_dir("mnist");
+    let dir = tmp_dir("fsize");
+    let mut cfg = tiny("mnist");
+    cfg.data.limit = 256;
+    cfg.train.checkpoint_every = 2;
+    cfg.train.steps = 4;
+    let conf = write_config(&cfg, &dir);
+    let run = dir.join("run");
+    run_ok(trainer().args(["fit", "--config"]).arg(&conf).args(["--steps", "2", "--out"]).arg(&run).arg("-q"));
+    let first = checkpoint::resolve(&run, "latest").unwrap();
+    let tensor_bytes = std::fs::metadata(first.join("model.safetensors")).unwrap().len();
+    // the disk "fills up" during the next checkpoint: no file may grow past half a weight file (RLIMIT_FSIZE;
+    // metrics.csv and the loss curve stay below it)
+    let limit = tensor_bytes / 2;
+    let mut full = trainer();
+    full.args(["fit", "--resume"]).arg(&run).args(["--steps", "4", "-q"]);
+    unsafe {
+        full.pre_exec(move || {
+            let r = libc::rlimit { rlim_cur: limit, rlim_max: limit };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &r) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let err = run_err(&mut full);
+    let folder = checkpoint::checkpoints_dir(&run).display().to_string();
+    assert!(err.contains("step-4 checkpoint") && err.contains(&folder) && err.contains("step 2"), "{err}");
+    assert!(err.contains("File too large") || err.contains("os error 27"), "{err}");
+    // nothing of the failed copy is left, the step-2 checkpoint is the newest and loads, and resuming (with
+    // room on the disk again) continues from it to the end
+    let left: Vec<_> = std::fs::read_dir(checkpoint::checkpoints_dir(&run))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.contains(".tmp-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    assert_eq!(checkpoint::resolve(&run, "latest").unwrap(), first);
+    checkpoint::load(&first, &candle_core::Device::Cpu, true).unwrap();
+    let log = run_ok(trainer().args(["fit", "--resume"]).arg(&run).args(["--steps", "4"]));
+    assert!(log.contains("from step 2"), "{log}");
+    assert_eq!(checkpoint::list(&run).unwrap().last().unwrap().0, 4);
+    assert_eq!(trainer::train::read_losses(&run.join("metrics.csv")).unwrap().len(), 4);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn bad_input_is_named() {
     let dir = tmp_dir("bad");
     let conf = dir.join("bad.toml");

@@ -97,18 +97,32 @@ pub fn save(
     keep: usize,
 ) -> Result<PathBuf> {
     let root = checkpoints_dir(run);
-    std::fs::create_dir_all(&root)?;
     let name = step_dir_name(state.step);
     let tmp = root.join(format!(".{name}.tmp-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
+    let write = || -> Result<()> {
+        std::fs::create_dir_all(&root)?;
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)?;
+        }
+        std::fs::create_dir_all(&tmp)?;
+        save_tensors(&tmp.join("model.safetensors"), model)?;
+        save_tensors(&tmp.join("ema.safetensors"), ema)?;
+        save_tensors(&tmp.join("optim.safetensors"), optim)?;
+        write_atomic(&tmp.join("state.json"), serde_json::to_string_pretty(state)?.as_bytes())?;
+        sync_dir(&tmp)
+    };
+    if let Err(e) = write() {
+        // a full or unwritable disk: give back what the partial copy took; the newest complete checkpoint is
+        // untouched (nothing of it was renamed or removed yet)
+        let _ = std::fs::remove_dir_all(&tmp);
+        let kept = list(run).ok().and_then(|v| v.last().map(|(s, _)| format!("step {s}")));
+        return Err(e.context(format!(
+            "cannot write the step-{} checkpoint into {} (the newest complete checkpoint, {}, is kept)",
+            state.step,
+            root.display(),
+            kept.as_deref().unwrap_or("none yet")
+        )));
     }
-    std::fs::create_dir_all(&tmp)?;
-    save_tensors(&tmp.join("model.safetensors"), model)?;
-    save_tensors(&tmp.join("ema.safetensors"), ema)?;
-    save_tensors(&tmp.join("optim.safetensors"), optim)?;
-    write_atomic(&tmp.join("state.json"), serde_json::to_string_pretty(state)?.as_bytes())?;
-    sync_dir(&tmp)?;
     let dst = root.join(&name);
     if dst.exists() {
         // re-saving the same step (e.g. a resumed run that stopped at once): the old copy goes only after
