@@ -107,6 +107,50 @@ fn export_writes_self_describing_models_and_refuses_bad_requests() {
         "invalid value 'euler' for '--sampler",
     );
     assert!(!dir.join("x.onnx").exists());
+    // `--model`: an exported file re-recommended (here in place, with its card) is byte for byte the file a
+    // fresh export with that recommendation writes, and its card gets that file's hash and sentence
+    let again = ["--sampler", "ddim", "--steps", "12", "--guidance", "3"];
+    let direct = dir.join("direct.onnx");
+    assert!(trainer()
+        .args(["export", "--run"])
+        .arg(&run)
+        .args(again)
+        .arg("--out")
+        .arg(&direct)
+        .status()
+        .unwrap()
+        .success());
+    let in_place = || {
+        let mut c = trainer();
+        c.args(["export", "--card", "--model"]).arg(&rec).args(again).arg("--out").arg(&rec);
+        c
+    };
+    fails_with(&mut in_place(), "rec.onnx already exists; use --force");
+    assert!(in_place().arg("--force").status().unwrap().success());
+    let bytes = std::fs::read(&rec).unwrap();
+    assert!(bytes == std::fs::read(&direct).unwrap(), "re-recommended file differs from a fresh export");
+    let card2 = std::fs::read_to_string(rec.with_extension("md")).unwrap();
+    use sha2::Digest;
+    assert!(card2.contains(&format!("sha256 {:x}", sha2::Sha256::digest(&bytes))), "{card2}");
+    assert!(card2.contains("The file recommends ddim with 12 steps, guidance 3 (its metadata"), "{card2}");
+    assert!(!card2.contains("5..=40") && card2.contains("| training | 2 steps, batch 8,"), "{card2}");
+    // a file without our metadata, a file that is not ONNX, a recommendation the model cannot take: nothing written
+    let x = dir.join("x.onnx");
+    let recommend = |model: &std::path::Path| {
+        let mut c = trainer();
+        c.args(["export", "--model"]).arg(model).args(again).arg("--out").arg(&x);
+        c
+    };
+    let foreign = dir.join("foreign.onnx");
+    let mut proto = <candle_onnx::onnx::ModelProto as prost::Message>::decode(bytes.as_slice()).unwrap();
+    proto.metadata_props.clear();
+    std::fs::write(&foreign, prost::Message::encode_to_vec(&proto)).unwrap();
+    fails_with(&mut recommend(&foreign), "diffusion.format_version");
+    std::fs::write(dir.join("text.onnx"), b"not a model").unwrap();
+    fails_with(&mut recommend(&dir.join("text.onnx")), "text.onnx is not an ONNX model");
+    fails_with(recommend(&rec).args(["--guidance-interval", "0,1000"]), "timesteps run 0..=999");
+    fails_with(recommend(&rec).args(["--dtype", "float16"]), "cannot be used with");
+    assert!(!x.exists());
     // an existing model card is kept without --force (and nothing else is written)
     let fresh = dir.join("fresh.onnx");
     std::fs::write(dir.join("fresh.md"), b"hand-written card").unwrap();

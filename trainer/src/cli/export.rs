@@ -7,10 +7,16 @@ use runtime::metadata::{Dtype, Recommended, Weights};
 use runtime::sampler::{GuidanceInterval, SamplerKind};
 
 #[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["run", "model"])))]
 pub struct ExportArgs {
     /// Run folder.
     #[arg(long)]
-    run: PathBuf,
+    run: Option<PathBuf>,
+    /// Instead of a run: an exported model whose recommended sampling (--sampler, --steps, --guidance,
+    /// --guidance-interval) is replaced, graph and weights kept; with --card, the card beside OUT (or beside
+    /// MODEL) gets the new hash and recommendation. OUT may be MODEL itself, with --force.
+    #[arg(long, requires = "sampler", conflicts_with_all = ["checkpoint", "weights", "dtype", "opset"])]
+    model: Option<PathBuf>,
     /// `latest` or a step number.
     #[arg(long, default_value = "latest")]
     checkpoint: String,
@@ -49,8 +55,29 @@ pub struct ExportArgs {
 }
 
 pub fn run_export(a: ExportArgs) -> Result<()> {
+    let recommended = match (a.sampler, a.steps, a.guidance) {
+        (Some(sampler), Some(steps), Some(guidance)) => {
+            Some(Recommended { sampler, steps, guidance, guidance_interval: a.guidance_interval })
+        }
+        _ => None,
+    };
+    if let (Some(model), Some(recommended)) = (&a.model, &recommended) {
+        let opts = trainer::onnx::RecommendOptions {
+            model,
+            out: &a.out,
+            force: a.force,
+            card: a.card,
+            recommended: recommended.clone(),
+        };
+        let done = trainer::onnx::recommend(&opts)?;
+        if let Some(p) = &done.card {
+            eprintln!("wrote {}", p.display());
+        }
+        eprintln!("wrote {} ({:.1} MB, recommended sampling replaced)", a.out.display(), done.bytes as f64 / 1e6);
+        return Ok(());
+    }
     let opts = trainer::onnx::ExportOptions {
-        run: &a.run,
+        run: a.run.as_deref().expect("clap requires --run or --model"),
         checkpoint: &a.checkpoint,
         weights: a.weights,
         dtype: a.dtype,
@@ -58,12 +85,7 @@ pub fn run_export(a: ExportArgs) -> Result<()> {
         out: &a.out,
         force: a.force,
         card: a.card,
-        recommended: match (a.sampler, a.steps, a.guidance) {
-            (Some(sampler), Some(steps), Some(guidance)) => {
-                Some(Recommended { sampler, steps, guidance, guidance_interval: a.guidance_interval })
-            }
-            _ => None,
-        },
+        recommended,
     };
     let done = trainer::onnx::export(&opts)?;
     for w in &done.passed_over {

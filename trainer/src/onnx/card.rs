@@ -1,6 +1,10 @@
 //! The model card `trainer export --card` writes beside a model: data, network, training, the file, and the
 //! metrics of the run's `trainer eval`.
 
+use std::path::Path;
+
+use runtime::metadata::Recommended;
+
 use super::export::ExportOptions;
 use crate::eval::EvalReport;
 use crate::train::checkpoint::State;
@@ -22,10 +26,64 @@ fn augmentation(a: &crate::data::augment::AugmentConfig) -> String {
     }
 }
 
+/// The file row's tail: "7.1 MB, sha256 <hex>".
+fn size_and_hash(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    format!("{:.1} MB, sha256 {:x}", bytes.len() as f64 / 1e6, sha2::Sha256::digest(bytes))
+}
+
+/// The card's sentence on how to sample the file, ending in a blank line.
+fn recommendation(r: Option<&Recommended>, conditional: bool) -> String {
+    match r {
+        Some(r) => {
+            let at = r.guidance_interval.map(|g| format!(" at timesteps {}..={} only", g.lo, g.hi)).unwrap_or_default();
+            let g = if conditional { format!(", guidance {}{at}", r.guidance) } else { String::new() };
+            format!(
+                "The file recommends {} with {} steps{g} (its metadata; `generate` uses it unless told otherwise).\n\n",
+                r.sampler, r.steps
+            )
+        }
+        None if conditional => "Try `--sampler dpm++ --steps 20 --guidance 2`.\n\n".to_string(),
+        None => String::new(),
+    }
+}
+
+/// A card written by [`model_card`] (and perhaps extended by hand) brought in step with a re-recommended file:
+/// the size and hash in its file row and its recommendation sentence are replaced, every other line is kept.
+pub fn restamp(card: &str, bytes: &[u8], r: &Recommended, conditional: bool, path: &Path) -> anyhow::Result<String> {
+    let (mut file_row, mut sentence) = (false, false);
+    let how = recommendation(Some(r), conditional);
+    let lines: Vec<String> = card
+        .lines()
+        .map(|l| {
+            if let (Some(rest), false) = (l.strip_prefix("| file | "), file_row) {
+                if let Some(i) = rest.find(" MB, sha256 ") {
+                    // "<dtype>, <weights> weights, opset N, " is kept; the size and hash after it are new
+                    let head = rest[..i].rfind(", ").map_or("", |j| &rest[..j + 2]);
+                    file_row = true;
+                    return format!("| file | {head}{} |", size_and_hash(bytes));
+                }
+            }
+            if !sentence && (l.starts_with("The file recommends ") || l.starts_with("Try `--sampler")) {
+                sentence = true;
+                return how.trim_end().to_string();
+            }
+            l.to_string()
+        })
+        .collect();
+    if !(file_row && sentence) {
+        anyhow::bail!(
+            "{} is not a card `trainer export --card` wrote (it lacks its {}); write one with `trainer export --run RUN --card`",
+            path.display(),
+            if file_row { "recommendation sentence" } else { "file row with a sha256" }
+        );
+    }
+    Ok(lines.join("\n") + "\n")
+}
+
 /// A model card in Markdown: what the model was trained on and how, the file, and the metrics of `trainer eval`
 /// when the run has them.
 pub fn model_card(state: &State, opts: &ExportOptions, bytes: &[u8], eval: Option<&EvalReport>) -> String {
-    use sha2::Digest;
     let (c, m, d, t) = (&state.config, &state.config.model, &state.config.diffusion, &state.config.train);
     let name = opts.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let mut s = format!(
@@ -79,17 +137,7 @@ pub fn model_card(state: &State, opts: &ExportOptions, bytes: &[u8], eval: Optio
         ),
         ("device, wall time", format!("{}, {:.2} h ({:.0} s)", state.device, state.elapsed_s / 3600.0, state.elapsed_s)),
         ("final loss", format!("{:.4} (mean of the last logged window)", state.recent_loss)),
-        (
-            "file",
-            format!(
-                "{}, {} weights, opset {}, {:.1} MB, sha256 {:x}",
-                opts.dtype,
-                opts.weights,
-                opts.opset,
-                bytes.len() as f64 / 1e6,
-                sha2::Sha256::digest(bytes)
-            ),
-        ),
+        ("file", format!("{}, {} weights, opset {}, {}", opts.dtype, opts.weights, opts.opset, size_and_hash(bytes))),
     ];
     s += "| | |\n|---|---|\n";
     for (k, v) in rows {
@@ -119,18 +167,7 @@ pub fn model_card(state: &State, opts: &ExportOptions, bytes: &[u8], eval: Optio
         }
     }
     let class = if m.num_classes > 0 { " --class 0" } else { "" };
-    let how = match &opts.recommended {
-        Some(r) => {
-            let at = r.guidance_interval.map(|g| format!(" at timesteps {}..={} only", g.lo, g.hi)).unwrap_or_default();
-            let g = if m.num_classes > 0 { format!(", guidance {}{at}", r.guidance) } else { String::new() };
-            format!(
-                "The file recommends {} with {} steps{g} (its metadata; `generate` uses it unless told otherwise).\n\n",
-                r.sampler, r.steps
-            )
-        }
-        None if m.num_classes > 0 => "Try `--sampler dpm++ --steps 20 --guidance 2`.\n\n".to_string(),
-        None => String::new(),
-    };
+    let how = recommendation(opts.recommended.as_ref(), m.num_classes > 0);
     s += &format!("\n## Use\n\n{how}```\ngenerate --model {} --n 64{class}\n```\n", opts.out.display());
     s
 }

@@ -118,3 +118,57 @@ pub struct Exported {
     /// Newer checkpoints that could not be read (the export used the newest one that could).
     pub passed_over: Vec<String>,
 }
+
+/// Options of `trainer export --model`: an exported file's recommended sampling replaced, its graph and weights
+/// kept byte for byte.
+pub struct RecommendOptions<'a> {
+    pub model: &'a Path,
+    pub out: &'a Path,
+    pub force: bool,
+    /// Also bring the card beside OUT (or, when there is none yet, the one beside the model) in step: its file
+    /// row (size, hash) and its recommendation; everything else in it is kept.
+    pub card: bool,
+    pub recommended: Recommended,
+}
+
+/// Rewrites an exported model's `diffusion.recommended_*` entries (checked against its own schedule and classes
+/// as the runtime checks them) and writes it atomically; nothing is written when the file is not one of ours.
+pub fn recommend(opts: &RecommendOptions) -> Result<Exported> {
+    use anyhow::Context;
+    let card_out = opts.card.then(|| opts.out.with_extension("md"));
+    if opts.out.exists() && !opts.force {
+        bail!("{} already exists; use --force to replace it", opts.out.display());
+    }
+    let src = std::fs::read(opts.model).with_context(|| format!("cannot read {}", opts.model.display()))?;
+    let mut model = candle_onnx::onnx::ModelProto::decode(src.as_slice())
+        .with_context(|| format!("{} is not an ONNX model", opts.model.display()))?;
+    let props: std::collections::BTreeMap<String, String> =
+        model.metadata_props.iter().map(|p| (p.key.clone(), p.value.clone())).collect();
+    let mut meta = ModelMeta::from_props(&props).map_err(|e| e.in_model(opts.model))?;
+    meta.recommended = Some(opts.recommended.clone());
+    let md = meta.to_props();
+    ModelMeta::from_props(&md).map_err(|e| anyhow::anyhow!("the recommended sampling does not fit this model: {e}"))?;
+    // the entries of other tools stay where they were; ours are written in the exporter's order
+    model.metadata_props.retain(|p| !p.key.starts_with("diffusion."));
+    model
+        .metadata_props
+        .extend(md.into_iter().map(|(key, value)| candle_onnx::onnx::StringStringEntryProto { key, value }));
+    let bytes = model.encode_to_vec();
+    let card = match &card_out {
+        Some(p) => {
+            let old = if p.exists() { p.clone() } else { opts.model.with_extension("md") };
+            let text = std::fs::read_to_string(&old).with_context(|| {
+                format!("--card brings an existing card in step, and {} cannot be read", old.display())
+            })?;
+            let conditional = meta.num_classes > 0;
+            Some((p, super::card::restamp(&text, &bytes, &opts.recommended, conditional, &old)?))
+        }
+        None => None,
+    };
+    checkpoint::write_atomic(opts.out, &bytes)?;
+    if let Some((p, text)) = &card {
+        checkpoint::write_atomic(p, text.as_bytes())?;
+    }
+    let step = meta.training_steps.unwrap_or(0) as usize;
+    Ok(Exported { bytes: bytes.len(), step, card: card_out, passed_over: vec![] })
+}
