@@ -1,7 +1,9 @@
 /* C interface of the diffusion-rs runtime (libruntime.so): sample images from a model exported by
  * `trainer export`, on ONNX Runtime. ONNX Runtime 1.31.1 (libonnxruntime.so.1.31.1) is loaded at run time
  * from ORT_DYLIB_PATH, else from the executable's folder (scripts/setup.sh installs it under .ort/).
- * Errors: a NULL or -1 return, and the reason from dr_last_error(). */
+ * Errors: a NULL or -1 return, and the reason from dr_last_error(), which is kept per thread.
+ * Threads: a dr_generator may be used from any thread, but by one at a time (guard a shared one with a mutex,
+ * or open one per thread); either way a seed draws the same images as on one thread (tests/capi_threads_fuzz.rs). */
 #ifndef DIFFUSION_RS_H
 #define DIFFUSION_RS_H
 

@@ -4,11 +4,30 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 
+/// The largest image a file may decode to (all files this toolkit reads: inputs, masks, training folders):
+/// 16,384 pixels a side and 64 MiB of decoded pixels (4,096 x 4,096 RGBA). A file that declares more is refused
+/// before its pixels are allocated, so a small hostile header cannot claim the size it declares.
+pub const MAX_IMAGE_SIDE: u32 = 16_384;
+/// See [`MAX_IMAGE_SIDE`].
+pub const MAX_IMAGE_BYTES: u64 = 64 << 20;
+
+/// Opens and decodes an image file (format from its bytes, not its name) within [`MAX_IMAGE_SIDE`] and
+/// [`MAX_IMAGE_BYTES`].
+pub fn decode(path: &Path) -> std::result::Result<image::DynamicImage, image::ImageError> {
+    let mut reader = image::ImageReader::open(path)?.with_guessed_format()?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_IMAGE_SIDE);
+    limits.max_image_height = Some(MAX_IMAGE_SIDE);
+    limits.max_alloc = Some(MAX_IMAGE_BYTES);
+    reader.limits(limits);
+    reader.decode()
+}
+
 /// An image file as a model input: [c, h, w] in [-1, 1] (x = pixel / 127.5 - 1), converted to `channels` (1:
 /// luma, 3: RGB; transparency dropped) and resized to `size` x `size` (triangle filter). Also returns what
 /// was changed, for the caller to tell its user.
 pub fn load_image(path: &Path, channels: usize, size: usize) -> Result<(Vec<f32>, Vec<String>)> {
-    let img = image::open(path).map_err(|e| image_error(path, "read", e))?;
+    let img = decode(path).map_err(|e| image_error(path, "read", e))?;
     let mut notes = vec![];
     let (w, h) = (img.width(), img.height());
     if (w as usize, h as usize) != (size, size) {
@@ -54,7 +73,7 @@ pub fn mask_from_u8(mask: &[u8]) -> Vec<f32> {
 /// must have the size of the image it masks (`image_size`, width x height); it is resized to `size` x `size`
 /// (nearest). Returns, per pixel, 1 where the image is known (kept) and 0 where it is generated.
 pub fn load_mask(path: &Path, image_size: (u32, u32), size: usize) -> Result<Vec<f32>> {
-    let img = image::open(path).map_err(|e| image_error(path, "read", e))?;
+    let img = decode(path).map_err(|e| image_error(path, "read", e))?;
     if (img.width(), img.height()) != image_size {
         return Err(Error::request(
             "mask",
@@ -159,11 +178,22 @@ impl Images {
         image::save_buffer(path, &g, w as u32, h as u32, self.color()).map_err(|e| image_error(path, "write", e))
     }
 
+    /// Appends `k` images given as [-1, 1] NCHW floats of this set's shape (a chunk of a longer run).
+    pub fn extend_f32(&mut self, x: &[f32], k: usize) {
+        self.pixels.extend(to_u8_nhwc(x, k, self.channels, self.height, self.width));
+        self.n += k;
+    }
+
     /// One PNG per image: DIR/000000.png ...
     pub fn save_each(&self, dir: &Path) -> Result<()> {
+        self.save_each_from(dir, 0)
+    }
+
+    /// One PNG per image, numbered from `first`: DIR/<first>.png ... (the chunks of a longer run).
+    pub fn save_each_from(&self, dir: &Path, first: usize) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|err| Error::Io { path: dir.to_path_buf(), err })?;
         for i in 0..self.n {
-            let p = dir.join(format!("{i:06}.png"));
+            let p = dir.join(format!("{:06}.png", first + i));
             image::save_buffer(&p, self.image(i), self.width as u32, self.height as u32, self.color())
                 .map_err(|e| image_error(&p, "write", e))?;
         }

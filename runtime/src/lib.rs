@@ -25,6 +25,7 @@
 pub mod error;
 pub use error::{Error, Result};
 
+pub mod alloc_probe;
 #[cfg(feature = "onnx")]
 pub mod capi;
 #[cfg(feature = "onnx")]
@@ -41,3 +42,8 @@ pub mod schedule;
 pub use clap as __clap;
 #[doc(hidden)]
 pub use serde as __serde;
+
+// unit tests run under the allocation probe, so the fuzz targets can report their largest allocation
+#[cfg(test)]
+#[global_allocator]
+static ALLOC: alloc_probe::Probe = alloc_probe::Probe;

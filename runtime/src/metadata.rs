@@ -301,7 +301,11 @@ impl ModelMeta {
         let schedule = get("schedule").map(|s| json("schedule", s, "a beta schedule")).transpose()?;
         let weights = get("weights").map(|s| parse("weights", s, "ema or raw")).transpose()?;
         let training_steps = get("training_steps").map(|s| parse("training_steps", s, "a number")).transpose()?;
-        let ema_decay = get("ema_decay").map(|s| parse("ema_decay", s, "a number")).transpose()?;
+        let ema_decay: Option<f64> = get("ema_decay").map(|s| parse("ema_decay", s, "a number")).transpose()?;
+        // found by meta_fuzz: "NaN" parsed as a decay (and broke the round trip, NaN != NaN)
+        if let Some(d) = ema_decay.filter(|d| !(0.0..=1.0).contains(d)) {
+            return Err(Error::metadata(key("ema_decay"), format!("{d}: an EMA decay lies in [0, 1]")));
+        }
         let text = |k: &str| get(k).map(str::to_string);
         let recommended = Self::recommended_from(md, num_classes, betas.len())?;
         let extra = md
@@ -474,6 +478,18 @@ mod tests {
     }
 
     #[test]
+    fn an_ema_decay_outside_0_1_is_refused() {
+        // the minimal input meta_fuzz found: one entry, "NaN"
+        let mut md = meta().to_props();
+        for bad in ["NaN", "inf", "-0.5", "1.5"] {
+            md.insert(key("ema_decay"), bad.into());
+            assert!(err(&md).contains("an EMA decay lies in [0, 1]"), "{bad}: {}", err(&md));
+        }
+        md.insert(key("ema_decay"), "1".into());
+        assert_eq!(ModelMeta::from_props(&md).unwrap().ema_decay, Some(1.0));
+    }
+
+    #[test]
     fn the_recommended_sampling_is_all_or_nothing_and_checked() {
         let good = meta().to_props();
         let mut md = good.clone();
@@ -546,7 +562,7 @@ mod tests {
         let good = meta().to_props();
         let keys: Vec<String> = good.keys().cloned().collect();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-        let mut accepted = 0;
+        let (mut accepted, mut largest) = (0, 0);
         for _ in 0..cases {
             let mut md = good.clone();
             for _ in 0..rng.gen_range(1..4) {
@@ -568,11 +584,16 @@ mod tests {
                     }
                 }
             }
-            if let Ok(m) = ModelMeta::from_props(&md) {
+            let (res, bytes) = crate::alloc_probe::largest_allocation(|| ModelMeta::from_props(&md));
+            largest = largest.max(bytes);
+            if let Ok(m) = res {
                 accepted += 1;
                 assert_eq!(ModelMeta::from_props(&m.to_props()).unwrap(), m);
             }
         }
         assert!(accepted > 0 && accepted < cases, "{accepted} of {cases} accepted");
+        crate::alloc_probe::report("metadata", accepted, cases - accepted, largest);
+        // a count such as num_timesteps or num_classes sizes nothing: the largest buffer is a copy of an entry
+        assert!(largest < 1 << 20, "{largest} bytes for entries of a few KiB");
     }
 }

@@ -9,7 +9,11 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use rand::{Rng, SeedableRng};
+use runtime::alloc_probe::{largest_allocation, report, Probe};
 use runtime::capi::{dr_free, dr_generate, dr_last_error, dr_open, DrGenerator, DrRequest};
+
+#[global_allocator]
+static ALLOC: Probe = Probe;
 
 const SIZE: usize = 28 * 28;
 
@@ -89,7 +93,7 @@ fn c_abi_from_several_threads_draws_what_one_thread_draws_with_errors_per_thread
 
 #[test]
 fn capi_fuzz_hostile_requests_are_answered_never_panic() {
-    let cases: usize = std::env::var("CAPI_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(60);
+    let cases: usize = std::env::var("CAPI_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(30);
     let path = model();
     let g = unsafe { dr_open(path.as_ptr(), std::ptr::null()) };
     assert!(!g.is_null(), "{}", last_error());
@@ -99,7 +103,7 @@ fn capi_fuzz_hostile_requests_are_answered_never_panic() {
         .collect();
     let image = vec![128u8; SIZE];
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-    let (mut ok, mut refused) = (0, 0);
+    let (mut ok, mut refused, mut largest) = (0, 0, 0);
     let full = std::mem::size_of::<DrRequest>() as u32;
     for case in 0..cases {
         // a valid request, then up to 3 fields mutated: most cases reach the sampler, the rest its checks
@@ -149,7 +153,10 @@ fn capi_fuzz_hostile_requests_are_answered_never_panic() {
         };
         let mut copy = bytes.to_vec();
         copy.resize(copy.len().max(r.size.min(full + 64) as usize), 0);
-        let rc = unsafe { dr_generate(g, copy.as_ptr() as *const DrRequest, out.as_mut_ptr(), out.len()) };
+        let (rc, bytes) = largest_allocation(|| unsafe {
+            dr_generate(g, copy.as_ptr() as *const DrRequest, out.as_mut_ptr(), out.len())
+        });
+        largest = largest.max(bytes);
         match rc {
             0 => ok += 1,
             -1 => {
@@ -161,6 +168,8 @@ fn capi_fuzz_hostile_requests_are_answered_never_panic() {
         }
     }
     unsafe { dr_free(g) };
-    eprintln!("capi fuzz: {cases} requests, {ok} generated, {refused} refused with a message, 0 panics");
+    report("C ABI request", ok, refused, largest);
+    // at most 3 images of 28x28 are drawn: no buffer is sized by a hostile n, steps or batch
+    assert!(largest < 16 << 20, "a {largest}-byte allocation for a request of at most 3 small images");
     assert!(ok > 0 && refused > 0, "the fuzzer must reach both outcomes: {ok} ok, {refused} refused");
 }

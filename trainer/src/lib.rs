@@ -20,3 +20,8 @@ pub mod onnx;
 pub mod plot;
 pub mod progress;
 pub mod train;
+
+// unit tests run under the allocation probe, so the fuzz targets can report their largest allocation
+#[cfg(test)]
+#[global_allocator]
+static ALLOC: runtime::alloc_probe::Probe = runtime::alloc_probe::Probe;

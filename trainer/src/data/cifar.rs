@@ -111,7 +111,7 @@ mod tests {
         let good: Vec<u8> =
             (0..3 * RECORD).map(|i| if i % RECORD == 0 { (i / RECORD) as u8 } else { i as u8 }).collect();
         let p = Path::new("batch.bin");
-        let (mut ok, mut refused) = (0, 0);
+        let (mut ok, mut refused, mut largest) = (0, 0, 0);
         for _ in 0..3000 {
             let mut b = good.clone();
             match rng.gen_range(0..3) {
@@ -122,7 +122,9 @@ mod tests {
                     b[i] = rng.gen();
                 }
             }
-            match parse(&b, p) {
+            let (res, bytes) = runtime::alloc_probe::largest_allocation(|| parse(&b, p));
+            largest = largest.max(bytes);
+            match res {
                 Ok((images, labels)) => {
                     ok += 1;
                     assert_eq!(images.len(), labels.len() * (RECORD - 1));
@@ -132,5 +134,8 @@ mod tests {
             }
         }
         assert!(ok > 0 && refused > 0, "{ok} parsed, {refused} refused");
+        runtime::alloc_probe::report("cifar", ok, refused, largest);
+        // nothing is sized by a declared count: at most twice the batch itself (at most 5 records here)
+        assert!(largest <= 2 * 5 * RECORD, "{largest} bytes for a batch of at most {} bytes", 5 * RECORD);
     }
 }

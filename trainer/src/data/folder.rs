@@ -53,11 +53,8 @@ pub fn resize_center_crop(img: &RgbImage, size: u32) -> RgbImage {
 
 /// Decodes, composites, resizes and crops one file into CHW bytes.
 pub fn load_image(path: &Path, size: usize, grayscale: bool, bg: [u8; 3]) -> Result<Vec<u8>> {
-    let img: DynamicImage = image::ImageReader::open(path)
-        .with_context(|| format!("cannot open image {}", path.display()))?
-        .with_guessed_format()?
-        .decode()
-        .with_context(|| format!("cannot decode image {}", path.display()))?;
+    let img: DynamicImage =
+        runtime::images::decode(path).with_context(|| format!("cannot decode image {}", path.display()))?;
     let rgb = composite(&img.to_rgba8(), bg);
     let rgb = resize_center_crop(&rgb, size as u32);
     let n = size * size;

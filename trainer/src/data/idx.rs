@@ -170,13 +170,14 @@ mod tests {
     #[test]
     fn idx_fuzz_mutated_files_load_or_are_refused_never_panic() {
         use rand::{Rng, SeedableRng};
+        use runtime::alloc_probe::largest_allocation;
         let cases: usize = std::env::var("IDX_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(1500);
         let dir = std::env::temp_dir().join(format!("idx-fuzz-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let images = idx(&[3, 4, 4], &(0..48).collect::<Vec<u8>>());
         let labels = idx(&[3], &[0, 2, 1]);
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
-        let (mut loaded, mut refused) = (0, 0);
+        let (mut loaded, mut refused, mut largest) = (0, 0, 0);
         for case in 0..cases {
             let mut files = [images.clone(), labels.clone()];
             let f = &mut files[rng.gen_range(0..2)];
@@ -211,7 +212,9 @@ mod tests {
                     std::fs::write(dir.join(name), bytes).unwrap();
                 }
             }
-            match load_dir(&dir, true, vec![], case % 2 == 0) {
+            let (res, bytes) = largest_allocation(|| load_dir(&dir, true, vec![], case % 2 == 0));
+            largest = largest.max(bytes);
+            match res {
                 Ok(ds) => {
                     loaded += 1;
                     assert_eq!(ds.images.len(), ds.len * ds.size * ds.size);
@@ -220,6 +223,9 @@ mod tests {
             }
         }
         assert!(refused > cases / 2 && loaded > 0, "{loaded} loaded, {refused} refused");
+        runtime::alloc_probe::report("idx", loaded, refused, largest);
+        // a header may declare 2^32 images: nothing is sized by it (the files here are under 200 bytes)
+        assert!(largest < 1 << 20, "a {largest}-byte allocation for a file of under 200 bytes");
         // a gzip bomb (64 MiB of zeros in a small file): refused past the limit, having inflated no more than it
         let mut e = flate2::write::GzEncoder::new(vec![], flate2::Compression::best());
         let zeros = vec![0u8; 1 << 20];

@@ -261,7 +261,7 @@ mod tests {
         let hostile =
             ["-1", "0", "1e308", "nan", "inf", "18446744073709551616", "4000000000", "\"\"", "[]", "true", "{}"];
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
-        let (mut ok, mut refused) = (0, 0);
+        let (mut ok, mut refused, mut largest) = (0, 0, 0);
         for _ in 0..2000 {
             let mut text = presets[rng.gen_range(0..presets.len())].clone().into_bytes();
             match rng.gen_range(0..3) {
@@ -282,11 +282,17 @@ mod tests {
                 }
             }
             let Ok(text) = String::from_utf8(text) else { continue };
-            match Config::from_toml_str(&text, "fuzz.toml").and_then(|c| c.validate().map(|_| c)) {
+            let (res, bytes) = runtime::alloc_probe::largest_allocation(|| {
+                Config::from_toml_str(&text, "fuzz.toml").and_then(|c| c.validate().map(|_| c))
+            });
+            largest = largest.max(bytes);
+            match res {
                 Ok(_) => ok += 1,
                 Err(_) => refused += 1,
             }
         }
         assert!(ok > 0 && refused > 0, "{ok} accepted, {refused} refused");
+        runtime::alloc_probe::report("config", ok, refused, largest);
+        assert!(largest < 1 << 20, "{largest} bytes for a config of a few KiB");
     }
 }
