@@ -161,6 +161,16 @@ impl Generator {
         sampler::sample(&mut self.denoiser, &self.schedule, plan, on_step)
     }
 
+    /// Runs a planned request chunk by chunk ([`sampler::sample_chunks`]): memory bounded by `plan.batch`.
+    pub fn sample_chunks(
+        &mut self,
+        plan: &Request,
+        on_step: &mut dyn FnMut(&StepInfo),
+        on_chunk: &mut dyn FnMut(usize, &[f32]) -> Result<()>,
+    ) -> Result<()> {
+        sampler::sample_chunks(&mut self.denoiser, &self.schedule, plan, on_step, on_chunk)
+    }
+
     /// Plans and runs a request: 8-bit images with their labels.
     pub fn generate(&mut self, req: &GenerateRequest, on_step: &mut dyn FnMut(&StepInfo)) -> Result<Images> {
         let plan = self.plan(req)?;

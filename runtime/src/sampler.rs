@@ -432,17 +432,37 @@ pub fn sample(
     req: &Request,
     on_step: &mut dyn FnMut(&StepInfo),
 ) -> Result<Vec<f32>> {
+    let mut out = Vec::with_capacity(req.n.saturating_mul(req.shape.iter().product()));
+    sample_chunks(den, sched, req, on_step, &mut |_, x| {
+        out.extend_from_slice(x);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Generates `req.n` images `req.batch` at a time, handing each chunk (in [-1, 1], clipped, [k, c, h, w]) to
+/// `on_chunk` with the index of its first image: the working memory is one chunk's, whatever `n` (the images
+/// are the same as [`sample`]'s). An error from `on_chunk` stops the sampling and is returned.
+pub fn sample_chunks(
+    den: &mut dyn Denoiser,
+    sched: &NoiseSchedule,
+    req: &Request,
+    on_step: &mut dyn FnMut(&StepInfo),
+    on_chunk: &mut dyn FnMut(usize, &[f32]) -> Result<()>,
+) -> Result<()> {
     req.validate()?;
-    let per: usize = req.shape.iter().product();
-    let mut out = Vec::with_capacity(req.n * per);
     let mut start = 0;
     while start < req.n {
         let k = req.batch.min(req.n - start);
         let labels = req.labels.as_ref().map(|l| &l[start..start + k]);
-        out.extend(sample_chunk(den, sched, req, start, k, labels, on_step)?);
+        let mut x = sample_chunk(den, sched, req, start, k, labels, on_step)?;
+        for v in x.iter_mut() {
+            *v = v.clamp(-1.0, 1.0);
+        }
+        on_chunk(start, &x)?;
         start += k;
     }
-    Ok(out.into_iter().map(|v| v.clamp(-1.0, 1.0)).collect())
+    Ok(())
 }
 
 /// eps for a chunk, with classifier-free guidance batched into one call.
@@ -1116,6 +1136,40 @@ mod tests {
         assert!(matches!(e, Error::InvalidRequest { field: "strength", .. }), "{e}");
         req.init = Some(InitImage { x0: vec![0.0; 3], strength: 0.5 });
         assert!(sample(&mut o, &sched, &req, &mut |_| {}).unwrap_err().to_string().contains("has 3 values"));
+    }
+
+    #[test]
+    fn sample_chunks_draws_what_sample_draws_in_memory_that_does_not_grow_with_n() {
+        use crate::alloc_probe::peak_memory;
+        let sched = NoiseSchedule::new(BetaSchedule::LINEAR, 100);
+        let per = 28 * 28;
+        let run = |n: usize| {
+            let mut req = Request::new(n, [1, 28, 28], Method::Ddim { steps: 2, eta: 0.0, spacing: Spacing::Trailing });
+            req.batch = 16;
+            let mut sums = vec![0f64; n];
+            let ((), peak) = peak_memory(|| {
+                sample_chunks(&mut Half(sched.clone()), &sched, &req, &mut |_| {}, &mut |first, x| {
+                    for (i, img) in x.chunks(per).enumerate() {
+                        sums[first + i] = img.iter().map(|v| *v as f64).sum();
+                    }
+                    Ok(())
+                })
+                .unwrap()
+            });
+            (req, sums, peak)
+        };
+        let (req, sums, small) = run(64);
+        let whole = sample(&mut Half(sched.clone()), &sched, &req, &mut |_| {}).unwrap();
+        let want: Vec<f64> = whole.chunks(per).map(|img| img.iter().map(|v| *v as f64).sum()).collect();
+        assert_eq!(sums, want, "chunks are the images of `sample`");
+        // 64x more images: the same working memory (one chunk's), beyond the caller's 8 bytes per image
+        let (_, _, large) = run(4096);
+        assert!(large < small + small / 2 + 4096 * 8, "peak {large} bytes for 4,096 images, {small} for 64");
+        // the collecting form holds them all (the probe sees growth where there is growth)
+        let mut req = req;
+        req.n = 4096;
+        let ((), all) = peak_memory(|| drop(sample(&mut Half(sched.clone()), &sched, &req, &mut |_| {}).unwrap()));
+        assert!(all >= 4096 * per * 4, "{all}");
     }
 
     #[test]

@@ -225,24 +225,34 @@ fn run(a: Args) -> Result<()> {
     let [c, h, w] = plan.shape;
     let mut strip = Strip::new(steps_per_chunk, STRIP_COLS, STRIP_ROWS.min(plan.batch), c * h * w);
     let start = Instant::now();
-    let x = g
-        .sample(&plan, &mut |s| {
+    // chunk by chunk: only 8-bit pixels are kept (the grid's), and --out-dir files are written as they come,
+    // so memory beyond the grid does not grow with --n
+    let mut images = Images::from_f32(&[], 0, plan.shape, plan.labels.clone());
+    images.pixels.reserve(req.n.saturating_mul(c * h * w));
+    g.sample_chunks(
+        &plan,
+        &mut |s| {
             pb.inc(1);
             if a.strip.is_some() {
                 strip.record(s);
             }
-        })
-        .map_err(flags)?;
-    let images = Images::from_f32(&x, req.n, plan.shape, plan.labels.clone());
+        },
+        &mut |first, x| {
+            let k = x.len() / (c * h * w);
+            if let Some(d) = &a.out_dir {
+                Images::from_f32(x, k, plan.shape, None).save_each_from(d, first)?;
+            }
+            images.extend_f32(x, k);
+            Ok(())
+        },
+    )
+    .map_err(flags)?;
     let secs = start.elapsed().as_secs_f64();
     pb.finish_and_clear();
     if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
     images.save_grid_cols(&a.out, interpolating.then_some(a.frames))?;
-    if let Some(d) = &a.out_dir {
-        images.save_each(d)?;
-    }
     if let Some(p) = &a.strip {
         let (tiles, cols) = strip.tiles();
         Images::from_f32(&tiles, tiles.len() / (c * h * w), [c, h, w], None).save_grid_cols(p, Some(cols))?;
