@@ -25,9 +25,9 @@
 pub mod error;
 pub use error::{Error, Result};
 
-pub mod alloc_probe;
 #[cfg(feature = "onnx")]
 pub mod capi;
+pub mod fuzz;
 #[cfg(feature = "onnx")]
 pub mod generator;
 #[cfg(feature = "png")]
@@ -46,4 +46,4 @@ pub use serde as __serde;
 // unit tests run under the allocation probe, so the fuzz targets can report their largest allocation
 #[cfg(test)]
 #[global_allocator]
-static ALLOC: alloc_probe::Probe = alloc_probe::Probe;
+static ALLOC: fuzz::Probe = fuzz::Probe;

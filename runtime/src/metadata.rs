@@ -584,7 +584,7 @@ mod tests {
                     }
                 }
             }
-            let (res, bytes) = crate::alloc_probe::largest_allocation(|| ModelMeta::from_props(&md));
+            let (res, bytes) = crate::fuzz::largest_allocation(|| ModelMeta::from_props(&md));
             largest = largest.max(bytes);
             if let Ok(m) = res {
                 accepted += 1;
@@ -592,7 +592,7 @@ mod tests {
             }
         }
         assert!(accepted > 0 && accepted < cases, "{accepted} of {cases} accepted");
-        crate::alloc_probe::report("metadata", accepted, cases - accepted, largest);
+        crate::fuzz::report("metadata", accepted, cases - accepted, largest);
         // a count such as num_timesteps or num_classes sizes nothing: the largest buffer is a copy of an entry
         assert!(largest < 1 << 20, "{largest} bytes for entries of a few KiB");
     }

@@ -1140,7 +1140,7 @@ mod tests {
 
     #[test]
     fn sample_chunks_draws_what_sample_draws_in_memory_that_does_not_grow_with_n() {
-        use crate::alloc_probe::peak_memory;
+        use crate::fuzz::peak_memory;
         let sched = NoiseSchedule::new(BetaSchedule::LINEAR, 100);
         let per = 28 * 28;
         let run = |n: usize| {

@@ -9,8 +9,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use rand::{Rng, SeedableRng};
-use runtime::alloc_probe::{largest_allocation, report, Probe};
 use runtime::capi::{dr_free, dr_generate, dr_last_error, dr_open, DrGenerator, DrRequest};
+use runtime::fuzz::{largest_allocation, report, Probe};
 
 #[global_allocator]
 static ALLOC: Probe = Probe;

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use rand::{Rng, SeedableRng};
-use runtime::alloc_probe::{largest_allocation, report, Probe};
+use runtime::fuzz::{largest_allocation, mutate_bytes, report, Probe};
 use runtime::images::{load_image, load_mask, MAX_IMAGE_BYTES};
 
 #[global_allocator]
@@ -78,14 +78,7 @@ fn image_fuzz_mutated_png_and_jpeg_files_decode_or_are_refused_within_the_limit(
         let mut f = seed.clone();
         for _ in 0..rng.gen_range(1..=2) {
             match rng.gen_range(0..5) {
-                0 => {
-                    for _ in 0..rng.gen_range(1..4) {
-                        let i = rng.gen_range(0..f.len());
-                        f[i] = rng.gen();
-                    }
-                }
-                1 => f.truncate(rng.gen_range(0..f.len())),
-                2 => f.extend((0..rng.gen_range(1..64)).map(|_| rng.gen::<u8>())),
+                0..=2 => mutate_bytes(&mut f, &mut rng, 64),
                 // hostile declared sizes: the pixels would not fit in the file, or in memory
                 _ if f.len() > 40 => {
                     let (w, h) = (sides[rng.gen_range(0..sides.len())], sides[rng.gen_range(0..sides.len())]);

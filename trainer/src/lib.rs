@@ -24,4 +24,4 @@ pub mod train;
 // unit tests run under the allocation probe, so the fuzz targets can report their largest allocation
 #[cfg(test)]
 #[global_allocator]
-static ALLOC: runtime::alloc_probe::Probe = runtime::alloc_probe::Probe;
+static ALLOC: runtime::fuzz::Probe = runtime::fuzz::Probe;

@@ -9,7 +9,7 @@ mod common;
 use candle_core::Device;
 use common::*;
 use rand::{Rng, SeedableRng};
-use runtime::alloc_probe::{largest_allocation, report, Probe};
+use runtime::fuzz::{largest_allocation, report, Probe};
 use trainer::train::checkpoint;
 
 #[global_allocator]

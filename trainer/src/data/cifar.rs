@@ -122,7 +122,7 @@ mod tests {
                     b[i] = rng.gen();
                 }
             }
-            let (res, bytes) = runtime::alloc_probe::largest_allocation(|| parse(&b, p));
+            let (res, bytes) = runtime::fuzz::largest_allocation(|| parse(&b, p));
             largest = largest.max(bytes);
             match res {
                 Ok((images, labels)) => {
@@ -134,7 +134,7 @@ mod tests {
             }
         }
         assert!(ok > 0 && refused > 0, "{ok} parsed, {refused} refused");
-        runtime::alloc_probe::report("cifar", ok, refused, largest);
+        runtime::fuzz::report("cifar", ok, refused, largest);
         // nothing is sized by a declared count: at most twice the batch itself (at most 5 records here)
         assert!(largest <= 2 * 5 * RECORD, "{largest} bytes for a batch of at most {} bytes", 5 * RECORD);
     }

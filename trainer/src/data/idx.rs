@@ -170,7 +170,7 @@ mod tests {
     #[test]
     fn idx_fuzz_mutated_files_load_or_are_refused_never_panic() {
         use rand::{Rng, SeedableRng};
-        use runtime::alloc_probe::largest_allocation;
+        use runtime::fuzz::largest_allocation;
         let cases: usize = std::env::var("IDX_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(1500);
         let dir = std::env::temp_dir().join(format!("idx-fuzz-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -182,14 +182,7 @@ mod tests {
             let mut files = [images.clone(), labels.clone()];
             let f = &mut files[rng.gen_range(0..2)];
             match rng.gen_range(0..5) {
-                0 => {
-                    for _ in 0..rng.gen_range(1..4) {
-                        let i = rng.gen_range(0..f.len());
-                        f[i] = rng.gen();
-                    }
-                }
-                1 => f.truncate(rng.gen_range(0..f.len())),
-                2 => f.extend((0..rng.gen_range(1..40)).map(|_| rng.gen::<u8>())),
+                0..=2 => runtime::fuzz::mutate_bytes(f, &mut rng, 40),
                 // hostile dims: huge, zero, overflowing
                 3 => {
                     let i = 4 + 4 * rng.gen_range(0..(f[3] as usize).max(1));
@@ -223,7 +216,7 @@ mod tests {
             }
         }
         assert!(refused > cases / 2 && loaded > 0, "{loaded} loaded, {refused} refused");
-        runtime::alloc_probe::report("idx", loaded, refused, largest);
+        runtime::fuzz::report("idx", loaded, refused, largest);
         // a header may declare 2^32 images: nothing is sized by it (the files here are under 200 bytes)
         assert!(largest < 1 << 20, "a {largest}-byte allocation for a file of under 200 bytes");
         // a gzip bomb (64 MiB of zeros in a small file): refused past the limit, having inflated no more than it

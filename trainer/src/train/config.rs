@@ -282,7 +282,7 @@ mod tests {
                 }
             }
             let Ok(text) = String::from_utf8(text) else { continue };
-            let (res, bytes) = runtime::alloc_probe::largest_allocation(|| {
+            let (res, bytes) = runtime::fuzz::largest_allocation(|| {
                 Config::from_toml_str(&text, "fuzz.toml").and_then(|c| c.validate().map(|_| c))
             });
             largest = largest.max(bytes);
@@ -292,7 +292,7 @@ mod tests {
             }
         }
         assert!(ok > 0 && refused > 0, "{ok} accepted, {refused} refused");
-        runtime::alloc_probe::report("config", ok, refused, largest);
+        runtime::fuzz::report("config", ok, refused, largest);
         assert!(largest < 1 << 20, "{largest} bytes for a config of a few KiB");
     }
 }

@@ -1,10 +1,12 @@
-//! A global allocator for test binaries that records, per thread, the largest single allocation: the fuzz
-//! targets report it to show that a small hostile file cannot make the reader allocate what it declares.
+//! Helpers of the fuzz targets (mutation fuzzing under `cargo test`, on stable Rust): a global allocator for
+//! test binaries that records, per thread, the largest single allocation and the peak of bytes held (the
+//! targets report it to show that a small hostile file cannot make the reader allocate what it declares), the
+//! blind byte mutations every target starts from, and the one-line report.
 //!
 //! ```ignore
 //! #[global_allocator]
-//! static ALLOC: runtime::alloc_probe::Probe = runtime::alloc_probe::Probe;
-//! let (result, largest_bytes) = runtime::alloc_probe::largest_allocation(|| parse(&bytes));
+//! static ALLOC: runtime::fuzz::Probe = runtime::fuzz::Probe;
+//! let (result, largest_bytes) = runtime::fuzz::largest_allocation(|| parse(&bytes));
 //! ```
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -70,6 +72,21 @@ pub fn peak_memory<R>(f: impl FnOnce() -> R) -> (R, usize) {
     let r = f();
     let peak = PEAK.with(|p| p.replace(before.max(p.get())));
     (r, (peak - start).max(0) as usize)
+}
+
+/// A blind mutation of a file's bytes: 1-3 random bytes overwritten, a truncation, or up to `max_extend`
+/// random bytes appended (each a third of the time). Targets add their own structured mutations beside it.
+pub fn mutate_bytes(f: &mut Vec<u8>, rng: &mut impl rand::Rng, max_extend: usize) {
+    match rng.gen_range(0..3) {
+        0 if !f.is_empty() => {
+            for _ in 0..rng.gen_range(1..4) {
+                let i = rng.gen_range(0..f.len());
+                f[i] = rng.gen();
+            }
+        }
+        1 if !f.is_empty() => f.truncate(rng.gen_range(0..f.len())),
+        _ => f.extend((0..rng.gen_range(1..=max_extend.max(1))).map(|_| rng.gen::<u8>())),
+    }
 }
 
 /// A fuzz target's one-line summary (the figures benches/RESULTS.md quotes): inputs tried, accepted and
