@@ -178,10 +178,11 @@ impl Images {
         image::save_buffer(path, &g, w as u32, h as u32, self.color()).map_err(|e| image_error(path, "write", e))
     }
 
-    /// Appends `k` images given as [-1, 1] NCHW floats of this set's shape (a chunk of a longer run).
-    pub fn extend_f32(&mut self, x: &[f32], k: usize) {
-        self.pixels.extend(to_u8_nhwc(x, k, self.channels, self.height, self.width));
-        self.n += k;
+    /// Appends the images of `chunk` (of this set's shape; a chunk of a longer run). Labels stay this set's.
+    pub fn append(&mut self, chunk: &Images) {
+        debug_assert_eq!((chunk.channels, chunk.height, chunk.width), (self.channels, self.height, self.width));
+        self.pixels.extend_from_slice(&chunk.pixels);
+        self.n += chunk.n;
     }
 
     /// One PNG per image: DIR/000000.png ...

@@ -432,8 +432,12 @@ pub fn sample(
     req: &Request,
     on_step: &mut dyn FnMut(&StepInfo),
 ) -> Result<Vec<f32>> {
-    let mut out = Vec::with_capacity(req.n.saturating_mul(req.shape.iter().product()));
+    let mut out = Vec::new();
     sample_chunks(den, sched, req, on_step, &mut |_, x| {
+        // sized once the request has passed `validate` (a hostile n is refused, not allocated)
+        if out.is_empty() {
+            out.reserve_exact(req.n * req.shape.iter().product::<usize>());
+        }
         out.extend_from_slice(x);
         Ok(())
     })?;

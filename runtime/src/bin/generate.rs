@@ -238,11 +238,11 @@ fn run(a: Args) -> Result<()> {
             }
         },
         &mut |first, x| {
-            let k = x.len() / (c * h * w);
+            let chunk = Images::from_f32(x, x.len() / (c * h * w), plan.shape, None);
             if let Some(d) = &a.out_dir {
-                Images::from_f32(x, k, plan.shape, None).save_each_from(d, first)?;
+                chunk.save_each_from(d, first)?;
             }
-            images.extend_f32(x, k);
+            images.append(&chunk);
             Ok(())
         },
     )
