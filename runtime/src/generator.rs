@@ -39,7 +39,7 @@ pub struct GenerateRequest {
     /// Number of images (>= 1).
     pub n: usize,
     pub sampler: SamplerKind,
-    /// Sampling steps (DDIM, DPM-Solver++), 1..=T; DDPM always runs all T.
+    /// Sampling steps, 1..=T (DDPM: the chain respaced to them; T is the original chain).
     pub steps: usize,
     /// DDIM's eta in [0, 1] (0: deterministic).
     pub eta: f64,

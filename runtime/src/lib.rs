@@ -32,6 +32,7 @@ pub mod fuzz;
 pub mod generator;
 #[cfg(feature = "png")]
 pub mod images;
+pub mod likelihood;
 pub mod metadata;
 #[cfg(feature = "onnx")]
 pub mod onnx;

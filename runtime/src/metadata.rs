@@ -8,7 +8,7 @@
 //! | `format_version` | `1` | yes |
 //! | `betas` | JSON list of the T betas (authoritative for sampling) | yes |
 //! | `prediction_type` | `epsilon` | yes |
-//! | `variance_type` | `fixed_small` or `fixed_large` | yes |
+//! | `variance_type` | `fixed_small`, `fixed_large` or `learned_range` (the model has a second output, `v`) | yes |
 //! | `image_size`, `channels` | square side in pixels; 1 (grey) or 3 (RGB) | yes |
 //! | `num_classes` | 0 for an unconditional model | yes |
 //! | `class_names` | JSON list: empty, or one name per class | yes |
@@ -464,7 +464,7 @@ mod tests {
         assert!(err(&with("betas", "oops")).contains("diffusion.betas: not a JSON list"));
         assert!(err(&with("num_timesteps", "999")).contains("999, but there are 1000 betas"));
         assert!(err(&with("prediction_type", "v")).contains("unknown prediction type 'v'"));
-        assert!(err(&with("variance_type", "learned")).contains("unknown variance type 'learned'"));
+        assert!(err(&with("variance_type", "trainable")).contains("unknown variance type 'trainable'"));
         assert!(err(&with("channels", "4")).contains("only 1 (grey) or 3 (RGB)"));
         assert!(err(&with("class_names", "{}")).contains("diffusion.class_names: not a JSON list"));
         assert!(err(&with("class_names", "[\"a\"]")).contains("1 names for 10 classes"));

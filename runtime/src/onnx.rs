@@ -217,8 +217,13 @@ impl OrtDenoiser {
             )));
         }
         let outs: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
-        if outs != ["eps"] {
-            return Err(model_err(format!("outputs are {outs:?}, expected [\"eps\"]")));
+        // a model that learns its variance also outputs v (Nichol & Dhariwal 2021, eq. 15)
+        let want: &[&str] = if info.variance.is_learned() { &["eps", "v"] } else { &["eps"] };
+        if outs != want {
+            return Err(model_err(format!(
+                "outputs are {outs:?}, expected {want:?} (its metadata says variance_type = {})",
+                info.variance
+            )));
         }
         Ok(Self { session, info, provider, notes })
     }
@@ -241,6 +246,31 @@ impl OrtDenoiser {
 
 impl Denoiser for OrtDenoiser {
     fn eps(&mut self, x: &[f32], shape: [usize; 4], t: &[i64], y: Option<&[i64]>) -> Result<Vec<f32>> {
+        Ok(self.run(x, shape, t, y, false)?.0)
+    }
+
+    fn eps_and_v(
+        &mut self,
+        x: &[f32],
+        shape: [usize; 4],
+        t: &[i64],
+        y: Option<&[i64]>,
+    ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+        let learned = self.info.variance.is_learned();
+        self.run(x, shape, t, y, learned)
+    }
+}
+
+impl OrtDenoiser {
+    /// One run of the model: eps, and v when `want_v` (a learned-variance model).
+    fn run(
+        &mut self,
+        x: &[f32],
+        shape: [usize; 4],
+        t: &[i64],
+        y: Option<&[i64]>,
+        want_v: bool,
+    ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
         let [n, c, h, w] = shape;
         let info = &self.info;
         if c != info.channels || h != info.image_size || w != info.image_size {
@@ -278,12 +308,26 @@ impl Denoiser for OrtDenoiser {
         }
         let dtype = info.dtype;
         let out = self.session.run(inputs).map_err(|e| Error::Ort(format!("the model failed to run: {e}")))?;
-        let v = &out["eps"];
-        Ok(match dtype {
-            Dtype::F16 => {
-                v.try_extract_tensor::<half::f16>().map_err(Error::ort)?.1.iter().map(|h| h.to_f32()).collect()
+        let read = |name: &str| -> Result<Vec<f32>> {
+            let v = &out[name];
+            Ok(match dtype {
+                Dtype::F16 => {
+                    v.try_extract_tensor::<half::f16>().map_err(Error::ort)?.1.iter().map(|h| h.to_f32()).collect()
+                }
+                Dtype::F32 => v.try_extract_tensor::<f32>().map_err(Error::ort)?.1.to_vec(),
+            })
+        };
+        let eps = read("eps")?;
+        let v = if want_v { Some(read("v")?) } else { None };
+        for (name, o) in std::iter::once(("eps", &eps)).chain(v.as_ref().map(|v| ("v", v))) {
+            if o.len() != x.len() {
+                return Err(Error::Ort(format!(
+                    "the model's {name} has {} values for an input of {}",
+                    o.len(),
+                    x.len()
+                )));
             }
-            Dtype::F32 => v.try_extract_tensor::<f32>().map_err(Error::ort)?.1.to_vec(),
-        })
+        }
+        Ok((eps, v))
     }
 }

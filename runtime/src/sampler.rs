@@ -22,6 +22,28 @@ pub trait Denoiser {
     /// `y` is None for unconditional models; the null class means "no class". An implementation wraps its own
     /// failures with [`Error::denoiser`].
     fn eps(&mut self, x: &[f32], shape: [usize; 4], t: &[i64], y: Option<&[i64]>) -> Result<Vec<f32>>;
+
+    /// eps and, for a model that learns its variance, its second output v (the same size as x; Nichol &
+    /// Dhariwal 2021, eq. 15). The default is [`Denoiser::eps`] with no v: a fixed-variance model.
+    fn eps_and_v(
+        &mut self,
+        x: &[f32],
+        shape: [usize; 4],
+        t: &[i64],
+        y: Option<&[i64]>,
+    ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+        Ok((self.eps(x, shape, t, y)?, None))
+    }
+}
+
+/// Splits a model output of 2C channels per image, [n, 2c, h, w], into eps and v, each [n, c, h, w].
+pub fn split_eps_v(out: &[f32], n: usize, per: usize) -> (Vec<f32>, Vec<f32>) {
+    let (mut eps, mut v) = (Vec::with_capacity(n * per), Vec::with_capacity(n * per));
+    for img in out.chunks(2 * per).take(n) {
+        eps.extend_from_slice(&img[..per]);
+        v.extend_from_slice(&img[per..]);
+    }
+    (eps, v)
 }
 
 /// How the sub-sequence of timesteps is chosen for DDIM / DPM-Solver (Lin et al. 2024, table 2).
@@ -46,7 +68,7 @@ pub enum SamplerKind {
     /// DDIM (Song et al. 2020), `steps` steps, noise set by eta.
     #[default]
     Ddim,
-    /// Ancestral DDPM over all T steps (Ho et al. 2020, Algorithm 2).
+    /// Ancestral DDPM (Ho et al. 2020, Algorithm 2) over `steps` timesteps, the chain respaced to them.
     Ddpm,
     /// DPM-Solver++(2M) (Lu et al. 2022): good in 10-20 steps.
     DpmSolverPP,
@@ -82,8 +104,9 @@ pub fn timesteps(num_train: usize, steps: usize, spacing: Spacing) -> Result<Vec
 /// A sampler with its settings.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Method {
-    /// Ancestral sampling over all T steps (Ho et al. 2020, Algorithm 2).
-    Ddpm { variance: VarianceType },
+    /// Ancestral sampling (Ho et al. 2020, Algorithm 2) over `steps` of the T timesteps: the chain respaced
+    /// to them (Nichol & Dhariwal 2021, sec. 4); steps = T is the original chain.
+    Ddpm { steps: usize, spacing: Spacing, variance: VarianceType },
     /// Song et al. 2020, eq. 12; eta = 0 is deterministic, eta = 1 matches DDPM's beta-tilde variance.
     Ddim { steps: usize, eta: f64, spacing: Spacing },
     /// Lu et al. 2022 (DPM-Solver++), the second-order multistep variant 2M.
@@ -91,8 +114,8 @@ pub enum Method {
 }
 
 impl Method {
-    /// The sampler `kind` for a schedule of `num_train` steps; `steps` (not used by DDPM, which visits all T)
-    /// must be in 1..=T, `eta` (DDIM only) in [0, 1].
+    /// The sampler `kind` for a schedule of `num_train` steps; `steps` must be in 1..=T, `eta` (DDIM only) in
+    /// [0, 1]; `variance` is DDPM's.
     pub fn new(
         kind: SamplerKind,
         steps: usize,
@@ -101,7 +124,7 @@ impl Method {
         variance: VarianceType,
         num_train: usize,
     ) -> Result<Self> {
-        if kind != SamplerKind::Ddpm && !(1..=num_train).contains(&steps) {
+        if !(1..=num_train).contains(&steps) {
             return Err(Error::request("steps", format!("must be in 1..={num_train} for this model, got {steps}")));
         }
         if kind == SamplerKind::Ddim && !(0.0..=1.0).contains(&eta) {
@@ -109,18 +132,17 @@ impl Method {
         }
         Ok(match kind {
             SamplerKind::Ddim => Method::Ddim { steps, eta, spacing },
-            SamplerKind::Ddpm => Method::Ddpm { variance },
+            SamplerKind::Ddpm => Method::Ddpm { steps, spacing, variance },
             SamplerKind::DpmSolverPP => Method::DpmSolverPP { steps, spacing },
         })
     }
 
-    /// The timesteps this method visits, decreasing (DDPM: all T).
+    /// The timesteps this method visits, decreasing.
     pub fn timesteps(&self, num_train: usize) -> Result<Vec<usize>> {
         match self {
-            Method::Ddpm { .. } => Ok((0..num_train).rev().collect()),
-            Method::Ddim { steps, spacing, .. } | Method::DpmSolverPP { steps, spacing } => {
-                timesteps(num_train, *steps, *spacing)
-            }
+            Method::Ddpm { steps, spacing, .. }
+            | Method::Ddim { steps, spacing, .. }
+            | Method::DpmSolverPP { steps, spacing } => timesteps(num_train, *steps, *spacing),
         }
     }
 
@@ -469,7 +491,8 @@ pub fn sample_chunks(
     Ok(())
 }
 
-/// eps for a chunk, with classifier-free guidance batched into one call.
+/// eps for a chunk, with classifier-free guidance batched into one call, and the model's v when `want_v` (a
+/// learned variance: the conditional half's, as in GLIDE's reference sampler; guidance moves the mean only).
 fn guided_eps(
     den: &mut dyn Denoiser,
     req: &Request,
@@ -477,9 +500,20 @@ fn guided_eps(
     k: usize,
     t: usize,
     labels: Option<&[i64]>,
-) -> Result<Vec<f32>> {
+    want_v: bool,
+) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
     let [c, h, w] = req.shape;
     let guides = req.guidance != 0.0 && req.guidance_interval.is_none_or(|g| g.contains(t));
+    let mut call = |x: &[f32], n: usize, y: Option<&[i64]>| -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+        let ts = vec![t as i64; n];
+        if !want_v {
+            return Ok((den.eps(x, [n, c, h, w], &ts, y)?, None));
+        }
+        match den.eps_and_v(x, [n, c, h, w], &ts, y)? {
+            (_, None) => Err(Error::denoiser("the model learns its variance but gave no v output")),
+            out => Ok(out),
+        }
+    };
     match (guides, labels, req.null_class) {
         (true, Some(l), Some(null)) => {
             let mut x2 = Vec::with_capacity(2 * x.len());
@@ -487,13 +521,16 @@ fn guided_eps(
             x2.extend_from_slice(x);
             let mut y2 = l.to_vec();
             y2.extend(std::iter::repeat_n(null, k));
-            let e = den.eps(&x2, [2 * k, c, h, w], &vec![t as i64; 2 * k], Some(&y2))?;
+            let (e, mut v) = call(&x2, 2 * k, Some(&y2))?;
             let (cond, unc) = e.split_at(x.len());
             let wt = req.guidance;
+            if let Some(v) = v.as_mut() {
+                v.truncate(x.len());
+            }
             // Ho & Salimans 2022, eq. 6: eps~ = (1 + w) eps(z, c) - w eps(z)
-            Ok(cond.iter().zip(unc).map(|(a, b)| (1.0 + wt) * a - wt * b).collect())
+            Ok((cond.iter().zip(unc).map(|(a, b)| (1.0 + wt) * a - wt * b).collect(), v))
         }
-        _ => den.eps(x, [k, c, h, w], &vec![t as i64; k], labels),
+        _ => call(x, k, labels),
     }
 }
 
@@ -531,27 +568,41 @@ fn alpha_bar(sched: &NoiseSchedule, t: Option<usize>) -> f64 {
     t.map_or(1.0, |t| sched.alphas_cumprod[t])
 }
 
-/// DDPM (Ho et al. 2020, Algorithm 2, line 4, with the posterior mean of eq. 7):
+/// DDPM (Ho et al. 2020, Algorithm 2, line 4, with the posterior mean of eq. 7) at index `i` of the
+/// (respaced) chain `chain`:
 ///
-///   x_{t-1} = mu~_t(x_t, x0) + sigma_t z,
-///   mu~_t = sqrt(a_bar_{t-1}) beta_t / (1 - a_bar_t) x0 + sqrt(a_t) (1 - a_bar_{t-1}) / (1 - a_bar_t) x_t
+///   x_{i-1} = mu~_i(x_i, x0) + sigma_i z,
+///   mu~_i = sqrt(a_bar_{i-1}) beta_i / (1 - a_bar_i) x0 + sqrt(a_i) (1 - a_bar_{i-1}) / (1 - a_bar_i) x_i
 ///
-/// with sigma_t^2 = beta~_t or beta_t (`variance`), and no noise on the last step (t = 0).
+/// with sigma_i^2 = beta~_i or beta_i (`variance`), or per pixel from the model's `v` (Nichol & Dhariwal
+/// 2021, eq. 15, on the respaced bounds), and no noise on the last step (i = 0).
 fn ddpm_step(
-    sched: &NoiseSchedule,
+    chain: &NoiseSchedule,
     x: &[f32],
     x0: &[f32],
-    t: usize,
+    i: usize,
     variance: VarianceType,
+    v: Option<&[f32]>,
     rngs: &mut [ChaCha8Rng],
 ) -> Vec<f32> {
-    let mean = sched.posterior_mean(x0, x, t);
-    let sd = if t > 0 { sched.reverse_variance(t, variance).sqrt() as f32 } else { 0.0 };
-    if sd == 0.0 {
-        return mean;
+    let mut out = chain.posterior_mean(x0, x, i);
+    if i == 0 {
+        return out;
     }
     let z = noise(rngs, x.len() / rngs.len());
-    mean.iter().zip(&z).map(|(m, z)| m + sd * z).collect()
+    match (chain.reverse_variance(i, variance), v) {
+        (Some(var), _) => {
+            let sd = var.sqrt() as f32;
+            out.iter_mut().zip(&z).for_each(|(m, z)| *m += sd * z);
+        }
+        (None, Some(v)) => {
+            for ((m, z), v) in out.iter_mut().zip(&z).zip(v) {
+                *m += (0.5 * chain.learned_log_variance(i, *v)).exp() as f32 * z;
+            }
+        }
+        (None, None) => unreachable!("guided_eps refuses a learned variance without v"),
+    }
+    out
 }
 
 /// DDIM (Song et al. 2020, eq. 12), from t to the next timestep `t_next` (None: the end, a_bar = 1):
@@ -784,17 +835,23 @@ fn sample_chunk(
         return Ok((start_index..start_index + k).flat_map(|i| init.image(i, per).to_vec()).collect());
     }
     let mut x = start(req, sched, &ts, &mut rngs, start_index, per);
+    // DDPM runs the chain respaced to its timesteps (all T: the original chain)
+    let chain = matches!(req.method, Method::Ddpm { .. }).then(|| sched.respaced(&ts));
+    let want_v = matches!(req.method, Method::Ddpm { variance, .. } if variance.is_learned());
     let num_steps = req.num_steps(sched.num_timesteps())?;
     let mut history: Option<History> = None;
     let mut passes = vec![1usize; ts.len() + 1];
     let (mut i, mut count) = (0, 0);
     while i < ts.len() {
         let (t, t_next) = (ts[i], ts.get(i + 1).copied());
-        let eps = guided_eps(den, req, &x, k, t, labels)?;
+        let (eps, v) = guided_eps(den, req, &x, k, t, labels, want_v)?;
         let mut x0 = sched.predict_x0_from_eps(&x, t, &eps);
         threshold_x0(&mut x0, per, req);
         x = match &req.method {
-            Method::Ddpm { variance } => ddpm_step(sched, &x, &x0, t, *variance, &mut rngs),
+            Method::Ddpm { variance, .. } => {
+                let chain = chain.as_ref().expect("a DDPM chain");
+                ddpm_step(chain, &x, &x0, ts.len() - 1 - i, *variance, v.as_deref(), &mut rngs)
+            }
             Method::Ddim { eta, .. } => ddim_step(sched, &x, &x0, t, t_next, *eta, &mut rngs),
             Method::DpmSolverPP { .. } => {
                 // The order rule: first order on the first step (no history yet) and on the step that lands
@@ -908,8 +965,10 @@ mod tests {
         for method in [
             Method::DpmSolverPP { steps: 20, spacing: Spacing::Trailing },
             Method::Ddim { steps: 50, eta: 1.0, spacing: Spacing::Leading },
-            Method::Ddpm { variance: VarianceType::FixedSmall },
-            Method::Ddpm { variance: VarianceType::FixedLarge },
+            Method::Ddpm { steps: 200, spacing: Spacing::Trailing, variance: VarianceType::FixedSmall },
+            Method::Ddpm { steps: 200, spacing: Spacing::Trailing, variance: VarianceType::FixedLarge },
+            // respaced to 25 steps (Nichol & Dhariwal 2021, sec. 4)
+            Method::Ddpm { steps: 25, spacing: Spacing::Linspace, variance: VarianceType::FixedLarge },
         ] {
             let req = Request::new(2, [2, 2, 2], method.clone());
             let out = sample(&mut o, &sched, &req, &mut |_| {}).unwrap();
@@ -917,36 +976,90 @@ mod tests {
         }
     }
 
+    /// An oracle that also returns a constant v, as a model with a learned variance does.
+    struct WithV(Oracle, f32);
+
+    impl Denoiser for WithV {
+        fn eps(&mut self, x: &[f32], shape: [usize; 4], t: &[i64], y: Option<&[i64]>) -> Result<Vec<f32>> {
+            self.0.eps(x, shape, t, y)
+        }
+        fn eps_and_v(
+            &mut self,
+            x: &[f32],
+            shape: [usize; 4],
+            t: &[i64],
+            y: Option<&[i64]>,
+        ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+            Ok((self.0.eps(x, shape, t, y)?, Some(vec![self.1; x.len()])))
+        }
+    }
+
     #[test]
     fn ddpm_step_mean_and_variance_match_the_closed_forms() {
         // One DDPM step at t from the sampler's own x_T, over 20,000 pixels: the residual against the
-        // posterior mean mu~(x0, x_t) (Ho et al. 2020, eq. 7) has mean 0 and the chosen variance.
+        // posterior mean mu~(x0, x_t) (Ho et al. 2020, eq. 7) has mean 0 and the chosen variance, on the
+        // original chain (all t + 1 steps) and on the chain respaced to 4 steps, where the variances are
+        // those of the respaced betas (Nichol & Dhariwal 2021, sec. 4) and a learned v = 0.5 sits 3/4 of the
+        // way from log beta-tilde to log beta (eq. 15).
         let t = 300;
         let sub = NoiseSchedule::from_betas(BetaSchedule::LINEAR.betas(1000)[..=t].to_vec());
         let per = 20_000;
-        let mut o = oracle(&sub, per);
-        for variance in [VarianceType::FixedSmall, VarianceType::FixedLarge] {
-            let mut req = Request::new(1, [1, 1, per], Method::Ddpm { variance });
+        let fixed = [VarianceType::FixedSmall, VarianceType::FixedLarge];
+        let cases = fixed
+            .iter()
+            .map(|&v| (t + 1, v))
+            .chain(fixed.iter().map(|&v| (4, v)))
+            .chain([(4, VarianceType::LearnedRange), (t + 1, VarianceType::LearnedRange)]);
+        for (steps, variance) in cases {
+            let mut o = WithV(oracle(&sub, per), 0.5);
+            let mut req = Request::new(1, [1, 1, per], Method::Ddpm { steps, spacing: Spacing::Trailing, variance });
             req.seed = 5;
-            let mut first: Option<Vec<f32>> = None;
+            let ts = req.timesteps(t + 1).unwrap();
+            assert_eq!(ts[0], t);
+            let mut second: Option<Vec<f32>> = None;
             sample(&mut o, &sub, &req, &mut |s| {
                 if s.step == 0 {
-                    assert_eq!(s.t, t);
-                    first = Some(s.x.to_vec());
+                    second = Some(s.x.to_vec());
                 }
             })
             .unwrap();
             let mut r = ChaCha8Rng::seed_from_u64(5);
             r.set_stream(0);
             let x_t: Vec<f32> = (0..per).map(|_| -> f32 { StandardNormal.sample(&mut r) }).collect();
-            let mean = sub.posterior_mean(&o.x0[0], &x_t, t);
-            let var = sub.reverse_variance(t, variance);
-            let resid: Vec<f64> = first.unwrap().iter().zip(&mean).map(|(a, m)| (*a - *m) as f64).collect();
+            let chain = sub.respaced(&ts);
+            let top = chain.num_timesteps() - 1;
+            let mean = chain.posterior_mean(&o.0.x0[0], &x_t, top);
+            let var = match variance {
+                VarianceType::LearnedRange => {
+                    (0.75 * chain.betas[top].ln() + 0.25 * chain.posterior_variance[top].ln()).exp()
+                }
+                v => chain.reverse_variance(top, v).unwrap(),
+            };
+            if steps == t + 1 {
+                // the original chain: the respaced betas are the betas
+                assert!((chain.betas[top] / sub.betas[t] - 1.0).abs() < 1e-9);
+            } else {
+                assert!(chain.betas[top] > 10.0 * sub.betas[t], "{steps} steps");
+            }
+            let resid: Vec<f64> = second.unwrap().iter().zip(&mean).map(|(a, m)| (*a - *m) as f64).collect();
             let m = resid.iter().sum::<f64>() / per as f64;
             let v = resid.iter().map(|r| (r - m).powi(2)).sum::<f64>() / per as f64;
-            assert!(m.abs() < 4.0 * (var / per as f64).sqrt(), "{variance:?}: residual mean {m}");
-            assert!((v / var - 1.0).abs() < 0.05, "{variance:?}: variance {v} vs {var}");
+            assert!(m.abs() < 4.0 * (var / per as f64).sqrt(), "{variance:?} {steps}: residual mean {m}");
+            assert!((v / var - 1.0).abs() < 0.05, "{variance:?} {steps}: variance {v} vs {var}");
         }
+        // a learned variance needs the model's v
+        let mut o = oracle(&sub, 4);
+        let req = Request::new(
+            1,
+            [1, 1, 4],
+            Method::Ddpm { steps: 4, spacing: Spacing::Trailing, variance: VarianceType::LearnedRange },
+        );
+        let e = sample(&mut o, &sub, &req, &mut |_| {}).unwrap_err();
+        assert!(e.to_string().contains("gave no v"), "{e}");
+        // DDIM and DPM-Solver++ take eps alone from a learned-variance model
+        let mut o = WithV(oracle(&sub, 4), 0.5);
+        let req = Request::new(1, [1, 1, 4], Method::DpmSolverPP { steps: 10, spacing: Spacing::Trailing });
+        assert!(max_err(&sample(&mut o, &sub, &req, &mut |_| {}).unwrap(), &o.0.x0[0]) < 2e-3);
     }
 
     #[test]
@@ -1054,10 +1167,16 @@ mod tests {
         assert_eq!(e.cli_message(), "--steps must be in 1..=1000 for this model, got 0");
         let e = Method::new(SamplerKind::Ddim, 10, 1.5, Spacing::Trailing, v, 1000).unwrap_err();
         assert!(matches!(e, Error::InvalidRequest { field: "eta", .. }), "{e}");
-        // DDPM visits all T steps whatever `steps` says
-        let m = Method::new(SamplerKind::Ddpm, 0, 0.0, Spacing::Trailing, v, 10).unwrap();
+        // DDPM runs `steps` of the chain, respaced; all T is the original chain
+        let m = Method::new(SamplerKind::Ddpm, 10, 0.0, Spacing::Trailing, v, 10).unwrap();
         assert_eq!(m.timesteps(10).unwrap().len(), 10);
         assert_eq!(m.kind(), SamplerKind::Ddpm);
+        assert_eq!(
+            Method::new(SamplerKind::Ddpm, 4, 0.0, Spacing::Trailing, v, 10).unwrap().timesteps(10).unwrap(),
+            [9, 7, 4, 2]
+        );
+        let e = Method::new(SamplerKind::Ddpm, 11, 0.0, Spacing::Trailing, v, 10).unwrap_err();
+        assert!(matches!(e, Error::InvalidRequest { field: "steps", .. }), "{e}");
     }
 
     #[test]
@@ -1236,7 +1355,11 @@ mod tests {
                 }
             }
         }
-        let mut req = Request::new(1, [2, 2, 2], Method::Ddpm { variance: VarianceType::FixedSmall });
+        let mut req = Request::new(
+            1,
+            [2, 2, 2],
+            Method::Ddpm { steps: 200, spacing: Spacing::Trailing, variance: VarianceType::FixedSmall },
+        );
         req.inpaint = Some(Inpaint { x0: known.clone(), mask: vec![1.0; 3], resample: 1, jump: 1 });
         let e = sample(&mut o, &sched, &req, &mut |_| {}).unwrap_err();
         assert!(matches!(e, Error::InvalidRequest { field: "mask", .. }), "{e}");
@@ -1284,9 +1407,10 @@ mod tests {
     fn bad_requests_are_refused() {
         let sched = NoiseSchedule::new(BetaSchedule::LINEAR, 10);
         let mut o = oracle(&sched, 4);
-        let req = Request::new(0, [1, 2, 2], Method::Ddpm { variance: VarianceType::FixedSmall });
+        let ddpm = Method::Ddpm { steps: 10, spacing: Spacing::Trailing, variance: VarianceType::FixedSmall };
+        let req = Request::new(0, [1, 2, 2], ddpm.clone());
         assert!(sample(&mut o, &sched, &req, &mut |_| {}).unwrap_err().to_string().contains("at least 1"));
-        let mut req = Request::new(1, [1, 2, 2], Method::Ddpm { variance: VarianceType::FixedSmall });
+        let mut req = Request::new(1, [1, 2, 2], ddpm);
         req.guidance = 2.0;
         assert!(sample(&mut o, &sched, &req, &mut |_| {}).unwrap_err().to_string().contains("guidance"));
         req.guidance = f32::NAN;

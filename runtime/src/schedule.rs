@@ -78,12 +78,23 @@ pub enum VarianceType {
     FixedSmall,
     /// sigma_t^2 = beta_t (Ho et al. 2020, sec. 3.2, "fixed large").
     FixedLarge,
+    /// Learned by the model: log sigma_t^2 = v log beta_t + (1 - v) log beta-tilde_t per pixel, with the model's
+    /// second output v (Nichol & Dhariwal 2021, eq. 15; the network's v in [-1, 1] is mapped to [0, 1]).
+    LearnedRange,
 }
 
 crate::named_enum!(VarianceType, "variance type", {
     FixedSmall => ["fixed_small", "beta_tilde"],
     FixedLarge => ["fixed_large", "beta"],
+    LearnedRange => ["learned_range", "learned"],
 });
+
+impl VarianceType {
+    /// The model has a second output (v) that sets the variance.
+    pub fn is_learned(self) -> bool {
+        self == VarianceType::LearnedRange
+    }
+}
 
 /// A discrete noise schedule with every coefficient of the forward process and its posterior precomputed.
 #[derive(Debug, Clone, PartialEq)]
@@ -178,20 +189,66 @@ impl NoiseSchedule {
         x0.iter().zip(xt).map(|(a, b)| (c1 * *a as f64 + c2 * *b as f64) as f32).collect()
     }
 
-    /// sigma_t^2 of the reverse step at t for the given variance type. At t = 0 beta-tilde is 0.
-    pub fn reverse_variance(&self, t: usize, variance: VarianceType) -> f64 {
+    /// sigma_t^2 of the reverse step at t for a fixed variance type (None for a learned one, which needs the
+    /// model's v: [`NoiseSchedule::learned_log_variance`]). At t = 0 beta-tilde is 0.
+    pub fn reverse_variance(&self, t: usize, variance: VarianceType) -> Option<f64> {
         match variance {
-            VarianceType::FixedSmall => self.posterior_variance[t],
+            VarianceType::FixedSmall => Some(self.posterior_variance[t]),
             // Ho et al. 2020 / improved DDPM: the "fixed large" variance uses beta-tilde_1 at the first step
             // so that the log-variance stays finite; beta_t otherwise.
-            VarianceType::FixedLarge => {
-                if t == 0 {
-                    self.posterior_variance.get(1).copied().unwrap_or(self.betas[0])
-                } else {
-                    self.betas[t]
-                }
-            }
+            VarianceType::FixedLarge => Some(if t == 0 {
+                self.posterior_variance.get(1).copied().unwrap_or(self.betas[0])
+            } else {
+                self.betas[t]
+            }),
+            VarianceType::LearnedRange => None,
         }
+    }
+
+    /// log beta-tilde_t with beta-tilde_1 in place of the 0 at t = 0 (improved DDPM's
+    /// `posterior_log_variance_clipped`): the lower end of the learned range, and the true posterior's
+    /// log-variance in the variational bound.
+    pub fn posterior_log_variance_clipped(&self, t: usize) -> f64 {
+        let v = if t == 0 {
+            self.posterior_variance.get(1).copied().unwrap_or(self.betas[0])
+        } else {
+            self.posterior_variance[t]
+        };
+        v.ln()
+    }
+
+    /// Nichol & Dhariwal 2021, eq. 15: log Sigma = f log beta_t + (1 - f) log beta-tilde_t, f = (v + 1) / 2 for the
+    /// model's output v (improved DDPM's `learned_range`); d(log Sigma)/dv is half the width of the range.
+    pub fn learned_log_variance(&self, t: usize, v: f32) -> f64 {
+        let (lo, hi) = (self.posterior_log_variance_clipped(t), self.betas[t].ln());
+        let f = (v as f64 + 1.0) / 2.0;
+        f * hi + (1.0 - f) * lo
+    }
+
+    /// d(log Sigma)/dv of [`NoiseSchedule::learned_log_variance`].
+    pub fn learned_log_variance_slope(&self, t: usize) -> f64 {
+        0.5 * (self.betas[t].ln() - self.posterior_log_variance_clipped(t))
+    }
+
+    /// The schedule of a shorter chain over the kept timesteps (Nichol & Dhariwal 2021, sec. 4, "respacing"):
+    /// beta_i = 1 - alpha_bar_{S_i} / alpha_bar_{S_{i-1}} from the kept alpha-bars, so that the marginals
+    /// q(x_{S_i} | x_0) are unchanged. `kept` is any set of distinct timesteps; index i of the result is the
+    /// i-th smallest. Keeping all T timesteps gives the schedule back.
+    pub fn respaced(&self, kept: &[usize]) -> NoiseSchedule {
+        let mut k = kept.to_vec();
+        k.sort_unstable();
+        k.dedup();
+        let mut prev = 1.0;
+        let betas = k
+            .iter()
+            .map(|&t| {
+                let ab = self.alphas_cumprod[t];
+                let b = 1.0 - ab / prev;
+                prev = ab;
+                b
+            })
+            .collect();
+        NoiseSchedule::from_betas(betas)
     }
 
     /// Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t) (Kingma et al. 2021, eq. 2 in DDPM notation).
@@ -325,10 +382,47 @@ mod tests {
     #[test]
     fn reverse_variance_kinds() {
         let s = NoiseSchedule::new(BetaSchedule::LINEAR, 100);
-        assert_eq!(s.reverse_variance(0, VarianceType::FixedSmall), 0.0);
-        assert_eq!(s.reverse_variance(50, VarianceType::FixedLarge), s.betas[50]);
-        assert_eq!(s.reverse_variance(0, VarianceType::FixedLarge), s.posterior_variance[1]);
-        assert_eq!(s.reverse_variance(50, VarianceType::FixedSmall), s.posterior_variance[50]);
+        assert_eq!(s.reverse_variance(0, VarianceType::FixedSmall), Some(0.0));
+        assert_eq!(s.reverse_variance(50, VarianceType::FixedLarge), Some(s.betas[50]));
+        assert_eq!(s.reverse_variance(0, VarianceType::FixedLarge), Some(s.posterior_variance[1]));
+        assert_eq!(s.reverse_variance(50, VarianceType::FixedSmall), Some(s.posterior_variance[50]));
+        assert_eq!(s.reverse_variance(50, VarianceType::LearnedRange), None);
+    }
+
+    #[test]
+    fn the_learned_range_spans_beta_tilde_to_beta() {
+        // Nichol & Dhariwal 2021, eq. 15: v = -1 is beta-tilde, v = 1 is beta, v = 0 their geometric mean
+        let s = NoiseSchedule::new(BetaSchedule::COSINE, 1000);
+        for t in [1usize, 10, 500, 999] {
+            let (lo, hi) = (s.posterior_variance[t], s.betas[t]);
+            assert!(close(s.learned_log_variance(t, -1.0), lo.ln(), 1e-12), "t={t}");
+            assert!(close(s.learned_log_variance(t, 1.0), hi.ln(), 1e-12), "t={t}");
+            assert!(close(s.learned_log_variance(t, 0.0), 0.5 * (lo * hi).ln(), 1e-12), "t={t}");
+            let d = (s.learned_log_variance(t, 0.25) - s.learned_log_variance(t, -0.25)) / 0.5;
+            assert!(close(d, s.learned_log_variance_slope(t), 1e-9), "t={t}");
+        }
+        // at t = 0 beta-tilde is 0: the range starts at beta-tilde_1 instead
+        assert!(close(s.learned_log_variance(0, -1.0), s.posterior_variance[1].ln(), 1e-12));
+    }
+
+    #[test]
+    fn respacing_keeps_the_marginals_and_all_timesteps_give_the_schedule_back() {
+        let s = NoiseSchedule::new(BetaSchedule::LINEAR, 1000);
+        let all: Vec<usize> = (0..1000).rev().collect();
+        let same = s.respaced(&all);
+        for t in 0..1000 {
+            assert!(close(same.betas[t], s.betas[t], 1e-9), "t={t}");
+        }
+        let kept = [999usize, 749, 499, 249, 0];
+        let r = s.respaced(&kept);
+        assert_eq!(r.num_timesteps(), 5);
+        for (i, &t) in [0usize, 249, 499, 749, 999].iter().enumerate() {
+            // q(x_{S_i} | x_0) is the original chain's at S_i
+            assert!(close(r.alphas_cumprod[i], s.alphas_cumprod[t], 1e-12), "i={i}");
+        }
+        // the respaced betas are far larger than the original ones, beta-tilde stays below beta
+        assert!(r.betas[2] > 20.0 * s.betas[499]);
+        assert!((1..5).all(|i| r.posterior_variance[i] < r.betas[i]));
     }
 
     #[test]
@@ -341,7 +435,8 @@ mod tests {
         // serde writes the canonical name and reads aliases; an unknown name is refused with the choices
         assert_eq!(serde_json::to_string(&VarianceType::FixedSmall).unwrap(), "\"fixed_small\"");
         assert_eq!(serde_json::from_str::<VarianceType>("\"beta_tilde\"").unwrap(), VarianceType::FixedSmall);
-        let e = serde_json::from_str::<VarianceType>("\"learned\"").unwrap_err().to_string();
-        assert!(e.contains("unknown variance type 'learned'") && e.contains("fixed_small, fixed_large"), "{e}");
+        assert_eq!(serde_json::from_str::<VarianceType>("\"learned\"").unwrap(), VarianceType::LearnedRange);
+        let e = serde_json::from_str::<VarianceType>("\"trainable\"").unwrap_err().to_string();
+        assert!(e.contains("unknown variance type 'trainable'") && e.contains("fixed_small, fixed_large"), "{e}");
     }
 }

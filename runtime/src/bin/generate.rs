@@ -21,11 +21,12 @@ struct Args {
     /// Number of images.
     #[arg(long, default_value_t = 64)]
     n: usize,
-    /// ddim, ddpm (all T steps) or dpm++ (DPM-Solver++(2M), good in 10-20 steps). Default: the model's
-    /// recommended sampler (its metadata, as measured on its model card), else ddim.
+    /// ddim, ddpm (ancestral, the chain respaced to --steps, with the model's variance, learned or fixed) or
+    /// dpm++ (DPM-Solver++(2M), good in 10-20 steps). Default: the model's recommended sampler (its metadata,
+    /// as measured on its model card), else ddim.
     #[arg(long, value_enum)]
     sampler: Option<SamplerKind>,
-    /// Sampling steps (ddim, dpm++). Default: the model's recommended steps, else 50.
+    /// Sampling steps (ddpm: T is the original chain). Default: the model's recommended steps, else 50.
     #[arg(long)]
     steps: Option<usize>,
     /// DDIM eta (0: deterministic; 1: DDPM-like noise).
