@@ -119,7 +119,7 @@ fn main() -> Result<()> {
     let b: usize = args.get(2).map(|s| s.parse().unwrap()).unwrap_or(32);
     let dev = Device::Cpu;
     let mut src = InitSource::new(0, &dev, DType::F32);
-    let unet = UNet::new(cfg.model.clone(), &mut src)?;
+    let unet = UNet::new(cfg.unet(), &mut src)?;
     let s = cfg.model.image_size;
     let x = Tensor::randn(0f32, 1.0, (b, cfg.model.channels, s, s), &dev)?;
     let t = Tensor::from_vec((0..b as u32).collect::<Vec<_>>(), b, &dev)?;

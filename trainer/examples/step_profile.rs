@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use candle_core::Device;
 use trainer::train::config::Config;
-use trainer::train::{make_batch, step_rng, Trainer};
+use trainer::train::{make_host_batch, step_rng, Trainer};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -21,10 +21,10 @@ fn main() -> anyhow::Result<()> {
         let mut rng = step_rng(0, i);
         let idx = t.order.batch(i, t.cfg.train.batch_size);
         let s = Instant::now();
-        let batch = make_batch(&t.data, &idx, &t.cfg, &t.schedule, &mut rng, &t.device)?;
+        let batch = make_host_batch(&t.data, &idx, &t.cfg, &t.schedule, &t.timesteps, &mut rng);
         let b = s.elapsed().as_secs_f64();
         let s = Instant::now();
-        let loss = t.loss(&batch, &mut rng)?;
+        let (_, loss, _) = t.loss(&batch, &mut rng)?;
         let f = s.elapsed().as_secs_f64();
         let s = Instant::now();
         let grads = loss.backward()?;

@@ -28,12 +28,28 @@ impl<'a> CandleDenoiser<'a> {
 
 impl Denoiser for CandleDenoiser<'_> {
     fn eps(&mut self, x: &[f32], shape: [usize; 4], t: &[i64], y: Option<&[i64]>) -> runtime::Result<Vec<f32>> {
-        self.eps_candle(x, shape, t, y).map_err(runtime::Error::denoiser)
+        Ok(self.eps_and_v(x, shape, t, y)?.0)
+    }
+
+    fn eps_and_v(
+        &mut self,
+        x: &[f32],
+        shape: [usize; 4],
+        t: &[i64],
+        y: Option<&[i64]>,
+    ) -> runtime::Result<(Vec<f32>, Option<Vec<f32>>)> {
+        let out = self.output(x, shape, t, y).map_err(runtime::Error::denoiser)?;
+        if !self.unet.cfg.learn_sigma {
+            return Ok((out, None));
+        }
+        let (eps, v) = sampler::split_eps_v(&out, shape[0], x.len() / shape[0].max(1));
+        Ok((eps, Some(v)))
     }
 }
 
 impl CandleDenoiser<'_> {
-    fn eps_candle(&mut self, x: &[f32], shape: [usize; 4], t: &[i64], y: Option<&[i64]>) -> Result<Vec<f32>> {
+    /// The U-Net's output: [n, C, H, W], or [n, 2C, H, W] (eps, then v) for a learned variance.
+    fn output(&mut self, x: &[f32], shape: [usize; 4], t: &[i64], y: Option<&[i64]>) -> Result<Vec<f32>> {
         let labels: Option<Vec<i64>> = match (y, self.unet.cfg.null_class()) {
             (Some(y), Some(_)) => Some(y.to_vec()),
             (None, Some(null)) => Some(vec![null as i64; t.len()]),

@@ -49,7 +49,10 @@ fn random_unet(cfg: &UNetConfig, seed: u64) -> UNet {
 }
 
 fn state_for(cfg: &UNetConfig) -> State {
-    let c = Config { model: cfg.clone(), ..Default::default() };
+    let mut c = Config { model: cfg.clone(), ..Default::default() };
+    if cfg.learn_sigma {
+        c.diffusion.variance = trainer::train::config::VarianceType::LearnedRange;
+    }
     State {
         format_version: 1,
         trainer_version: "test".into(),
@@ -63,6 +66,7 @@ fn state_for(cfg: &UNetConfig) -> State {
         recent_loss: 0.0,
         elapsed_s: 0.0,
         device: "cpu".into(),
+        timestep_history: None,
     }
 }
 
@@ -97,6 +101,7 @@ fn cases() -> Vec<Case> {
         use_scale_shift_norm: false,
         num_classes: 0,
         norm_groups: 8,
+        learn_sigma: false,
     };
     vec![
         Case { name: "uncond-attn8,4-add", cfg: base.clone() },
@@ -108,10 +113,20 @@ fn cases() -> Vec<Case> {
                 use_scale_shift_norm: true,
                 attention_resolutions: vec![16, 8],
                 num_heads: 1,
-                ..base
+                ..base.clone()
             },
         },
+        // a learned variance: 2C output channels, exported as the outputs eps and v
+        Case { name: "cond-learned-sigma", cfg: UNetConfig { num_classes: 3, learn_sigma: true, ..base } },
     ]
+}
+
+/// eps and v of each image one after the other, as the U-Net outputs them.
+fn joined(eps: Vec<f32>, v: Option<Vec<f32>>, per: usize) -> Vec<f32> {
+    match v {
+        Some(v) => eps.chunks(per).zip(v.chunks(per)).flat_map(|(e, v)| [e, v].concat()).collect(),
+        None => eps,
+    }
 }
 
 fn inputs(cfg: &UNetConfig, b: usize, seed: u64) -> (Vec<f32>, Vec<i64>, Vec<i64>) {
@@ -150,11 +165,18 @@ fn onnx_runtime_and_candle_onnx_match_candle() {
             assert!(reference.iter().any(|v| v.abs() > 1e-3), "{}: degenerate output", case.name);
             let shape = [b, cfg.channels, cfg.image_size, cfg.image_size];
             let yo = (cfg.num_classes > 0).then_some(&y[..]);
-            let e32 = ort32.eps(&x, shape, &t, yo).unwrap();
+            let per = cfg.channels * cfg.image_size * cfg.image_size;
+            let (e32, v32) = ort32.eps_and_v(&x, shape, &t, yo).unwrap();
+            assert_eq!(v32.is_some(), cfg.learn_sigma, "{}: v output", case.name);
+            // eps alone is the first half of each image's output
+            let eps_ref: Vec<f32> =
+                reference.chunks(cfg.out_channels() * per / cfg.channels).flat_map(|o| o[..per].to_vec()).collect();
+            assert_eq!(ort32.eps(&x, shape, &t, yo).unwrap(), e32);
+            let e32 = joined(e32, v32, per);
             let r = rel_err(&e32, &reference);
             assert!(r <= 1e-4, "{} b{b}: ORT f32 relative error {r}", case.name);
-            let e16 = ort16.eps(&x, shape, &t, yo).unwrap();
-            let r16 = rel_err(&e16, &reference);
+            let (e16, v16) = ort16.eps_and_v(&x, shape, &t, yo).unwrap();
+            let r16 = rel_err(&joined(e16, v16, per), &reference);
             assert!(r16 <= 2e-2, "{} b{b}: ORT f16 relative error {r16}", case.name);
             // candle-onnx reads the f32 export independently
             let xs = Tensor::from_vec(x.clone(), shape.to_vec(), &Device::Cpu).unwrap();
@@ -162,7 +184,7 @@ fn onnx_runtime_and_candle_onnx_match_candle() {
             let ys = Tensor::from_vec(y.clone(), b, &Device::Cpu).unwrap();
             let co = candle_onnx_eval(&model32, &xs, &ts, (cfg.num_classes > 0).then_some(&ys)).unwrap();
             let co: Vec<f32> = co.flatten_all().unwrap().to_vec1().unwrap();
-            let rc = rel_err(&co, &reference);
+            let rc = rel_err(&co, &eps_ref);
             assert!(rc <= 1e-4, "{} b{b}: candle-onnx relative error {rc}", case.name);
             eprintln!("{} b{b}: ort f32 {r:.2e}, ort f16 {r16:.2e}, candle-onnx {rc:.2e}", case.name);
         }
@@ -297,5 +319,45 @@ fn the_same_sampler_gives_the_same_images_through_candle_and_onnx_runtime() {
     let b = sample(&mut ort, &sched, &req, &mut |_| {}).unwrap();
     let d = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
     assert!(d < 1e-3, "Candle and ONNX Runtime samples differ by {d}");
+    std::fs::remove_file(p).unwrap();
+}
+
+/// A learned-variance model: DDPM respaced to 8 steps uses v, through Candle and ONNX Runtime alike; a v that
+/// differs changes the images, and DPM-Solver++ takes eps alone.
+#[test]
+fn ddpm_with_a_learned_variance_samples_alike_through_candle_and_onnx_runtime() {
+    ort();
+    use runtime::sampler::{sample, Method, Request, Spacing};
+    use runtime::schedule::VarianceType;
+    use trainer::denoise::CandleDenoiser;
+    let case = &cases()[2];
+    assert!(case.cfg.learn_sigma);
+    let unet = random_unet(&case.cfg, 22);
+    let (p, _) = write_onnx(&unet, Dtype::F32, "learned-sampler");
+    let mut ort = OrtDenoiser::open(&p, &Provider::Cpu, Some(1)).unwrap();
+    assert!(ort.info().variance.is_learned());
+    let mut candle = CandleDenoiser::new(&unet, &Device::Cpu);
+    let sched = runtime::schedule::NoiseSchedule::new(runtime::schedule::BetaSchedule::LINEAR, 1000);
+    let cfg = &case.cfg;
+    let shape = [cfg.channels, cfg.image_size, cfg.image_size];
+    let run = |den: &mut dyn Denoiser, variance| {
+        let mut req = Request::new(2, shape, Method::Ddpm { steps: 8, spacing: Spacing::Trailing, variance });
+        req.labels = Some(vec![0, 2]);
+        req.null_class = Some(cfg.num_classes as i64);
+        req.guidance = 1.0;
+        req.seed = 4;
+        sample(den, &sched, &req, &mut |_| {}).unwrap()
+    };
+    let a = run(&mut candle, VarianceType::LearnedRange);
+    let b = run(&mut ort, VarianceType::LearnedRange);
+    let d = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(d < 1e-3, "Candle and ONNX Runtime samples differ by {d}");
+    let fixed = run(&mut ort, VarianceType::FixedLarge);
+    assert!(a.iter().zip(&fixed).any(|(x, y)| (x - y).abs() > 1e-2), "the learned variance was not used");
+    let mut req = Request::new(2, shape, Method::DpmSolverPP { steps: 5, spacing: Spacing::Trailing });
+    req.seed = 4;
+    let (c, o) =
+        (sample(&mut candle, &sched, &req, &mut |_| {}).unwrap(), sample(&mut ort, &sched, &req, &mut |_| {}).unwrap());
+    assert!(c.iter().zip(&o).all(|(x, y)| (x - y).abs() < 1e-3));
     std::fs::remove_file(p).unwrap();
 }

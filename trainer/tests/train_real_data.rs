@@ -170,3 +170,58 @@ fn non_finite_steps_are_skipped_counted_and_stop_the_run_when_they_persist() {
     assert!(e.contains("3 steps in a row") && e.contains("non-finite"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A learned variance (Nichol & Dhariwal 2021): the hybrid loss takes the same steps in both engines, and with
+/// importance-sampled timesteps (sec. 3.3) a run resumed from a checkpoint continues exactly as the run that
+/// was not stopped (the loss history is part of the checkpoint).
+#[test]
+fn learned_variance_trains_alike_in_both_engines_and_importance_sampling_resumes_exactly() {
+    use trainer::train::config::{TimestepSampling, VarianceType};
+    data_dir("mnist");
+    let mut cfg = tiny("mnist");
+    cfg.diffusion.variance = VarianceType::LearnedRange;
+    cfg.diffusion.timesteps = 10;
+    cfg.train.min_snr_gamma = 5.0;
+    cfg.train.steps = 40;
+    cfg.data.limit = 512;
+    let weights =
+        |t: &Trainer| -> Vec<f32> { t.vars["out.2.weight"].as_tensor().flatten_all().unwrap().to_vec1().unwrap() };
+    let fresh = |cfg: &trainer::train::config::Config| {
+        Trainer::new(cfg.clone(), data::load(&cfg.data, 28).unwrap(), Device::Cpu).unwrap()
+    };
+    let mut a = fresh(&cfg);
+    // the output layer has eps and v channels
+    assert_eq!(a.vars["out.2.weight"].as_tensor().dims()[0], 2);
+    let mut b = fresh(&cfg);
+    b.engine = Engine::Candle;
+    for _ in 0..4 {
+        let (la, lb) = (a.train_step().unwrap().loss, b.train_step().unwrap().loss);
+        assert!((la - lb).abs() <= 1e-4 * lb.abs(), "losses differ: {la} vs {lb}");
+    }
+    let d = weights(&a).iter().zip(&weights(&b)).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(d < 1e-5, "weights differ by {d}");
+
+    cfg.train.timestep_sampling = TimestepSampling::Importance;
+    let mut whole = fresh(&cfg);
+    for _ in 0..40 {
+        whole.train_step().unwrap();
+    }
+    // 40 steps of 8 images over 10 timesteps: every t has its 10 losses, the sampler is no longer uniform
+    let p = whole.timesteps.probabilities().expect("the importance sampler is warm");
+    assert!(p.iter().any(|&p| (p - 0.1).abs() > 0.01), "{p:?}");
+    let dir = tmp_dir("importance");
+    let mut cut = fresh(&cfg);
+    for _ in 0..30 {
+        cut.train_step().unwrap();
+    }
+    cut.save_checkpoint(&dir, trainer::train::DeviceSpec::Cpu).unwrap();
+    let ck = trainer::train::checkpoint::load_which(&dir, "latest", &Device::Cpu, true).unwrap();
+    let ds = data::load(&cfg.data, 28).unwrap();
+    let mut resumed = Trainer::from_checkpoint(ck, cfg.clone(), ds, Device::Cpu).unwrap();
+    assert_eq!(resumed.timesteps, cut.timesteps);
+    for _ in 0..10 {
+        resumed.train_step().unwrap();
+    }
+    assert_eq!(weights(&resumed), weights(&whole), "the resumed run took other steps");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -54,6 +54,10 @@ pub struct FitArgs {
     /// Stop after N steps of this invocation, checkpointing (the run can be resumed).
     #[arg(long)]
     stop_after: Option<usize>,
+    /// Stop once the run has trained this many minutes in all (resumed runs count their earlier time),
+    /// checkpointing: a wall-time budget.
+    #[arg(long, value_name = "MINUTES")]
+    max_minutes: Option<f64>,
     /// How gradients are computed: auto (the CPU tape engine on the CPU, Candle's autograd elsewhere), tape,
     /// candle.
     #[arg(long, value_enum, default_value_t = Engine::Auto)]
@@ -114,6 +118,7 @@ pub fn run_fit(a: FitArgs) -> Result<()> {
         resume: a.resume.is_some(),
         force: a.force,
         max_steps_now: a.stop_after,
+        max_seconds: a.max_minutes.map(|m| m * 60.0),
         engine: a.engine,
     };
     if opts.resume && a.config.is_some() {

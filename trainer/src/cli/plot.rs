@@ -41,7 +41,7 @@ pub enum PlotCmd {
         run: PathBuf,
         #[arg(long, default_value = "latest")]
         checkpoint: String,
-        /// ddim or dpm++ (with --steps), or ddpm (all T steps, Ho et al. Algorithm 2).
+        /// ddim, dpm++ or ddpm (Ho et al. Algorithm 2, the chain respaced to --steps; T: the original chain).
         #[arg(long, value_enum, default_value_t = SamplerKind::Ddim)]
         sampler: SamplerKind,
         #[arg(long, default_value_t = 50)]

@@ -1067,6 +1067,7 @@ mod tests {
                 use_scale_shift_norm: true,
                 num_classes: 3,
                 norm_groups: 8,
+                learn_sigma: false,
             },
             3,
         );
@@ -1074,7 +1075,8 @@ mod tests {
 
     #[test]
     fn unet_matches_candle_autograd_without_scale_shift_on_odd_shapes() {
-        // batch 1, 7x7 maps at the lower level, channels not a multiple of 8, RGB, unconditional
+        // batch 1, 7x7 maps at the lower level, channels not a multiple of 8, RGB, unconditional, 6 output
+        // channels (a learned variance)
         check_against_candle(
             UNetConfig {
                 channels: 3,
@@ -1088,6 +1090,7 @@ mod tests {
                 use_scale_shift_norm: false,
                 num_classes: 0,
                 norm_groups: 4,
+                learn_sigma: true,
             },
             1,
         );

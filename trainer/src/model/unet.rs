@@ -13,7 +13,7 @@
 //!   mid:  ResBlock, Attention, ResBlock
 //!   up:   for each level, reversed: (num_res_blocks + 1) x [ResBlock on concat(h, skip) (+ Attention)]
 //!         then nearest 2x upsample + 3x3 conv (not after the first level)
-//!   out:  GroupNorm -> SiLU -> conv(3x3, channels)
+//!   out:  GroupNorm -> SiLU -> conv(3x3, channels; 2 x channels, eps then v, for a learned variance)
 //! ```
 //!
 //! The forward pass is written once against [`Ops`], so training (Candle) and export (ONNX) walk the same
@@ -51,6 +51,11 @@ pub struct UNetConfig {
     pub num_classes: usize,
     /// GroupNorm groups (32 in the papers).
     pub norm_groups: usize,
+    /// Output 2 x channels: eps, then v of the learned variance (Nichol & Dhariwal 2021, sec. 3.1;
+    /// improved-diffusion's `learn_sigma`). Not a key of [model]: `Config::unet` sets it from
+    /// diffusion.variance = "learned_range".
+    #[serde(skip)]
+    pub learn_sigma: bool,
 }
 
 impl Default for UNetConfig {
@@ -68,11 +73,21 @@ impl Default for UNetConfig {
             use_scale_shift_norm: false,
             num_classes: 0,
             norm_groups: 32,
+            learn_sigma: false,
         }
     }
 }
 
 impl UNetConfig {
+    /// Channels of the output: eps, and v when the model learns its variance.
+    pub fn out_channels(&self) -> usize {
+        if self.learn_sigma {
+            2 * self.channels
+        } else {
+            self.channels
+        }
+    }
+
     /// The resolutions the network runs at, from the input down.
     pub fn resolutions(&self) -> Vec<usize> {
         (0..self.ch_mult.len()).map(|i| self.image_size >> i).collect()
@@ -438,7 +453,7 @@ impl UNet {
             }
         }
         let out_norm = GroupNorm::new(src, "out.0", cur, cfg.norm_groups)?;
-        let out_conv = Conv::new(src, "out.2", cur, cfg.channels, 3, 1, true)?;
+        let out_conv = Conv::new(src, "out.2", cur, cfg.out_channels(), 3, 1, true)?;
         Ok(Self { cfg, temb0, temb2, label, conv_in, down, mid1, mida, mid2, up, out_norm, out_conv })
     }
 

@@ -77,7 +77,7 @@ pub fn load_unet(run: &Path, which: &str, weights: Weights, device: &Device) -> 
         Weights::Raw => (&ck.model, "model.safetensors"),
     };
     let mut src = TensorSource::new(tensors, format!("{}/{file}", dir.display())).with_dtype(DType::F32);
-    let unet = UNet::new(ck.state.config.model.clone(), &mut src)?;
+    let unet = UNet::new(ck.state.config.unet(), &mut src)?;
     src.finish()?;
     Ok(LoadedUnet { unet, state: ck.state, passed_over: ck.passed_over })
 }

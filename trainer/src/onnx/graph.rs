@@ -318,8 +318,20 @@ pub fn build_model(unet: &UNet, dtype: Dtype, opset: i64, metadata: &BTreeMap<St
     if conditional {
         inputs.push(value_info("y", DataType::Int64, &[None]));
     }
-    let graph = Graph { name: "ddpm_unet", inputs, outputs: vec![(out, "eps", img.to_vec())] };
-    finish_model(o, graph, opset, metadata, "DDPM noise-prediction U-Net (eps = f(x_t, t[, y]))")
+    let (outputs, doc) = if cfg.learn_sigma {
+        // Nichol & Dhariwal 2021, sec. 3.1: the second C channels are v of the learned variance (eq. 15)
+        let c = cfg.channels;
+        let eps = o.narrow(&out, 1, 0, c)?;
+        let v = o.narrow(&out, 1, c, c)?;
+        (
+            vec![(eps, "eps", img.to_vec()), (v, "v", img.to_vec())],
+            "DDPM U-Net with a learned variance ((eps, v) = f(x_t, t[, y]))",
+        )
+    } else {
+        (vec![(out, "eps", img.to_vec())], "DDPM noise-prediction U-Net (eps = f(x_t, t[, y]))")
+    };
+    let graph = Graph { name: "ddpm_unet", inputs, outputs };
+    finish_model(o, graph, opset, metadata, doc)
 }
 
 /// The interface of a graph built with [`OnnxOps`]: inputs, and (internal name, public name, dims) outputs.

@@ -1,7 +1,5 @@
 //! What one training step sees: the data order, and a batch (x_t, t, labels, target noise) drawn from it.
 
-use anyhow::Result;
-use candle_core::{Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -9,6 +7,7 @@ use rand_distr::{Distribution, StandardNormal};
 use runtime::schedule::NoiseSchedule;
 
 use super::config::Config;
+use super::loss::TimestepSampler;
 use crate::data::Dataset;
 
 /// The random numbers of one training step, all drawn from ChaCha8(seed), stream = step.
@@ -55,49 +54,37 @@ impl DataOrder {
     }
 }
 
-/// One step's inputs: x_t, t, labels and the target noise.
-pub struct Batch {
-    pub xt: Tensor,
-    pub t: Tensor,
-    pub y: Option<Tensor>,
-    pub eps: Tensor,
-}
-
-/// The same inputs in host memory (the CPU engine reads them directly).
+/// One step's inputs in host memory: x_0, x_t, t, labels, the target noise and the importance weights.
 pub struct HostBatch {
     /// [B, C, H, W]
     pub dims: [usize; 4],
+    /// The (augmented) images x_0: the variational bound's true posterior needs them.
+    pub x0: Vec<f32>,
     pub xt: Vec<f32>,
     pub eps: Vec<f32>,
     pub t: Vec<u32>,
     pub y: Option<Vec<u32>>,
+    /// Each image's importance weight 1 / (T p_t) (1 for uniformly drawn timesteps).
+    pub importance: Vec<f64>,
 }
 
-impl HostBatch {
-    pub fn to_device(self, device: &Device) -> Result<Batch> {
-        let b = self.dims[0];
-        Ok(Batch {
-            xt: Tensor::from_vec(self.xt, self.dims.to_vec(), device)?,
-            eps: Tensor::from_vec(self.eps, self.dims.to_vec(), device)?,
-            t: Tensor::from_vec(self.t, b, device)?,
-            y: self.y.map(|y| Tensor::from_vec(y, b, device)).transpose()?,
-        })
-    }
-}
-
-/// Builds the batch of Algorithm 1 (Ho et al. 2020): x_0 ~ data, t ~ U{0..T-1}, eps ~ N(0, I),
-/// x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps.
+/// Builds the batch of Algorithm 1 (Ho et al. 2020): x_0 ~ data, t ~ U{0..T-1} (or by importance, `sampler`),
+/// eps ~ N(0, I), x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps.
 pub fn make_host_batch(
     data: &Dataset,
     idx: &[usize],
     cfg: &Config,
     schedule: &NoiseSchedule,
+    sampler: &TimestepSampler,
     rng: &mut ChaCha8Rng,
 ) -> HostBatch {
     let (c, s) = (data.channels, data.size);
     let n = data.image_len();
     let b = idx.len();
     let mut xt = Vec::with_capacity(b * n);
+    let mut x0_all = Vec::with_capacity(b * n);
+    let mut importance = Vec::with_capacity(b);
+    let probs = sampler.probabilities();
     let mut eps_all = Vec::with_capacity(b * n);
     let mut ts = Vec::with_capacity(b);
     let mut ys = Vec::with_capacity(b);
@@ -105,29 +92,20 @@ pub fn make_host_batch(
     for &i in idx {
         let mut x0 = data.image_f32(i);
         cfg.data.augment.apply(&mut x0, c, s, rng);
-        let t = rng.gen_range(0..schedule.num_timesteps());
+        let (t, w) = sampler.draw(probs.as_deref(), schedule.num_timesteps(), rng);
         let eps: Vec<f32> = (0..n).map(|_| StandardNormal.sample(&mut *rng)).collect();
         xt.extend(schedule.q_sample(&x0, t, &eps));
+        x0_all.extend(x0);
         eps_all.extend(eps);
+        importance.push(w);
         ts.push(t as u32);
         if let (Some(null), Some(labels)) = (null, &data.labels) {
             // Ho & Salimans 2022, Algorithm 1: drop the label with probability p_uncond
             ys.push(if rng.gen::<f64>() < cfg.train.p_uncond { null as u32 } else { labels[i] });
         }
     }
-    HostBatch { dims: [b, c, s, s], xt, eps: eps_all, t: ts, y: if ys.is_empty() { None } else { Some(ys) } }
-}
-
-/// [`make_host_batch`] as tensors on `device`.
-pub fn make_batch(
-    data: &Dataset,
-    idx: &[usize],
-    cfg: &Config,
-    schedule: &NoiseSchedule,
-    rng: &mut ChaCha8Rng,
-    device: &Device,
-) -> Result<Batch> {
-    make_host_batch(data, idx, cfg, schedule, rng).to_device(device)
+    let y = if ys.is_empty() { None } else { Some(ys) };
+    HostBatch { dims: [b, c, s, s], x0: x0_all, xt, eps: eps_all, t: ts, y, importance }
 }
 
 #[cfg(test)]

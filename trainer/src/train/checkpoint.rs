@@ -36,6 +36,10 @@ pub struct State {
     /// Training wall time so far, seconds.
     pub elapsed_s: f64,
     pub device: String,
+    /// The importance sampler's recent losses per timestep (train.timestep_sampling = "importance"), which
+    /// set the next steps' timesteps as much as the RNG does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestep_history: Option<Vec<Vec<f64>>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -280,6 +284,7 @@ mod tests {
             recent_loss: 0.5,
             elapsed_s: step as f64,
             device: "cpu".into(),
+            timestep_history: None,
         }
     }
 

@@ -33,6 +33,22 @@ pub enum Loss {
 
 runtime::named_enum!(Loss, "loss", { Mse => ["mse"], L1 => ["l1"] });
 
+/// How the timestep of each training image is drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TimestepSampling {
+    /// t ~ U{0..T-1} (Ho et al. 2020, Algorithm 1).
+    #[default]
+    Uniform,
+    /// Importance sampling, p_t proportional to sqrt(E[L_t^2]) over the last 10 losses at each t, the loss
+    /// weighted by 1 / (T p_t) (Nichol & Dhariwal 2021, sec. 3.3, eq. 18); uniform until every t has 10.
+    Importance,
+}
+
+runtime::named_enum!(TimestepSampling, "timestep sampling", {
+    Uniform => ["uniform"],
+    Importance => ["importance", "loss_second_moment"],
+});
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -49,7 +65,9 @@ pub struct DiffusionConfig {
     pub timesteps: usize,
     /// `linear` (Ho et al. 2020) or `cosine` (Nichol & Dhariwal 2021).
     pub schedule: ScheduleKind,
-    /// Reverse-process variance for DDPM sampling: `fixed_small` (beta-tilde) or `fixed_large` (beta).
+    /// Reverse-process variance: `fixed_small` (beta-tilde), `fixed_large` (beta), or `learned_range`: the
+    /// U-Net outputs a second image v that interpolates the two (Nichol & Dhariwal 2021, eq. 15), trained
+    /// with the hybrid loss (train.vlb_weight).
     pub variance: VarianceType,
 }
 
@@ -104,6 +122,11 @@ pub struct TrainConfig {
     pub ema_decay: f64,
     /// `mse` (Ho et al. 2020 eq. 14, L_simple) or `l1`.
     pub loss: Loss,
+    /// lambda of the hybrid loss L_simple + lambda L_vlb (Nichol & Dhariwal 2021, eq. 16: 0.001) for a learned
+    /// variance; L_vlb = T E_t[L_t] trains v alone (the mean is held fixed in it).
+    pub vlb_weight: f64,
+    /// `uniform` or `importance` (Nichol & Dhariwal 2021, sec. 3.3).
+    pub timestep_sampling: TimestepSampling,
     /// Probability of replacing the label with the null class (Ho & Salimans 2022: 0.1-0.2).
     pub p_uncond: f64,
     pub seed: u64,
@@ -137,6 +160,8 @@ impl Default for TrainConfig {
             max_skipped_steps: 10,
             ema_decay: 0.9999,
             loss: Loss::Mse,
+            vlb_weight: 0.001,
+            timestep_sampling: TimestepSampling::Uniform,
             p_uncond: 0.1,
             seed: 0,
             checkpoint_every: 5000,
@@ -164,10 +189,21 @@ impl Config {
         Ok(cfg)
     }
 
+    /// The U-Net this configuration trains: [model], with the second output of a learned variance.
+    pub fn unet(&self) -> UNetConfig {
+        UNetConfig { learn_sigma: self.diffusion.variance.is_learned(), ..self.model.clone() }
+    }
+
     pub fn validate(&self) -> Result<()> {
         self.model.validate()?;
         self.diffusion.schedule()?;
         let t = &self.train;
+        if !(t.vlb_weight >= 0.0 && t.vlb_weight.is_finite()) {
+            bail!("train.vlb_weight must be 0 or positive, got {}", t.vlb_weight);
+        }
+        if self.diffusion.variance.is_learned() && t.vlb_weight == 0.0 {
+            bail!("diffusion.variance = \"learned_range\" is trained by the L_vlb term alone: train.vlb_weight must be positive (0.001 in Nichol & Dhariwal 2021)");
+        }
         if t.batch_size == 0 || t.steps == 0 {
             bail!("train.steps and train.batch_size must be positive");
         }
@@ -219,7 +255,8 @@ mod tests {
             ("[train]\nloss = \"huber\"\n", "unknown loss 'huber' (expected one of: mse, l1)"),
             ("[train]\nlr_schedule = \"step\"\n", "unknown learning-rate schedule 'step'"),
             ("[diffusion]\nschedule = \"sigmoid\"\n", "unknown beta schedule 'sigmoid'"),
-            ("[diffusion]\nvariance = \"learned\"\n", "unknown variance type 'learned'"),
+            ("[diffusion]\nvariance = \"trainable\"\n", "unknown variance type 'trainable'"),
+            ("[train]\ntimestep_sampling = \"stratified\"\n", "unknown timestep sampling 'stratified'"),
         ] {
             let msg = format!("{:#}", Config::from_toml_str(text, "x.toml").unwrap_err());
             assert!(msg.contains(what) && msg.contains("x.toml"), "{msg}");

@@ -5,6 +5,7 @@ pub mod batch;
 pub mod checkpoint;
 pub mod config;
 pub mod device;
+pub mod loss;
 pub mod optim;
 
 use std::collections::{BTreeMap, HashMap};
@@ -17,10 +18,11 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand_chacha::ChaCha8Rng;
 use runtime::schedule::NoiseSchedule;
 
-pub use batch::{make_batch, make_host_batch, step_rng, Batch, DataOrder, HostBatch};
+pub use batch::{make_host_batch, step_rng, DataOrder, HostBatch};
 use checkpoint::{RngState, State};
-use config::{Config, Loss, LrSchedule};
+use config::{Config, LrSchedule};
 pub use device::DeviceSpec;
+use loss::TimestepSampler;
 use optim::{AdamW, Ema, Grads};
 
 use crate::data::Dataset;
@@ -51,6 +53,9 @@ pub struct FitOptions {
     /// Stop after this many steps of this invocation (for tests and time-boxed runs); the config's
     /// train.steps stays the target.
     pub max_steps_now: Option<usize>,
+    /// Stop (with a checkpoint) once the run's training time reaches this many seconds, counting the time
+    /// before a resume: a wall-time budget.
+    pub max_seconds: Option<f64>,
     pub engine: Engine,
 }
 
@@ -62,6 +67,8 @@ pub struct Trainer {
     pub opt: AdamW,
     pub ema: Ema,
     pub schedule: NoiseSchedule,
+    /// How timesteps are drawn (uniformly, or by importance with its loss history).
+    pub timesteps: TimestepSampler,
     pub data: Dataset,
     pub order: DataOrder,
     pub step: usize,
@@ -89,7 +96,7 @@ impl Trainer {
     pub fn new(cfg: Config, data: Dataset, device: Device) -> Result<Self> {
         cfg.validate()?;
         let mut src = InitSource::new(cfg.train.seed, &device, DType::F32);
-        let unet = UNet::new(cfg.model.clone(), &mut src)?;
+        let unet = UNet::new(cfg.unet(), &mut src)?;
         let vars = src.into_vars();
         Self::assemble(cfg, data, device, unet, vars, None)
     }
@@ -106,7 +113,7 @@ impl Trainer {
         }
         let origin = format!("{}/model.safetensors", ck.dir.display());
         let mut src = TensorSource::new(&ck.model, origin).as_vars().with_dtype(DType::F32);
-        let unet = UNet::new(cfg.model.clone(), &mut src)?;
+        let unet = UNet::new(cfg.unet(), &mut src)?;
         let vars = src.finish()?;
         let mut t = Self::assemble(cfg, data, device, unet, vars, Some(&ck))?;
         t.step = ck.state.step;
@@ -150,6 +157,18 @@ impl Trainer {
             bail!("model.channels is {} but the images have {} channel(s)", cfg.model.channels, data.channels);
         }
         let order = DataOrder::new(cfg.train.seed, data.len);
+        let importance = cfg.train.timestep_sampling == config::TimestepSampling::Importance;
+        let mut timesteps = TimestepSampler::new(schedule.num_timesteps(), importance);
+        if let Some(h) = ck.and_then(|ck| ck.state.timestep_history.as_ref()).filter(|_| importance) {
+            if h.len() != schedule.num_timesteps() {
+                bail!(
+                    "the checkpoint's timestep history has {} timesteps, the schedule {}",
+                    h.len(),
+                    schedule.num_timesteps()
+                );
+            }
+            timesteps.history = h.iter().map(|v| v.iter().copied().collect()).collect();
+        }
         Ok(Self {
             cfg,
             device,
@@ -158,6 +177,7 @@ impl Trainer {
             opt,
             ema,
             schedule,
+            timesteps,
             data,
             order,
             step: 0,
@@ -189,35 +209,23 @@ impl Trainer {
     /// Per-image loss weights: Min-SNR-gamma (Hang et al. 2023) for eps-prediction, min(SNR_t, gamma) / SNR_t;
     /// all 1 when train.min_snr_gamma is 0.
     pub fn loss_weights(&self, t: &[u32]) -> Vec<f32> {
-        let g = self.cfg.train.min_snr_gamma;
-        t.iter()
-            .map(|&t| {
-                if g > 0.0 {
-                    let snr = self.schedule.snr(t as usize);
-                    (snr.min(g) / snr) as f32
-                } else {
-                    1.0
-                }
-            })
-            .collect()
+        loss::min_snr_weights(&self.schedule, self.cfg.train.min_snr_gamma, t)
     }
 
-    /// The loss of Algorithm 1 for one batch: || eps - eps_theta(x_t, t, y) ||^2 (Ho et al. 2020, eq. 14).
-    pub fn loss(&self, batch: &Batch, rng: &mut ChaCha8Rng) -> Result<Tensor> {
+    /// The objective ([`loss::objective`]) of one batch through Candle's autograd: the loss, a scalar whose
+    /// gradient is the loss's (the output times the objective's gradient, held constant), and the
+    /// per-image losses.
+    pub fn loss(&self, batch: &HostBatch, rng: &mut ChaCha8Rng) -> Result<(f64, Tensor, Vec<f64>)> {
+        let b = batch.dims[0];
+        let xt = Tensor::from_slice(&batch.xt, batch.dims.to_vec(), &self.device)?;
+        let t = Tensor::from_slice(&batch.t, b, &self.device)?;
+        let y = batch.y.as_ref().map(|y| Tensor::from_slice(y, b, &self.device)).transpose()?;
         let mut ops = CandleOps::training(&self.device, DType::F32, rng);
-        let pred = self.unet.forward(&mut ops, &batch.xt, &batch.t, batch.y.as_ref())?;
-        let diff = (pred - &batch.eps)?;
-        let per_elem = match self.cfg.train.loss {
-            Loss::L1 => diff.abs()?,
-            Loss::Mse => diff.sqr()?,
-        };
-        if self.cfg.train.min_snr_gamma <= 0.0 {
-            return Ok(per_elem.mean_all()?);
-        }
-        let b = per_elem.dim(0)?;
-        let w = self.loss_weights(&batch.t.to_vec1::<u32>()?);
-        let w = Tensor::from_vec(w, b, per_elem.device())?;
-        Ok(per_elem.flatten_from(1)?.mean(1)?.mul(&w)?.mean_all()?)
+        let pred = self.unet.forward(&mut ops, &xt, &t, y.as_ref())?;
+        let host: Vec<f32> = pred.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+        let o = loss::objective(&self.cfg, &self.schedule, &host, batch, &batch.importance);
+        let g = Tensor::from_vec(o.grad, pred.shape(), &self.device)?.to_dtype(pred.dtype())?;
+        Ok((o.loss, (pred * g)?.sum_all()?, o.per_image))
     }
 
     /// One optimisation step (forward, backward, AdamW, EMA): on the CPU through the tape engine
@@ -225,7 +233,7 @@ impl Trainer {
     pub fn train_step(&mut self) -> Result<StepStats> {
         let mut rng = step_rng(self.cfg.train.seed, self.step);
         let idx = self.order.batch(self.step, self.cfg.train.batch_size);
-        let batch = make_host_batch(&self.data, &idx, &self.cfg, &self.schedule, &mut rng);
+        let batch = make_host_batch(&self.data, &idx, &self.cfg, &self.schedule, &self.timesteps, &mut rng);
         let lr = self.lr();
         let tape = match self.engine {
             Engine::Auto => self.device.is_cpu(),
@@ -235,17 +243,19 @@ impl Trainer {
         };
         let clip = self.cfg.train.grad_clip;
         // a non-finite loss updates nothing; a non-finite gradient norm is refused by the optimiser
-        let (loss, grad_norm) = if tape {
-            let (loss, grads) = self.cpu_loss_and_grads(&batch, &mut rng)?;
-            (loss, if loss.is_finite() { self.opt.step_host(grads, lr, clip)? } else { f64::NAN })
+        let (loss, grad_norm, per_image) = if tape {
+            let (loss, grads, per_image) = self.cpu_loss_and_grads(&batch, &mut rng)?;
+            (loss, if loss.is_finite() { self.opt.step_host(grads, lr, clip)? } else { f64::NAN }, per_image)
         } else {
-            let batch = batch.to_device(&self.device)?;
-            let loss_t = self.loss(&batch, &mut rng)?;
-            let loss = loss_t.to_scalar::<f32>()? as f64;
-            let norm =
-                if loss.is_finite() { self.opt.step(&Grads::Candle(&loss_t.backward()?), lr, clip)? } else { f64::NAN };
-            (loss, norm)
+            let (loss, surrogate, per_image) = self.loss(&batch, &mut rng)?;
+            let norm = if loss.is_finite() {
+                self.opt.step(&Grads::Candle(&surrogate.backward()?), lr, clip)?
+            } else {
+                f64::NAN
+            };
+            (loss, norm, per_image)
         };
+        self.timesteps.record(&batch.t, &per_image);
         let skipped = !(loss.is_finite() && grad_norm.is_finite());
         if skipped {
             self.skipped_in_row += 1;
@@ -266,13 +276,14 @@ impl Trainer {
         Ok(StepStats { loss, grad_norm, lr, skipped })
     }
 
-    /// The loss of [`Trainer::loss`] and the gradient of every parameter, by name, through the CPU engine.
+    /// The loss of [`Trainer::loss`], the gradient of every parameter by name, and the per-image losses,
+    /// through the CPU engine.
+    #[allow(clippy::type_complexity)]
     pub fn cpu_loss_and_grads(
         &mut self,
         batch: &HostBatch,
         rng: &mut ChaCha8Rng,
-    ) -> Result<(f64, HashMap<String, Vec<f32>>)> {
-        let weights = self.loss_weights(&batch.t);
+    ) -> Result<(f64, HashMap<String, Vec<f32>>, Vec<f64>)> {
         let mut tape = Tape::new(&mut self.pool, Some(rng));
         let b = batch.dims[0];
         let x = tape.input(&batch.xt, &batch.dims)?;
@@ -282,28 +293,9 @@ impl Trainer {
             None => None,
         };
         let out = self.unet.forward(&mut tape, &x, &t, y.as_ref())?;
-        let pred = tape.data(out);
-        let n = pred.len() as f64;
-        let per_image = pred.len() / b;
-        let l1 = self.cfg.train.loss == Loss::L1;
-        let mut loss = 0f64;
-        let mut seed = vec![0f32; pred.len()];
-        for (i, w) in weights.iter().enumerate() {
-            let r = i * per_image..(i + 1) * per_image;
-            let w = *w as f64;
-            for ((s, &p), &e) in seed[r.clone()].iter_mut().zip(&pred[r.clone()]).zip(&batch.eps[r]) {
-                let d = (p - e) as f64;
-                if l1 {
-                    loss += w * d.abs();
-                    *s = (w * d.signum() / n) as f32;
-                } else {
-                    loss += w * d * d;
-                    *s = (2.0 * w * d / n) as f32;
-                }
-            }
-        }
-        let grads = tape.backward(out, seed)?;
-        Ok((loss / n, grads))
+        let o = loss::objective(&self.cfg, &self.schedule, tape.data(out), batch, &batch.importance);
+        let grads = tape.backward(out, o.grad)?;
+        Ok((o.loss, grads, o.per_image))
     }
 
     pub fn state(&self, device: DeviceSpec) -> Result<State> {
@@ -324,6 +316,10 @@ impl Trainer {
             recent_loss: self.recent_loss,
             elapsed_s: self.elapsed_s,
             device: device.to_string(),
+            timestep_history: self
+                .timesteps
+                .importance
+                .then(|| self.timesteps.history.iter().map(|h| h.iter().copied().collect()).collect()),
         })
     }
 
@@ -368,7 +364,7 @@ impl Trainer {
     pub fn ema_unet(&self) -> Result<UNet> {
         let map = self.ema.as_map();
         let mut src = TensorSource::new(&map, "EMA weights");
-        let u = UNet::new(self.cfg.model.clone(), &mut src as &mut dyn ParamSource)?;
+        let u = UNet::new(self.cfg.unet(), &mut src as &mut dyn ParamSource)?;
         src.finish()?;
         Ok(u)
     }
@@ -498,6 +494,9 @@ pub fn fit(cfg: Option<Config>, opts: &FitOptions, on: &mut dyn FnMut(FitEvent))
     let mut window = std::collections::VecDeque::with_capacity(20);
     let every = trainer.cfg.train.checkpoint_every;
     while trainer.step < stop {
+        if opts.max_seconds.is_some_and(|m| trainer.elapsed_s >= m) {
+            break;
+        }
         let s = trainer.train_step()?;
         trainer.elapsed_s = base_elapsed + started.elapsed().as_secs_f64();
         let (step, elapsed, skipped) = (trainer.step, trainer.elapsed_s, s.skipped as u8);

@@ -1,0 +1,245 @@
+//! The training objective, computed on the host from the U-Net's output so that both gradient engines share it:
+//! L_simple (Ho et al. 2020, eq. 14) with Min-SNR-gamma weights, plus lambda L_vlb for a learned variance
+//! (Nichol & Dhariwal 2021, eq. 16), each image weighted by the importance sampler's 1 / (T p_t) (sec. 3.3).
+//! It returns the loss and its gradient with respect to the output, which seeds the backward pass.
+
+use std::collections::VecDeque;
+
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use runtime::likelihood;
+use runtime::schedule::NoiseSchedule;
+use serde::{Deserialize, Serialize};
+
+use super::batch::HostBatch;
+use super::config::{Config, Loss};
+
+/// The loss of one batch and what the backward pass and the importance sampler need of it.
+pub struct Objective {
+    /// The mean over the batch of each image's (weighted) loss.
+    pub loss: f64,
+    /// d loss / d output, the output's layout ([B, C or 2C, H, W]).
+    pub grad: Vec<f32>,
+    /// Each image's loss before the importance weight (what the sampler's history records).
+    pub per_image: Vec<f64>,
+}
+
+/// Min-SNR-gamma weights (Hang et al. 2023, eq. 9 for eps-prediction): min(SNR_t, gamma) / SNR_t; all 1 when
+/// gamma is 0.
+pub fn min_snr_weights(sched: &NoiseSchedule, gamma: f64, t: &[u32]) -> Vec<f32> {
+    t.iter()
+        .map(|&t| {
+            if gamma > 0.0 {
+                let snr = sched.snr(t as usize);
+                (snr.min(gamma) / snr) as f32
+            } else {
+                1.0
+            }
+        })
+        .collect()
+}
+
+/// The objective of `cfg` for the model output `out` on `batch`, each image weighted by `importance` (1 for
+/// uniformly drawn timesteps).
+///
+/// Per image: w_snr ||eps - eps_theta||^2 / d (or the mean absolute error), and for a learned variance
+/// plus lambda T L_t, where L_t is the variational-bound term at the image's t in bits per dimension with the
+/// mean held fixed, so that it trains v alone (Nichol & Dhariwal 2021, sec. 3.1; lambda T is
+/// improved-diffusion's T / 1000 for lambda = 0.001).
+pub fn objective(cfg: &Config, sched: &NoiseSchedule, out: &[f32], batch: &HostBatch, importance: &[f64]) -> Objective {
+    let [b, c, h, w] = batch.dims;
+    let per = c * h * w;
+    let learned = cfg.diffusion.variance.is_learned();
+    let out_per = if learned { 2 * per } else { per };
+    assert_eq!(out.len(), b * out_per, "the model output does not fit the batch");
+    let snr_w = min_snr_weights(sched, cfg.train.min_snr_gamma, &batch.t);
+    let lambda_t = cfg.train.vlb_weight * sched.num_timesteps() as f64;
+    let l1 = cfg.train.loss == Loss::L1;
+    let mut grad = vec![0f32; out.len()];
+    let mut per_image = Vec::with_capacity(b);
+    let mut loss = 0.0;
+    for i in 0..b {
+        let o = &out[i * out_per..(i + 1) * out_per];
+        let g = &mut grad[i * out_per..(i + 1) * out_per];
+        let r = i * per..(i + 1) * per;
+        let (eps_true, ws, iw) = (&batch.eps[r.clone()], snr_w[i] as f64, importance[i]);
+        // L_simple: the mean over the image's values, so the batch loss is the mean over all of them
+        let mut simple = 0.0;
+        for ((g, &p), &e) in g[..per].iter_mut().zip(&o[..per]).zip(eps_true) {
+            let d = (p - e) as f64;
+            let (l, dl) = if l1 { (d.abs(), d.signum()) } else { (d * d, 2.0 * d) };
+            simple += l;
+            *g = (iw * ws * dl / (per * b) as f64) as f32;
+        }
+        let mut total = ws * simple / per as f64;
+        if learned {
+            let t = batch.t[i] as usize;
+            let v = &o[per..];
+            let lv: Vec<f64> = v.iter().map(|&v| sched.learned_log_variance(t, v)).collect();
+            let (x0, xt) = (&batch.x0[r.clone()], &batch.xt[r]);
+            // the mean is held fixed (eps_theta gets no gradient from L_vlb): only d/dv is kept
+            let (term, d_lv) = likelihood::vb_term(sched, x0, xt, t, &o[..per], &lv, false);
+            let slope = sched.learned_log_variance_slope(t);
+            for (g, d) in g[per..].iter_mut().zip(&d_lv) {
+                *g = (iw * lambda_t * d * slope / b as f64) as f32;
+            }
+            total += lambda_t * term;
+        }
+        per_image.push(total);
+        loss += iw * total / b as f64;
+    }
+    Objective { loss, grad, per_image }
+}
+
+/// How many recent losses per timestep the importance sampler keeps (Nichol & Dhariwal 2021, sec. 3.3).
+pub const HISTORY: usize = 10;
+/// The share of uniform sampling mixed into the importance sampler (improved-diffusion's `uniform_prob`).
+const UNIFORM_SHARE: f64 = 0.001;
+
+/// Draws the training timesteps: uniformly, or by importance, p_t ∝ sqrt(E[L_t^2]) over the last
+/// [`HISTORY`] losses at t once every t has that many (Nichol & Dhariwal 2021, sec. 3.3, eq. 18), with weights
+/// 1 / (T p_t) that keep the loss an unbiased estimate. Its history is part of a checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TimestepSampler {
+    pub importance: bool,
+    /// The last losses seen at each timestep (empty for uniform sampling).
+    pub history: Vec<VecDeque<f64>>,
+}
+
+impl TimestepSampler {
+    pub fn new(num_timesteps: usize, importance: bool) -> Self {
+        Self { importance, history: if importance { vec![VecDeque::new(); num_timesteps] } else { vec![] } }
+    }
+
+    /// The sampling probabilities, None while some timestep has fewer than [`HISTORY`] losses (or uniform).
+    pub fn probabilities(&self) -> Option<Vec<f64>> {
+        if !self.importance || self.history.iter().any(|h| h.len() < HISTORY) {
+            return None;
+        }
+        let w: Vec<f64> =
+            self.history.iter().map(|h| (h.iter().map(|l| l * l).sum::<f64>() / h.len() as f64).sqrt()).collect();
+        let sum: f64 = w.iter().sum();
+        if !(sum.is_finite() && sum > 0.0) {
+            return None;
+        }
+        let n = w.len() as f64;
+        Some(w.iter().map(|w| w / sum * (1.0 - UNIFORM_SHARE) + UNIFORM_SHARE / n).collect())
+    }
+
+    /// One timestep and its importance weight, from `rng`.
+    pub fn draw(&self, probs: Option<&[f64]>, num_timesteps: usize, rng: &mut ChaCha8Rng) -> (usize, f64) {
+        let Some(p) = probs else { return (rng.gen_range(0..num_timesteps), 1.0) };
+        let u: f64 = rng.gen();
+        let mut acc = 0.0;
+        let mut t = p.len() - 1;
+        for (i, pi) in p.iter().enumerate() {
+            acc += pi;
+            if u < acc {
+                t = i;
+                break;
+            }
+        }
+        (t, 1.0 / (p.len() as f64 * p[t]))
+    }
+
+    /// Records a batch's per-image losses at their timesteps (non-finite ones are left out).
+    pub fn record(&mut self, t: &[u32], losses: &[f64]) {
+        if !self.importance {
+            return;
+        }
+        for (&t, &l) in t.iter().zip(losses) {
+            if let (Some(h), true) = (self.history.get_mut(t as usize), l.is_finite()) {
+                if h.len() == HISTORY {
+                    h.pop_front();
+                }
+                h.push_back(l);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::config::VarianceType;
+    use rand::SeedableRng;
+    use runtime::schedule::BetaSchedule;
+
+    fn batch(sched: &NoiseSchedule, t: &[u32], per: usize) -> HostBatch {
+        let b = t.len();
+        let x0: Vec<f32> = (0..b * per).map(|i| ((i * 37) % 256) as f32 / 127.5 - 1.0).collect();
+        let eps: Vec<f32> = (0..b * per).map(|i| ((i * 13) % 17) as f32 / 8.0 - 1.0).collect();
+        let xt = (0..b)
+            .flat_map(|i| sched.q_sample(&x0[i * per..(i + 1) * per], t[i] as usize, &eps[i * per..(i + 1) * per]))
+            .collect();
+        HostBatch { dims: [b, 1, 1, per], x0, xt, eps, t: t.to_vec(), y: None, importance: vec![1.0; b] }
+    }
+
+    #[test]
+    fn the_hybrid_gradient_is_the_finite_difference_of_the_hybrid_loss() {
+        let sched = NoiseSchedule::new(BetaSchedule::COSINE, 100);
+        let mut cfg = Config::default();
+        cfg.diffusion.variance = VarianceType::LearnedRange;
+        cfg.train.min_snr_gamma = 5.0;
+        let per = 6;
+        let hb = batch(&sched, &[0, 3, 50, 99], per);
+        let out: Vec<f32> = (0..4 * 2 * per).map(|i| ((i * 7) % 11) as f32 / 6.0 - 0.9).collect();
+        let iw = [1.0, 0.5, 2.0, 1.0];
+        let o = objective(&cfg, &sched, &out, &hb, &iw);
+        assert_eq!(o.grad.len(), out.len());
+        let h = 1e-3f32;
+        for k in 0..out.len() {
+            let mut a = out.clone();
+            a[k] += h;
+            let mut b = out.clone();
+            b[k] -= h;
+            let fd = (objective(&cfg, &sched, &a, &hb, &iw).loss - objective(&cfg, &sched, &b, &hb, &iw).loss)
+                / (2.0 * h as f64);
+            let is_eps = k % (2 * per) < per;
+            if is_eps {
+                // L_vlb holds the mean fixed: the eps gradient is L_simple's alone, so compare with that part
+                let mut plain = cfg.clone();
+                plain.diffusion.variance = VarianceType::FixedSmall;
+                let strip = |x: &[f32]| -> Vec<f32> { x.chunks(2 * per).flat_map(|c| c[..per].to_vec()).collect() };
+                let fd = (objective(&plain, &sched, &strip(&a), &hb, &iw).loss
+                    - objective(&plain, &sched, &strip(&b), &hb, &iw).loss)
+                    / (2.0 * h as f64);
+                assert!((o.grad[k] as f64 - fd).abs() < 1e-3 * (1.0 + fd.abs()), "eps {k}: {} vs {fd}", o.grad[k]);
+            } else {
+                assert!((o.grad[k] as f64 - fd).abs() < 1e-3 * (1.0 + fd.abs()), "v {k}: {} vs {fd}", o.grad[k]);
+            }
+        }
+        // the vlb term is there: the hybrid loss exceeds L_simple
+        let mut plain = cfg.clone();
+        plain.diffusion.variance = VarianceType::FixedSmall;
+        let eps_only: Vec<f32> = out.chunks(2 * per).flat_map(|c| c[..per].to_vec()).collect();
+        assert!(o.loss > objective(&plain, &sched, &eps_only, &hb, &iw).loss);
+    }
+
+    #[test]
+    fn the_importance_sampler_is_uniform_until_warm_then_favours_high_loss_timesteps() {
+        let mut s = TimestepSampler::new(4, true);
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        assert!(s.probabilities().is_none());
+        for _ in 0..HISTORY {
+            s.record(&[0, 1, 2, 3], &[0.1, 0.1, 0.1, 1.0]);
+        }
+        let p = s.probabilities().unwrap();
+        assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+        assert!(p[3] > 0.7 && p[0] < 0.1, "{p:?}");
+        // the weights keep the estimate unbiased: E[w] = sum_t p_t / (T p_t) = 1
+        let n = 20_000;
+        let (mut hits, mut wsum) = (0, 0.0);
+        for _ in 0..n {
+            let (t, w) = s.draw(Some(&p), 4, &mut rng);
+            hits += (t == 3) as usize;
+            wsum += w;
+        }
+        assert!((hits as f64 / n as f64 - p[3]).abs() < 0.02);
+        assert!((wsum / n as f64 - 1.0).abs() < 0.05, "{}", wsum / n as f64);
+        // a uniform sampler keeps no history
+        let mut u = TimestepSampler::new(4, false);
+        u.record(&[0], &[1.0]);
+        assert!(u.history.is_empty() && u.probabilities().is_none());
+    }
+}
