@@ -46,8 +46,12 @@ fn eval_reports_accuracy_score_and_fid_with_floor() {
         [cached[0].trim_end_matches(".onnx"), cached[0].trim_end_matches(".onnx")],
         "{cached:?}"
     );
-    // again, with the memorisation check: the same numbers, and the nearest-neighbour grid and distances
-    let again = eval(&[&small[..], &["--nearest", "2"]].concat());
+    // again, with the memorisation check and the two-sample test: the same numbers, the nearest-neighbour grid
+    // and distances; a 2-step sample of an untrained model is told from real digits, real from real is not
+    let again = eval(&[&small[..], &["--nearest", "2", "--c2st"]].concat());
+    let c2st = &again["c2st"];
+    let (acc, floor) = (c2st["accuracy"].as_f64().unwrap(), c2st["real_vs_real"].as_f64().unwrap());
+    assert!(c2st["images"] == 40 && acc > 0.9 && (0.2..0.8).contains(&floor), "{c2st}");
     assert_eq!(again["classifier_test_accuracy"], r["classifier_test_accuracy"]);
     assert_eq!(again["fid_classifier_features"], r["fid_classifier_features"]);
     let near = &again["nearest"];
@@ -149,6 +153,60 @@ fn eval_reports_accuracy_score_and_fid_with_floor() {
         let img = image::open(run.join(f)).unwrap();
         assert!(img.width() > 100, "{f}");
     }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// An unlabelled colour set (a folder of Twemoji) has no classifier: `trainer eval` says so and measures FID in
+/// Inception-v3's features against one half of the images, with the other half as the real-vs-real floor; the
+/// likelihood bound is reported in bits per dimension.
+#[test]
+fn eval_of_an_unlabelled_folder_uses_inception_alone_and_reports_the_likelihood_bound() {
+    data_dir("twemoji");
+    let weights = root().join("data/inception/default_1.pt");
+    assert!(weights.is_file(), "this test needs the Inception weights: scripts/fetch-data.sh inception");
+    let dir = tmp_dir("eval-folder");
+    let mut cfg = tiny("twemoji64");
+    cfg.model.image_size = 32;
+    cfg.model.attention_resolutions = vec![16];
+    cfg.data.limit = 64;
+    cfg.diffusion.timesteps = 50;
+    cfg.train.steps = 2;
+    cfg.train.batch_size = 4;
+    let run = fit_run(&cfg, &dir);
+    let eval = |features: &str| {
+        Command::new(env!("CARGO_BIN_EXE_trainer"))
+            .args(["eval", "-q", "--run"])
+            .arg(&run)
+            .args(["--n", "12", "--steps", "3", "--batch", "12", "--nll", "3", "--features", features])
+            .arg("--inception-weights")
+            .arg(&weights)
+            .arg("--cache")
+            .arg(dir.join("cache"))
+            .output()
+            .unwrap()
+    };
+    let out = eval("classifier,inception");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(r.get("classifier").is_none() && r.get("classifier_score").is_none_or(|v| v.is_null()), "{r}");
+    assert!(r.get("fid_classifier_features").is_none(), "{r}");
+    let (fid, floor) = (r["fid_inception"].as_f64().unwrap(), r["fid_inception_floor"].as_f64().unwrap());
+    // two disjoint halves of 12 real images, and an untrained model far from them
+    assert_eq!(r["fid_images"], 12);
+    assert!(floor > 0.0 && fid > floor, "inception fid {fid}, floor {floor}");
+    let nll = &r["nll"];
+    let bpd = nll["bits_per_dim"].as_f64().unwrap();
+    assert!(bpd.is_finite() && bpd > 0.0 && nll["images"] == 3 && nll["conditioning"] == "unconditional", "{nll}");
+    assert!(!dir
+        .join("cache")
+        .read_dir()
+        .map(|d| d.flatten().any(|e| e.path().extension().is_some_and(|x| x == "onnx")))
+        .unwrap_or(false));
+    // asked for the classifier alone, it is refused with the reason
+    let out = eval("classifier");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("has no labels") && err.contains("--features inception"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

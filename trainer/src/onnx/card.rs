@@ -151,12 +151,14 @@ pub fn model_card(state: &State, opts: &ExportOptions, bytes: &[u8], eval: Optio
             e.guidance,
             e.guidance_interval.as_ref().map(|g| format!(" at t {g}")).unwrap_or_default()
         );
-        s += &format!("| evaluation classifier's test accuracy | {:.2}% | |\n", 100.0 * e.classifier_test_accuracy);
+        if let Some(a) = e.classifier_test_accuracy {
+            s += &format!("| evaluation classifier's test accuracy | {:.2}% | |\n", 100.0 * a);
+        }
         if let Some(v) = e.classifier_score {
             s += &format!("| classifier score (samples classified as their class) | {:.2}% | |\n", 100.0 * v);
         }
         let fids = [
-            ("FID, classifier features (128-d)", Some(e.fid_classifier_features), Some(e.fid_floor_train_vs_test)),
+            ("FID, classifier features (128-d)", e.fid_classifier_features, e.fid_floor_train_vs_test),
             ("FID, Inception-v3 pool3 (2048-d)", e.fid_inception, e.fid_inception_floor),
         ];
         for (label, v, floor) in fids {
@@ -164,6 +166,20 @@ pub fn model_card(state: &State, opts: &ExportOptions, bytes: &[u8], eval: Optio
                 let fl = floor.map(|x| format!("{x:.3}")).unwrap_or_default();
                 s += &format!("| {label} | {v:.3} | {fl} |\n");
             }
+        }
+        if let Some(c) = &e.c2st {
+            s += &format!(
+                "| classifier two-sample test, {} images per set (50% = indistinguishable from real) | {:.1}% | {:.1}% |\n",
+                c.images,
+                100.0 * c.accuracy,
+                100.0 * c.real_vs_real
+            );
+        }
+        if let Some(n) = &e.nll {
+            s += &format!(
+                "| NLL bound, {} test images ({}, {} variance), bits/dim | {:.3} ± {:.3} | |\n",
+                n.images, n.conditioning, n.variance, n.bits_per_dim, n.stderr
+            );
         }
     }
     let class = if m.num_classes > 0 { " --class 0" } else { "" };
