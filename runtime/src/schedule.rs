@@ -196,12 +196,17 @@ impl NoiseSchedule {
             VarianceType::FixedSmall => Some(self.posterior_variance[t]),
             // Ho et al. 2020 / improved DDPM: the "fixed large" variance uses beta-tilde_1 at the first step
             // so that the log-variance stays finite; beta_t otherwise.
-            VarianceType::FixedLarge => Some(if t == 0 {
-                self.posterior_variance.get(1).copied().unwrap_or(self.betas[0])
-            } else {
-                self.betas[t]
-            }),
+            VarianceType::FixedLarge => Some(if t == 0 { self.posterior_variance_clipped(0) } else { self.betas[t] }),
             VarianceType::LearnedRange => None,
+        }
+    }
+
+    /// beta-tilde_t with beta-tilde_1 in place of the 0 at t = 0 (improved DDPM's clipped posterior variance).
+    fn posterior_variance_clipped(&self, t: usize) -> f64 {
+        if t == 0 {
+            self.posterior_variance.get(1).copied().unwrap_or(self.betas[0])
+        } else {
+            self.posterior_variance[t]
         }
     }
 
@@ -209,12 +214,7 @@ impl NoiseSchedule {
     /// `posterior_log_variance_clipped`): the lower end of the learned range, and the true posterior's
     /// log-variance in the variational bound.
     pub fn posterior_log_variance_clipped(&self, t: usize) -> f64 {
-        let v = if t == 0 {
-            self.posterior_variance.get(1).copied().unwrap_or(self.betas[0])
-        } else {
-            self.posterior_variance[t]
-        };
-        v.ln()
+        self.posterior_variance_clipped(t).ln()
     }
 
     /// Nichol & Dhariwal 2021, eq. 15: log Sigma = f log beta_t + (1 - f) log beta-tilde_t, f = (v + 1) / 2 for the

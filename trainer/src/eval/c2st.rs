@@ -63,14 +63,18 @@ mod tests {
                 .map(|i| {
                     let (y, x) = (i / 16, i % 16);
                     let on = (4..12).contains(&y) && if right { x >= 9 } else { x < 7 } && rng.gen::<f32>() < 0.8;
-                    let v: f32 = if on { 0.8 } else { -0.6 } + rng.gen_range(-0.3..0.3);
-                    (((v.clamp(-1.0, 1.0) + 1.0) * 127.5).round() / 127.5) - 1.0
+                    let v: f32 = if on { 0.8 } else { -0.6 };
+                    v + rng.gen_range(-0.3..0.3)
                 })
                 .collect()
         };
-        let left: Vec<f32> = (0..200).flat_map(|_| img(false)).collect();
-        let right: Vec<f32> = (0..200).flat_map(|_| img(true)).collect();
-        let other_left: Vec<f32> = (0..200).flat_map(|_| img(false)).collect();
+        // on the 8-bit grid, as samples are
+        let mut set = |right: bool| -> Vec<f32> {
+            let mut x: Vec<f32> = (0..200).flat_map(|_| img(right)).collect();
+            crate::eval::quantize(&mut x);
+            x
+        };
+        let (left, right, other_left) = (set(false), set(true), set(false));
         let shape = [1, 16, 16];
         let differ = accuracy(&left, &right, shape, 0, &Device::Cpu, &Silent).unwrap();
         let same = accuracy(&left, &other_left, shape, 0, &Device::Cpu, &Silent).unwrap();

@@ -457,16 +457,25 @@ pub fn evaluate(o: &EvalOptions, progress: &dyn Progress) -> Result<EvalReport> 
         let sched = cfg.diffusion.schedule()?;
         progress.begin("likelihood bound (timesteps)", t as u64);
         let mut tick = |_: usize| progress.advance(1, None);
-        let (v, labels, seed, batch) = (variance, null.as_deref(), o.seed, o.batch);
-        let nll = match onnx.as_mut() {
-            Some(den) => {
-                runtime::likelihood::nll_bits_per_dim(den, &sched, v, &x0, shape, labels, seed, batch, &mut tick)?
-            }
+        let mut candle;
+        let den: &mut dyn runtime::sampler::Denoiser = match onnx.as_mut() {
+            Some(den) => den,
             None => {
-                let mut den = crate::denoise::CandleDenoiser::new(&unet, &dev);
-                runtime::likelihood::nll_bits_per_dim(&mut den, &sched, v, &x0, shape, labels, seed, batch, &mut tick)?
+                candle = crate::denoise::CandleDenoiser::new(&unet, &dev);
+                &mut candle
             }
         };
+        let nll = runtime::likelihood::nll_bits_per_dim(
+            den,
+            &sched,
+            variance,
+            &x0,
+            shape,
+            null.as_deref(),
+            o.seed,
+            o.batch,
+            &mut tick,
+        )?;
         progress.end();
         let (bits_per_dim, stderr) = nll.mean_and_stderr();
         report.nll = Some(NllReport {

@@ -39,7 +39,7 @@ pub struct State {
     /// The importance sampler's recent losses per timestep (train.timestep_sampling = "importance"), which
     /// set the next steps' timesteps as much as the RNG does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timestep_history: Option<Vec<Vec<f64>>>,
+    pub timestep_history: Option<Vec<std::collections::VecDeque<f64>>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -39,14 +39,14 @@ pub fn min_snr_weights(sched: &NoiseSchedule, gamma: f64, t: &[u32]) -> Vec<f32>
         .collect()
 }
 
-/// The objective of `cfg` for the model output `out` on `batch`, each image weighted by `importance` (1 for
-/// uniformly drawn timesteps).
+/// The objective of `cfg` for the model output `out` on `batch`, each image weighted by its importance weight
+/// (1 for uniformly drawn timesteps).
 ///
 /// Per image: w_snr ||eps - eps_theta||^2 / d (or the mean absolute error), and for a learned variance
 /// plus lambda T L_t, where L_t is the variational-bound term at the image's t in bits per dimension with the
 /// mean held fixed, so that it trains v alone (Nichol & Dhariwal 2021, sec. 3.1; lambda T is
 /// improved-diffusion's T / 1000 for lambda = 0.001).
-pub fn objective(cfg: &Config, sched: &NoiseSchedule, out: &[f32], batch: &HostBatch, importance: &[f64]) -> Objective {
+pub fn objective(cfg: &Config, sched: &NoiseSchedule, out: &[f32], batch: &HostBatch) -> Objective {
     let [b, c, h, w] = batch.dims;
     let per = c * h * w;
     let learned = cfg.diffusion.variance.is_learned();
@@ -62,7 +62,7 @@ pub fn objective(cfg: &Config, sched: &NoiseSchedule, out: &[f32], batch: &HostB
         let o = &out[i * out_per..(i + 1) * out_per];
         let g = &mut grad[i * out_per..(i + 1) * out_per];
         let r = i * per..(i + 1) * per;
-        let (eps_true, ws, iw) = (&batch.eps[r.clone()], snr_w[i] as f64, importance[i]);
+        let (eps_true, ws, iw) = (&batch.eps[r.clone()], snr_w[i] as f64, batch.importance[i]);
         // L_simple: the mean over the image's values, so the batch loss is the mean over all of them
         let mut simple = 0.0;
         for ((g, &p), &e) in g[..per].iter_mut().zip(&o[..per]).zip(eps_true) {
@@ -182,10 +182,10 @@ mod tests {
         cfg.diffusion.variance = VarianceType::LearnedRange;
         cfg.train.min_snr_gamma = 5.0;
         let per = 6;
-        let hb = batch(&sched, &[0, 3, 50, 99], per);
+        let mut hb = batch(&sched, &[0, 3, 50, 99], per);
+        hb.importance = vec![1.0, 0.5, 2.0, 1.0];
         let out: Vec<f32> = (0..4 * 2 * per).map(|i| ((i * 7) % 11) as f32 / 6.0 - 0.9).collect();
-        let iw = [1.0, 0.5, 2.0, 1.0];
-        let o = objective(&cfg, &sched, &out, &hb, &iw);
+        let o = objective(&cfg, &sched, &out, &hb);
         assert_eq!(o.grad.len(), out.len());
         let h = 1e-3f32;
         for k in 0..out.len() {
@@ -193,16 +193,15 @@ mod tests {
             a[k] += h;
             let mut b = out.clone();
             b[k] -= h;
-            let fd = (objective(&cfg, &sched, &a, &hb, &iw).loss - objective(&cfg, &sched, &b, &hb, &iw).loss)
-                / (2.0 * h as f64);
+            let fd = (objective(&cfg, &sched, &a, &hb).loss - objective(&cfg, &sched, &b, &hb).loss) / (2.0 * h as f64);
             let is_eps = k % (2 * per) < per;
             if is_eps {
                 // L_vlb holds the mean fixed: the eps gradient is L_simple's alone, so compare with that part
                 let mut plain = cfg.clone();
                 plain.diffusion.variance = VarianceType::FixedSmall;
                 let strip = |x: &[f32]| -> Vec<f32> { x.chunks(2 * per).flat_map(|c| c[..per].to_vec()).collect() };
-                let fd = (objective(&plain, &sched, &strip(&a), &hb, &iw).loss
-                    - objective(&plain, &sched, &strip(&b), &hb, &iw).loss)
+                let fd = (objective(&plain, &sched, &strip(&a), &hb).loss
+                    - objective(&plain, &sched, &strip(&b), &hb).loss)
                     / (2.0 * h as f64);
                 assert!((o.grad[k] as f64 - fd).abs() < 1e-3 * (1.0 + fd.abs()), "eps {k}: {} vs {fd}", o.grad[k]);
             } else {
@@ -213,7 +212,7 @@ mod tests {
         let mut plain = cfg.clone();
         plain.diffusion.variance = VarianceType::FixedSmall;
         let eps_only: Vec<f32> = out.chunks(2 * per).flat_map(|c| c[..per].to_vec()).collect();
-        assert!(o.loss > objective(&plain, &sched, &eps_only, &hb, &iw).loss);
+        assert!(o.loss > objective(&plain, &sched, &eps_only, &hb).loss);
     }
 
     #[test]

@@ -167,7 +167,7 @@ impl Trainer {
                     schedule.num_timesteps()
                 );
             }
-            timesteps.history = h.iter().map(|v| v.iter().copied().collect()).collect();
+            timesteps.history = h.clone();
         }
         Ok(Self {
             cfg,
@@ -223,7 +223,7 @@ impl Trainer {
         let mut ops = CandleOps::training(&self.device, DType::F32, rng);
         let pred = self.unet.forward(&mut ops, &xt, &t, y.as_ref())?;
         let host: Vec<f32> = pred.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
-        let o = loss::objective(&self.cfg, &self.schedule, &host, batch, &batch.importance);
+        let o = loss::objective(&self.cfg, &self.schedule, &host, batch);
         let g = Tensor::from_vec(o.grad, pred.shape(), &self.device)?.to_dtype(pred.dtype())?;
         Ok((o.loss, (pred * g)?.sum_all()?, o.per_image))
     }
@@ -293,7 +293,7 @@ impl Trainer {
             None => None,
         };
         let out = self.unet.forward(&mut tape, &x, &t, y.as_ref())?;
-        let o = loss::objective(&self.cfg, &self.schedule, tape.data(out), batch, &batch.importance);
+        let o = loss::objective(&self.cfg, &self.schedule, tape.data(out), batch);
         let grads = tape.backward(out, o.grad)?;
         Ok((o.loss, grads, o.per_image))
     }
@@ -316,10 +316,7 @@ impl Trainer {
             recent_loss: self.recent_loss,
             elapsed_s: self.elapsed_s,
             device: device.to_string(),
-            timestep_history: self
-                .timesteps
-                .importance
-                .then(|| self.timesteps.history.iter().map(|h| h.iter().copied().collect()).collect()),
+            timestep_history: self.timesteps.importance.then(|| self.timesteps.history.clone()),
         })
     }
 
