@@ -42,12 +42,19 @@ typedef struct dr_request {
     const uint8_t *interpolate_b;
     uint32_t interpolate_seeds;   /* nonzero: between the starts x_T of seed and seed_b (slerp) */
     uint64_t seed_b;
+    /* multi-attribute models (see dr_model_attributes): "name=value,..." (values by name or index; attributes
+     * not named are unknown), and "name=w,..." guidance weights of single attributes (default: guidance) */
+    const char *attributes;
+    const char *attribute_guidance;
 } dr_request;
 
 /* Opens a model; provider "cpu", "cuda", "tensorrt", "auto" or NULL (cpu). NULL on failure. */
 dr_generator *dr_open(const char *model_path, const char *provider);
 /* Geometry of the model's images; out pointers may be NULL. 0 on success. */
 int dr_model_info(const dr_generator *g, int *channels, int *size, int *num_classes);
+/* The model's attributes besides its class as JSON, [{"name": ..., "values": [...]}] ("[]": none); valid until
+ * dr_free. NULL on failure. */
+const char *dr_model_attributes(const dr_generator *g);
 /* Writes n * size * size * channels bytes (8-bit, [n][y][x][c]) into out. 0 on success, -1 on failure. */
 int dr_generate(dr_generator *g, const dr_request *req, uint8_t *out, size_t out_len);
 /* The calling thread's last error message ("" if none). */

@@ -53,8 +53,8 @@ fn message(e: Error) -> String {
     }
 }
 
-/// An open generator.
-pub struct DrGenerator(Generator);
+/// An open generator, and its attribute schema as JSON (what dr_model_attributes returns).
+pub struct DrGenerator(Generator, std::ffi::CString);
 
 /// Mirrors `dr_request` in diffusion.h.
 #[repr(C)]
@@ -95,6 +95,11 @@ pub struct DrRequest {
     /// Nonzero: between the starts of `seed` and `seed_b` (slerp).
     pub interpolate_seeds: u32,
     pub seed_b: u64,
+    // Multi-attribute models (see dr_model_attributes).
+    /// "name=value,name=value" (values by name or index), or NULL: the attributes not named are unknown.
+    pub attributes: *const c_char,
+    /// "name=w,..." guidance weights of single attributes (default: `guidance`), or NULL.
+    pub attribute_guidance: *const c_char,
 }
 
 /// The request as the caller compiled it: a shorter (older) struct is read up to its size, the fields it lacks
@@ -137,7 +142,9 @@ pub unsafe extern "C" fn dr_open(model_path: *const c_char, provider: *const c_c
             str_arg(provider, "provider")?.unwrap_or("cpu").parse().map_err(|e: Error| e.to_string())?;
         let options = GeneratorOptions { provider: Provider::of_kind(kind), threads: None };
         let g = Generator::open(Path::new(path), &options).map_err(message)?;
-        Ok(Box::into_raw(Box::new(DrGenerator(g))))
+        let attrs = serde_json::to_string(&g.info().attributes).expect("attributes serialize to JSON");
+        let attrs = std::ffi::CString::new(attrs).map_err(|_| "an attribute name holds a NUL byte")?;
+        Ok(Box::into_raw(Box::new(DrGenerator(g, attrs))))
     })
 }
 
@@ -161,6 +168,28 @@ pub unsafe extern "C" fn dr_model_info(
         }
         Ok(0)
     })
+}
+
+/// The attributes of a multi-attribute model besides its class, as JSON: `[{"name": "position", "values":
+/// ["0", "1", "2", "3"]}]` (`[]` for a class-only model). Valid until dr_free; NULL on failure.
+///
+/// # Safety
+/// `g` must come from dr_open.
+#[no_mangle]
+pub unsafe extern "C" fn dr_model_attributes(g: *const DrGenerator) -> *const c_char {
+    guard("dr_model_attributes", std::ptr::null(), || Ok(g.as_ref().ok_or("generator is NULL")?.1.as_ptr()))
+}
+
+/// "name=value,name=value" as pairs.
+fn pairs<T: std::str::FromStr>(s: Option<&str>, what: &str) -> Result<Vec<(String, T)>, String> {
+    let Some(s) = s.filter(|s| !s.trim().is_empty()) else { return Ok(vec![]) };
+    s.split(',')
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').ok_or_else(|| format!("dr_request.{what}: '{kv}' is not name=value"))?;
+            let v = v.trim().parse().map_err(|_| format!("dr_request.{what}: '{v}' in '{kv}' does not parse"))?;
+            Ok((k.trim().to_string(), v))
+        })
+        .collect()
 }
 
 /// Generates `req->n` images into `out` as 8-bit pixels [n, size, size, channels]; `out_len` must be at
@@ -202,6 +231,8 @@ pub unsafe extern "C" fn dr_generate(
             eta: req.eta as f64,
             class: (req.class_index >= 0).then(|| req.class_index.to_string()),
             guidance: req.guidance,
+            attributes: pairs(str_arg(req.attributes, "attributes")?, "attributes")?,
+            attribute_guidance: pairs(str_arg(req.attribute_guidance, "attribute_guidance")?, "attribute_guidance")?,
             guidance_interval: (req.guidance_lo, req.guidance_hi)
                 .ne(&(0, 0))
                 .then_some(GuidanceInterval { lo: req.guidance_lo as usize, hi: req.guidance_hi as usize }),

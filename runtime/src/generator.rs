@@ -48,6 +48,12 @@ pub struct GenerateRequest {
     pub class: Option<String>,
     /// Classifier-free guidance weight w >= 0 (0: none).
     pub guidance: f32,
+    /// Attribute values of a multi-attribute model, by name (value by name or index), e.g. `("position",
+    /// "3")`; an attribute not given is unknown (its null label).
+    pub attributes: Vec<(String, String)>,
+    /// Guidance weights of single attributes, by name; an attribute given a value and no weight here takes
+    /// `guidance`. The labels are composed as in Liu et al. 2022 ([`sampler::AttrCond`]).
+    pub attribute_guidance: Vec<(String, f32)>,
     /// Guide only at these timesteps (Kynkäänniemi et al. 2024); None: at every step.
     pub guidance_interval: Option<GuidanceInterval>,
     pub seed: u64,
@@ -89,6 +95,8 @@ impl Default for GenerateRequest {
             spacing: Spacing::Trailing,
             class: None,
             guidance: 0.0,
+            attributes: vec![],
+            attribute_guidance: vec![],
             guidance_interval: None,
             seed: 0,
             batch: 16,
@@ -175,7 +183,7 @@ impl Generator {
     pub fn generate(&mut self, req: &GenerateRequest, on_step: &mut dyn FnMut(&StepInfo)) -> Result<Images> {
         let plan = self.plan(req)?;
         let x = self.sample(&plan, on_step)?;
-        Ok(Images::from_f32(&x, req.n, plan.shape, plan.labels))
+        Ok(Images::from_f32(&x, req.n, plan.shape, plan.class_labels()))
     }
 }
 
@@ -193,6 +201,9 @@ pub fn plan(info: &ModelMeta, req: &GenerateRequest) -> Result<Request> {
     r.null_class = info.null_class;
     r.guidance = if req.interpolation.is_some() && req.class.is_none() { 0.0 } else { req.guidance };
     r.labels = labels;
+    if !info.attributes.is_empty() || !req.attributes.is_empty() || !req.attribute_guidance.is_empty() {
+        with_attributes(info, req, &mut r)?;
+    }
     r.guidance_interval = req.guidance_interval;
     if let Some(g) = req.guidance_interval.filter(|g| g.hi >= info.num_timesteps()) {
         return Err(crate::Error::request(
@@ -222,6 +233,29 @@ pub fn plan(info: &ModelMeta, req: &GenerateRequest) -> Result<Request> {
     Ok(r)
 }
 
+/// Widens the plan's class labels to [class, attribute..] per image, with the attributes' nulls and weights.
+fn with_attributes(info: &ModelMeta, req: &GenerateRequest, r: &mut Request) -> Result<()> {
+    let mut values: Vec<i64> = info.attributes.iter().map(|a| a.null()).collect();
+    for (name, v) in &req.attributes {
+        let (i, a) = info.attribute(name)?;
+        values[i] = a.index(v)?;
+    }
+    let mut weights: Vec<f32> =
+        values.iter().zip(&info.attributes).map(|(&v, a)| if v == a.null() { 0.0 } else { r.guidance }).collect();
+    for (name, w) in &req.attribute_guidance {
+        weights[info.attribute(name)?.0] = *w;
+    }
+    r.attributes = info
+        .attributes
+        .iter()
+        .zip(weights)
+        .map(|(a, guidance)| sampler::AttrCond { null: a.null(), guidance })
+        .collect();
+    let class = r.labels.take().unwrap_or_else(|| vec![info.null_class.unwrap_or(0); r.n]);
+    r.labels = Some(class.iter().flat_map(|&c| std::iter::once(c).chain(values.iter().copied())).collect());
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     //! `plan` needs an open model; the request checks it shares with the sampler are tested in sampler.rs and
@@ -240,6 +274,7 @@ mod tests {
             num_classes: 2,
             class_names: vec![],
             null_class: Some(2),
+            attributes: vec![],
             dtype: Dtype::F32,
             schedule: None,
             weights: None,
@@ -272,6 +307,45 @@ mod tests {
         let past_t = GenerateRequest { steps: 5, guidance_interval: Some(GuidanceInterval { lo: 2, hi: 10 }), ..r };
         let e = plan(&info, &past_t).unwrap_err();
         assert!(e.to_string().contains("timesteps run 0..=9"), "{e}");
+    }
+
+    #[test]
+    fn attributes_are_planned_by_name_with_their_nulls_and_weights() {
+        use crate::metadata::Attribute;
+        let mut info = info();
+        info.attributes = vec![
+            Attribute { name: "position".into(), values: ["tl", "tr", "bl", "br"].map(String::from).to_vec() },
+            Attribute { name: "size".into(), values: ["small", "large"].map(String::from).to_vec() },
+        ];
+        let req = GenerateRequest {
+            n: 2,
+            steps: 4,
+            class: Some("1".into()),
+            guidance: 2.0,
+            attributes: vec![("position".into(), "br".into())],
+            ..Default::default()
+        };
+        let p = plan(&info, &req).unwrap();
+        // class, position, size (unknown: its null) per image
+        assert_eq!(p.labels.as_deref(), Some(&[1, 3, 2, 1, 3, 2][..]));
+        let w: Vec<(i64, f32)> = p.attributes.iter().map(|a| (a.null, a.guidance)).collect();
+        assert_eq!(w, vec![(4, 2.0), (2, 0.0)], "a given attribute takes --guidance, an unknown one none");
+        let weighted = GenerateRequest { attribute_guidance: vec![("position".into(), 0.5)], ..req.clone() };
+        assert_eq!(plan(&info, &weighted).unwrap().attributes[0].guidance, 0.5);
+        let by_index = GenerateRequest { attributes: vec![("size".into(), "1".into())], ..req.clone() };
+        assert_eq!(plan(&info, &by_index).unwrap().labels.as_deref(), Some(&[1, 4, 1, 1, 4, 1][..]));
+        for (bad, needle) in [
+            (("colour", "red"), "unknown attribute 'colour': this model's attributes are position, size"),
+            (("position", "middle"), "unknown value 'middle' of position: its values are 0..3 (tl, tr, bl, br)"),
+            (("size", "2"), "its values are 0..1"),
+        ] {
+            let r = GenerateRequest { attributes: vec![(bad.0.into(), bad.1.into())], ..req.clone() };
+            let e = plan(&info, &r).unwrap_err().to_string();
+            assert!(e.contains(needle), "{e}");
+        }
+        // a class-only model has none to take
+        let e = plan(&self::info(), &req).unwrap_err().to_string();
+        assert!(e.contains("this model has no attributes besides its class"), "{e}");
     }
 
     #[test]

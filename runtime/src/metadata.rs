@@ -13,6 +13,7 @@
 //! | `num_classes` | 0 for an unconditional model | yes |
 //! | `class_names` | JSON list: empty, or one name per class | yes |
 //! | `null_class` | the "no class" label for guidance, or `none` | yes |
+//! | `attributes` | JSON list of the labels beside the class, `[{"name": .., "values": [..]}]`: y is then [B, 1 + A] | no |
 //! | `dtype` | `float32` or `float16` (the type of x and eps) | yes |
 //! | `schedule` | JSON of the [`BetaSchedule`] that made the betas | no |
 //! | `num_timesteps` | T; must equal the length of `betas` | no |
@@ -85,6 +86,57 @@ pub struct Recommended {
     pub guidance_interval: Option<GuidanceInterval>,
 }
 
+/// A label beside the class of a multi-attribute model (e.g. where a digit sits): its name and the names of
+/// its values. Value i is label i; label `values.len()` is its null entry ("unknown"), so each attribute can
+/// be dropped on its own for guidance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attribute {
+    pub name: String,
+    pub values: Vec<String>,
+}
+
+impl Attribute {
+    /// The label meaning "this attribute is unknown".
+    pub fn null(&self) -> i64 {
+        self.values.len() as i64
+    }
+
+    /// A value given as an index or a name.
+    pub fn index(&self, s: &str) -> Result<i64> {
+        if let Some(i) = self.values.iter().position(|v| v == s) {
+            return Ok(i as i64);
+        }
+        match s.parse::<usize>() {
+            Ok(i) if i < self.values.len() => Ok(i as i64),
+            _ => Err(Error::request(
+                "attributes",
+                format!(
+                    "unknown value '{s}' of {}: its values are 0..{} ({})",
+                    self.name,
+                    self.values.len() - 1,
+                    self.values.join(", ")
+                ),
+            )),
+        }
+    }
+
+    /// Checks a model's attribute list: unique, non-empty names other than `class`, each with values.
+    pub fn check_all(attrs: &[Attribute]) -> std::result::Result<(), String> {
+        for (i, a) in attrs.iter().enumerate() {
+            if a.name.is_empty() || a.name == "class" || a.name.contains(['=', ',']) {
+                return Err(format!("'{}' cannot name an attribute (empty, 'class', or with '=' or ',')", a.name));
+            }
+            if attrs[..i].iter().any(|b| b.name == a.name) {
+                return Err(format!("attribute '{}' is listed twice", a.name));
+            }
+            if a.values.is_empty() {
+                return Err(format!("attribute '{}' has no values", a.name));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Everything an exported model says about itself.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelMeta {
@@ -99,6 +151,9 @@ pub struct ModelMeta {
     pub class_names: Vec<String>,
     /// The label meaning "no class" (classifier-free guidance); None: the model cannot sample without a class.
     pub null_class: Option<i64>,
+    /// The labels beside the class (multi-attribute conditioning); empty for a class-only model. With any,
+    /// the model's y is [B, 1 + A]: the class, then each attribute, every column with its own null.
+    pub attributes: Vec<Attribute>,
     pub dtype: Dtype,
     /// The named schedule the betas came from, when the exporter recorded it.
     pub schedule: Option<BetaSchedule>,
@@ -136,7 +191,8 @@ const RECOMMENDED: [&str; 3] = ["recommended_sampler", "recommended_steps", "rec
 const RECOMMENDED_INTERVAL: &str = "recommended_guidance_interval";
 
 /// The optional keys this schema reads (without the prefix), besides the recommendation.
-const OPTIONAL: [&str; 10] = [
+const OPTIONAL: [&str; 11] = [
+    "attributes",
     "schedule",
     "num_timesteps",
     "pixel_range",
@@ -181,6 +237,26 @@ impl ModelMeta {
         crate::sampler::class_index(&self.class_names, self.num_classes, s)
     }
 
+    /// Labels per image: the class, then one per attribute.
+    pub fn label_columns(&self) -> usize {
+        1 + self.attributes.len()
+    }
+
+    /// An attribute by name.
+    pub fn attribute(&self, name: &str) -> Result<(usize, &Attribute)> {
+        self.attributes.iter().enumerate().find(|(_, a)| a.name == name).ok_or_else(|| {
+            let names: Vec<&str> = self.attributes.iter().map(|a| a.name.as_str()).collect();
+            Error::request(
+                "attributes",
+                if names.is_empty() {
+                    format!("unknown attribute '{name}': this model has no attributes besides its class")
+                } else {
+                    format!("unknown attribute '{name}': this model's attributes are {}", names.join(", "))
+                },
+            )
+        })
+    }
+
     /// The metadata entries, keys prefixed `diffusion.`.
     pub fn to_props(&self) -> BTreeMap<String, String> {
         let mut md = BTreeMap::new();
@@ -197,6 +273,9 @@ impl ModelMeta {
         put("class_names", to_json(&self.class_names));
         put("null_class", self.null_class.map_or_else(|| "none".to_string(), |n| n.to_string()));
         put("dtype", self.dtype.to_string());
+        if !self.attributes.is_empty() {
+            put("attributes", to_json(&self.attributes));
+        }
         put("num_timesteps", self.num_timesteps().to_string());
         put("pixel_range", PIXEL_RANGE.to_string());
         if let Some(s) = &self.schedule {
@@ -297,6 +376,14 @@ impl ModelMeta {
             }
             _ => {}
         }
+        let attributes: Vec<Attribute> = get("attributes")
+            .map(|s| json("attributes", s, "a JSON list of {\"name\", \"values\"} objects"))
+            .transpose()?
+            .unwrap_or_default();
+        Attribute::check_all(&attributes).map_err(|e| Error::metadata(key("attributes"), e))?;
+        if !attributes.is_empty() && null_class.is_none() {
+            return Err(Error::metadata(key("attributes"), "attributes need a conditional model with a null class"));
+        }
         let dtype: Dtype = parse("dtype", req("dtype"), "a dtype")?;
         let schedule = get("schedule").map(|s| json("schedule", s, "a beta schedule")).transpose()?;
         let weights = get("weights").map(|s| parse("weights", s, "ema or raw")).transpose()?;
@@ -324,6 +411,7 @@ impl ModelMeta {
             num_classes,
             class_names,
             null_class,
+            attributes,
             dtype,
             schedule,
             weights,
@@ -399,6 +487,7 @@ mod tests {
             num_classes: 10,
             class_names: (0..10).map(|i| i.to_string()).collect(),
             null_class: Some(10),
+            attributes: vec![Attribute { name: "position".into(), values: vec!["0".into(), "1".into(), "2".into()] }],
             dtype: Dtype::F16,
             schedule: Some(BetaSchedule::of_kind(ScheduleKind::Linear)),
             weights: Some(Weights::Ema),
@@ -436,6 +525,7 @@ mod tests {
         assert_eq!(ModelMeta::from_props(&md).unwrap(), m);
         let mut bare = m.clone();
         (bare.num_classes, bare.class_names, bare.null_class, bare.recommended) = (0, vec![], None, None);
+        bare.attributes.clear();
         (bare.schedule, bare.weights, bare.training_steps, bare.ema_decay) = (None, None, None, None);
         (bare.dataset, bare.dataset_fingerprint, bare.model_config, bare.exporter) = (None, None, None, None);
         bare.extra.clear();
@@ -470,9 +560,16 @@ mod tests {
         assert!(err(&with("class_names", "[\"a\"]")).contains("1 names for 10 classes"));
         assert!(err(&with("null_class", "12")).contains("outside 0..=10"));
         assert!(err(&with("dtype", "bfloat16")).contains("unknown dtype 'bfloat16'"));
+        assert!(err(&with("attributes", "[{\"name\": \"class\", \"values\": [\"a\"]}]")).contains("cannot name"));
+        assert!(err(&with("attributes", "[{\"name\": \"p\", \"values\": []}]")).contains("'p' has no values"));
+        assert!(err(&with("attributes", "[1]")).contains("diffusion.attributes: not a JSON list"));
+        let mut no_null = with("null_class", "none");
+        assert!(err(&no_null).contains("attributes need a conditional model"));
+        no_null.remove("diffusion.attributes");
+        assert!(ModelMeta::from_props(&no_null).is_ok());
         assert!(err(&with("image_size", "-3")).contains("diffusion.image_size: '-3' is not a number"));
         // a conditional model may lack a null class (it then needs a class per image and cannot be guided)
-        assert_eq!(ModelMeta::from_props(&with("null_class", "none")).unwrap().null_class, None);
+        assert_eq!(ModelMeta::from_props(&no_null).unwrap().null_class, None);
         // class names are optional: an empty list is valid
         assert!(ModelMeta::from_props(&with("class_names", "[]")).unwrap().class_names.is_empty());
     }
@@ -519,6 +616,7 @@ mod tests {
         assert!(err(&md).contains("needs the recommended sampling"));
         let mut unc = meta();
         (unc.num_classes, unc.class_names, unc.null_class) = (0, vec![], None);
+        unc.attributes.clear();
         let e = err(&unc.to_props());
         assert!(e.contains("0 for an unconditional model"), "{e}");
     }

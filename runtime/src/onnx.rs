@@ -199,7 +199,7 @@ fn build_session(
 
 impl OrtDenoiser {
     /// Opens a model exported by `trainer export`: its metadata is read and checked, and its inputs must be
-    /// x [B, C, H, W], t [B] (and y [B] for a conditional model), its output eps.
+    /// x [B, C, H, W], t [B] (and y [B] for a conditional model, [B, 1 + A] with A attributes), its output eps.
     pub fn open(path: &Path, provider: &Provider, threads: Option<usize>) -> Result<Self> {
         let model_err = |reason: String| Error::Model { path: path.to_path_buf(), reason };
         let len = std::fs::metadata(path).map_err(|err| Error::Io { path: path.to_path_buf(), err })?.len();
@@ -294,9 +294,21 @@ impl OrtDenoiser {
         inputs.push(("x".into(), xv));
         inputs.push(("t".into(), Tensor::from_array((vec![n as i64], t.to_vec())).map_err(Error::ort)?.into()));
         if info.num_classes > 0 {
+            let cols = info.label_columns();
+            let nulls: Vec<i64> = info.null_class.into_iter().chain(info.attributes.iter().map(|a| a.null())).collect();
             let yv: Vec<i64> = match (y, info.null_class) {
-                (Some(y), _) => y.to_vec(),
-                (None, Some(null)) => vec![null; n],
+                (Some(y), _) if y.len() == n * cols => y.to_vec(),
+                // the class alone: every attribute unknown
+                (Some(y), _) if y.len() == n => {
+                    y.iter().flat_map(|&c| std::iter::once(c).chain(nulls[1..].iter().copied())).collect()
+                }
+                (Some(y), _) => {
+                    return Err(Error::request(
+                        "labels",
+                        format!("{} labels for {n} images ({cols} per image)", y.len()),
+                    ))
+                }
+                (None, Some(_)) => (0..n).flat_map(|_| nulls.iter().copied()).collect(),
                 (None, None) => {
                     return Err(Error::request(
                         "labels",
@@ -304,7 +316,9 @@ impl OrtDenoiser {
                     ))
                 }
             };
-            inputs.push(("y".into(), Tensor::from_array((vec![n as i64], yv)).map_err(Error::ort)?.into()));
+            // y [B] for a class-only model, [B, 1 + A] with attributes
+            let ydims = if cols > 1 { vec![n as i64, cols as i64] } else { vec![n as i64] };
+            inputs.push(("y".into(), Tensor::from_array((ydims, yv)).map_err(Error::ort)?.into()));
         }
         let dtype = info.dtype;
         let out = self.session.run(inputs).map_err(|e| Error::Ort(format!("the model failed to run: {e}")))?;

@@ -18,8 +18,9 @@ use crate::schedule::{NoiseSchedule, VarianceType};
 
 /// A noise-prediction model: eps_theta(x_t, t, y).
 pub trait Denoiser {
-    /// `x` is [n, c, h, w] row-major, `t` and `y` have n entries. Returns eps, the same size as x.
-    /// `y` is None for unconditional models; the null class means "no class". An implementation wraps its own
+    /// `x` is [n, c, h, w] row-major, `t` has n entries, `y` n (the class) or, for a multi-attribute model,
+    /// n x (1 + A) (the class, then each attribute, image by image). Returns eps, the same size as x.
+    /// `y` is None for unconditional models; a null label means "unknown". An implementation wraps its own
     /// failures with [`Error::denoiser`].
     fn eps(&mut self, x: &[f32], shape: [usize; 4], t: &[i64], y: Option<&[i64]>) -> Result<Vec<f32>>;
 
@@ -162,12 +163,16 @@ pub struct Request {
     /// [c, h, w]
     pub shape: [usize; 3],
     pub method: Method,
-    /// One label per image for conditional models (None: unconditional, or all null).
+    /// The labels of conditional models (None: unconditional, or all null): one per image, or with attributes
+    /// `1 + attributes.len()` per image (the class, then each attribute), image by image.
     pub labels: Option<Vec<i64>>,
     /// The null class index of a conditional model (needed for guidance).
     pub null_class: Option<i64>,
     /// Guidance weight w: eps = (1 + w) eps(x, c) - w eps(x, null) (Ho & Salimans 2022, eq. 6). 0 = none.
+    /// With attributes, the class's weight in the composition (see [`AttrCond`]).
     pub guidance: f32,
+    /// The label columns beside the class of a multi-attribute model; empty for a class-only model.
+    pub attributes: Vec<AttrCond>,
     /// Guide only at the timesteps of this interval, the conditional eps alone elsewhere (Kynkäänniemi et al.
     /// 2024); None: at every step.
     pub guidance_interval: Option<GuidanceInterval>,
@@ -188,6 +193,18 @@ pub struct Request {
     /// The x_T of every image, [n, c, h, w], in place of the seed's draws (see [`seed_interpolation`]); the
     /// seed still drives the noise of later steps.
     pub start_noise: Option<Vec<f32>>,
+}
+
+/// One attribute's part in a request: its null label and its guidance weight. A multi-attribute model is guided
+/// by composing one conditional per attribute (Liu et al. 2022, "Compositional Visual Generation with
+/// Composable Diffusion Models", eq. 10): eps~ = eps(x, null) + sum_i (1 + w_i) (eps(x, c_i) - eps(x, null)),
+/// c_i the image's label i with every other label null; a null label's term is 0. With one label (the class)
+/// this is Ho & Salimans' eq. 6. Unguided (all w 0, or outside the guidance interval) the model sees every
+/// label at once, one evaluation per image.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttrCond {
+    pub null: i64,
+    pub guidance: f32,
 }
 
 /// The timesteps, inclusive, at which classifier-free guidance is applied (Kynkäänniemi et al. 2024, "Applying
@@ -262,6 +279,7 @@ impl Request {
             labels: None,
             null_class: None,
             guidance: 0.0,
+            attributes: vec![],
             guidance_interval: None,
             seed: 0,
             batch: 16,
@@ -272,6 +290,21 @@ impl Request {
             inpaint: None,
             start_noise: None,
         }
+    }
+
+    /// Labels per image: the class and each attribute.
+    pub fn label_columns(&self) -> usize {
+        1 + self.attributes.len()
+    }
+
+    /// The class of every image (the first label column).
+    pub fn class_labels(&self) -> Option<Vec<i64>> {
+        self.labels.as_ref().map(|l| l.iter().step_by(self.label_columns()).copied().collect())
+    }
+
+    /// Whether any label is guided.
+    fn guided(&self) -> bool {
+        self.guidance != 0.0 || self.attributes.iter().any(|a| a.guidance != 0.0)
     }
 
     /// The timesteps the reverse process visits, decreasing: the method's, cut to the strength of `init`.
@@ -308,12 +341,19 @@ impl Request {
             return Err(Error::request("batch", "must be at least 1"));
         }
         if let Some(l) = &self.labels {
-            if l.len() != self.n {
-                return Err(Error::request("labels", format!("{} labels for {} images", l.len(), self.n)));
+            let cols = self.label_columns();
+            if l.len() != self.n * cols {
+                let per = if cols > 1 { format!(" ({cols} per image)") } else { String::new() };
+                return Err(Error::request("labels", format!("{} labels for {} images{per}", l.len(), self.n)));
             }
         }
-        if !self.guidance.is_finite() || self.guidance < 0.0 {
-            return Err(Error::request("guidance", format!("must be a finite number >= 0, got {}", self.guidance)));
+        for w in std::iter::once(self.guidance).chain(self.attributes.iter().map(|a| a.guidance)) {
+            if !w.is_finite() || w < 0.0 {
+                return Err(Error::request("guidance", format!("must be a finite number >= 0, got {w}")));
+            }
+        }
+        if !self.attributes.is_empty() && (self.labels.is_none() || self.null_class.is_none()) {
+            return Err(Error::request("attributes", "need a conditional model with a null class, and labels"));
         }
         if self.guidance != 0.0 && self.labels.is_none() {
             return Err(Error::request("guidance", "needs a class-conditional model and a class to guide towards"));
@@ -480,7 +520,8 @@ pub fn sample_chunks(
     let mut start = 0;
     while start < req.n {
         let k = req.batch.min(req.n - start);
-        let labels = req.labels.as_ref().map(|l| &l[start..start + k]);
+        let cols = req.label_columns();
+        let labels = req.labels.as_ref().map(|l| &l[start * cols..(start + k) * cols]);
         let mut x = sample_chunk(den, sched, req, start, k, labels, on_step)?;
         for v in x.iter_mut() {
             *v = v.clamp(-1.0, 1.0);
@@ -503,7 +544,7 @@ fn guided_eps(
     want_v: bool,
 ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
     let [c, h, w] = req.shape;
-    let guides = req.guidance != 0.0 && req.guidance_interval.is_none_or(|g| g.contains(t));
+    let guides = req.guided() && req.guidance_interval.is_none_or(|g| g.contains(t));
     let mut call = |x: &[f32], n: usize, y: Option<&[i64]>| -> Result<(Vec<f32>, Option<Vec<f32>>)> {
         let ts = vec![t as i64; n];
         if !want_v {
@@ -515,6 +556,30 @@ fn guided_eps(
         }
     };
     match (guides, labels, req.null_class) {
+        (true, Some(l), Some(null)) if !req.attributes.is_empty() => {
+            // Liu et al. 2022, eq. 10, batched: rows [null | c_0 | c_1 | ..], c_i label i alone
+            let cols = req.label_columns();
+            let nulls: Vec<i64> = std::iter::once(null).chain(req.attributes.iter().map(|a| a.null)).collect();
+            let mut ys = Vec::with_capacity((cols + 1) * k * cols);
+            for part in 0..=cols {
+                for img in l.chunks(cols) {
+                    ys.extend((0..cols).map(|c| if part == c + 1 { img[c] } else { nulls[c] }));
+                }
+            }
+            let xs: Vec<f32> = (0..=cols).flat_map(|_| x.iter().copied()).collect();
+            let (e, v) = call(&xs, (cols + 1) * k, Some(&ys))?;
+            let parts: Vec<&[f32]> = e.chunks(x.len()).collect();
+            let weights: Vec<f32> =
+                std::iter::once(req.guidance).chain(req.attributes.iter().map(|a| a.guidance)).collect();
+            let mut out = parts[0].to_vec();
+            for (c, w) in weights.iter().enumerate() {
+                for (o, (a, b)) in out.iter_mut().zip(parts[c + 1].iter().zip(parts[0])) {
+                    *o += (1.0 + w) * (a - b);
+                }
+            }
+            // the variance of the class's conditional, as with one label
+            Ok((out, v.map(|v| v[x.len()..2 * x.len()].to_vec())))
+        }
         (true, Some(l), Some(null)) => {
             let mut x2 = Vec::with_capacity(2 * x.len());
             x2.extend_from_slice(x);
@@ -739,9 +804,10 @@ fn frames_of(mut req: Request, frames: usize) -> Result<Request> {
         return Err(Error::request("frames", format!("must be at least 2, got {frames}")));
     }
     req.n = frames;
-    if let Some(labels) = &mut req.labels {
-        let first = labels.first().copied().or(req.null_class).unwrap_or(0);
-        *labels = vec![first; frames];
+    let cols = req.label_columns();
+    if let Some(labels) = req.labels.as_mut().filter(|l| l.len() >= cols) {
+        let first = labels[..cols].to_vec();
+        *labels = (0..frames).flat_map(|_| first.iter().copied()).collect();
     }
     Ok(req)
 }
@@ -1083,6 +1149,53 @@ mod tests {
         let again = sample(&mut o, &sched, &req, &mut |_| {}).unwrap();
         assert_eq!(again, plain);
         assert_eq!(o.batch_sizes, vec![4; 5]);
+    }
+
+    /// eps = 0.1 y_0 + 0.01 y_1 at every pixel: each label's share is known, so the composition can be checked.
+    struct Labelled(Vec<usize>);
+    impl Denoiser for Labelled {
+        fn eps(&mut self, x: &[f32], shape: [usize; 4], _t: &[i64], y: Option<&[i64]>) -> Result<Vec<f32>> {
+            let y = y.expect("labels");
+            let per = x.len() / shape[0];
+            assert_eq!(y.len(), 2 * shape[0], "two labels per image");
+            self.0.push(shape[0]);
+            Ok(y.chunks(2).flat_map(|l| vec![0.1 * l[0] as f32 + 0.01 * l[1] as f32; per]).collect())
+        }
+    }
+
+    #[test]
+    fn attributes_are_guided_by_composing_one_conditional_per_label() {
+        let mut req = Request::new(2, [1, 1, 2], Method::Ddim { steps: 5, eta: 0.0, spacing: Spacing::Leading });
+        // nulls: class 5, attribute 3; image 0: class 2, attribute 1; image 1: class 4, attribute unknown
+        req.labels = Some(vec![2, 1, 4, 3]);
+        req.null_class = Some(5);
+        req.guidance = 1.0;
+        req.attributes = vec![AttrCond { null: 3, guidance: 3.0 }];
+        let mut den = Labelled(vec![]);
+        let x = vec![0.0; 4];
+        let (eps, v) = guided_eps(&mut den, &req, &x, 2, 10, req.labels.as_deref(), false).unwrap();
+        // one call of 3 x 2 rows: null, class alone, attribute alone
+        assert_eq!((den.0.clone(), v), (vec![6], None));
+        // Liu et al. eq. 10: eps(null) + (1 + w_c)(eps(c) - eps(null)) + (1 + w_a)(eps(a) - eps(null))
+        let null = 0.1 * 5.0 + 0.01 * 3.0;
+        let img0 = null + 2.0 * (0.1 * (2.0 - 5.0)) + 4.0 * (0.01 * (1.0 - 3.0));
+        let img1 = null + 2.0 * (0.1 * (4.0 - 5.0));
+        assert!(max_err(&eps, &[img0, img0, img1, img1]) < 1e-6, "{eps:?}");
+        // unguided: every label at once, one evaluation per image
+        (req.guidance, req.attributes[0].guidance) = (0.0, 0.0);
+        let (eps, _) = guided_eps(&mut den, &req, &x, 2, 10, req.labels.as_deref(), false).unwrap();
+        assert_eq!(den.0.last(), Some(&2));
+        assert!(max_err(&eps, &[0.21, 0.21, 0.43, 0.43]) < 1e-6, "{eps:?}");
+        // the labels of a chunk are whole images, and an interpolation repeats the first image's pair
+        req.batch = 1;
+        sample(&mut den, &NoiseSchedule::new(BetaSchedule::LINEAR, 100), &req, &mut |_| {}).unwrap();
+        assert_eq!(req.class_labels(), Some(vec![2, 4]));
+        let frames = frames_of(req.clone(), 3).unwrap();
+        assert_eq!(frames.labels, Some(vec![2, 1, 2, 1, 2, 1]));
+        req.labels = Some(vec![2, 1, 4]);
+        assert!(req.validate().unwrap_err().to_string().contains("3 labels for 2 images (2 per image)"));
+        req.labels = None;
+        assert!(req.validate().unwrap_err().to_string().contains("attributes"));
     }
 
     #[test]

@@ -50,6 +50,13 @@ fn c_example_compiles_and_runs() {
     assert!(stdout.contains("inpaint: left half kept"), "{stdout}");
     assert!(stdout.contains("interpolate: ends kept"), "{stdout}");
     assert!(stdout.contains("interpolate seeds: first frame matches"), "{stdout}");
+    assert!(stdout.contains("attributes: []"), "{stdout}");
+    assert!(
+        stdout.contains(
+            "attribute refused: dr_request.attributes unknown attribute 'position': this model has no attributes"
+        ),
+        "{stdout}"
+    );
     let pgm = std::fs::read(&out).unwrap();
     assert!(pgm.starts_with(b"P5\n28 28\n255\n") && pgm.len() == 13 + 784);
     // a bad path is an error message through dr_last_error, not a crash

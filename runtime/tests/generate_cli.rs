@@ -148,6 +148,17 @@ fn bad_input_gives_clear_errors() {
     let o = out.to_str().unwrap();
     assert!(err_of(&["--n", "0", "--out", o], &m).contains("--n must be at least 1"));
     assert!(err_of(&["--class", "giraffe", "--out", o], &m).contains("unknown class 'giraffe'"));
+    let e = err_of(&["--attr", "position=3", "--out", o], &m);
+    assert!(e.contains("unknown attribute 'position': this model has no attributes besides its class"), "{e}");
+    // flags that do not parse: a usage error (exit 2) naming the flag's value
+    for (args, needle) in [
+        (["--attr", "position"], "'position' is not NAME=VALUE"),
+        (["--attr-guidance", "position=x"], "'x' in 'position=x'"),
+    ] {
+        let out = generate().arg("--model").arg(&m).args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        assert!(String::from_utf8_lossy(&out.stderr).contains(needle), "{args:?}");
+    }
     assert!(err_of(&["--batch", "0", "--out", o], &m).contains("--batch must be at least 1"));
     // names are checked by the argument parser, before the model loads, and --help lists them
     for (flag, bad, choices) in

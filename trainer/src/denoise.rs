@@ -50,18 +50,15 @@ impl Denoiser for CandleDenoiser<'_> {
 impl CandleDenoiser<'_> {
     /// The U-Net's output: [n, C, H, W], or [n, 2C, H, W] (eps, then v) for a learned variance.
     fn output(&mut self, x: &[f32], shape: [usize; 4], t: &[i64], y: Option<&[i64]>) -> Result<Vec<f32>> {
-        let labels: Option<Vec<i64>> = match (y, self.unet.cfg.null_class()) {
-            (Some(y), Some(_)) => Some(y.to_vec()),
-            (None, Some(null)) => Some(vec![null as i64; t.len()]),
-            _ => None,
-        };
+        let labels = self.unet.cfg.full_labels(y, t.len())?;
+        let ydims = self.unet.cfg.label_dims(t.len());
         if self.device.is_cpu() {
             // the CPU engine (the kernels training uses; buffers reused between sampler steps)
             let mut tape = Tape::new(&mut self.pool, None);
             let xs = tape.input(x, &shape)?;
             let ts = tape.input(&t.iter().map(|&v| v as f32).collect::<Vec<_>>(), &[t.len()])?;
             let ys = match &labels {
-                Some(y) => Some(tape.input(&y.iter().map(|&v| v as f32).collect::<Vec<_>>(), &[y.len()])?),
+                Some(y) => Some(tape.input(&y.iter().map(|&v| v as f32).collect::<Vec<_>>(), &ydims)?),
                 None => None,
             };
             let out = self.unet.forward(&mut tape, &xs, &ts, ys.as_ref())?;
@@ -69,7 +66,7 @@ impl CandleDenoiser<'_> {
         }
         let xs = Tensor::from_slice(x, shape.to_vec(), &self.device)?;
         let ts = Tensor::from_slice(t, t.len(), &self.device)?;
-        let ys = labels.map(|y| Tensor::from_vec(y, t.len(), &self.device)).transpose()?;
+        let ys = labels.map(|y| Tensor::from_vec(y, ydims, &self.device)).transpose()?;
         let mut ops = CandleOps::inference(&self.device, DType::F32);
         let eps = self.unet.forward(&mut ops, &xs, &ts, ys.as_ref())?;
         Ok(eps.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)

@@ -217,6 +217,7 @@ fn evaluate_one(run: &Path, spec: &SweepSpec, device: DeviceSpec, progress: &dyn
         model: None,
         nll: 0,
         c2st: false,
+        composition: 0,
     };
     crate::eval::evaluate(&o, progress).with_context(|| format!("evaluating {}", run.display()))?;
     Ok(())

@@ -89,6 +89,14 @@ int main(int argc, char **argv) {
     fwrite(buf, 1, (size_t)size * size * channels, f);
     fclose(f);
     printf("ok: %d images %dx%dx%d, classes %d, short buffer: %s\n", req.n, channels, size, size, classes, dr_last_error());
+    /* attributes (multi-attribute models): the schema as JSON, values by name; a model without one refuses it */
+    printf("attributes: %s\n", dr_model_attributes(g));
+    dr_request attr = req;
+    attr.attributes = "position=3";
+    if (dr_generate(g, &attr, buf, len) != 0)
+        printf("attribute refused: %s\n", dr_last_error());
+    else
+        printf("attribute accepted\n");
     free(buf);
     dr_free(g);
     return 0;

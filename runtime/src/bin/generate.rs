@@ -46,6 +46,14 @@ struct Args {
     /// Class index or name (conditional models); without it the images cycle through the classes.
     #[arg(long)]
     class: Option<String>,
+    /// An attribute of a multi-attribute model, NAME=VALUE (value by name or index), e.g. position=3; repeat
+    /// for several. An attribute not given is unknown to the model.
+    #[arg(long = "attr", value_name = "NAME=VALUE", value_parser = parse_pair::<String>)]
+    attrs: Vec<(String, String)>,
+    /// The guidance weight of one attribute, NAME=W (default: --guidance); the labels' conditionals are
+    /// composed (Liu et al. 2022): eps(null) + sum over labels of (1+w)(eps(label) - eps(null)).
+    #[arg(long = "attr-guidance", value_name = "NAME=W", value_parser = parse_pair::<f32>)]
+    attr_guidance: Vec<(String, f32)>,
     /// Random seed: same seed, same images on the same provider.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -197,6 +205,8 @@ fn run(a: Args) -> Result<()> {
         spacing: a.spacing,
         class: a.class.clone(),
         guidance: a.guidance.unwrap_or(rec.guidance),
+        attributes: a.attrs.clone(),
+        attribute_guidance: a.attr_guidance.clone(),
         guidance_interval: match a.guidance_interval {
             None => rec.guidance_interval,
             Some(IntervalArg::All) => None,
@@ -228,7 +238,7 @@ fn run(a: Args) -> Result<()> {
     let start = Instant::now();
     // chunk by chunk: only 8-bit pixels are kept (the grid's), and --out-dir files are written as they come,
     // so memory beyond the grid does not grow with --n
-    let mut images = Images::from_f32(&[], 0, plan.shape, plan.labels.clone());
+    let mut images = Images::from_f32(&[], 0, plan.shape, plan.class_labels());
     images.pixels.reserve(req.n.saturating_mul(c * h * w));
     g.sample_chunks(
         &plan,
@@ -294,4 +304,14 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// NAME=VALUE of --attr and --attr-guidance.
+fn parse_pair<T: std::str::FromStr>(s: &str) -> Result<(String, T), String>
+where
+    T::Err: std::fmt::Display,
+{
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("'{s}' is not NAME=VALUE"))?;
+    let v = v.trim().parse().map_err(|e| format!("'{v}' in '{s}': {e}"))?;
+    Ok((k.trim().to_string(), v))
 }

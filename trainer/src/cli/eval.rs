@@ -72,6 +72,11 @@ pub struct EvalArgs {
     /// against real test images.
     #[arg(long)]
     c2st: bool,
+    /// Compositional generalisation on shifted digits (data.shifted): N samples of every (class, position)
+    /// pair, both labels guided with --guidance and composed (Liu et al. 2022); each judged by where its ink
+    /// is and by the plain set's classifier on that quadrant, the pairs held out of training reported apart.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    composition: usize,
     #[arg(long, short)]
     quiet: bool,
 }
@@ -116,6 +121,7 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
         model: a.model,
         nll: a.nll,
         c2st: a.c2st,
+        composition: a.composition,
     };
     let r = trainer::eval::evaluate(&options, &bars);
     bars.end();

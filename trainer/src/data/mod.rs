@@ -5,6 +5,7 @@ pub mod augment;
 pub mod cifar;
 pub mod folder;
 pub mod idx;
+pub mod shifted;
 
 use std::path::{Path, PathBuf};
 
@@ -13,6 +14,11 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub use augment::AugmentConfig;
+pub use runtime::metadata::Attribute;
+pub use shifted::ShiftedConfig;
+
+/// An attribute label that is not known (withheld): the model sees the attribute's null entry.
+pub const UNKNOWN: u32 = u32::MAX;
 
 pub const MNIST_CLASSES: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
 pub const FASHION_CLASSES: [&str; 10] =
@@ -80,6 +86,9 @@ pub struct DataConfig {
     /// Use at most this many images (0: all).
     pub limit: usize,
     pub augment: AugmentConfig,
+    /// Place each digit in one quadrant of a larger canvas, with its position as a second label
+    /// ([`shifted`]).
+    pub shifted: Option<ShiftedConfig>,
 }
 
 impl Default for DataConfig {
@@ -95,6 +104,7 @@ impl Default for DataConfig {
             background: [255, 255, 255],
             limit: 0,
             augment: AugmentConfig::default(),
+            shifted: None,
         }
     }
 }
@@ -113,6 +123,9 @@ pub struct Dataset {
     pub images: Vec<u8>,
     pub labels: Option<Vec<u32>>,
     pub class_names: Vec<String>,
+    /// Labels beside the class, and per attribute one label per image ([`UNKNOWN`] where withheld).
+    pub attributes: Vec<Attribute>,
+    pub attr_labels: Vec<Vec<u32>>,
     pub len: usize,
     pub channels: usize,
     pub size: usize,
@@ -152,7 +165,40 @@ impl Dataset {
             }
         }
         let fingerprint = h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect();
-        Ok(Self { images, labels, class_names, len, channels, size, fingerprint, description })
+        Ok(Self {
+            images,
+            labels,
+            class_names,
+            attributes: vec![],
+            attr_labels: vec![],
+            len,
+            channels,
+            size,
+            fingerprint,
+            description,
+        })
+    }
+
+    /// Adds attribute labels (one list per attribute, one label per image, [`UNKNOWN`] or below the
+    /// attribute's value count); the fingerprint covers them.
+    pub fn with_attributes(mut self, attributes: Vec<Attribute>, labels: Vec<Vec<u32>>) -> Result<Self> {
+        let mut h = Sha256::new();
+        h.update(&self.fingerprint);
+        for (a, l) in attributes.iter().zip(&labels) {
+            if l.len() != self.len || l.iter().any(|&v| v != UNKNOWN && v as usize >= a.values.len()) {
+                bail!("{}: attribute {} needs one label in 0..{} per image", self.description, a.name, a.values.len());
+            }
+            h.update(a.name.as_bytes());
+            for v in l {
+                h.update(v.to_le_bytes());
+            }
+        }
+        if attributes.len() != labels.len() {
+            bail!("internal error: {} attributes with {} label lists", attributes.len(), labels.len());
+        }
+        self.fingerprint = h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect();
+        (self.attributes, self.attr_labels) = (attributes, labels);
+        Ok(self)
     }
 
     pub fn num_classes(&self) -> usize {
@@ -235,6 +281,10 @@ pub fn load(cfg: &DataConfig, image_size: usize) -> Result<Dataset> {
     let ds = if cfg.classes.is_empty() { ds } else { ds.select_classes(&cfg.classes)? };
     let ds = if cfg.unconditional { ds.drop_labels()? } else { ds };
     let ds = ds.truncate(cfg.limit)?;
+    let ds = match &cfg.shifted {
+        Some(s) => shifted::shift(ds, s)?,
+        None => ds,
+    };
     if ds.size != image_size {
         bail!(
             "{}: images are {}x{} but model.image_size is {image_size}; set model.image_size = {} (folders are resized, IDX and CIFAR are not)",

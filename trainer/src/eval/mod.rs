@@ -3,6 +3,7 @@
 
 pub mod c2st;
 pub mod classifier;
+pub mod compose;
 pub mod fid;
 pub mod inception;
 pub mod nearest;
@@ -57,6 +58,9 @@ pub struct EvalOptions {
     /// The classifier two-sample test of the samples against real test images, and of real training images
     /// against them (its floor).
     pub c2st: bool,
+    /// Samples per (class, position) pair of the compositional-generalisation report on shifted digits
+    /// ([`compose`]; 0: off).
+    pub composition: usize,
 }
 
 /// A feature space for FID: the classifier's penultimate layer or Inception-v3's pool3.
@@ -168,6 +172,9 @@ pub struct EvalReport {
     /// The classifier two-sample test (`--c2st`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub c2st: Option<C2stReport>,
+    /// The compositional-generalisation report (`--composition N`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub composition: Option<compose::CompositionReport>,
 }
 
 /// The classifier two-sample test (Lopez-Paz & Oquab 2017): a small CNN trained on half of each set to tell
@@ -247,6 +254,9 @@ pub fn evaluate(o: &EvalOptions, progress: &dyn Progress) -> Result<EvalReport> 
     let t = cfg.diffusion.timesteps;
     if let Some(bad) = std::iter::once(o.steps).chain(o.sweep_steps.iter().copied()).find(|s| !(1..=t).contains(s)) {
         bail!("{bad} sampling steps: use 1..={t}");
+    }
+    if o.composition > 0 && (cfg.data.shifted.is_none() || !cfg.model.attributes.iter().any(|a| a.name == "position")) {
+        bail!("--composition needs a run on shifted digits (data.shifted) whose model has the position attribute");
     }
     let train = crate::data::load(&cfg.data, cfg.model.image_size)?;
     let mut test_cfg = cfg.data.clone();
@@ -424,6 +434,7 @@ pub fn evaluate(o: &EvalOptions, progress: &dyn Progress) -> Result<EvalReport> 
         nearest: None,
         nll: None,
         c2st: None,
+        composition: None,
     };
     if o.c2st {
         progress.note(
@@ -450,6 +461,21 @@ pub fn evaluate(o: &EvalOptions, progress: &dyn Progress) -> Result<EvalReport> 
         report.sweep_csv = Some(o.run.join("sweep.csv").display().to_string());
     }
     // after the sweeps: their sampler holds the model until then
+    if o.composition > 0 {
+        use runtime::sampler::{Method, Spacing};
+        let method = Method::new(o.sampler, o.steps, 0.0, Spacing::Trailing, variance, cfg.diffusion.timesteps)?;
+        let mut candle;
+        let den: &mut dyn runtime::sampler::Denoiser = match onnx.as_mut() {
+            Some(den) => den,
+            None => {
+                candle = crate::denoise::CandleDenoiser::new(&unet, &dev);
+                &mut candle
+            }
+        };
+        let g = o.guidance;
+        let (n, seed, batch) = (o.composition, o.seed, o.batch);
+        report.composition = Some(compose::composition(den, cfg, method, n, g, seed, batch, &o.cache, &dev, progress)?);
+    }
     if o.nll > 0 {
         let idx = subset(test.len, o.nll.min(test.len), o.seed ^ 3);
         let x0 = real(&test, &idx);

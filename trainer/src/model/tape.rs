@@ -998,7 +998,7 @@ mod tests {
     use super::*;
     use crate::model::ops::CandleOps;
     use crate::model::params::InitSource;
-    use crate::model::unet::{UNet, UNetConfig};
+    use crate::model::unet::{Attribute, UNet, UNetConfig};
     use candle_core::{DType, Device};
     use rand::SeedableRng;
 
@@ -1017,9 +1017,11 @@ mod tests {
         let s = cfg.image_size;
         let x = Tensor::randn(0f32, 1.0, (batch, cfg.channels, s, s), &dev).unwrap();
         let ts: Vec<u32> = (0..batch).map(|i| (i * 137 % 1000) as u32).collect();
-        let ys: Vec<u32> = (0..batch).map(|i| (i % (cfg.num_classes + 1)) as u32).collect();
+        let nulls = if cfg.num_classes > 0 { cfg.label_nulls() } else { vec![0] };
+        let ys: Vec<u32> = (0..batch).flat_map(|i| nulls.iter().map(move |&k| (i % (k as usize + 1)) as u32)).collect();
         let t = Tensor::from_vec(ts.clone(), batch, &dev).unwrap();
-        let y = Tensor::from_vec(ys.clone(), batch, &dev).unwrap();
+        let ydims = if cfg.num_classes > 0 { cfg.label_dims(batch) } else { vec![batch] };
+        let y = Tensor::from_vec(ys.clone(), ydims.clone(), &dev).unwrap();
         let cond = cfg.num_classes > 0;
 
         let mut rng = ChaCha8Rng::seed_from_u64(9);
@@ -1033,7 +1035,7 @@ mod tests {
         let mut tape = Tape::new(&mut pool, Some(&mut rng));
         let xv = tape.input(&x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), x.dims()).unwrap();
         let tv = tape.input(&ts.iter().map(|&v| v as f32).collect::<Vec<_>>(), &[batch]).unwrap();
-        let yv = tape.input(&ys.iter().map(|&v| v as f32).collect::<Vec<_>>(), &[batch]).unwrap();
+        let yv = tape.input(&ys.iter().map(|&v| v as f32).collect::<Vec<_>>(), &ydims).unwrap();
         let out = unet.forward(&mut tape, &xv, &tv, cond.then_some(&yv)).unwrap();
         let ours = tape.data(out).to_vec();
         let want = pred.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -1053,7 +1055,7 @@ mod tests {
     }
 
     #[test]
-    fn unet_matches_candle_autograd_with_scale_shift_attention_and_classes() {
+    fn unet_matches_candle_autograd_with_scale_shift_attention_classes_and_an_attribute() {
         check_against_candle(
             UNetConfig {
                 channels: 1,
@@ -1066,6 +1068,7 @@ mod tests {
                 dropout: 0.2,
                 use_scale_shift_norm: true,
                 num_classes: 3,
+                attributes: vec![Attribute { name: "position".into(), values: vec!["a".into(), "b".into()] }],
                 norm_groups: 8,
                 learn_sigma: false,
             },
@@ -1089,6 +1092,7 @@ mod tests {
                 dropout: 0.0,
                 use_scale_shift_norm: false,
                 num_classes: 0,
+                attributes: vec![],
                 norm_groups: 4,
                 learn_sigma: true,
             },

@@ -22,6 +22,8 @@
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
+pub use runtime::metadata::Attribute;
+
 use crate::model::ops::Ops;
 use crate::model::params::{Init, Param, ParamSource, ShapeCounter};
 
@@ -49,6 +51,11 @@ pub struct UNetConfig {
     /// Number of classes; 0 for an unconditional model. Conditional models get one extra "null" class
     /// (index = num_classes) for classifier-free guidance.
     pub num_classes: usize,
+    /// Labels beside the class (multi-attribute conditioning, e.g. a digit's position), each with its own
+    /// embedding and null entry: the label embedding is the sum of one embedding per label (class first), so
+    /// any label can be unknown, or dropped for guidance, on its own. Needs num_classes > 0.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub attributes: Vec<Attribute>,
     /// GroupNorm groups (32 in the papers).
     pub norm_groups: usize,
     /// Output 2 x channels: eps, then v of the learned variance (Nichol & Dhariwal 2021, sec. 3.1;
@@ -72,6 +79,7 @@ impl Default for UNetConfig {
             dropout: 0.1,
             use_scale_shift_norm: false,
             num_classes: 0,
+            attributes: vec![],
             norm_groups: 32,
             learn_sigma: false,
         }
@@ -145,6 +153,10 @@ impl UNetConfig {
                 );
             }
         }
+        Attribute::check_all(&self.attributes).map_err(|e| anyhow::anyhow!("model.attributes: {e}"))?;
+        if !self.attributes.is_empty() && self.num_classes == 0 {
+            bail!("model.attributes need a class-conditional model (model.num_classes > 0)");
+        }
         if !(0.0..1.0).contains(&self.dropout) {
             bail!("model.dropout must lie in [0, 1), got {}", self.dropout);
         }
@@ -161,6 +173,44 @@ impl UNetConfig {
     /// The class embedding has num_classes + 1 rows; the last is the null class.
     pub fn null_class(&self) -> Option<usize> {
         (self.num_classes > 0).then_some(self.num_classes)
+    }
+
+    /// Labels per image: the class, then each attribute.
+    pub fn label_columns(&self) -> usize {
+        1 + self.attributes.len()
+    }
+
+    /// The null label of every column (the class's, then each attribute's); empty for unconditional models.
+    pub fn label_nulls(&self) -> Vec<i64> {
+        match self.null_class() {
+            Some(c) => std::iter::once(c as i64).chain(self.attributes.iter().map(|a| a.null())).collect(),
+            None => vec![],
+        }
+    }
+
+    /// The shape of y for `n` images: [n], or [n, 1 + A] with attributes.
+    pub fn label_dims(&self, n: usize) -> Vec<usize> {
+        if self.attributes.is_empty() {
+            vec![n]
+        } else {
+            vec![n, self.label_columns()]
+        }
+    }
+
+    /// The model's labels for `n` images from a caller's: all of them (n x columns), the class alone (n; the
+    /// attributes unknown) or none (all null). None for unconditional models.
+    pub fn full_labels(&self, y: Option<&[i64]>, n: usize) -> Result<Option<Vec<i64>>> {
+        let nulls = self.label_nulls();
+        let cols = self.label_columns();
+        Ok(match y {
+            _ if nulls.is_empty() => None,
+            None => Some((0..n).flat_map(|_| nulls.iter().copied()).collect()),
+            Some(y) if y.len() == n * cols => Some(y.to_vec()),
+            Some(y) if y.len() == n => {
+                Some(y.iter().flat_map(|&c| std::iter::once(c).chain(nulls[1..].iter().copied())).collect())
+            }
+            Some(y) => bail!("{} labels for {n} images ({cols} per image)", y.len()),
+        })
     }
 
     fn time_embed_dim(&self) -> usize {
@@ -381,6 +431,8 @@ pub struct UNet {
     pub temb0: Linear,
     pub temb2: Linear,
     pub label: Option<Param>,
+    /// One embedding per attribute, `values + 1` rows each (the last: unknown).
+    pub attrs: Vec<Param>,
     pub conv_in: Conv,
     pub down: Vec<Layer>,
     pub mid1: ResBlock,
@@ -403,6 +455,14 @@ impl UNet {
         } else {
             None
         };
+        let mut attrs = vec![];
+        for a in &cfg.attributes {
+            attrs.push(src.param(
+                &format!("attr.{}.weight", a.name),
+                &[a.values.len() + 1, temb],
+                Init::Normal(1.0),
+            )?);
+        }
         let conv_in = Conv::new(src, "conv_in", cfg.channels, ch, 3, 1, false)?;
         let mut down = vec![];
         let mut chans = vec![ch];
@@ -454,7 +514,7 @@ impl UNet {
         }
         let out_norm = GroupNorm::new(src, "out.0", cur, cfg.norm_groups)?;
         let out_conv = Conv::new(src, "out.2", cur, cfg.out_channels(), 3, 1, true)?;
-        Ok(Self { cfg, temb0, temb2, label, conv_in, down, mid1, mida, mid2, up, out_norm, out_conv })
+        Ok(Self { cfg, temb0, temb2, label, attrs, conv_in, down, mid1, mida, mid2, up, out_norm, out_conv })
     }
 
     /// Sinusoidal timestep embedding (Vaswani et al. 2017 sec. 3.5, as in DDPM's `get_timestep_embedding`):
@@ -473,15 +533,26 @@ impl UNet {
         o.to_model_dtype(&e)
     }
 
-    /// eps_theta(x_t, t, y): x [B, C, H, W], t [B] integer timesteps, y [B] integer labels (num_classes = null).
+    /// eps_theta(x_t, t, y): x [B, C, H, W], t [B] integer timesteps, y [B] integer labels (num_classes = null),
+    /// or [B, 1 + A] with attributes (the class, then each attribute; each column's last value is its null).
     pub fn forward<O: Ops>(&self, o: &mut O, x: &O::T, t: &O::T, y: Option<&O::T>) -> Result<O::T> {
         let e = self.timestep_embedding(o, t)?;
         let e = self.temb0.forward(o, &e)?;
         let e = o.silu(&e)?;
         let mut emb = self.temb2.forward(o, &e)?;
         if let (Some(table), Some(y)) = (&self.label, y) {
-            let l = o.embedding(y, table)?;
-            emb = o.add(&emb, &l)?;
+            if self.attrs.is_empty() {
+                let l = o.embedding(y, table)?;
+                emb = o.add(&emb, &l)?;
+            } else {
+                // one embedding per label, summed: each column looked up in its own table
+                for (i, table) in std::iter::once(table).chain(&self.attrs).enumerate() {
+                    let col = o.narrow(y, 1, i, 1)?;
+                    let col = o.reshape(&col, &[-1])?;
+                    let l = o.embedding(&col, table)?;
+                    emb = o.add(&emb, &l)?;
+                }
+            }
         }
         let mut h = self.conv_in.forward(o, x)?;
         let mut hs = vec![h.clone()];

@@ -101,6 +101,9 @@ pub fn model_card(state: &State, opts: &ExportOptions, bytes: &[u8], eval: Optio
     } else {
         "unconditional".into()
     };
+    let classes = m.attributes.iter().fold(classes, |acc, a| {
+        format!("{acc}; attribute {} ({}), its own null entry and dropout", a.name, a.values.join(", "))
+    });
     let rows = [
         ("data", format!("{} (fingerprint {})", state.data_description, state.data_fingerprint)),
         ("image", format!("{}x{}, {} channel(s), pixels in [-1, 1]", m.image_size, m.image_size, m.channels)),
@@ -182,7 +185,10 @@ pub fn model_card(state: &State, opts: &ExportOptions, bytes: &[u8], eval: Optio
             );
         }
     }
-    let class = if m.num_classes > 0 { " --class 0" } else { "" };
+    let mut class = if m.num_classes > 0 { " --class 0".to_string() } else { String::new() };
+    for a in &m.attributes {
+        class += &format!(" --attr {}={}", a.name, a.values[0]);
+    }
     let how = recommendation(opts.recommended.as_ref(), m.num_classes > 0);
     s += &format!("\n## Use\n\n{how}```\ngenerate --model {} --n 64{class}\n```\n", opts.out.display());
     s

@@ -29,6 +29,7 @@ pub fn metadata(state: &State, weights: Weights, dtype: Dtype, recommended: Opti
         num_classes: m.num_classes,
         class_names: if m.num_classes > 0 { state.class_names.clone() } else { vec![] },
         null_class: m.null_class().map(|n| n as i64),
+        attributes: m.attributes.clone(),
         dtype,
         schedule: Some(cfg.diffusion.beta_schedule()),
         weights: Some(weights),

@@ -316,7 +316,9 @@ pub fn build_model(unet: &UNet, dtype: Dtype, opset: i64, metadata: &BTreeMap<St
     let img = [None, Some(c), Some(s), Some(s)];
     let mut inputs = vec![value_info("x", onnx_type(dtype), &img), value_info("t", DataType::Int64, &[None])];
     if conditional {
-        inputs.push(value_info("y", DataType::Int64, &[None]));
+        // y [B], or [B, 1 + A] for a multi-attribute model
+        let dims = if cfg.attributes.is_empty() { vec![None] } else { vec![None, Some(cfg.label_columns() as i64)] };
+        inputs.push(value_info("y", DataType::Int64, &dims));
     }
     let (outputs, doc) = if cfg.learn_sigma {
         // Nichol & Dhariwal 2021, sec. 3.1: the second C channels are v of the learned variance (eq. 15)

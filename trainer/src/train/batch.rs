@@ -8,7 +8,7 @@ use runtime::schedule::NoiseSchedule;
 
 use super::config::Config;
 use super::loss::TimestepSampler;
-use crate::data::Dataset;
+use crate::data::{Dataset, UNKNOWN};
 
 /// The random numbers of one training step, all drawn from ChaCha8(seed), stream = step.
 pub fn step_rng(seed: u64, step: usize) -> ChaCha8Rng {
@@ -102,6 +102,11 @@ pub fn make_host_batch(
         if let (Some(null), Some(labels)) = (null, &data.labels) {
             // Ho & Salimans 2022, Algorithm 1: drop the label with probability p_uncond
             ys.push(if rng.gen::<f64>() < cfg.train.p_uncond { null as u32 } else { labels[i] });
+            // each attribute dropped on its own (and unknown where the data withholds it)
+            for (a, l) in cfg.model.attributes.iter().zip(&data.attr_labels) {
+                let drop = rng.gen::<f64>() < cfg.train.p_uncond;
+                ys.push(if drop || l[i] == UNKNOWN { a.null() as u32 } else { l[i] });
+            }
         }
     }
     let y = if ys.is_empty() { None } else { Some(ys) };

@@ -156,6 +156,22 @@ impl Trainer {
         if cfg.model.channels != data.channels {
             bail!("model.channels is {} but the images have {} channel(s)", cfg.model.channels, data.channels);
         }
+        if cfg.model.attributes != data.attributes && (cfg.model.num_classes > 0 || !cfg.model.attributes.is_empty()) {
+            let toml: Vec<String> = data
+                .attributes
+                .iter()
+                .map(|a| format!("{{ name = \"{}\", values = {:?} }}", a.name, a.values))
+                .collect();
+            bail!(
+                "model.attributes do not match the data's ({}); set model.attributes = [{}]",
+                if data.attributes.is_empty() {
+                    "none".to_string()
+                } else {
+                    data.attributes.iter().map(|a| a.name.as_str()).collect::<Vec<_>>().join(", ")
+                },
+                toml.join(", ")
+            );
+        }
         let order = DataOrder::new(cfg.train.seed, data.len);
         let importance = cfg.train.timestep_sampling == config::TimestepSampling::Importance;
         let mut timesteps = TimestepSampler::new(schedule.num_timesteps(), importance);
@@ -219,7 +235,8 @@ impl Trainer {
         let b = batch.dims[0];
         let xt = Tensor::from_slice(&batch.xt, batch.dims.to_vec(), &self.device)?;
         let t = Tensor::from_slice(&batch.t, b, &self.device)?;
-        let y = batch.y.as_ref().map(|y| Tensor::from_slice(y, b, &self.device)).transpose()?;
+        let y =
+            batch.y.as_ref().map(|y| Tensor::from_slice(y, self.unet.cfg.label_dims(b), &self.device)).transpose()?;
         let mut ops = CandleOps::training(&self.device, DType::F32, rng);
         let pred = self.unet.forward(&mut ops, &xt, &t, y.as_ref())?;
         let host: Vec<f32> = pred.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
@@ -289,7 +306,9 @@ impl Trainer {
         let x = tape.input(&batch.xt, &batch.dims)?;
         let t = tape.input(&batch.t.iter().map(|&v| v as f32).collect::<Vec<_>>(), &[b])?;
         let y = match &batch.y {
-            Some(y) => Some(tape.input(&y.iter().map(|&v| v as f32).collect::<Vec<_>>(), &[b])?),
+            Some(y) => {
+                Some(tape.input(&y.iter().map(|&v| v as f32).collect::<Vec<_>>(), &self.unet.cfg.label_dims(b))?)
+            }
             None => None,
         };
         let out = self.unet.forward(&mut tape, &x, &t, y.as_ref())?;
