@@ -233,6 +233,17 @@ pub fn plan(info: &ModelMeta, req: &GenerateRequest) -> Result<Request> {
     Ok(r)
 }
 
+/// NAME=VALUE as the command lines take attributes and their weights (`--attr position=3`, `--attr-guidance
+/// position=4`).
+pub fn parse_pair<T: std::str::FromStr>(s: &str) -> std::result::Result<(String, T), String>
+where
+    T::Err: std::fmt::Display,
+{
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("'{s}' is not NAME=VALUE"))?;
+    let v = v.trim().parse().map_err(|e| format!("'{v}' in '{s}': {e}"))?;
+    Ok((k.trim().to_string(), v))
+}
+
 /// Widens the plan's class labels to [class, attribute..] per image, with the attributes' nulls and weights.
 fn with_attributes(info: &ModelMeta, req: &GenerateRequest, r: &mut Request) -> Result<()> {
     let mut values: Vec<i64> = info.attributes.iter().map(|a| a.null()).collect();

@@ -218,6 +218,7 @@ fn evaluate_one(run: &Path, spec: &SweepSpec, device: DeviceSpec, progress: &dyn
         nll: 0,
         c2st: false,
         composition: 0,
+        attribute_guidance: vec![],
     };
     crate::eval::evaluate(&o, progress).with_context(|| format!("evaluating {}", run.display()))?;
     Ok(())

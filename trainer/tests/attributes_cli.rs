@@ -78,7 +78,7 @@ fn a_two_label_model_is_trained_exported_sampled_by_name_and_scored_for_composit
         .args(["eval", "-q", "--run"])
         .arg(&run)
         .args(["--n", "20", "--steps", "2", "--sampler", "ddim", "--features", "classifier"])
-        .args(["--composition", "2", "--guidance", "1", "--cache"])
+        .args(["--composition", "2", "--guidance", "1", "--attr-guidance", "position=3", "--cache"])
         .arg(dir.join("cache"))
         .output()
         .unwrap();
@@ -93,6 +93,23 @@ fn a_two_label_model_is_trained_exported_sampled_by_name_and_scored_for_composit
         .map(|c| (c["class"].as_str().unwrap().into(), c["position"].as_str().unwrap().into()))
         .collect();
     assert_eq!(held, [("7".into(), "bottom-left".into()), ("7".into(), "bottom-right".into())]);
+    // each label weighed on its own: the class at --guidance, the position at its own weight
+    assert_eq!(c["guidance"], 1.0);
+    assert_eq!(
+        c["label_guidance"],
+        serde_json::json!([{ "label": "class", "guidance": 1.0 }, { "label": "position", "guidance": 3.0 }])
+    );
+    // a weight for an attribute the model does not have is refused before any sampling, naming the ones it has
+    let out = Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args(["eval", "-q", "--run"])
+        .arg(&run)
+        .args(["--n", "20", "--features", "classifier", "--composition", "2", "--attr-guidance", "colour=2"])
+        .arg("--cache")
+        .arg(dir.join("cache"))
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("no attribute colour (its attributes: position)"), "{e}");
     for k in ["held_out_pairs", "held_out_class_seen_pairs", "other_pairs"] {
         let v = c[k].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&v), "{k} = {v}");

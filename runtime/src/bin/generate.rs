@@ -48,11 +48,11 @@ struct Args {
     class: Option<String>,
     /// An attribute of a multi-attribute model, NAME=VALUE (value by name or index), e.g. position=3; repeat
     /// for several. An attribute not given is unknown to the model.
-    #[arg(long = "attr", value_name = "NAME=VALUE", value_parser = parse_pair::<String>)]
+    #[arg(long = "attr", value_name = "NAME=VALUE", value_parser = runtime::generator::parse_pair::<String>)]
     attrs: Vec<(String, String)>,
     /// The guidance weight of one attribute, NAME=W (default: --guidance); the labels' conditionals are
     /// composed (Liu et al. 2022): eps(null) + sum over labels of (1+w)(eps(label) - eps(null)).
-    #[arg(long = "attr-guidance", value_name = "NAME=W", value_parser = parse_pair::<f32>)]
+    #[arg(long = "attr-guidance", value_name = "NAME=W", value_parser = runtime::generator::parse_pair::<f32>)]
     attr_guidance: Vec<(String, f32)>,
     /// Random seed: same seed, same images on the same provider.
     #[arg(long, default_value_t = 0)]
@@ -279,6 +279,9 @@ fn run(a: Args) -> Result<()> {
         (w, None) => format!(", guidance {w}"),
         (w, Some(g)) => format!(", guidance {w} at t {}..={}", g.lo, g.hi),
     };
+    // the attributes weighed on their own (--attr-guidance)
+    let own: Vec<String> = req.attribute_guidance.iter().map(|(name, w)| format!("{name} {w}")).collect();
+    let guidance = if own.is_empty() { guidance } else { format!("{guidance} ({})", own.join(", ")) };
     println!(
         "provider {} | {} {}{} | {} images {}x{}x{} in {:.2} s | {:.2} images/s | {}",
         g.provider(),
@@ -304,14 +307,4 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// NAME=VALUE of --attr and --attr-guidance.
-fn parse_pair<T: std::str::FromStr>(s: &str) -> Result<(String, T), String>
-where
-    T::Err: std::fmt::Display,
-{
-    let (k, v) = s.split_once('=').ok_or_else(|| format!("'{s}' is not NAME=VALUE"))?;
-    let v = v.trim().parse().map_err(|e| format!("'{v}' in '{s}': {e}"))?;
-    Ok((k.trim().to_string(), v))
 }

@@ -77,6 +77,10 @@ pub struct EvalArgs {
     /// is and by the plain set's classifier on that quadrant, the pairs held out of training reported apart.
     #[arg(long, value_name = "N", default_value_t = 0)]
     composition: usize,
+    /// With --composition: an attribute's own guidance weight, e.g. position=4 (Liu et al. 2022 weigh each
+    /// label on its own); the class and the attributes not named take --guidance.
+    #[arg(long = "attr-guidance", value_name = "NAME=W", value_parser = runtime::generator::parse_pair::<f32>)]
+    attr_guidance: Vec<(String, f32)>,
     #[arg(long, short)]
     quiet: bool,
 }
@@ -122,6 +126,7 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
         nll: a.nll,
         c2st: a.c2st,
         composition: a.composition,
+        attribute_guidance: a.attr_guidance,
     };
     let r = trainer::eval::evaluate(&options, &bars);
     bars.end();

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::classifier::{classifier_for, features};
 use crate::data::shifted::{crop_quadrant, position_of};
+use crate::model::unet::UNetConfig;
 use crate::progress::Progress;
 use crate::train::config::Config;
 
@@ -32,9 +33,12 @@ pub struct Cell {
 /// `trainer eval --composition N`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CompositionReport {
-    /// Samples per pair, and the guidance weight of each label.
+    /// Samples per pair, and the guidance weight of the class (and of each label not in `label_guidance`).
     pub per_pair: usize,
     pub guidance: f32,
+    /// The guidance weight of every label: the class, then the model's attributes.
+    #[serde(default)]
+    pub label_guidance: Vec<LabelWeight>,
     pub held_out_class: String,
     /// `both` of the held-out class at its held-out positions, at its trained positions, and of every other
     /// class at every position.
@@ -44,6 +48,33 @@ pub struct CompositionReport {
     pub cells: Vec<Cell>,
 }
 
+/// A label's guidance weight (`"class"` or an attribute's name).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LabelWeight {
+    pub label: String,
+    pub guidance: f32,
+}
+
+/// The weight of every label of `m` (the class, then each attribute): `guidance`, or an attribute's own weight
+/// from `own` (`--attr-guidance NAME=W`). An unknown name or a weight that is not finite and >= 0 is an error.
+pub fn label_weights(m: &UNetConfig, guidance: f32, own: &[(String, f32)]) -> Result<Vec<LabelWeight>> {
+    let mut w: Vec<LabelWeight> = std::iter::once("class")
+        .chain(m.attributes.iter().map(|a| a.name.as_str()))
+        .map(|label| LabelWeight { label: label.into(), guidance })
+        .collect();
+    for (name, g) in own {
+        if !(g.is_finite() && *g >= 0.0) {
+            bail!("--attr-guidance {name}={g}: a guidance weight must be finite and >= 0");
+        }
+        let Some(i) = m.attributes.iter().position(|a| a.name == *name) else {
+            let names: Vec<&str> = m.attributes.iter().map(|a| a.name.as_str()).collect();
+            bail!("--attr-guidance {name}: the model has no attribute {name} (its attributes: {})", names.join(", "));
+        };
+        w[1 + i].guidance = *g;
+    }
+    Ok(w)
+}
+
 /// Samples `per_pair` images of every (class, position) pair from `den` and judges them.
 #[allow(clippy::too_many_arguments)]
 pub fn composition(
@@ -51,7 +82,7 @@ pub fn composition(
     cfg: &Config,
     method: Method,
     per_pair: usize,
-    guidance: f32,
+    weights: &[LabelWeight],
     seed: u64,
     batch: usize,
     cache: &std::path::Path,
@@ -65,6 +96,9 @@ pub fn composition(
     let Some(pos_attr) = m.attributes.iter().position(|a| a.name == "position") else {
         bail!("--composition needs a model with the position attribute (model.attributes)");
     };
+    if weights.len() != 1 + m.attributes.len() {
+        bail!("{} guidance weights for the class and {} attributes", weights.len(), m.attributes.len());
+    }
     // the judge: the classifier of the plain (unshifted) dataset
     let mut plain = cfg.data.clone();
     (plain.shifted, plain.augment) = (None, Default::default());
@@ -93,8 +127,13 @@ pub fn composition(
     let mut req = runtime::sampler::Request::new(n, [1, canvas, canvas], method);
     req.labels = Some(labels);
     req.null_class = m.null_class().map(|c| c as i64);
-    req.guidance = guidance;
-    req.attributes = m.attributes.iter().map(|a| AttrCond { null: a.null(), guidance }).collect();
+    req.guidance = weights[0].guidance;
+    req.attributes = m
+        .attributes
+        .iter()
+        .zip(&weights[1..])
+        .map(|(a, w)| AttrCond { null: a.null(), guidance: w.guidance })
+        .collect();
     req.seed = seed;
     req.batch = batch;
     let sched = cfg.diffusion.schedule()?;
@@ -139,11 +178,37 @@ pub fn composition(
     let mean = |g: usize| if counts[g] == 0 { f64::NAN } else { sums[g] / counts[g] as f64 };
     Ok(CompositionReport {
         per_pair,
-        guidance,
+        guidance: weights[0].guidance,
+        label_guidance: weights.to_vec(),
         held_out_class: shift.holdout_class.clone(),
         held_out_pairs: mean(0),
         held_out_class_seen_pairs: mean(1),
         other_pairs: mean(2),
         cells,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_weights_take_guidance_unless_an_attribute_has_its_own() {
+        let m = UNetConfig {
+            num_classes: 10,
+            attributes: vec![crate::data::shifted::position_attribute()],
+            ..Default::default()
+        };
+        let w = label_weights(&m, 2.0, &[]).unwrap();
+        assert_eq!(
+            w.iter().map(|w| (w.label.as_str(), w.guidance)).collect::<Vec<_>>(),
+            [("class", 2.0), ("position", 2.0)]
+        );
+        let w = label_weights(&m, 2.0, &[("position".into(), 6.0)]).unwrap();
+        assert_eq!((w[0].guidance, w[1].guidance), (2.0, 6.0));
+        for bad in [-1.0, f32::NAN, f32::INFINITY] {
+            let e = label_weights(&m, 2.0, &[("position".into(), bad)]).unwrap_err().to_string();
+            assert!(e.contains("must be finite and >= 0"), "{e}");
+        }
+    }
 }

@@ -61,6 +61,9 @@ pub struct EvalOptions {
     /// Samples per (class, position) pair of the compositional-generalisation report on shifted digits
     /// ([`compose`]; 0: off).
     pub composition: usize,
+    /// Guidance weights of single attributes in the composition report (the others and the class take
+    /// `guidance`).
+    pub attribute_guidance: Vec<(String, f32)>,
 }
 
 /// A feature space for FID: the classifier's penultimate layer or Inception-v3's pool3.
@@ -258,6 +261,10 @@ pub fn evaluate(o: &EvalOptions, progress: &dyn Progress) -> Result<EvalReport> 
     if o.composition > 0 && (cfg.data.shifted.is_none() || !cfg.model.attributes.iter().any(|a| a.name == "position")) {
         bail!("--composition needs a run on shifted digits (data.shifted) whose model has the position attribute");
     }
+    if !o.attribute_guidance.is_empty() && o.composition == 0 {
+        bail!("--attr-guidance weighs the labels of --composition: give --composition N too");
+    }
+    let label_weights = compose::label_weights(&cfg.model, o.guidance, &o.attribute_guidance)?;
     let train = crate::data::load(&cfg.data, cfg.model.image_size)?;
     let mut test_cfg = cfg.data.clone();
     test_cfg.split = crate::data::Split::Test;
@@ -472,9 +479,8 @@ pub fn evaluate(o: &EvalOptions, progress: &dyn Progress) -> Result<EvalReport> 
                 &mut candle
             }
         };
-        let g = o.guidance;
-        let (n, seed, batch) = (o.composition, o.seed, o.batch);
-        report.composition = Some(compose::composition(den, cfg, method, n, g, seed, batch, &o.cache, &dev, progress)?);
+        let (n, seed, batch, w) = (o.composition, o.seed, o.batch, &label_weights);
+        report.composition = Some(compose::composition(den, cfg, method, n, w, seed, batch, &o.cache, &dev, progress)?);
     }
     if o.nll > 0 {
         let idx = subset(test.len, o.nll.min(test.len), o.seed ^ 3);

@@ -184,6 +184,9 @@ pub fn model_card(state: &State, opts: &ExportOptions, bytes: &[u8], eval: Optio
                 n.images, n.conditioning, n.variance, n.bits_per_dim, n.stderr
             );
         }
+        if let Some(r) = &e.composition {
+            s += &composition_table(r);
+        }
     }
     let mut class = if m.num_classes > 0 { " --class 0".to_string() } else { String::new() };
     for a in &m.attributes {
@@ -194,9 +197,97 @@ pub fn model_card(state: &State, opts: &ExportOptions, bytes: &[u8], eval: Optio
     s
 }
 
+/// The compositional-generalisation report as a class x position table of the samples that show both labels
+/// (held-out pairs starred), with the three group means.
+fn composition_table(r: &crate::eval::compose::CompositionReport) -> String {
+    let mut classes: Vec<&str> = vec![];
+    let mut positions: Vec<&str> = vec![];
+    for c in &r.cells {
+        if !classes.contains(&c.class.as_str()) {
+            classes.push(&c.class);
+        }
+        if !positions.contains(&c.position.as_str()) {
+            positions.push(&c.position);
+        }
+    }
+    let weights = if r.label_guidance.iter().all(|w| w.guidance == r.guidance) {
+        format!("guidance {} on each label", r.guidance)
+    } else {
+        let w: Vec<String> = r.label_guidance.iter().map(|w| format!("{} {}", w.label, w.guidance)).collect();
+        format!("guidance {}", w.join(", "))
+    };
+    let mut s = format!(
+        "\n## Composition (`trainer eval --composition {}`, {weights})\n\n\
+         Samples of every (class, position) pair that show both: the class asked for (the plain set's classifier on \
+         the quadrant) where it was asked for (the centre of mass of the ink). Pairs never seen in training are \
+         starred.\n\n| class | {} |\n|---|{}\n",
+        r.per_pair,
+        positions.join(" | "),
+        "---|".repeat(positions.len())
+    );
+    for class in &classes {
+        s += &format!("| {class} |");
+        for pos in &positions {
+            match r.cells.iter().find(|c| c.class == *class && c.position == *pos) {
+                Some(c) => s += &format!(" {:.0}%{} |", 100.0 * c.both, if c.held_out { "*" } else { "" }),
+                None => s += " |",
+            }
+        }
+        s += "\n";
+    }
+    s += &format!(
+        "\nHeld-out pairs ({} at the positions it never took in training): {:.1}%; {} at its trained positions: \
+         {:.1}%; every other pair: {:.1}%.\n",
+        r.held_out_class,
+        100.0 * r.held_out_pairs,
+        r.held_out_class,
+        100.0 * r.held_out_class_seen_pairs,
+        100.0 * r.other_pairs
+    );
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn composition_table_has_a_row_per_class_and_stars_the_held_out_pairs() {
+        use crate::eval::compose::{Cell, CompositionReport, LabelWeight};
+        let cell = |class: &str, position: &str, held_out: bool, both: f64| Cell {
+            class: class.into(),
+            position: position.into(),
+            held_out,
+            n: 4,
+            at_position: both,
+            class_ok: both,
+            both,
+        };
+        let r = CompositionReport {
+            per_pair: 4,
+            guidance: 2.0,
+            label_guidance: vec![
+                LabelWeight { label: "class".into(), guidance: 2.0 },
+                LabelWeight { label: "position".into(), guidance: 4.0 },
+            ],
+            held_out_class: "7".into(),
+            held_out_pairs: 0.25,
+            held_out_class_seen_pairs: 1.0,
+            other_pairs: 0.75,
+            cells: vec![
+                cell("1", "left", false, 0.75),
+                cell("1", "right", false, 0.75),
+                cell("7", "left", false, 1.0),
+                cell("7", "right", true, 0.25),
+            ],
+        };
+        let t = composition_table(&r);
+        assert!(t.contains("(`trainer eval --composition 4`, guidance class 2, position 4)"), "{t}");
+        assert!(t.contains("| class | left | right |\n|---|---|---|\n"), "{t}");
+        assert!(t.contains("| 1 | 75% | 75% |\n| 7 | 100% | 25%* |\n"), "{t}");
+        assert!(t.contains("Held-out pairs (7 at the positions it never took in training): 25.0%"), "{t}");
+        assert!(t.contains("every other pair: 75.0%"), "{t}");
+    }
 
     #[test]
     fn model_card_lists_only_the_augmentations_that_are_on() {
