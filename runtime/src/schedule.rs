@@ -24,7 +24,21 @@ impl BetaSchedule {
     /// The improved-DDPM cosine schedule, s = 0.008, betas clipped at 0.999.
     pub const COSINE: BetaSchedule = BetaSchedule::Cosine { s: 0.008, max_beta: 0.999 };
 
-    /// The schedule of this kind with the papers' default parameters.
+    /// The named schedule for a chain of `num_timesteps`: the linear one is Ho et al.'s 1e-4 .. 0.02 at T = 1000,
+    /// both ends scaled by 1000 / T (Nichol & Dhariwal 2021's code, `get_named_beta_schedule`), so that x_T is
+    /// noise whatever T: unscaled, T = 100 ends at alpha-bar_T = 0.37 and sampling from N(0, I) goes wrong. The
+    /// ends are capped below 1 (T < 20). The cosine schedule is defined for any T as it stands.
+    pub fn named(kind: ScheduleKind, num_timesteps: usize) -> Self {
+        match kind {
+            ScheduleKind::Linear => {
+                let scale = 1000.0 / num_timesteps.max(1) as f64;
+                BetaSchedule::Linear { beta_start: (1e-4 * scale).min(0.999), beta_end: (0.02 * scale).min(0.999) }
+            }
+            ScheduleKind::Cosine => Self::COSINE,
+        }
+    }
+
+    /// The schedule of this kind with the papers' default parameters (the linear one as for T = 1000).
     pub fn of_kind(kind: ScheduleKind) -> Self {
         match kind {
             ScheduleKind::Linear => Self::LINEAR,
@@ -377,6 +391,33 @@ mod tests {
         let ab = s.alphas_cumprod[t];
         assert!((mean - ab.sqrt() * 0.7).abs() < 0.01, "mean {mean}");
         assert!((var - (1.0 - ab)).abs() < 0.01, "var {var}");
+    }
+
+    #[test]
+    fn the_named_linear_schedule_ends_in_noise_whatever_t() {
+        // Unscaled, 1e-4 .. 0.02 over T = 100 leaves alpha-bar_T = 0.37: x_T still holds 61% of the image.
+        let unscaled = NoiseSchedule::new(BetaSchedule::LINEAR, 100);
+        assert!(*unscaled.alphas_cumprod.last().unwrap() > 0.3);
+        // T = 1000 is the paper's schedule exactly
+        assert_eq!(BetaSchedule::named(ScheduleKind::Linear, 1000), BetaSchedule::LINEAR);
+        for t in [20, 100, 300, 1000, 4000] {
+            let s = NoiseSchedule::new(BetaSchedule::named(ScheduleKind::Linear, t), t);
+            let end = *s.alphas_cumprod.last().unwrap();
+            assert!(end < 1e-4, "T = {t}: alpha-bar_T = {end}");
+            // the same noise level at the same fraction of the chain, as for T = 1000 (up to the coarse grid)
+            let half = s.alphas_cumprod[t / 2 - 1];
+            assert!(
+                t < 100
+                    || (half.ln() / NoiseSchedule::new(BetaSchedule::LINEAR, 1000).alphas_cumprod[499].ln() - 1.0)
+                        .abs()
+                        < 0.06,
+                "T = {t}: {half}"
+            );
+        }
+        // below T = 20 the ends are capped below 1
+        let b = BetaSchedule::named(ScheduleKind::Linear, 10).betas(10);
+        assert!(b.iter().all(|b| *b > 0.0 && *b < 1.0), "{b:?}");
+        assert_eq!(BetaSchedule::named(ScheduleKind::Cosine, 100), BetaSchedule::COSINE);
     }
 
     #[test]

@@ -124,7 +124,7 @@ pub fn loss_curve(losses: &[(usize, f64)], path: &Path, title: &str) -> Result<(
 
 /// alpha-bar_t of the linear and cosine schedules over T steps (the improved-DDPM figure 5 comparison).
 pub fn schedules(num_timesteps: usize, path: &Path) -> Result<()> {
-    use runtime::schedule::{BetaSchedule, NoiseSchedule};
+    use runtime::schedule::{BetaSchedule, NoiseSchedule, ScheduleKind};
     let curve = |k: BetaSchedule| -> Vec<(f64, f64)> {
         let s = NoiseSchedule::new(k, num_timesteps);
         s.alphas_cumprod.iter().enumerate().map(|(t, a)| (t as f64 / (num_timesteps - 1) as f64, *a)).collect()
@@ -137,7 +137,7 @@ pub fn schedules(num_timesteps: usize, path: &Path) -> Result<()> {
         &[
             Series {
                 name: "linear (Ho et al. 2020)",
-                points: curve(BetaSchedule::LINEAR),
+                points: curve(BetaSchedule::named(ScheduleKind::Linear, num_timesteps)),
                 color: RGBColor(200, 60, 40),
             },
             Series {

@@ -81,9 +81,9 @@ impl Default for DiffusionConfig {
 pub const MAX_TIMESTEPS: usize = 100_000;
 
 impl DiffusionConfig {
-    /// The named schedule with the papers' parameters.
+    /// The named schedule with the papers' parameters for this T (the linear one scaled by 1000 / T).
     pub fn beta_schedule(&self) -> runtime::schedule::BetaSchedule {
-        runtime::schedule::BetaSchedule::of_kind(self.schedule)
+        runtime::schedule::BetaSchedule::named(self.schedule, self.timesteps)
     }
 
     pub fn schedule(&self) -> Result<runtime::schedule::NoiseSchedule> {
