@@ -33,7 +33,8 @@ pub struct Cell {
 /// `trainer eval --composition N`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CompositionReport {
-    /// Samples per pair, and the guidance weight of the class (and of each label not in `label_guidance`).
+    /// Samples per pair, and the class's guidance weight (reports older than `label_guidance` used it for
+    /// every label).
     pub per_pair: usize,
     pub guidance: f32,
     /// The guidance weight of every label: the class, then the model's attributes.
