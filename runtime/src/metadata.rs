@@ -489,7 +489,7 @@ mod tests {
             null_class: Some(10),
             attributes: vec![Attribute { name: "position".into(), values: vec!["0".into(), "1".into(), "2".into()] }],
             dtype: Dtype::F16,
-            schedule: Some(BetaSchedule::of_kind(ScheduleKind::Linear)),
+            schedule: Some(BetaSchedule::named(ScheduleKind::Linear, 1000)),
             weights: Some(Weights::Ema),
             training_steps: Some(5400),
             ema_decay: Some(0.999),

@@ -38,14 +38,6 @@ impl BetaSchedule {
         }
     }
 
-    /// The schedule of this kind with the papers' default parameters (the linear one as for T = 1000).
-    pub fn of_kind(kind: ScheduleKind) -> Self {
-        match kind {
-            ScheduleKind::Linear => Self::LINEAR,
-            ScheduleKind::Cosine => Self::COSINE,
-        }
-    }
-
     pub fn kind(&self) -> ScheduleKind {
         match self {
             BetaSchedule::Linear { .. } => ScheduleKind::Linear,
@@ -74,7 +66,7 @@ impl BetaSchedule {
     }
 }
 
-/// The kind of beta schedule a configuration names (`linear`, `cosine`); [`BetaSchedule::of_kind`] gives its betas.
+/// The kind of beta schedule a configuration names (`linear`, `cosine`); [`BetaSchedule::named`] gives its betas for a T.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ScheduleKind {
     #[default]
@@ -468,7 +460,7 @@ mod tests {
 
     #[test]
     fn names_parse_once_with_aliases_and_refuse_unknown_ones() {
-        assert_eq!(BetaSchedule::of_kind("cosine".parse().unwrap()), BetaSchedule::COSINE);
+        assert_eq!(BetaSchedule::named("cosine".parse().unwrap(), 1000), BetaSchedule::COSINE);
         assert_eq!(BetaSchedule::COSINE.kind().to_string(), "cosine");
         let e = "sigmoid".parse::<ScheduleKind>().unwrap_err().to_string();
         assert_eq!(e, "unknown beta schedule 'sigmoid' (expected one of: linear, cosine)");
