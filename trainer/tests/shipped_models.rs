@@ -22,6 +22,12 @@ fn model(name: &str) -> PathBuf {
     p
 }
 
+/// The project's evaluation classifier of a dataset (trained once, cached in data/classifiers/).
+fn eval_classifier(ds: &trainer::data::Dataset) -> trainer::eval::Classifier {
+    let cache = root().join("data/classifiers");
+    trainer::eval::classifier_for(ds, &cache, &Device::Cpu, &trainer::progress::Silent).unwrap().0
+}
+
 #[test]
 fn shipped_models_draw_the_classes_asked_for() {
     ort();
@@ -52,13 +58,7 @@ fn shipped_models_draw_the_classes_asked_for() {
         let labels = plan.labels.clone().expect("classes cycle");
         let mut x = g.sample(&plan, &mut |_| {}).unwrap();
         trainer::eval::quantize(&mut x);
-        let (clf, _) = trainer::eval::classifier_for(
-            &train,
-            &root().join("data/classifiers"),
-            &Device::Cpu,
-            &trainer::progress::Silent,
-        )
-        .unwrap();
+        let clf = eval_classifier(&train);
         let [c, s, _] = plan.shape;
         let (_, preds) = trainer::eval::features(&clf, &x, [c, s, s], &Device::Cpu).unwrap();
         let mut per_class = vec![0usize; k];
@@ -144,13 +144,7 @@ fn shipped_shifted_digits_model_puts_the_digit_where_asked() {
     let mut plain = Config::load(&root().join("trainer/configs/mnist.toml")).unwrap();
     plain.data.path = data_dir("mnist");
     let plain = trainer::data::load(&plain.data, 28).unwrap();
-    let (clf, _) = trainer::eval::classifier_for(
-        &plain,
-        &root().join("data/classifiers"),
-        &Device::Cpu,
-        &trainer::progress::Silent,
-    )
-    .unwrap();
+    let clf = eval_classifier(&plain);
     let mut g =
         Generator::open(&model("shifted-mnist.onnx"), &GeneratorOptions { provider: Provider::Cpu, threads: None })
             .unwrap();
