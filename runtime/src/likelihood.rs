@@ -12,7 +12,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 
 use crate::error::{Error, Result};
-use crate::sampler::Denoiser;
+use crate::sampler::{predict_eps, Denoiser};
 use crate::schedule::{NoiseSchedule, VarianceType};
 
 const LN2: f64 = std::f64::consts::LN_2;
@@ -194,11 +194,8 @@ pub fn nll_bits_per_dim(
                 let z: Vec<f32> = (0..per).map(|_| StandardNormal.sample(&mut rngs[start + j])).collect();
                 xt.extend(sched.q_sample(img, t, &z));
             }
-            let ts = vec![t as i64; k];
-            let (eps, v) = den.eps_and_v(&xt, [k, c, h, w], &ts, labels.map(|l| &l[start..start + k]))?;
-            if variance.is_learned() && v.is_none() {
-                return Err(Error::denoiser("the model learns its variance but gave no v output"));
-            }
+            let y = labels.map(|l| &l[start..start + k]);
+            let (eps, v) = predict_eps(den, sched, &xt, [k, c, h, w], t, y, variance.is_learned())?;
             for j in 0..k {
                 let r = j * per..(j + 1) * per;
                 let lv = model_log_variance(sched, t, variance, v.as_ref().map(|v| &v[r.clone()]), per);

@@ -7,7 +7,7 @@
 //! |---|---|---|
 //! | `format_version` | `1` | yes |
 //! | `betas` | JSON list of the T betas (authoritative for sampling) | yes |
-//! | `prediction_type` | `epsilon` | yes |
+//! | `prediction_type` | `epsilon`, or `v` (the first output is the velocity of Salimans & Ho 2022) | yes |
 //! | `variance_type` | `fixed_small`, `fixed_large` or `learned_range` (the model has a second output, `v`) | yes |
 //! | `image_size`, `channels` | square side in pixels; 1 (grey) or 3 (RGB) | yes |
 //! | `num_classes` | 0 for an unconditional model | yes |
@@ -48,9 +48,23 @@ pub enum Prediction {
     /// The noise eps (Ho et al. 2020, eq. 14's eps_theta).
     #[default]
     Epsilon,
+    /// The velocity v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0 (Salimans & Ho 2022, sec. 4): well
+    /// conditioned at every noise level, where eps-prediction turns small errors into large ones in x_0 as
+    /// alpha_bar -> 0. The samplers turn it into eps.
+    V,
 }
 
-crate::named_enum!(Prediction, "prediction type", { Epsilon => ["epsilon"] });
+crate::named_enum!(Prediction, "prediction type", { Epsilon => ["epsilon"], V => ["v", "v_prediction"] });
+
+impl Prediction {
+    /// The name of an exported model's first output: `eps`, or `velocity` for a v-predicting model.
+    pub fn output_name(self) -> &'static str {
+        match self {
+            Prediction::Epsilon => "eps",
+            Prediction::V => "velocity",
+        }
+    }
+}
 
 /// The floating-point type of the model's x input and eps output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -553,7 +567,7 @@ mod tests {
         assert!(err(&with("betas", "[0.1, 1.5]")).contains("(0, 1)"));
         assert!(err(&with("betas", "oops")).contains("diffusion.betas: not a JSON list"));
         assert!(err(&with("num_timesteps", "999")).contains("999, but there are 1000 betas"));
-        assert!(err(&with("prediction_type", "v")).contains("unknown prediction type 'v'"));
+        assert!(err(&with("prediction_type", "x0")).contains("unknown prediction type 'x0'"));
         assert!(err(&with("variance_type", "trainable")).contains("unknown variance type 'trainable'"));
         assert!(err(&with("channels", "4")).contains("only 1 (grey) or 3 (RGB)"));
         assert!(err(&with("class_names", "{}")).contains("diffusion.class_names: not a JSON list"));

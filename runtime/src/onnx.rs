@@ -9,7 +9,7 @@ use ort::session::Session;
 use ort::value::Tensor;
 
 use crate::error::{Error, Result};
-use crate::metadata::{Dtype, ModelMeta};
+use crate::metadata::{Dtype, ModelMeta, Prediction};
 use crate::sampler::Denoiser;
 
 pub const ORT_VERSION: &str = "1.31.1";
@@ -217,12 +217,14 @@ impl OrtDenoiser {
             )));
         }
         let outs: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
-        // a model that learns its variance also outputs v (Nichol & Dhariwal 2021, eq. 15)
-        let want: &[&str] = if info.variance.is_learned() { &["eps", "v"] } else { &["eps"] };
+        // the first output is eps, or the velocity of a v-predicting model (Salimans & Ho 2022); a model that
+        // learns its variance also outputs v (Nichol & Dhariwal 2021, eq. 15)
+        let first = info.prediction.output_name();
+        let want: Vec<&str> = if info.variance.is_learned() { vec![first, "v"] } else { vec![first] };
         if outs != want {
             return Err(model_err(format!(
-                "outputs are {outs:?}, expected {want:?} (its metadata says variance_type = {})",
-                info.variance
+                "outputs are {outs:?}, expected {want:?} (its metadata says prediction_type = {}, variance_type = {})",
+                info.prediction, info.variance
             )));
         }
         Ok(Self { session, info, provider, notes })
@@ -245,6 +247,10 @@ impl OrtDenoiser {
 }
 
 impl Denoiser for OrtDenoiser {
+    fn prediction(&self) -> Prediction {
+        self.info.prediction
+    }
+
     fn eps(&mut self, x: &[f32], shape: [usize; 4], t: &[i64], y: Option<&[i64]>) -> Result<Vec<f32>> {
         Ok(self.run(x, shape, t, y, false)?.0)
     }
@@ -331,9 +337,10 @@ impl OrtDenoiser {
                 Dtype::F32 => v.try_extract_tensor::<f32>().map_err(Error::ort)?.1.to_vec(),
             })
         };
-        let eps = read("eps")?;
+        let first = info.prediction.output_name();
+        let eps = read(first)?;
         let v = if want_v { Some(read("v")?) } else { None };
-        for (name, o) in std::iter::once(("eps", &eps)).chain(v.as_ref().map(|v| ("v", v))) {
+        for (name, o) in std::iter::once((first, &eps)).chain(v.as_ref().map(|v| ("v", v))) {
             if o.len() != x.len() {
                 return Err(Error::Ort(format!(
                     "the model's {name} has {} values for an input of {}",

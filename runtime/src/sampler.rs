@@ -14,6 +14,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 
 use crate::error::{Error, Result};
+use crate::metadata::Prediction;
 use crate::schedule::{NoiseSchedule, VarianceType};
 
 /// A noise-prediction model: eps_theta(x_t, t, y).
@@ -35,6 +36,39 @@ pub trait Denoiser {
     ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
         Ok((self.eps(x, shape, t, y)?, None))
     }
+
+    /// What the first output is: eps (the default), or the velocity of a v-predicting model, which
+    /// [`predict_eps`] turns into eps for the samplers.
+    fn prediction(&self) -> Prediction {
+        Prediction::Epsilon
+    }
+}
+
+/// The denoiser's eps at timestep `t` for the `shape[0]` images `x`, and for a learned variance (`want_v`) its
+/// v output: the model's first output as it is, or, from a v-predicting model, turned into eps
+/// (Salimans & Ho 2022, sec. 4). The samplers and the likelihood ask the model through this one function.
+pub fn predict_eps(
+    den: &mut dyn Denoiser,
+    sched: &NoiseSchedule,
+    x: &[f32],
+    shape: [usize; 4],
+    t: usize,
+    y: Option<&[i64]>,
+    want_v: bool,
+) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+    let ts = vec![t as i64; shape[0]];
+    let (mut out, v) = if want_v {
+        match den.eps_and_v(x, shape, &ts, y)? {
+            (_, None) => return Err(Error::denoiser("the model learns its variance but gave no v output")),
+            out => out,
+        }
+    } else {
+        (den.eps(x, shape, &ts, y)?, None)
+    };
+    if den.prediction() == Prediction::V {
+        sched.eps_from_v(x, t, &mut out);
+    }
+    Ok((out, v))
 }
 
 /// Splits a model output of 2C channels per image, [n, 2c, h, w], into eps and v, each [n, c, h, w].
@@ -534,8 +568,10 @@ pub fn sample_chunks(
 
 /// eps for a chunk, with classifier-free guidance batched into one call, and the model's v when `want_v` (a
 /// learned variance: the conditional half's, as in GLIDE's reference sampler; guidance moves the mean only).
+#[allow(clippy::too_many_arguments)]
 fn guided_eps(
     den: &mut dyn Denoiser,
+    sched: &NoiseSchedule,
     req: &Request,
     x: &[f32],
     k: usize,
@@ -545,16 +581,7 @@ fn guided_eps(
 ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
     let [c, h, w] = req.shape;
     let guides = req.guided() && req.guidance_interval.is_none_or(|g| g.contains(t));
-    let mut call = |x: &[f32], n: usize, y: Option<&[i64]>| -> Result<(Vec<f32>, Option<Vec<f32>>)> {
-        let ts = vec![t as i64; n];
-        if !want_v {
-            return Ok((den.eps(x, [n, c, h, w], &ts, y)?, None));
-        }
-        match den.eps_and_v(x, [n, c, h, w], &ts, y)? {
-            (_, None) => Err(Error::denoiser("the model learns its variance but gave no v output")),
-            out => Ok(out),
-        }
-    };
+    let mut call = |x: &[f32], n: usize, y: Option<&[i64]>| predict_eps(den, sched, x, [n, c, h, w], t, y, want_v);
     match (guides, labels, req.null_class) {
         (true, Some(l), Some(null)) if !req.attributes.is_empty() => {
             // Liu et al. 2022, eq. 10, batched: rows [null | c_0 | c_1 | ..], c_i label i alone
@@ -910,7 +937,7 @@ fn sample_chunk(
     let (mut i, mut count) = (0, 0);
     while i < ts.len() {
         let (t, t_next) = (ts[i], ts.get(i + 1).copied());
-        let (eps, v) = guided_eps(den, req, &x, k, t, labels, want_v)?;
+        let (eps, v) = guided_eps(den, sched, req, &x, k, t, labels, want_v)?;
         let mut x0 = sched.predict_x0_from_eps(&x, t, &eps);
         threshold_x0(&mut x0, per, req);
         x = match &req.method {
@@ -989,6 +1016,42 @@ mod tests {
             let s = self.0.alphas_cumprod[t].sqrt() as f32;
             let x0: Vec<f32> = x.iter().map(|v| (0.5 * v / s).clamp(-1.0, 1.0)).collect();
             Ok(self.0.eps_from_x0(x, t, &x0))
+        }
+    }
+
+    /// The oracle answering with the velocity v of its x0 instead of eps.
+    struct VOracle(Oracle);
+
+    impl Denoiser for VOracle {
+        fn eps(&mut self, x: &[f32], shape: [usize; 4], t: &[i64], y: Option<&[i64]>) -> Result<Vec<f32>> {
+            let eps = self.0.eps(x, shape, t, y)?;
+            let per = eps.len() / shape[0];
+            let sched = &self.0.sched;
+            let mut out = Vec::with_capacity(eps.len());
+            for (i, (e, x)) in eps.chunks(per).zip(x.chunks(per)).enumerate() {
+                let x0 = sched.predict_x0_from_eps(x, t[i] as usize, e);
+                out.extend(sched.v_from_eps(&x0, t[i] as usize, e));
+            }
+            Ok(out)
+        }
+        fn prediction(&self) -> Prediction {
+            Prediction::V
+        }
+    }
+
+    #[test]
+    fn a_v_predicting_model_samples_like_its_eps_twin() {
+        for sched in [NoiseSchedule::new(BetaSchedule::LINEAR, 1000), NoiseSchedule::new(BetaSchedule::COSINE, 1000)] {
+            for method in [
+                Method::Ddim { steps: 10, eta: 0.0, spacing: Spacing::Trailing },
+                Method::DpmSolverPP { steps: 10, spacing: Spacing::Trailing },
+            ] {
+                let req = Request::new(2, [1, 3, 4], method.clone());
+                let eps = sample(&mut oracle(&sched, 12), &sched, &req, &mut |_| {}).unwrap();
+                let v = sample(&mut VOracle(oracle(&sched, 12)), &sched, &req, &mut |_| {}).unwrap();
+                assert!(max_err(&eps, &v) < 1e-3, "{method:?}: {}", max_err(&eps, &v));
+                assert!(max_err(&v[..12], &oracle(&sched, 12).x0[0]) < 1e-2, "{method:?} finds x0");
+            }
         }
     }
 
@@ -1172,8 +1235,9 @@ mod tests {
         req.guidance = 1.0;
         req.attributes = vec![AttrCond { null: 3, guidance: 3.0 }];
         let mut den = Labelled(vec![]);
+        let sched = NoiseSchedule::new(BetaSchedule::LINEAR, 1000);
         let x = vec![0.0; 4];
-        let (eps, v) = guided_eps(&mut den, &req, &x, 2, 10, req.labels.as_deref(), false).unwrap();
+        let (eps, v) = guided_eps(&mut den, &sched, &req, &x, 2, 10, req.labels.as_deref(), false).unwrap();
         // one call of 3 x 2 rows: null, class alone, attribute alone
         assert_eq!((den.0.clone(), v), (vec![6], None));
         // Liu et al. eq. 10: eps(null) + (1 + w_c)(eps(c) - eps(null)) + (1 + w_a)(eps(a) - eps(null))
@@ -1183,7 +1247,7 @@ mod tests {
         assert!(max_err(&eps, &[img0, img0, img1, img1]) < 1e-6, "{eps:?}");
         // unguided: every label at once, one evaluation per image
         (req.guidance, req.attributes[0].guidance) = (0.0, 0.0);
-        let (eps, _) = guided_eps(&mut den, &req, &x, 2, 10, req.labels.as_deref(), false).unwrap();
+        let (eps, _) = guided_eps(&mut den, &sched, &req, &x, 2, 10, req.labels.as_deref(), false).unwrap();
         assert_eq!(den.0.last(), Some(&2));
         assert!(max_err(&eps, &[0.21, 0.21, 0.43, 0.43]) < 1e-6, "{eps:?}");
         // the labels of a chunk are whole images, and an interpolation repeats the first image's pair

@@ -189,6 +189,22 @@ impl NoiseSchedule {
         xt.iter().zip(x0).map(|(x, x0)| ((*x as f64 - a * *x0 as f64) / b) as f32).collect()
     }
 
+    /// The velocity v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0 (Salimans & Ho 2022, sec. 4), the
+    /// target of a v-predicting model.
+    pub fn v_from_eps(&self, x0: &[f32], t: usize, eps: &[f32]) -> Vec<f32> {
+        let (a, b) = self.q_sample_coefs(t);
+        x0.iter().zip(eps).map(|(x0, e)| (a * *e as f64 - b * *x0 as f64) as f32).collect()
+    }
+
+    /// eps = sqrt(alpha_bar_t) v + sqrt(1 - alpha_bar_t) x_t (Salimans & Ho 2022, sec. 4, solved for eps), in
+    /// place: `v` becomes eps.
+    pub fn eps_from_v(&self, xt: &[f32], t: usize, v: &mut [f32]) {
+        let (a, b) = self.q_sample_coefs(t);
+        for (v, x) in v.iter_mut().zip(xt) {
+            *v = (a * *v as f64 + b * *x as f64) as f32;
+        }
+    }
+
     /// The mean mu-tilde_t(x_t, x_0) of q(x_{t-1} | x_t, x_0) (Ho et al. 2020, eq. 7).
     pub fn posterior_mean(&self, x0: &[f32], xt: &[f32], t: usize) -> Vec<f32> {
         let (c1, c2) = (self.posterior_mean_coef1[t], self.posterior_mean_coef2[t]);
@@ -364,6 +380,28 @@ mod tests {
                 assert!((e[i] - eps[i]).abs() < 1e-4, "t={t}");
             }
         }
+    }
+
+    #[test]
+    fn v_prediction_round_trips_to_eps_and_x0() {
+        // v = sqrt(ab) eps - sqrt(1 - ab) x0 gives back eps from x_t, and x0 = sqrt(ab) x_t - sqrt(1 - ab) v
+        let s = NoiseSchedule::new(BetaSchedule::COSINE, 1000);
+        let x0 = [0.5f32, -1.0, 0.0, 0.9];
+        let eps = [1.0f32, -0.3, 2.0, 0.1];
+        for &t in &[0usize, 10, 500, 990] {
+            let xt = s.q_sample(&x0, t, &eps);
+            let mut out = s.v_from_eps(&x0, t, &eps);
+            let (a, b) = s.q_sample_coefs(t);
+            let x0_from_v: Vec<f64> = xt.iter().zip(&out).map(|(x, v)| a * *x as f64 - b * *v as f64).collect();
+            s.eps_from_v(&xt, t, &mut out);
+            for i in 0..4 {
+                assert!((out[i] - eps[i]).abs() < 1e-5, "t={t}: eps {} vs {}", out[i], eps[i]);
+                assert!((x0_from_v[i] - x0[i] as f64).abs() < 1e-5, "t={t}");
+            }
+        }
+        // at alpha-bar ~ 0 the velocity is -x0
+        let v = s.v_from_eps(&x0, 999, &eps);
+        assert!(v.iter().zip(&x0).all(|(v, x)| (v + x).abs() < 1e-3));
     }
 
     #[test]

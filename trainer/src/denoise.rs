@@ -6,6 +6,7 @@ use std::path::Path;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use runtime::images::Images;
+use runtime::metadata::Prediction;
 use runtime::sampler::{self, Denoiser, Method, Request, Spacing};
 use runtime::schedule::NoiseSchedule;
 
@@ -27,6 +28,10 @@ impl<'a> CandleDenoiser<'a> {
 }
 
 impl Denoiser for CandleDenoiser<'_> {
+    fn prediction(&self) -> Prediction {
+        self.unet.cfg.prediction
+    }
+
     fn eps(&mut self, x: &[f32], shape: [usize; 4], t: &[i64], y: Option<&[i64]>) -> runtime::Result<Vec<f32>> {
         Ok(self.eps_and_v(x, shape, t, y)?.0)
     }

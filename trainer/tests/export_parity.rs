@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use common::ort;
 use prost::Message;
 use rand::{Rng, SeedableRng};
-use runtime::metadata::{Dtype, Weights};
+use runtime::metadata::{Dtype, Prediction, Weights};
 use runtime::onnx::{OrtDenoiser, Provider};
 use runtime::sampler::Denoiser;
 use trainer::model::ops::CandleOps;
@@ -53,6 +53,7 @@ fn state_for(cfg: &UNetConfig) -> State {
     if cfg.learn_sigma {
         c.diffusion.variance = trainer::train::config::VarianceType::LearnedRange;
     }
+    c.diffusion.prediction = cfg.prediction;
     State {
         format_version: 1,
         trainer_version: "test".into(),
@@ -103,6 +104,7 @@ fn cases() -> Vec<Case> {
         attributes: vec![],
         norm_groups: 8,
         learn_sigma: false,
+        prediction: Prediction::Epsilon,
     };
     vec![
         Case { name: "uncond-attn8,4-add", cfg: base.clone() },
@@ -128,8 +130,13 @@ fn cases() -> Vec<Case> {
                     Attribute { name: "position".into(), values: ["0", "1", "2", "3"].map(String::from).to_vec() },
                     Attribute { name: "size".into(), values: ["small", "large"].map(String::from).to_vec() },
                 ],
-                ..base
+                ..base.clone()
             },
+        },
+        // v-prediction with a learned variance: the outputs velocity and v, read back by the runtime by name
+        Case {
+            name: "uncond-v-learned-sigma",
+            cfg: UNetConfig { learn_sigma: true, prediction: Prediction::V, ..base },
         },
     ]
 }

@@ -1071,6 +1071,7 @@ mod tests {
                 attributes: vec![Attribute { name: "position".into(), values: vec!["a".into(), "b".into()] }],
                 norm_groups: 8,
                 learn_sigma: false,
+                prediction: Default::default(),
             },
             3,
         );
@@ -1095,6 +1096,7 @@ mod tests {
                 attributes: vec![],
                 norm_groups: 4,
                 learn_sigma: true,
+                prediction: Default::default(),
             },
             1,
         );

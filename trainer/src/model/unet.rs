@@ -20,6 +20,7 @@
 //! structure.
 
 use anyhow::{bail, Result};
+use runtime::metadata::Prediction;
 use serde::{Deserialize, Serialize};
 
 pub use runtime::metadata::Attribute;
@@ -63,6 +64,10 @@ pub struct UNetConfig {
     /// diffusion.variance = "learned_range".
     #[serde(skip)]
     pub learn_sigma: bool,
+    /// What the first output is: eps, or the velocity v (Salimans & Ho 2022). Not a key of [model]:
+    /// `Config::unet` sets it from diffusion.prediction.
+    #[serde(skip)]
+    pub prediction: Prediction,
 }
 
 impl Default for UNetConfig {
@@ -82,6 +87,7 @@ impl Default for UNetConfig {
             attributes: vec![],
             norm_groups: 32,
             learn_sigma: false,
+            prediction: Prediction::Epsilon,
         }
     }
 }

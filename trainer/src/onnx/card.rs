@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use runtime::metadata::Recommended;
+use runtime::metadata::{Prediction, Recommended};
 
 use super::export::ExportOptions;
 use crate::eval::EvalReport;
@@ -86,10 +86,11 @@ pub fn restamp(card: &str, bytes: &[u8], r: &Recommended, conditional: bool, pat
 pub fn model_card(state: &State, opts: &ExportOptions, bytes: &[u8], eval: Option<&EvalReport>) -> String {
     let (c, m, d, t) = (&state.config, &state.config.model, &state.config.diffusion, &state.config.train);
     let name = opts.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let mut s = format!(
-        "# {name}\n\nDDPM noise-prediction U-Net (eps = f(x_t, t[, y])), exported by diffusion-rs trainer {}.\n\n",
-        env!("CARGO_PKG_VERSION")
-    );
+    let what = match d.prediction {
+        Prediction::Epsilon => "noise-prediction U-Net (eps = f(x_t, t[, y]))",
+        Prediction::V => "v-prediction U-Net (v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0 = f(x_t, t[, y]))",
+    };
+    let mut s = format!("# {name}\n\nDDPM {what}, exported by diffusion-rs trainer {}.\n\n", env!("CARGO_PKG_VERSION"));
     let classes = if m.num_classes > 0 {
         format!(
             "{} ({}); null class {} for classifier-free guidance, label dropout p = {}",
@@ -121,7 +122,7 @@ pub fn model_card(state: &State, opts: &ExportOptions, bytes: &[u8], eval: Optio
                 state.num_params as f64 / 1e6
             ),
         ),
-        ("diffusion", format!("{} schedule, T = {}, variance {}, eps prediction", d.schedule, d.timesteps, d.variance)),
+        ("diffusion", format!("{} schedule, T = {}, variance {}, {} prediction", d.schedule, d.timesteps, d.variance, d.prediction)),
         (
             "training",
             format!(

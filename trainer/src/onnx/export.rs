@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 use prost::Message;
-use runtime::metadata::{Dtype, ModelMeta, Prediction, Recommended, Weights};
+use runtime::metadata::{Dtype, ModelMeta, Recommended, Weights};
 
 use super::card::model_card;
 use super::graph::build_model;
@@ -22,7 +22,7 @@ pub fn metadata(state: &State, weights: Weights, dtype: Dtype, recommended: Opti
     let m = &cfg.model;
     let meta = ModelMeta {
         betas: sched.betas,
-        prediction: Prediction::Epsilon,
+        prediction: cfg.diffusion.prediction,
         variance: cfg.diffusion.variance,
         image_size: m.image_size,
         channels: m.channels,

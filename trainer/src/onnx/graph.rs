@@ -320,17 +320,19 @@ pub fn build_model(unet: &UNet, dtype: Dtype, opset: i64, metadata: &BTreeMap<St
         let dims = if cfg.attributes.is_empty() { vec![None] } else { vec![None, Some(cfg.label_columns() as i64)] };
         inputs.push(value_info("y", DataType::Int64, &dims));
     }
+    // eps, or the velocity of a v-predicting model (Salimans & Ho 2022): the runtime reads it by this name
+    let first = cfg.prediction.output_name();
     let (outputs, doc) = if cfg.learn_sigma {
         // Nichol & Dhariwal 2021, sec. 3.1: the second C channels are v of the learned variance (eq. 15)
         let c = cfg.channels;
         let eps = o.narrow(&out, 1, 0, c)?;
         let v = o.narrow(&out, 1, c, c)?;
         (
-            vec![(eps, "eps", img.to_vec()), (v, "v", img.to_vec())],
-            "DDPM U-Net with a learned variance ((eps, v) = f(x_t, t[, y]))",
+            vec![(eps, first, img.to_vec()), (v, "v", img.to_vec())],
+            "DDPM U-Net with a learned variance ((eps or velocity, v) = f(x_t, t[, y]))",
         )
     } else {
-        (vec![(out, "eps", img.to_vec())], "DDPM noise-prediction U-Net (eps = f(x_t, t[, y]))")
+        (vec![(out, first, img.to_vec())], "DDPM U-Net (eps or velocity = f(x_t, t[, y]), as prediction_type says)")
     };
     let graph = Graph { name: "ddpm_unet", inputs, outputs };
     finish_model(o, graph, opset, metadata, doc)
@@ -414,5 +416,6 @@ pub fn candle_onnx_eval(model: &ModelProto, x: &Tensor, t: &Tensor, y: Option<&T
         inputs.insert("y".to_string(), y.clone());
     }
     let mut out = candle_onnx::simple_eval(model, inputs)?;
-    out.remove("eps").context("no 'eps' output")
+    let first = model.graph.as_ref().and_then(|g| g.output.first()).map(|o| o.name.clone()).unwrap_or_default();
+    out.remove(&first).with_context(|| format!("no first output '{first}'"))
 }

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::DataConfig;
 use crate::model::unet::UNetConfig;
+pub use runtime::metadata::Prediction;
 pub use runtime::schedule::{ScheduleKind, VarianceType};
 
 /// The learning rate after the warm-up.
@@ -69,11 +70,20 @@ pub struct DiffusionConfig {
     /// U-Net outputs a second image v that interpolates the two (Nichol & Dhariwal 2021, eq. 15), trained
     /// with the hybrid loss (train.vlb_weight).
     pub variance: VarianceType,
+    /// What the U-Net predicts: `epsilon` (Ho et al. 2020), or `v`, the velocity
+    /// sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0 (Salimans & Ho 2022, sec. 4), which stays well conditioned
+    /// where alpha_bar -> 0 (the cosine schedule's last steps), where eps-prediction magnifies small errors.
+    pub prediction: Prediction,
 }
 
 impl Default for DiffusionConfig {
     fn default() -> Self {
-        Self { timesteps: 1000, schedule: ScheduleKind::Linear, variance: VarianceType::FixedSmall }
+        Self {
+            timesteps: 1000,
+            schedule: ScheduleKind::Linear,
+            variance: VarianceType::FixedSmall,
+            prediction: Prediction::Epsilon,
+        }
     }
 }
 
@@ -191,7 +201,11 @@ impl Config {
 
     /// The U-Net this configuration trains: [model], with the second output of a learned variance.
     pub fn unet(&self) -> UNetConfig {
-        UNetConfig { learn_sigma: self.diffusion.variance.is_learned(), ..self.model.clone() }
+        UNetConfig {
+            learn_sigma: self.diffusion.variance.is_learned(),
+            prediction: self.diffusion.prediction,
+            ..self.model.clone()
+        }
     }
 
     pub fn validate(&self) -> Result<()> {

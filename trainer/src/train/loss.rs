@@ -12,7 +12,7 @@ use runtime::schedule::NoiseSchedule;
 use serde::{Deserialize, Serialize};
 
 use super::batch::HostBatch;
-use super::config::{Config, Loss};
+use super::config::{Config, Loss, Prediction};
 
 /// The loss of one batch and what the backward pass and the importance sampler need of it.
 pub struct Objective {
@@ -24,14 +24,19 @@ pub struct Objective {
     pub per_image: Vec<f64>,
 }
 
-/// Min-SNR-gamma weights (Hang et al. 2023, eq. 9 for eps-prediction): min(SNR_t, gamma) / SNR_t; all 1 when
-/// gamma is 0.
-pub fn min_snr_weights(sched: &NoiseSchedule, gamma: f64, t: &[u32]) -> Vec<f32> {
+/// Min-SNR-gamma weights (Hang et al. 2023, sec. 3.4): min(SNR_t, gamma) / SNR_t for eps-prediction,
+/// min(SNR_t, gamma) / (SNR_t + 1) for v-prediction (both the x_0 loss's weight min(SNR_t, gamma) in that
+/// target's units); all 1 when gamma is 0.
+pub fn min_snr_weights(sched: &NoiseSchedule, gamma: f64, prediction: Prediction, t: &[u32]) -> Vec<f32> {
     t.iter()
         .map(|&t| {
             if gamma > 0.0 {
                 let snr = sched.snr(t as usize);
-                (snr.min(gamma) / snr) as f32
+                let per_unit = match prediction {
+                    Prediction::Epsilon => snr,
+                    Prediction::V => snr + 1.0,
+                };
+                (snr.min(gamma) / per_unit) as f32
             } else {
                 1.0
             }
@@ -42,7 +47,8 @@ pub fn min_snr_weights(sched: &NoiseSchedule, gamma: f64, t: &[u32]) -> Vec<f32>
 /// The objective of `cfg` for the model output `out` on `batch`, each image weighted by its importance weight
 /// (1 for uniformly drawn timesteps).
 ///
-/// Per image: w_snr ||eps - eps_theta||^2 / d (or the mean absolute error), and for a learned variance
+/// Per image: w_snr ||eps - eps_theta||^2 / d (or the mean absolute error; v and v_theta for a v-predicting
+/// model, Salimans & Ho 2022), and for a learned variance
 /// plus lambda T L_t, where L_t is the variational-bound term at the image's t in bits per dimension with the
 /// mean held fixed, so that it trains v alone (Nichol & Dhariwal 2021, sec. 3.1; lambda T is
 /// improved-diffusion's T / 1000 for lambda = 0.001).
@@ -52,7 +58,8 @@ pub fn objective(cfg: &Config, sched: &NoiseSchedule, out: &[f32], batch: &HostB
     let learned = cfg.diffusion.variance.is_learned();
     let out_per = if learned { 2 * per } else { per };
     assert_eq!(out.len(), b * out_per, "the model output does not fit the batch");
-    let snr_w = min_snr_weights(sched, cfg.train.min_snr_gamma, &batch.t);
+    let prediction = cfg.diffusion.prediction;
+    let snr_w = min_snr_weights(sched, cfg.train.min_snr_gamma, prediction, &batch.t);
     let lambda_t = cfg.train.vlb_weight * sched.num_timesteps() as f64;
     let l1 = cfg.train.loss == Loss::L1;
     let mut grad = vec![0f32; out.len()];
@@ -63,9 +70,19 @@ pub fn objective(cfg: &Config, sched: &NoiseSchedule, out: &[f32], batch: &HostB
         let g = &mut grad[i * out_per..(i + 1) * out_per];
         let r = i * per..(i + 1) * per;
         let (eps_true, ws, iw) = (&batch.eps[r.clone()], snr_w[i] as f64, batch.importance[i]);
+        let t = batch.t[i] as usize;
+        let (x0, xt) = (&batch.x0[r.clone()], &batch.xt[r]);
+        let v_true;
+        let target = match prediction {
+            Prediction::Epsilon => eps_true,
+            Prediction::V => {
+                v_true = sched.v_from_eps(x0, t, eps_true);
+                &v_true
+            }
+        };
         // L_simple: the mean over the image's values, so the batch loss is the mean over all of them
         let mut simple = 0.0;
-        for ((g, &p), &e) in g[..per].iter_mut().zip(&o[..per]).zip(eps_true) {
+        for ((g, &p), &e) in g[..per].iter_mut().zip(&o[..per]).zip(target) {
             let d = (p - e) as f64;
             let (l, dl) = if l1 { (d.abs(), d.signum()) } else { (d * d, 2.0 * d) };
             simple += l;
@@ -73,12 +90,14 @@ pub fn objective(cfg: &Config, sched: &NoiseSchedule, out: &[f32], batch: &HostB
         }
         let mut total = ws * simple / per as f64;
         if learned {
-            let t = batch.t[i] as usize;
             let v = &o[per..];
             let lv: Vec<f64> = v.iter().map(|&v| sched.learned_log_variance(t, v)).collect();
-            let (x0, xt) = (&batch.x0[r.clone()], &batch.xt[r]);
+            let mut eps_theta = o[..per].to_vec();
+            if prediction == Prediction::V {
+                sched.eps_from_v(xt, t, &mut eps_theta);
+            }
             // the mean is held fixed (eps_theta gets no gradient from L_vlb): only d/dv is kept
-            let (term, d_lv) = likelihood::vb_term(sched, x0, xt, t, &o[..per], &lv, false);
+            let (term, d_lv) = likelihood::vb_term(sched, x0, xt, t, &eps_theta, &lv, false);
             let slope = sched.learned_log_variance_slope(t);
             for (g, d) in g[per..].iter_mut().zip(&d_lv) {
                 *g = (iw * lambda_t * d * slope / b as f64) as f32;
@@ -161,7 +180,7 @@ impl TimestepSampler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::train::config::VarianceType;
+    use crate::train::config::{ScheduleKind, VarianceType};
     use rand::SeedableRng;
     use runtime::schedule::BetaSchedule;
 
@@ -213,6 +232,43 @@ mod tests {
         plain.diffusion.variance = VarianceType::FixedSmall;
         let eps_only: Vec<f32> = out.chunks(2 * per).flat_map(|c| c[..per].to_vec()).collect();
         assert!(o.loss > objective(&plain, &sched, &eps_only, &hb).loss);
+    }
+
+    #[test]
+    fn v_prediction_regresses_the_velocity_with_weights_in_its_units() {
+        let sched = NoiseSchedule::new(BetaSchedule::named(ScheduleKind::Cosine, 100), 100);
+        let mut cfg = Config::default();
+        cfg.diffusion.prediction = Prediction::V;
+        cfg.train.min_snr_gamma = 5.0;
+        let (per, t) = (6, [1u32, 40, 99]);
+        let hb = batch(&sched, &t, per);
+        // the true velocity scores 0; the true eps does not
+        let v: Vec<f32> = (0..3)
+            .flat_map(|i| {
+                sched.v_from_eps(&hb.x0[i * per..(i + 1) * per], t[i] as usize, &hb.eps[i * per..(i + 1) * per])
+            })
+            .collect();
+        assert!(objective(&cfg, &sched, &v, &hb).loss < 1e-12);
+        assert!(objective(&cfg, &sched, &hb.eps, &hb).loss > 1e-3);
+        // Min-SNR in v units is the eps weight times alpha_bar: min(SNR, gamma) / (SNR + 1)
+        let we = min_snr_weights(&sched, 5.0, Prediction::Epsilon, &t);
+        let wv = min_snr_weights(&sched, 5.0, Prediction::V, &t);
+        for (k, &t) in t.iter().enumerate() {
+            let ab = sched.alphas_cumprod[t as usize];
+            assert!((wv[k] as f64 - we[k] as f64 * ab).abs() < 1e-5, "t={t}: {} vs {}", wv[k], we[k]);
+        }
+        // with a learned variance the bound reads eps back from the velocity: the perfect v gives the
+        // same L_vlb as the perfect eps of an eps-model
+        let mut learned = cfg.clone();
+        learned.diffusion.variance = VarianceType::LearnedRange;
+        let mut eps_cfg = learned.clone();
+        eps_cfg.diffusion.prediction = Prediction::Epsilon;
+        let with_var = |first: &[f32]| -> Vec<f32> {
+            first.chunks(per).flat_map(|c| c.iter().copied().chain(std::iter::repeat_n(0.3, per))).collect()
+        };
+        let lv = objective(&learned, &sched, &with_var(&v), &hb).loss;
+        let le = objective(&eps_cfg, &sched, &with_var(&hb.eps), &hb).loss;
+        assert!((lv - le).abs() < 1e-6 * (1.0 + le.abs()), "{lv} vs {le}");
     }
 
     #[test]

@@ -222,10 +222,10 @@ impl Trainer {
         }
     }
 
-    /// Per-image loss weights: Min-SNR-gamma (Hang et al. 2023) for eps-prediction, min(SNR_t, gamma) / SNR_t;
-    /// all 1 when train.min_snr_gamma is 0.
+    /// Per-image loss weights: Min-SNR-gamma (Hang et al. 2023) for the run's prediction target
+    /// ([`loss::min_snr_weights`]); all 1 when train.min_snr_gamma is 0.
     pub fn loss_weights(&self, t: &[u32]) -> Vec<f32> {
-        loss::min_snr_weights(&self.schedule, self.cfg.train.min_snr_gamma, t)
+        loss::min_snr_weights(&self.schedule, self.cfg.train.min_snr_gamma, self.cfg.diffusion.prediction, t)
     }
 
     /// The objective ([`loss::objective`]) of one batch through Candle's autograd: the loss, a scalar whose
