@@ -295,6 +295,7 @@ mod tests {
             dataset_fingerprint: None,
             model_config: None,
             exporter: None,
+            background: None,
             recommended: None,
             extra: Default::default(),
         }

@@ -24,11 +24,29 @@ pub fn decode(path: &Path) -> std::result::Result<image::DynamicImage, image::Im
 }
 
 /// An image file as a model input: [c, h, w] in [-1, 1] (x = pixel / 127.5 - 1), converted to `channels` (1:
-/// luma, 3: RGB; transparency dropped) and resized to `size` x `size` (triangle filter). Also returns what
+/// luma, 3: RGB) and resized to `size` x `size` (triangle filter). Transparent pixels are laid on
+/// `background` (the model's training background, its metadata), or dropped without one. Also returns what
 /// was changed, for the caller to tell its user.
-pub fn load_image(path: &Path, channels: usize, size: usize) -> Result<(Vec<f32>, Vec<String>)> {
-    let img = decode(path).map_err(|e| image_error(path, "read", e))?;
+pub fn load_image(
+    path: &Path,
+    channels: usize,
+    size: usize,
+    background: Option<[u8; 3]>,
+) -> Result<(Vec<f32>, Vec<String>)> {
+    let mut img = decode(path).map_err(|e| image_error(path, "read", e))?;
     let mut notes = vec![];
+    if img.color().has_alpha() {
+        match background {
+            Some(bg) => {
+                img = image::DynamicImage::ImageRgb8(composite(&img.to_rgba8(), bg));
+                notes.push(format!(
+                    "{}: transparent pixels laid on the model's training background {bg:?}",
+                    path.display()
+                ));
+            }
+            None => notes.push(format!("{}: transparency dropped (the model names no background)", path.display())),
+        }
+    }
     let (w, h) = (img.width(), img.height());
     if (w as usize, h as usize) != (size, size) {
         notes.push(format!("{}: {w}x{h} resized to the model's {size}x{size}", path.display()));
@@ -51,6 +69,17 @@ pub fn load_image(path: &Path, channels: usize, size: usize) -> Result<(Vec<f32>
         c => return Err(Error::request("channels", format!("{c}: images have 1 or 3 channels"))),
     };
     Ok((from_u8_hwc(&pixels, channels), notes))
+}
+
+/// `img` laid on the colour `bg` by its alpha (out = alpha pixel + (1 - alpha) bg, rounded): how the trainer
+/// reads a folder of images with transparency, and how `generate` reads an input image for such a model.
+pub fn composite(img: &image::RgbaImage, bg: [u8; 3]) -> image::RgbImage {
+    image::RgbImage::from_fn(img.width(), img.height(), |x, y| {
+        let p = img.get_pixel(x, y).0;
+        let a = p[3] as u32;
+        let mix = |c: u8, b: u8| ((c as u32 * a + b as u32 * (255 - a) + 127) / 255) as u8;
+        image::Rgb([mix(p[0], bg[0]), mix(p[1], bg[1]), mix(p[2], bg[2])])
+    })
 }
 
 /// 8-bit interleaved pixels [h, w, c] -> [c, h, w] in [-1, 1] (x = pixel / 127.5 - 1), the inverse of
@@ -199,5 +228,28 @@ impl Images {
                 .map_err(|e| image_error(&p, "write", e))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transparency_is_laid_on_the_models_background_when_it_names_one() {
+        // a fully transparent black pixel
+        let img = image::RgbaImage::from_raw(1, 1, vec![0, 0, 0, 0]).unwrap();
+        let p = std::env::temp_dir().join(format!("alpha-{}.png", std::process::id()));
+        img.save(&p).unwrap();
+        let (x, notes) = load_image(&p, 3, 1, Some([255, 0, 255])).unwrap();
+        assert_eq!(x, vec![1.0, -1.0, 1.0]);
+        assert!(notes.iter().any(|n| n.contains("training background [255, 0, 255]")), "{notes:?}");
+        let (x, notes) = load_image(&p, 3, 1, None).unwrap();
+        assert_eq!(x, vec![-1.0, -1.0, -1.0]);
+        assert!(notes.iter().any(|n| n.contains("transparency dropped")), "{notes:?}");
+        // half transparent grey on white
+        let half = image::RgbaImage::from_raw(1, 1, vec![0, 0, 0, 128]).unwrap();
+        assert_eq!(composite(&half, [255, 255, 255]).get_pixel(0, 0).0, [127, 127, 127]);
+        std::fs::remove_file(p).unwrap();
     }
 }

@@ -20,6 +20,7 @@
 //! | `pixel_range` | how to map x to 8-bit pixels (documentation) | no |
 //! | `weights`, `training_steps`, `ema_decay` | `ema` or `raw`; the checkpoint's step; the EMA decay | no |
 //! | `dataset`, `dataset_fingerprint`, `model_config`, `exporter` | provenance | no |
+//! | `background` | JSON `[r, g, b]`: what the transparent pixels of the training images were laid on (image folders); `generate` lays an input image's transparency on it | no |
 //! | `recommended_sampler`, `_steps`, `_guidance` | how the model card says to sample it: all or none | no |
 //! | `recommended_guidance_interval` | `LO,HI`: guide only at these timesteps (with the three above) | no |
 //!
@@ -180,6 +181,9 @@ pub struct ModelMeta {
     /// The trainer's model configuration, as JSON.
     pub model_config: Option<String>,
     pub exporter: Option<String>,
+    /// The colour the transparent pixels of the training images were composited onto (image folders), so
+    /// that an input image with transparency (`--init`, `--inpaint`) can be given the same.
+    pub background: Option<[u8; 3]>,
     pub recommended: Option<Recommended>,
     /// Entries this schema does not know (without the prefix), kept as they are.
     pub extra: BTreeMap<String, String>,
@@ -205,7 +209,7 @@ const RECOMMENDED: [&str; 3] = ["recommended_sampler", "recommended_steps", "rec
 const RECOMMENDED_INTERVAL: &str = "recommended_guidance_interval";
 
 /// The optional keys this schema reads (without the prefix), besides the recommendation.
-const OPTIONAL: [&str; 11] = [
+const OPTIONAL: [&str; 12] = [
     "attributes",
     "schedule",
     "num_timesteps",
@@ -217,6 +221,7 @@ const OPTIONAL: [&str; 11] = [
     "dataset_fingerprint",
     "model_config",
     "exporter",
+    "background",
 ];
 
 fn key(k: &str) -> String {
@@ -303,6 +308,7 @@ impl ModelMeta {
             ("dataset_fingerprint", self.dataset_fingerprint.clone()),
             ("model_config", self.model_config.clone()),
             ("exporter", self.exporter.clone()),
+            ("background", self.background.map(|b| to_json(&b))),
         ];
         for (k, v) in optional {
             if let Some(v) = v {
@@ -408,6 +414,8 @@ impl ModelMeta {
             return Err(Error::metadata(key("ema_decay"), format!("{d}: an EMA decay lies in [0, 1]")));
         }
         let text = |k: &str| get(k).map(str::to_string);
+        let background =
+            get("background").map(|s| json("background", s, "a JSON list [r, g, b] of 0..=255")).transpose()?;
         let recommended = Self::recommended_from(md, num_classes, betas.len())?;
         let extra = md
             .iter()
@@ -435,6 +443,7 @@ impl ModelMeta {
             dataset_fingerprint: text("dataset_fingerprint"),
             model_config: text("model_config"),
             exporter: text("exporter"),
+            background,
             recommended,
             extra,
         })
@@ -511,6 +520,7 @@ mod tests {
             dataset_fingerprint: Some("b2a523dbb17581eb".into()),
             model_config: Some("{\"ch\":32}".into()),
             exporter: Some("diffusion-rs trainer 0.1.0".into()),
+            background: Some([255, 255, 255]),
             recommended: Some(Recommended {
                 sampler: SamplerKind::DpmSolverPP,
                 steps: 20,
@@ -542,6 +552,7 @@ mod tests {
         bare.attributes.clear();
         (bare.schedule, bare.weights, bare.training_steps, bare.ema_decay) = (None, None, None, None);
         (bare.dataset, bare.dataset_fingerprint, bare.model_config, bare.exporter) = (None, None, None, None);
+        bare.background = None;
         bare.extra.clear();
         assert_eq!(ModelMeta::from_props(&bare.to_props()).unwrap(), bare);
     }
@@ -568,6 +579,7 @@ mod tests {
         assert!(err(&with("betas", "oops")).contains("diffusion.betas: not a JSON list"));
         assert!(err(&with("num_timesteps", "999")).contains("999, but there are 1000 betas"));
         assert!(err(&with("prediction_type", "x0")).contains("unknown prediction type 'x0'"));
+        assert!(err(&with("background", "[255, 256, 0]")).contains("diffusion.background: not a JSON list [r, g, b]"));
         assert!(err(&with("variance_type", "trainable")).contains("unknown variance type 'trainable'"));
         assert!(err(&with("channels", "4")).contains("only 1 (grey) or 3 (RGB)"));
         assert!(err(&with("class_names", "{}")).contains("diffusion.class_names: not a JSON list"));

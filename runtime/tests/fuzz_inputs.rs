@@ -95,7 +95,7 @@ fn image_fuzz_mutated_png_and_jpeg_files_decode_or_are_refused_within_the_limit(
         std::fs::write(&p, &f).unwrap();
         // as a model input (grey or RGB, resized), and as a mask of a 28x28 image
         let ((input, mask), bytes) = largest_allocation(|| {
-            (load_image(&p, 1 + 2 * (case % 2), 28).map(|(x, _)| x), load_mask(&p, (28, 28), 28))
+            (load_image(&p, 1 + 2 * (case % 2), 28, Some([255, 255, 255])).map(|(x, _)| x), load_mask(&p, (28, 28), 28))
         });
         largest = largest.max(bytes);
         match input {
@@ -123,7 +123,7 @@ fn image_fuzz_mutated_png_and_jpeg_files_decode_or_are_refused_within_the_limit(
     png_declare(&mut bomb, 16_384, 16_384);
     let p = dir.join("bomb.png");
     std::fs::write(&p, &bomb).unwrap();
-    let (res, bytes) = largest_allocation(|| load_image(&p, 1, 28));
+    let (res, bytes) = largest_allocation(|| load_image(&p, 1, 28, None));
     let e = res.unwrap_err().to_string();
     assert!(e.contains("bomb.png") && e.to_lowercase().contains("limit"), "{e}");
     assert!((bytes as u64) < 1 << 20, "refused before allocating: {bytes} bytes");

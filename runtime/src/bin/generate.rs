@@ -174,9 +174,9 @@ fn run(a: Args) -> Result<()> {
     for note in g.provider_notes() {
         eprintln!("auto: {note}");
     }
-    let (c, size) = (g.info().channels, g.info().image_size);
+    let (c, size, bg) = (g.info().channels, g.info().image_size, g.info().background);
     let load = |p: &PathBuf| -> Result<Vec<f32>> {
-        let (x, notes) = runtime::images::load_image(p, c, size)?;
+        let (x, notes) = runtime::images::load_image(p, c, size, bg)?;
         notes.iter().for_each(|n| eprintln!("note: {n}"));
         Ok(x)
     };

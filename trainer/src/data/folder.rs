@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use image::imageops::FilterType;
-use image::{DynamicImage, RgbImage, RgbaImage};
+use image::{DynamicImage, RgbImage};
+use runtime::images::composite;
 
 use super::Dataset;
 
@@ -25,16 +26,6 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
         .collect();
     v.sort();
     Ok(v)
-}
-
-/// Composites RGBA onto `bg`.
-pub fn composite(img: &RgbaImage, bg: [u8; 3]) -> RgbImage {
-    RgbImage::from_fn(img.width(), img.height(), |x, y| {
-        let p = img.get_pixel(x, y).0;
-        let a = p[3] as u32;
-        let mix = |c: u8, b: u8| ((c as u32 * a + b as u32 * (255 - a) + 127) / 255) as u8;
-        image::Rgb([mix(p[0], bg[0]), mix(p[1], bg[1]), mix(p[2], bg[2])])
-    })
 }
 
 /// Resize so the shorter side is `size` (Catmull-Rom), then center-crop to size x size.
@@ -106,6 +97,7 @@ pub fn load(dir: &Path, size: usize, grayscale: bool, bg: [u8; 3]) -> Result<Dat
 #[cfg(test)]
 mod tests {
     use super::*;
+    use image::RgbaImage;
 
     #[test]
     fn classes_from_subfolders_resize_crop_alpha_and_bad_files() {

@@ -39,6 +39,7 @@ pub fn metadata(state: &State, weights: Weights, dtype: Dtype, recommended: Opti
         dataset_fingerprint: Some(state.data_fingerprint.clone()),
         model_config: Some(serde_json::to_string(m)?),
         exporter: Some(format!("diffusion-rs trainer {}", env!("CARGO_PKG_VERSION"))),
+        background: (cfg.data.kind == crate::data::DataKind::Folder).then_some(cfg.data.background),
         recommended: recommended.cloned(),
         extra: Default::default(),
     };
