@@ -3,7 +3,8 @@
 and Python onnxruntime reproduces the reference output (written by the Rust test from Candle).
 
 Usage: check_onnx.py MODEL.onnx REFERENCE.json TOLERANCE
-REFERENCE.json: {"shape": [B,C,H,W], "x": [...], "t": [...], "y": [...] or null, "eps": [...]}
+REFERENCE.json: {"shape": [B,C,H,W], "x": [...], "t": [...], "y": [...] or null, "eps": [...]} ("eps": the
+first output, the velocity for a v-predicting model)
 """
 import json
 import sys
@@ -27,7 +28,8 @@ def main():
     if ref.get("y") is not None:
         feeds["y"] = np.array(ref["y"], dtype=np.int64)
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    (eps,) = sess.run(["eps"], feeds)
+    # the first output: eps, or the velocity of a v-predicting model
+    (eps,) = sess.run([sess.get_outputs()[0].name], feeds)
     want = np.array(ref["eps"], dtype=np.float32).reshape(ref["shape"])
     rel = float(np.abs(eps.astype(np.float32) - want).max() / max(np.abs(want).max(), 1e-6))
     print(f"{path}: checker ok (full_check), onnx {onnx.__version__}, onnxruntime {ort.__version__}, "
