@@ -53,6 +53,11 @@ runtime::named_enum!(TimestepSampling, "timestep sampling", {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// Another config file this one starts from, relative to this file: its keys, with this file's laid over
+    /// them (tables merged key by key, values and arrays replaced whole). Resolved when the file is read; a
+    /// run's config.toml holds the merged result.
+    #[serde(skip_serializing)]
+    pub extends: Option<PathBuf>,
     pub model: UNetConfig,
     pub diffusion: DiffusionConfig,
     pub data: DataConfig,
@@ -185,15 +190,23 @@ impl Default for TrainConfig {
 }
 
 impl Config {
+    /// Reads a configuration from text that has no file of its own: an `extends` key is refused.
     pub fn from_toml_str(text: &str, origin: &str) -> Result<Self> {
-        let cfg: Config = toml::from_str(text)
-            .map_err(|e| anyhow::anyhow!("{origin}: {}", e.message().trim()).context(describe_toml_error(&e, text)))?;
+        Self::from_toml_str_at(text, origin, None)
+    }
+
+    /// Reads a configuration whose `extends` path is relative to `dir`.
+    pub fn from_toml_str_at(text: &str, origin: &str, dir: Option<&Path>) -> Result<Self> {
+        let table = layers(text, origin, dir, &mut Vec::new())?;
+        let cfg: Config = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| {
+            anyhow::anyhow!("{origin} with the files it extends: {}", e.message().trim())
+        })?;
         Ok(cfg)
     }
 
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
-        let mut cfg = Self::from_toml_str(&text, &path.display().to_string())?;
+        let mut cfg = Self::from_toml_str_at(&text, &path.display().to_string(), path.parent())?;
         // data paths in a config file are relative to the working directory, like every CLI path
         cfg.data.resolve_relative_to(&PathBuf::from("."));
         Ok(cfg)
@@ -237,10 +250,45 @@ impl Config {
     }
 }
 
+/// One config file as a TOML table with the files it `extends` merged under it. Each file is read as a whole
+/// config first, so an unknown key or a wrong type is reported with that file's name and line.
+fn layers(text: &str, origin: &str, dir: Option<&Path>, chain: &mut Vec<PathBuf>) -> Result<toml::Table> {
+    let own: Config = toml::from_str(text)
+        .map_err(|e| anyhow::anyhow!("{origin}: {}", e.message().trim()).context(describe_toml_error(&e, text)))?;
+    let mut table: toml::Table = text.parse().with_context(|| format!("{origin}: not a TOML table"))?;
+    let Some(base) = own.extends else { return Ok(table) };
+    table.remove("extends");
+    let Some(dir) = dir else { bail!("{origin}: `extends` needs a config file to be relative to") };
+    let path = dir.join(&base);
+    let canonical =
+        path.canonicalize().with_context(|| format!("{origin}: extends {}: no such file", path.display()))?;
+    if chain.contains(&canonical) {
+        bail!("{origin}: extends {}, which extends it back (a cycle)", path.display());
+    }
+    chain.push(canonical);
+    let base_text = std::fs::read_to_string(&path)
+        .with_context(|| format!("{origin}: extends {}: cannot read it", path.display()))?;
+    let mut merged = layers(&base_text, &path.display().to_string(), path.parent(), chain)?;
+    merge_into(&mut merged, table);
+    Ok(merged)
+}
+
+/// Lays `top` over `base`: tables merge key by key, every other value replaces the base's.
+fn merge_into(base: &mut toml::Table, top: toml::Table) {
+    for (key, value) in top {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(t)) => merge_into(b, t),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
 fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
     match e.span() {
         Some(span) => {
-            let line = text[..span.start.min(text.len())].lines().count().max(1);
+            let line = text.as_bytes()[..span.start.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1;
             format!("at line {line}")
         }
         None => String::new(),
@@ -280,6 +328,49 @@ mod tests {
         json["train"]["loss"] = "huber".into();
         let e = serde_json::from_value::<Config>(json).unwrap_err().to_string();
         assert!(e.contains("unknown loss 'huber'"), "{e}");
+    }
+
+    #[test]
+    fn extends_lays_a_file_over_its_base() {
+        let dir = std::env::temp_dir().join(format!("config-extends-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        let write = |name: &str, text: &str| std::fs::write(dir.join(name), text).unwrap();
+        write(
+            "base.toml",
+            "[model]\nch = 48\nch_mult = [1, 2, 2]\n[diffusion]\nschedule = \"cosine\"\n[train]\nsteps = 100\nlr = 0.5\n",
+        );
+        // a chain of two, the middle file in another folder: each path is relative to the file that names it
+        write("sub/mid.toml", "extends = \"../base.toml\"\n[model]\nch_mult = [1, 2]\n[train]\nsteps = 200\n");
+        write("top.toml", "extends = \"sub/mid.toml\"\n[train]\nbatch_size = 7\n");
+        let cfg = Config::load(&dir.join("top.toml")).unwrap();
+        // tables merge key by key, arrays are replaced whole, the nearest file wins
+        assert_eq!((cfg.model.ch, cfg.model.ch_mult.clone()), (48, vec![1, 2]));
+        assert_eq!((cfg.train.steps, cfg.train.batch_size, cfg.train.lr), (200, 7, 0.5));
+        assert_eq!(cfg.diffusion.schedule, ScheduleKind::Cosine);
+        assert_eq!(cfg.extends, None);
+        // what a run saves is the merged configuration, readable without its bases
+        let saved = toml::to_string_pretty(&cfg).unwrap();
+        assert!(!saved.contains("extends"), "{saved}");
+        assert_eq!(Config::from_toml_str(&saved, "saved").unwrap(), cfg);
+
+        // errors name the file they are in, with its line
+        write("typo.toml", "extends = \"base.toml\"\n\n[train]\nstepz = 3\n");
+        let msg = format!("{:#}", Config::load(&dir.join("typo.toml")).unwrap_err());
+        assert!(msg.contains("typo.toml") && msg.contains("stepz") && msg.contains("line 4"), "{msg}");
+        write("bad-base.toml", "extends = \"typo.toml\"\n");
+        let msg = format!("{:#}", Config::load(&dir.join("bad-base.toml")).unwrap_err());
+        assert!(msg.contains("typo.toml") && msg.contains("stepz"), "{msg}");
+        write("orphan.toml", "extends = \"nowhere.toml\"\n");
+        let msg = format!("{:#}", Config::load(&dir.join("orphan.toml")).unwrap_err());
+        assert!(msg.contains("orphan.toml") && msg.contains("nowhere.toml"), "{msg}");
+        write("a.toml", "extends = \"b.toml\"\n");
+        write("b.toml", "extends = \"a.toml\"\n");
+        let msg = format!("{:#}", Config::load(&dir.join("a.toml")).unwrap_err());
+        assert!(msg.contains("cycle"), "{msg}");
+        // text without a file of its own has nothing to be relative to
+        let msg = format!("{:#}", Config::from_toml_str("extends = \"base.toml\"\n", "x.toml").unwrap_err());
+        assert!(msg.contains("x.toml") && msg.contains("extends"), "{msg}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -334,7 +425,7 @@ mod tests {
             }
             let Ok(text) = String::from_utf8(text) else { continue };
             let (res, bytes) = runtime::fuzz::largest_allocation(|| {
-                Config::from_toml_str(&text, "fuzz.toml").and_then(|c| c.validate().map(|_| c))
+                Config::from_toml_str_at(&text, "fuzz.toml", Some(&dir)).and_then(|c| c.validate().map(|_| c))
             });
             largest = largest.max(bytes);
             match res {
