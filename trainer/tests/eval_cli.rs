@@ -173,7 +173,7 @@ fn eval_of_an_unlabelled_folder_uses_inception_alone_and_reports_the_likelihood_
     cfg.train.steps = 2;
     cfg.train.batch_size = 4;
     let run = fit_run(&cfg, &dir);
-    let eval = |features: &str| {
+    let eval = |features: &str, extra: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_trainer"))
             .args(["eval", "-q", "--run"])
             .arg(&run)
@@ -182,10 +182,12 @@ fn eval_of_an_unlabelled_folder_uses_inception_alone_and_reports_the_likelihood_
             .arg(&weights)
             .arg("--cache")
             .arg(dir.join("cache"))
+            .args(extra)
             .output()
             .unwrap()
     };
-    let out = eval("classifier,inception");
+    // --guidance is meaningless for an unconditional model: the report and the sweep rows say 0
+    let out = eval("classifier,inception", &["--guidance", "3", "--sweep-steps", "2"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -198,15 +200,23 @@ fn eval_of_an_unlabelled_folder_uses_inception_alone_and_reports_the_likelihood_
     let nll = &r["nll"];
     let bpd = nll["bits_per_dim"].as_f64().unwrap();
     assert!(bpd.is_finite() && bpd > 0.0 && nll["images"] == 3 && nll["conditioning"] == "unconditional", "{nll}");
+    assert_eq!(r["guidance"], 0.0, "{r}");
+    let csv = std::fs::read_to_string(run.join("sweep.csv")).unwrap();
+    let row: Vec<&str> = csv.lines().nth(1).unwrap().split(',').collect();
+    assert_eq!(row[..3], ["steps", "0", "2"], "{csv}");
     assert!(!dir
         .join("cache")
         .read_dir()
         .map(|d| d.flatten().any(|e| e.path().extension().is_some_and(|x| x == "onnx")))
         .unwrap_or(false));
     // asked for the classifier alone, it is refused with the reason
-    let out = eval("classifier");
+    let out = eval("classifier", &[]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("has no labels") && err.contains("--features inception"), "{err}");
+    // and there is no guidance to sweep
+    let out = eval("inception", &["--sweep-guidance", "1,2"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--sweep-guidance") && err.contains("unconditional"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -258,6 +258,9 @@ pub fn evaluate(o: &EvalOptions, progress: &dyn Progress) -> Result<EvalReport> 
     if let Some(bad) = std::iter::once(o.steps).chain(o.sweep_steps.iter().copied()).find(|s| !(1..=t).contains(s)) {
         bail!("{bad} sampling steps: use 1..={t}");
     }
+    if cfg.model.num_classes == 0 && !o.sweep_guidance.is_empty() {
+        bail!("--sweep-guidance: the model is unconditional (no classes), so there is no guidance to sweep");
+    }
     if o.composition > 0 && (cfg.data.shifted.is_none() || !cfg.model.attributes.iter().any(|a| a.name == "position")) {
         bail!("--composition needs a run on shifted digits (data.shifted) whose model has the position attribute");
     }
@@ -367,6 +370,8 @@ pub fn evaluate(o: &EvalOptions, progress: &dyn Progress) -> Result<EvalReport> 
         spaces.push(Space { ext, test: test_f, floor });
     }
     let k = cfg.model.num_classes;
+    // an unconditional model is sampled without guidance, whatever --guidance says
+    let guidance = if k > 0 { o.guidance } else { 0.0 };
     let variance = cfg.diffusion.variance;
     let mut setting = |guidance: f32, steps: usize| -> Result<Outcome> {
         use runtime::sampler::{sample, Method, Spacing};
@@ -414,7 +419,7 @@ pub fn evaluate(o: &EvalOptions, progress: &dyn Progress) -> Result<EvalReport> 
         let score = (k > 0 && clf.is_some()).then_some(hits as f64 / o.n as f64);
         Ok(Outcome { images: x, score, per_class, fid })
     };
-    let main = setting(o.guidance, o.steps)?;
+    let main = setting(guidance, o.steps)?;
     let fid = |name: &str| {
         let i = spaces.iter().position(|sp| sp.ext.name() == name)?;
         Some((main.fid[i].1, spaces[i].floor))
@@ -425,7 +430,7 @@ pub fn evaluate(o: &EvalOptions, progress: &dyn Progress) -> Result<EvalReport> 
         step: state.step,
         samples: o.n,
         sampler: format!("{} {} steps, trailing", o.sampler, o.steps),
-        guidance: if k > 0 { o.guidance } else { 0.0 },
+        guidance,
         guidance_interval: o.guidance_interval.filter(|_| k > 0).map(|g| g.to_string()),
         classifier: clf.as_ref().map(|c| c.1.display().to_string()),
         classifier_onnx: clf.as_ref().map(|c| c.1.with_extension("onnx").display().to_string()),
@@ -462,7 +467,7 @@ pub fn evaluate(o: &EvalOptions, progress: &dyn Progress) -> Result<EvalReport> 
             rows.push(("guidance", w, o.steps, setting(w, o.steps)?));
         }
         for &st in &o.sweep_steps {
-            rows.push(("steps", o.guidance, st, setting(o.guidance, st)?));
+            rows.push(("steps", guidance, st, setting(guidance, st)?));
         }
         write_sweeps(&o.run, &spaces, &rows)?;
         report.sweep_csv = Some(o.run.join("sweep.csv").display().to_string());
