@@ -27,7 +27,7 @@ fn sampler_overhead(c: &mut Criterion) {
         ("dpm++", Method::DpmSolverPP { steps: 50, spacing: Spacing::Trailing }),
     ] {
         let mut req = Request::new(64, [3, 32, 32], method);
-        req.batch = 64;
+        req.options.batch = 64;
         g.bench_function(name, |b| b.iter(|| sample(&mut Zero, &sched, &req, &mut |_| {}).unwrap()));
     }
     g.finish();

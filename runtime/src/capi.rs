@@ -13,7 +13,7 @@ use crate::generator::{
 };
 use crate::images::{from_u8_hwc, mask_from_u8};
 use crate::onnx::{Provider, ProviderKind};
-use crate::sampler::SamplerKind;
+use crate::sampler::{SampleOptions, SamplerKind};
 
 thread_local! {
     static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
@@ -233,26 +233,29 @@ pub unsafe extern "C" fn dr_generate(
             guidance: req.guidance,
             attributes: pairs(str_arg(req.attributes, "attributes")?, "attributes")?,
             attribute_guidance: pairs(str_arg(req.attribute_guidance, "attribute_guidance")?, "attribute_guidance")?,
-            guidance_interval: (req.guidance_lo, req.guidance_hi)
-                .ne(&(0, 0))
-                .then_some(GuidanceInterval { lo: req.guidance_lo as usize, hi: req.guidance_hi as usize }),
-            seed: req.seed,
-            batch: req.batch as usize,
-            init: (!req.init.is_null()).then(|| InitImage {
-                x0: from_u8_hwc(std::slice::from_raw_parts(req.init, per), c),
-                strength: req.strength,
-            }),
-            share_xt: req.share_xt != 0,
-            inpaint: match (req.inpaint.is_null(), req.mask.is_null()) {
-                (true, true) => None,
-                (true, false) => return Err("dr_request.mask needs dr_request.inpaint".into()),
-                (false, true) => return Err("dr_request.inpaint needs dr_request.mask".into()),
-                (false, false) => Some(Inpaint {
-                    x0: from_u8_hwc(std::slice::from_raw_parts(req.inpaint, per), c),
-                    mask: mask_from_u8(std::slice::from_raw_parts(req.mask, size * size)),
-                    resample: req.resample.max(1) as usize,
-                    jump: if req.jump == 0 { 10 } else { req.jump as usize },
+            options: SampleOptions {
+                guidance_interval: (req.guidance_lo, req.guidance_hi)
+                    .ne(&(0, 0))
+                    .then_some(GuidanceInterval { lo: req.guidance_lo as usize, hi: req.guidance_hi as usize }),
+                seed: req.seed,
+                batch: req.batch as usize,
+                init: (!req.init.is_null()).then(|| InitImage {
+                    x0: from_u8_hwc(std::slice::from_raw_parts(req.init, per), c),
+                    strength: req.strength,
                 }),
+                share_xt: req.share_xt != 0,
+                inpaint: match (req.inpaint.is_null(), req.mask.is_null()) {
+                    (true, true) => None,
+                    (true, false) => return Err("dr_request.mask needs dr_request.inpaint".into()),
+                    (false, true) => return Err("dr_request.inpaint needs dr_request.mask".into()),
+                    (false, false) => Some(Inpaint {
+                        x0: from_u8_hwc(std::slice::from_raw_parts(req.inpaint, per), c),
+                        mask: mask_from_u8(std::slice::from_raw_parts(req.mask, size * size)),
+                        resample: req.resample.max(1) as usize,
+                        jump: if req.jump == 0 { 10 } else { req.jump as usize },
+                    }),
+                },
+                ..Default::default()
             },
             interpolation: match (req.interpolate_a.is_null(), req.interpolate_b.is_null(), req.interpolate_seeds != 0)
             {

@@ -79,8 +79,9 @@ impl Error {
 }
 
 /// Implements `as_str`, `NAMES`, `FromStr` (unknown names are an [`Error::UnknownName`]), `Display`, serde (as
-/// the name) and clap's `ValueEnum` for a field-less enum, from one table: the first name of a variant is its
-/// canonical one, the others are accepted aliases. Settings are parsed once, where they are read.
+/// the name) and, with the feature `clap`, clap's `ValueEnum` for a field-less enum, from one table: the first
+/// name of a variant is its canonical one, the others are accepted aliases. Settings are parsed once, where
+/// they are read.
 #[macro_export]
 macro_rules! named_enum {
     ($ty:ident, $what:literal, { $($variant:ident => [$name:literal $(, $alias:literal)*]),+ $(,)? }) => {
@@ -129,6 +130,16 @@ macro_rules! named_enum {
             }
         }
 
+        $crate::__named_enum_clap!($ty, { $($variant => [$name $(, $alias)*]),+ });
+    };
+}
+
+/// clap's `ValueEnum` for a [`named_enum!`] (feature `clap`).
+#[cfg(feature = "clap")]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __named_enum_clap {
+    ($ty:ident, { $($variant:ident => [$name:literal $(, $alias:literal)*]),+ $(,)? }) => {
         impl $crate::__clap::ValueEnum for $ty {
             fn value_variants<'a>() -> &'a [Self] {
                 Self::ALL
@@ -140,4 +151,12 @@ macro_rules! named_enum {
             }
         }
     };
+}
+
+/// Without the feature `clap`, [`named_enum!`] implements no `ValueEnum`.
+#[cfg(not(feature = "clap"))]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __named_enum_clap {
+    ($($tt:tt)*) => {};
 }

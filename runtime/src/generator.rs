@@ -17,7 +17,7 @@ pub use crate::images::{to_u8_nhwc, Images};
 use crate::metadata::ModelMeta;
 use crate::onnx::{OrtDenoiser, Provider, ProviderKind};
 use crate::sampler::{self, Method, Request, SamplerKind, Spacing, StepInfo};
-pub use crate::sampler::{GuidanceInterval, InitImage, Inpaint};
+pub use crate::sampler::{GuidanceInterval, InitImage, Inpaint, SampleOptions};
 use crate::schedule::NoiseSchedule;
 
 #[derive(Debug, Clone)]
@@ -54,19 +54,9 @@ pub struct GenerateRequest {
     /// Guidance weights of single attributes, by name; an attribute given a value and no weight here takes
     /// `guidance`. The labels are composed as in Liu et al. 2022 ([`sampler::AttrCond`]).
     pub attribute_guidance: Vec<(String, f32)>,
-    /// Guide only at these timesteps (Kynkäänniemi et al. 2024); None: at every step.
-    pub guidance_interval: Option<GuidanceInterval>,
-    pub seed: u64,
-    /// Images per model call (>= 1); memory is bounded by it whatever n.
-    pub batch: usize,
-    pub clip_x0: bool,
-    pub dynamic_threshold: Option<f32>,
-    /// Image-to-image: start from this image noised to a strength (SDEdit) instead of pure noise.
-    pub init: Option<InitImage>,
-    /// Every image starts from the same x_T / x_t (variations, with a stochastic sampler).
-    pub share_xt: bool,
-    /// Inpainting: keep the known pixels of this image, generate the rest (RePaint).
-    pub inpaint: Option<Inpaint>,
+    /// Seed, images per model call (memory is bounded by it whatever n), clipping, the guidance interval and
+    /// image-to-image (init, share_xt, inpaint): the sampler's own options, passed on as they are.
+    pub options: SampleOptions,
     /// Interpolation: the `n` images are frames from one end to the other. Every frame has `class`; without
     /// one, on a conditional model, the null class (and so no guidance).
     pub interpolation: Option<Interpolation>,
@@ -97,14 +87,7 @@ impl Default for GenerateRequest {
             guidance: 0.0,
             attributes: vec![],
             attribute_guidance: vec![],
-            guidance_interval: None,
-            seed: 0,
-            batch: 16,
-            clip_x0: true,
-            dynamic_threshold: None,
-            init: None,
-            share_xt: false,
-            inpaint: None,
+            options: SampleOptions::default(),
             interpolation: None,
         }
     }
@@ -115,7 +98,7 @@ impl GenerateRequest {
     pub fn recommended(info: &ModelMeta) -> Self {
         let mut r = Self::default();
         if let Some(rec) = &info.recommended {
-            (r.sampler, r.steps, r.guidance, r.guidance_interval) =
+            (r.sampler, r.steps, r.guidance, r.options.guidance_interval) =
                 (rec.sampler, rec.steps, rec.guidance, rec.guidance_interval);
         }
         r
@@ -169,7 +152,7 @@ impl Generator {
         sampler::sample(&mut self.denoiser, &self.schedule, plan, on_step)
     }
 
-    /// Runs a planned request chunk by chunk ([`sampler::sample_chunks`]): memory bounded by `plan.batch`.
+    /// Runs a planned request chunk by chunk ([`sampler::sample_chunks`]): memory bounded by `plan.options.batch`.
     pub fn sample_chunks(
         &mut self,
         plan: &Request,
@@ -204,23 +187,16 @@ pub fn plan(info: &ModelMeta, req: &GenerateRequest) -> Result<Request> {
     if !info.attributes.is_empty() || !req.attributes.is_empty() || !req.attribute_guidance.is_empty() {
         with_attributes(info, req, &mut r)?;
     }
-    r.guidance_interval = req.guidance_interval;
-    if let Some(g) = req.guidance_interval.filter(|g| g.hi >= info.num_timesteps()) {
+    if let Some(g) = req.options.guidance_interval.filter(|g| g.hi >= info.num_timesteps()) {
         return Err(crate::Error::request(
             "guidance_interval",
             format!("{g}: the model's timesteps run 0..={}", info.num_timesteps() - 1),
         ));
     }
-    r.seed = req.seed;
-    r.batch = req.batch;
-    r.clip_x0 = req.clip_x0;
-    r.dynamic_threshold = req.dynamic_threshold;
-    r.init = req.init.clone();
-    r.share_xt = req.share_xt;
-    r.inpaint = req.inpaint.clone();
+    r.options = req.options.clone();
     r = match &req.interpolation {
         None => r,
-        Some(_) if req.init.is_some() || req.inpaint.is_some() || req.share_xt => {
+        Some(_) if req.options.init.is_some() || req.options.inpaint.is_some() || req.options.share_xt => {
             return Err(crate::Error::request(
                 "interpolation",
                 "cannot be combined with init, inpaint or share_xt (it sets the starts itself)",
@@ -305,7 +281,7 @@ mod tests {
     fn recommended_requests_take_the_models_sampling_and_default_otherwise() {
         let mut info = info();
         let d = GenerateRequest::recommended(&info);
-        assert_eq!((d.sampler, d.steps, d.guidance, d.guidance_interval), (SamplerKind::Ddim, 50, 0.0, None));
+        assert_eq!((d.sampler, d.steps, d.guidance, d.options.guidance_interval), (SamplerKind::Ddim, 50, 0.0, None));
         let interval = Some(GuidanceInterval { lo: 2, hi: 6 });
         info.recommended = Some(Recommended {
             sampler: SamplerKind::DpmSolverPP,
@@ -315,8 +291,13 @@ mod tests {
         });
         let r = GenerateRequest::recommended(&info);
         assert_eq!((r.sampler, r.steps, r.guidance, r.n), (SamplerKind::DpmSolverPP, 10, 1.5, 16));
-        assert_eq!(plan(&info, &GenerateRequest { steps: 5, ..r.clone() }).unwrap().guidance_interval, interval);
-        let past_t = GenerateRequest { steps: 5, guidance_interval: Some(GuidanceInterval { lo: 2, hi: 10 }), ..r };
+        assert_eq!(
+            plan(&info, &GenerateRequest { steps: 5, ..r.clone() }).unwrap().options.guidance_interval,
+            interval
+        );
+        let options =
+            SampleOptions { guidance_interval: Some(GuidanceInterval { lo: 2, hi: 10 }), ..r.options.clone() };
+        let past_t = GenerateRequest { steps: 5, options, ..r };
         let e = plan(&info, &past_t).unwrap_err();
         assert!(e.to_string().contains("timesteps run 0..=9"), "{e}");
     }
@@ -368,8 +349,8 @@ mod tests {
         let req = GenerateRequest { n: 5, steps: 4, guidance: 2.0, interpolation: Some(images), ..Default::default() };
         // no class: every frame takes the null class, unguided
         let p = plan(&info, &req).unwrap();
-        assert_eq!((p.n, p.labels.as_deref(), p.guidance, p.share_xt), (5, Some(&[2i64; 5][..]), 0.0, true));
-        let init = p.init.unwrap();
+        assert_eq!((p.n, p.labels.as_deref(), p.guidance, p.options.share_xt), (5, Some(&[2i64; 5][..]), 0.0, true));
+        let init = p.options.init.unwrap();
         assert_eq!((&init.x0[..4], &init.x0[16..], init.strength), (&a[..], &b[..], 0.5));
         assert_eq!(init.x0[8..12], [0.0; 4]);
         // a class: every frame has it, guided
@@ -377,10 +358,10 @@ mod tests {
         assert_eq!((p.labels.as_deref(), p.guidance), (Some(&[1i64; 5][..]), 2.0));
         let seeds = GenerateRequest { interpolation: Some(Interpolation::Seeds { a: 3, b: 4 }), ..req.clone() };
         let p = plan(&info, &seeds).unwrap();
-        assert_eq!((p.seed, p.start_noise.map(|z| z.len())), (3, Some(20)));
+        assert_eq!((p.options.seed, p.start_noise.map(|z| z.len())), (3, Some(20)));
         let one = GenerateRequest { n: 1, ..req.clone() };
         assert!(plan(&info, &one).unwrap_err().to_string().contains("frames"));
-        let both = GenerateRequest { share_xt: true, ..req };
+        let both = GenerateRequest { options: SampleOptions { share_xt: true, ..Default::default() }, ..req };
         assert!(plan(&info, &both).unwrap_err().to_string().contains("cannot be combined"));
     }
 }

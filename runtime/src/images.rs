@@ -1,8 +1,9 @@
-//! Generated images: 8-bit conversion, grids and PNG files.
+//! Generated images: 8-bit conversion, grids, reverse-process strips and PNG files.
 
 use std::path::Path;
 
 use crate::error::{Error, Result};
+use crate::sampler::StepInfo;
 
 /// The largest image a file may decode to (all files this toolkit reads: inputs, masks, training folders):
 /// 16,384 pixels a side and 64 MiB of decoded pixels (4,096 x 4,096 RGBA). A file that declares more is refused
@@ -231,6 +232,53 @@ impl Images {
     }
 }
 
+/// Records a reverse-process strip: x_t and the predicted x0 of the first `rows` images of the first chunk at
+/// `cols` evenly spaced steps. Feed it every [`StepInfo`]; [`Strip::tiles`] lays the frames out row-major.
+pub struct Strip {
+    rows: usize,
+    per: usize,
+    want: Vec<usize>,
+    /// (t, x_t, x0) per captured step.
+    frames: Vec<(usize, Vec<f32>, Vec<f32>)>,
+}
+
+impl Strip {
+    /// `num_steps`: the sampler's steps per chunk; `per`: values per image; `rows` is capped by the caller's
+    /// batch (only the first chunk is recorded).
+    pub fn new(num_steps: usize, cols: usize, rows: usize, per: usize) -> Self {
+        let cols = cols.clamp(1, num_steps.max(1));
+        let want = (0..cols).map(|k| k * (num_steps.max(1) - 1) / (cols - 1).max(1)).collect();
+        Self { rows, per, want, frames: vec![] }
+    }
+
+    pub fn record(&mut self, s: &StepInfo) {
+        let rows = self.rows.min(s.x.len() / self.per);
+        if s.chunk_start == 0 && self.want.contains(&s.step) && self.frames.len() < self.want.len() {
+            self.frames.push((s.t, s.x[..rows * self.per].to_vec(), s.x0[..rows * self.per].to_vec()));
+        }
+    }
+
+    /// The timestep of each column.
+    pub fn timesteps(&self) -> Vec<usize> {
+        self.frames.iter().map(|f| f.0).collect()
+    }
+
+    /// (tiles, columns): for each image a row of x_t then a row of predicted x0, one column per captured step.
+    pub fn tiles(&self) -> (Vec<f32>, usize) {
+        let rows = self.frames.first().map_or(0, |f| f.1.len() / self.per);
+        let mut tiles = vec![];
+        for i in 0..rows {
+            for which in 0..2 {
+                for (_, x, x0) in &self.frames {
+                    let src = if which == 0 { x } else { x0 };
+                    tiles.extend_from_slice(&src[i * self.per..(i + 1) * self.per]);
+                }
+            }
+        }
+        (tiles, self.frames.len())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,5 +299,29 @@ mod tests {
         let half = image::RgbaImage::from_raw(1, 1, vec![0, 0, 0, 128]).unwrap();
         assert_eq!(composite(&half, [255, 255, 255]).get_pixel(0, 0).0, [127, 127, 127]);
         std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn strip_records_evenly_spaced_steps_of_the_first_chunk() {
+        let mut strip = Strip::new(50, 8, 2, 3);
+        for chunk_start in [0, 4] {
+            for step in 0..50 {
+                // 4 images of 3 values; value = step (x) and -step (x0), + image index / 10
+                let x: Vec<f32> = (0..12).map(|i| step as f32 + (i / 3) as f32 / 10.0).collect();
+                let x0: Vec<f32> = x.iter().map(|v| -v).collect();
+                strip.record(&StepInfo { chunk_start, step, num_steps: 50, t: 1000 - 20 * step, x: &x, x0: &x0 });
+            }
+        }
+        let ts = strip.timesteps();
+        assert_eq!(ts.len(), 8);
+        assert_eq!((ts[0], ts[7]), (1000, 1000 - 20 * 49));
+        let (tiles, cols) = strip.tiles();
+        assert_eq!((tiles.len(), cols), (2 * 2 * 8 * 3, 8));
+        // row 0: image 0's x_t at step 0..49; row 1: its x0; row 2: image 1's x_t
+        assert_eq!((tiles[0], tiles[7 * 3]), (0.0, 49.0));
+        assert_eq!(tiles[8 * 3 + 7 * 3], -49.0);
+        assert!((tiles[16 * 3] - 0.1).abs() < 1e-6);
+        // fewer steps than columns: one column per step
+        assert_eq!(Strip::new(3, 8, 1, 1).want, vec![0, 1, 2]);
     }
 }

@@ -8,6 +8,10 @@
 //!   recommended sampling), one schema for the writer and the reader.
 //! - [`generator`] (feature `onnx`): open an exported model and generate images; [`capi`] is its C ABI.
 //!
+//! Features: `onnx` (default: ONNX Runtime, the generator and the C ABI), `png` (image files), `clap` (the
+//! named enums as clap `ValueEnum`s, for command lines), `cli` (the `generate` binary), `fuzz` (the fuzz
+//! targets' allocation probe, for tests). The default library has no command-line or test code.
+//!
 //! Every fallible function returns [`Result`], whose [`Error`] names the request field or metadata key at
 //! fault.
 //!
@@ -27,6 +31,8 @@ pub use error::{Error, Result};
 
 #[cfg(feature = "onnx")]
 pub mod capi;
+/// Helpers of the fuzz targets (test code: feature `fuzz`).
+#[cfg(any(test, feature = "fuzz"))]
 pub mod fuzz;
 #[cfg(feature = "onnx")]
 pub mod generator;
@@ -39,6 +45,7 @@ pub mod onnx;
 pub mod sampler;
 pub mod schedule;
 
+#[cfg(feature = "clap")]
 #[doc(hidden)]
 pub use clap as __clap;
 #[doc(hidden)]

@@ -1,7 +1,8 @@
 //! The self-describing metadata of an exported model: one schema, written by `trainer export` into the ONNX
 //! file's `metadata_props` and read back by the runtime, `trainer eval` and the model card.
 //!
-//! Every key is prefixed `diffusion.`. Format 1 (this module's [`FORMAT_VERSION`]):
+//! Every key is prefixed `diffusion.`. Format 1 (this module's [`FORMAT_VERSION`]), as the table [`KEYS`] says
+//! (a test checks that this table is that one):
 //!
 //! | key | value | required |
 //! |---|---|---|
@@ -9,20 +10,28 @@
 //! | `betas` | JSON list of the T betas (authoritative for sampling) | yes |
 //! | `prediction_type` | `epsilon`, or `v` (the first output is the velocity of Salimans & Ho 2022) | yes |
 //! | `variance_type` | `fixed_small`, `fixed_large` or `learned_range` (the model has a second output, `v`) | yes |
-//! | `image_size`, `channels` | square side in pixels; 1 (grey) or 3 (RGB) | yes |
+//! | `image_size` | square side in pixels | yes |
+//! | `channels` | 1 (grey) or 3 (RGB) | yes |
 //! | `num_classes` | 0 for an unconditional model | yes |
 //! | `class_names` | JSON list: empty, or one name per class | yes |
 //! | `null_class` | the "no class" label for guidance, or `none` | yes |
-//! | `attributes` | JSON list of the labels beside the class, `[{"name": .., "values": [..]}]`: y is then [B, 1 + A] | no |
 //! | `dtype` | `float32` or `float16` (the type of x and eps) | yes |
-//! | `schedule` | JSON of the [`BetaSchedule`] that made the betas | no |
+//! | `attributes` | JSON list of the labels beside the class, `[{"name": .., "values": [..]}]`: y is then [B, 1 + A] | no |
+//! | `schedule` | JSON of the `BetaSchedule` that made the betas | no |
 //! | `num_timesteps` | T; must equal the length of `betas` | no |
 //! | `pixel_range` | how to map x to 8-bit pixels (documentation) | no |
-//! | `weights`, `training_steps`, `ema_decay` | `ema` or `raw`; the checkpoint's step; the EMA decay | no |
-//! | `dataset`, `dataset_fingerprint`, `model_config`, `exporter` | provenance | no |
+//! | `weights` | `ema` or `raw`: which weights of the checkpoint | no |
+//! | `training_steps` | the checkpoint's step | no |
+//! | `ema_decay` | the EMA decay, in [0, 1] | no |
+//! | `dataset` | provenance: the training data | no |
+//! | `dataset_fingerprint` | provenance: the data's fingerprint (`trainer eval` checks it) | no |
+//! | `model_config` | provenance: the trainer's model configuration, as JSON | no |
+//! | `exporter` | provenance: the program that wrote the file | no |
 //! | `background` | JSON `[r, g, b]`: what the transparent pixels of the training images were laid on (image folders); `generate` lays an input image's transparency on it | no |
-//! | `recommended_sampler`, `_steps`, `_guidance` | how the model card says to sample it: all or none | no |
-//! | `recommended_guidance_interval` | `LO,HI`: guide only at these timesteps (with the three above) | no |
+//! | `recommended_sampler` | how the model card says to sample it: the sampler | no: all three or none |
+//! | `recommended_steps` | ... its steps | no: all three or none |
+//! | `recommended_guidance` | ... its guidance weight | no: all three or none |
+//! | `recommended_guidance_interval` | `LO,HI`: guide only at these timesteps | no: with the three above |
 //!
 //! Keys this schema does not know are kept in [`ModelMeta::extra`] and written back unchanged.
 
@@ -32,6 +41,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::sampler::{GuidanceInterval, SamplerKind};
+pub use crate::schedule::Prediction;
 use crate::schedule::{BetaSchedule, NoiseSchedule, VarianceType};
 
 /// The metadata layout this runtime writes and reads (`diffusion.format_version`).
@@ -42,30 +52,6 @@ pub const PREFIX: &str = "diffusion.";
 
 /// The documentation entry `pixel_range`.
 pub const PIXEL_RANGE: &str = "[-1, 1]: pixel = (x + 1) * 127.5";
-
-/// What the network predicts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Prediction {
-    /// The noise eps (Ho et al. 2020, eq. 14's eps_theta).
-    #[default]
-    Epsilon,
-    /// The velocity v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0 (Salimans & Ho 2022, sec. 4): well
-    /// conditioned at every noise level, where eps-prediction turns small errors into large ones in x_0 as
-    /// alpha_bar -> 0. The samplers turn it into eps.
-    V,
-}
-
-crate::named_enum!(Prediction, "prediction type", { Epsilon => ["epsilon"], V => ["v", "v_prediction"] });
-
-impl Prediction {
-    /// The name of an exported model's first output: `eps`, or `velocity` for a v-predicting model.
-    pub fn output_name(self) -> &'static str {
-        match self {
-            Prediction::Epsilon => "eps",
-            Prediction::V => "velocity",
-        }
-    }
-}
 
 /// The floating-point type of the model's x input and eps output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -189,40 +175,99 @@ pub struct ModelMeta {
     pub extra: BTreeMap<String, String>,
 }
 
-/// The keys every model must carry (without the prefix).
-pub const REQUIRED: [&str; 10] = [
-    "format_version",
-    "betas",
-    "prediction_type",
-    "variance_type",
-    "image_size",
-    "channels",
-    "num_classes",
-    "class_names",
-    "null_class",
-    "dtype",
+/// Whether a model carries a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// Every model.
+    Required,
+    Optional,
+    /// The recommended sampling: all of these keys or none.
+    Recommendation,
+    /// Optional, and only with the recommended sampling.
+    WithRecommendation,
+}
+
+impl Need {
+    fn doc(self) -> &'static str {
+        match self {
+            Need::Required => "yes",
+            Need::Optional => "no",
+            Need::Recommendation => "no: all three or none",
+            Need::WithRecommendation => "no: with the three above",
+        }
+    }
+}
+
+/// One metadata key (without the prefix), whether a model carries it, and what its value holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Key {
+    pub name: &'static str,
+    pub need: Need,
+    pub value: &'static str,
+}
+
+const fn key_of(name: &'static str, need: Need, value: &'static str) -> Key {
+    Key { name, need, value }
+}
+
+/// Every key of format 1, in the order of the module's table. It drives the reader (which keys must be there,
+/// which are kept as unknown in [`ModelMeta::extra`]) and the documentation; tests check that the writer writes
+/// exactly these keys and that the module's table is this one.
+pub const KEYS: &[Key] = &[
+    key_of("format_version", Need::Required, "`1`"),
+    key_of("betas", Need::Required, "JSON list of the T betas (authoritative for sampling)"),
+    key_of(
+        "prediction_type",
+        Need::Required,
+        "`epsilon`, or `v` (the first output is the velocity of Salimans & Ho 2022)",
+    ),
+    key_of(
+        "variance_type",
+        Need::Required,
+        "`fixed_small`, `fixed_large` or `learned_range` (the model has a second output, `v`)",
+    ),
+    key_of("image_size", Need::Required, "square side in pixels"),
+    key_of("channels", Need::Required, "1 (grey) or 3 (RGB)"),
+    key_of("num_classes", Need::Required, "0 for an unconditional model"),
+    key_of("class_names", Need::Required, "JSON list: empty, or one name per class"),
+    key_of("null_class", Need::Required, "the \"no class\" label for guidance, or `none`"),
+    key_of("dtype", Need::Required, "`float32` or `float16` (the type of x and eps)"),
+    key_of(
+        "attributes",
+        Need::Optional,
+        "JSON list of the labels beside the class, `[{\"name\": .., \"values\": [..]}]`: y is then [B, 1 + A]",
+    ),
+    key_of("schedule", Need::Optional, "JSON of the `BetaSchedule` that made the betas"),
+    key_of("num_timesteps", Need::Optional, "T; must equal the length of `betas`"),
+    key_of("pixel_range", Need::Optional, "how to map x to 8-bit pixels (documentation)"),
+    key_of("weights", Need::Optional, "`ema` or `raw`: which weights of the checkpoint"),
+    key_of("training_steps", Need::Optional, "the checkpoint's step"),
+    key_of("ema_decay", Need::Optional, "the EMA decay, in [0, 1]"),
+    key_of("dataset", Need::Optional, "provenance: the training data"),
+    key_of("dataset_fingerprint", Need::Optional, "provenance: the data's fingerprint (`trainer eval` checks it)"),
+    key_of("model_config", Need::Optional, "provenance: the trainer's model configuration, as JSON"),
+    key_of("exporter", Need::Optional, "provenance: the program that wrote the file"),
+    key_of(
+        "background",
+        Need::Optional,
+        "JSON `[r, g, b]`: what the transparent pixels of the training images were laid on (image folders); \
+         `generate` lays an input image's transparency on it",
+    ),
+    key_of("recommended_sampler", Need::Recommendation, "how the model card says to sample it: the sampler"),
+    key_of("recommended_steps", Need::Recommendation, "... its steps"),
+    key_of("recommended_guidance", Need::Recommendation, "... its guidance weight"),
+    key_of("recommended_guidance_interval", Need::WithRecommendation, "`LO,HI`: guide only at these timesteps"),
 ];
 
-const RECOMMENDED: [&str; 3] = ["recommended_sampler", "recommended_steps", "recommended_guidance"];
+/// The keys of one kind of need, in table order.
+fn keys(need: Need) -> impl Iterator<Item = &'static str> {
+    KEYS.iter().filter(move |k| k.need == need).map(|k| k.name)
+}
 
-/// The optional part of the recommendation.
-const RECOMMENDED_INTERVAL: &str = "recommended_guidance_interval";
-
-/// The optional keys this schema reads (without the prefix), besides the recommendation.
-const OPTIONAL: [&str; 12] = [
-    "attributes",
-    "schedule",
-    "num_timesteps",
-    "pixel_range",
-    "weights",
-    "training_steps",
-    "ema_decay",
-    "dataset",
-    "dataset_fingerprint",
-    "model_config",
-    "exporter",
-    "background",
-];
+/// The rows of the module's documentation table, from [`KEYS`].
+pub fn doc_table() -> String {
+    KEYS.iter().map(|k| format!("| `{}` | {} | {} |\n", k.name, k.value, k.need.doc())).collect()
+}
 
 fn key(k: &str) -> String {
     format!("{PREFIX}{k}")
@@ -253,12 +298,17 @@ impl ModelMeta {
 
     /// A class given as an index or a name.
     pub fn class_index(&self, s: &str) -> Result<i64> {
-        crate::sampler::class_index(&self.class_names, self.num_classes, s)
+        class_index(&self.class_names, self.num_classes, s)
     }
 
     /// Labels per image: the class, then one per attribute.
     pub fn label_columns(&self) -> usize {
         1 + self.attributes.len()
+    }
+
+    /// The null label of every column (the class's, then each attribute's); empty without a null class.
+    pub fn label_nulls(&self) -> Vec<i64> {
+        self.null_class.into_iter().chain(self.attributes.iter().map(|a| a.null())).collect()
     }
 
     /// An attribute by name.
@@ -316,11 +366,11 @@ impl ModelMeta {
             }
         }
         if let Some(r) = &self.recommended {
-            put(RECOMMENDED[0], r.sampler.to_string());
-            put(RECOMMENDED[1], r.steps.to_string());
-            put(RECOMMENDED[2], r.guidance.to_string());
+            put("recommended_sampler", r.sampler.to_string());
+            put("recommended_steps", r.steps.to_string());
+            put("recommended_guidance", r.guidance.to_string());
             if let Some(g) = &r.guidance_interval {
-                put(RECOMMENDED_INTERVAL, g.to_string());
+                put("recommended_guidance_interval", g.to_string());
             }
         }
         for (k, v) in &self.extra {
@@ -332,9 +382,81 @@ impl ModelMeta {
     /// Reads and checks the entries: a missing required key, an unknown format version, a value that does not
     /// parse or does not fit the others is an error naming the key.
     pub fn from_props(md: &BTreeMap<String, String>) -> Result<Self> {
-        let missing: Vec<String> = REQUIRED.iter().map(|k| key(k)).filter(|k| !md.contains_key(k)).collect();
+        let e = Entries(md);
+        e.check_required_and_version()?;
+        let betas = e.betas()?;
+        let prediction = parse("prediction_type", e.req("prediction_type"), "a supported prediction")?;
+        let variance = parse("variance_type", e.req("variance_type"), "a variance type")?;
+        let (image_size, channels) = e.geometry()?;
+        let labels = e.labels()?;
+        let dtype = parse("dtype", e.req("dtype"), "a dtype")?;
+        let schedule = e.get("schedule").map(|s| json("schedule", s, "a beta schedule")).transpose()?;
+        let provenance = e.provenance()?;
+        let background =
+            e.get("background").map(|s| json("background", s, "a JSON list [r, g, b] of 0..=255")).transpose()?;
+        let recommended = e.recommended(labels.num_classes, betas.len())?;
+        Ok(Self {
+            betas,
+            prediction,
+            variance,
+            image_size,
+            channels,
+            num_classes: labels.num_classes,
+            class_names: labels.class_names,
+            null_class: labels.null_class,
+            attributes: labels.attributes,
+            dtype,
+            schedule,
+            weights: provenance.weights,
+            training_steps: provenance.training_steps,
+            ema_decay: provenance.ema_decay,
+            dataset: e.text("dataset"),
+            dataset_fingerprint: e.text("dataset_fingerprint"),
+            model_config: e.text("model_config"),
+            exporter: e.text("exporter"),
+            background,
+            recommended,
+            extra: e.unknown(),
+        })
+    }
+}
+
+/// A model's entries as [`ModelMeta::from_props`] reads them, one function a group of keys.
+struct Entries<'a>(&'a BTreeMap<String, String>);
+
+/// The label part of the metadata.
+struct Labels {
+    num_classes: usize,
+    class_names: Vec<String>,
+    null_class: Option<i64>,
+    attributes: Vec<Attribute>,
+}
+
+/// The checkpoint part of the provenance.
+struct Provenance {
+    weights: Option<Weights>,
+    training_steps: Option<u64>,
+    ema_decay: Option<f64>,
+}
+
+impl Entries<'_> {
+    fn get(&self, k: &str) -> Option<&str> {
+        self.0.get(&key(k)).map(String::as_str)
+    }
+
+    /// A required entry (present: [`Entries::check_required_and_version`] ran first).
+    fn req(&self, k: &str) -> &str {
+        self.0[&key(k)].as_str()
+    }
+
+    fn text(&self, k: &str) -> Option<String> {
+        self.get(k).map(str::to_string)
+    }
+
+    fn check_required_and_version(&self) -> Result<()> {
+        let missing: Vec<String> = keys(Need::Required).map(key).filter(|k| !self.0.contains_key(k)).collect();
         if !missing.is_empty() {
-            let found: Vec<&str> = md.keys().map(String::as_str).collect();
+            let found: Vec<&str> = self.0.keys().map(String::as_str).collect();
             return Err(Error::metadata(
                 missing.join(", "),
                 format!(
@@ -343,47 +465,56 @@ impl ModelMeta {
                 ),
             ));
         }
-        let get = |k: &str| md.get(&key(k)).map(String::as_str);
-        let req = |k: &str| md[&key(k)].as_str();
-        let version: u32 = parse("format_version", req("format_version"), "a number")?;
+        let version: u32 = parse("format_version", self.req("format_version"), "a number")?;
         if version != FORMAT_VERSION {
             return Err(Error::metadata(
                 key("format_version"),
                 format!("format {version}, but this runtime reads format {FORMAT_VERSION}: use a matching release"),
             ));
         }
-        let betas: Vec<f64> = json("betas", req("betas"), "a JSON list of numbers")?;
+        Ok(())
+    }
+
+    fn betas(&self) -> Result<Vec<f64>> {
+        let betas: Vec<f64> = json("betas", self.req("betas"), "a JSON list of numbers")?;
         if betas.is_empty() || betas.iter().any(|b| !(*b > 0.0 && *b < 1.0)) {
             return Err(Error::metadata(key("betas"), "must be a non-empty list of numbers in (0, 1)"));
         }
-        if let Some(t) = get("num_timesteps") {
+        if let Some(t) = self.get("num_timesteps") {
             let t: usize = parse("num_timesteps", t, "a number")?;
             if t != betas.len() {
                 return Err(Error::metadata(key("num_timesteps"), format!("{t}, but there are {} betas", betas.len())));
             }
         }
-        let prediction: Prediction = parse("prediction_type", req("prediction_type"), "a supported prediction")?;
-        let variance: VarianceType = parse("variance_type", req("variance_type"), "a variance type")?;
-        let image_size: usize = parse("image_size", req("image_size"), "a number")?;
+        Ok(betas)
+    }
+
+    /// (image_size, channels).
+    fn geometry(&self) -> Result<(usize, usize)> {
+        let image_size: usize = parse("image_size", self.req("image_size"), "a number")?;
         if image_size == 0 {
             return Err(Error::metadata(key("image_size"), "must be at least 1"));
         }
-        let channels: usize = parse("channels", req("channels"), "a number")?;
+        let channels: usize = parse("channels", self.req("channels"), "a number")?;
         if !matches!(channels, 1 | 3) {
             return Err(Error::metadata(
                 key("channels"),
                 format!("{channels}: only 1 (grey) or 3 (RGB) are supported"),
             ));
         }
-        let num_classes: usize = parse("num_classes", req("num_classes"), "a number")?;
-        let class_names: Vec<String> = json("class_names", req("class_names"), "a JSON list of strings")?;
+        Ok((image_size, channels))
+    }
+
+    fn labels(&self) -> Result<Labels> {
+        let num_classes: usize = parse("num_classes", self.req("num_classes"), "a number")?;
+        let class_names: Vec<String> = json("class_names", self.req("class_names"), "a JSON list of strings")?;
         if !class_names.is_empty() && class_names.len() != num_classes {
             return Err(Error::metadata(
                 key("class_names"),
                 format!("{} names for {num_classes} classes", class_names.len()),
             ));
         }
-        let null_class = match req("null_class") {
+        let null_class = match self.req("null_class") {
             "none" => None,
             s => Some(parse::<i64>("null_class", s, "a class index or 'none'")?),
         };
@@ -396,7 +527,8 @@ impl ModelMeta {
             }
             _ => {}
         }
-        let attributes: Vec<Attribute> = get("attributes")
+        let attributes: Vec<Attribute> = self
+            .get("attributes")
             .map(|s| json("attributes", s, "a JSON list of {\"name\", \"values\"} objects"))
             .transpose()?
             .unwrap_or_default();
@@ -404,89 +536,105 @@ impl ModelMeta {
         if !attributes.is_empty() && null_class.is_none() {
             return Err(Error::metadata(key("attributes"), "attributes need a conditional model with a null class"));
         }
-        let dtype: Dtype = parse("dtype", req("dtype"), "a dtype")?;
-        let schedule = get("schedule").map(|s| json("schedule", s, "a beta schedule")).transpose()?;
-        let weights = get("weights").map(|s| parse("weights", s, "ema or raw")).transpose()?;
-        let training_steps = get("training_steps").map(|s| parse("training_steps", s, "a number")).transpose()?;
-        let ema_decay: Option<f64> = get("ema_decay").map(|s| parse("ema_decay", s, "a number")).transpose()?;
+        Ok(Labels { num_classes, class_names, null_class, attributes })
+    }
+
+    fn provenance(&self) -> Result<Provenance> {
+        let weights = self.get("weights").map(|s| parse("weights", s, "ema or raw")).transpose()?;
+        let training_steps = self.get("training_steps").map(|s| parse("training_steps", s, "a number")).transpose()?;
+        let ema_decay: Option<f64> = self.get("ema_decay").map(|s| parse("ema_decay", s, "a number")).transpose()?;
         // found by meta_fuzz: "NaN" parsed as a decay (and broke the round trip, NaN != NaN)
         if let Some(d) = ema_decay.filter(|d| !(0.0..=1.0).contains(d)) {
             return Err(Error::metadata(key("ema_decay"), format!("{d}: an EMA decay lies in [0, 1]")));
         }
-        let text = |k: &str| get(k).map(str::to_string);
-        let background =
-            get("background").map(|s| json("background", s, "a JSON list [r, g, b] of 0..=255")).transpose()?;
-        let recommended = Self::recommended_from(md, num_classes, betas.len())?;
-        let extra = md
+        Ok(Provenance { weights, training_steps, ema_decay })
+    }
+
+    /// The entries of the prefix that [`KEYS`] does not know, without the prefix.
+    fn unknown(&self) -> BTreeMap<String, String> {
+        self.0
             .iter()
             .filter_map(|(k, v)| Some((k.strip_prefix(PREFIX)?, v)))
-            .filter(|(k, _)| !REQUIRED.iter().chain(&OPTIONAL).chain(&RECOMMENDED).any(|known| known == k))
-            .filter(|(k, _)| *k != RECOMMENDED_INTERVAL)
+            .filter(|(k, _)| !KEYS.iter().any(|known| known.name == *k))
             .map(|(k, v)| (k.to_string(), v.clone()))
-            .collect();
-        Ok(Self {
-            betas,
-            prediction,
-            variance,
-            image_size,
-            channels,
-            num_classes,
-            class_names,
-            null_class,
-            attributes,
-            dtype,
-            schedule,
-            weights,
-            training_steps,
-            ema_decay,
-            dataset: text("dataset"),
-            dataset_fingerprint: text("dataset_fingerprint"),
-            model_config: text("model_config"),
-            exporter: text("exporter"),
-            background,
-            recommended,
-            extra,
-        })
+            .collect()
     }
 
     /// None when no recommendation key is present; an error when only some are, or one does not parse.
-    fn recommended_from(md: &BTreeMap<String, String>, num_classes: usize, t: usize) -> Result<Option<Recommended>> {
-        let present: Vec<String> = RECOMMENDED.iter().map(|k| key(k)).filter(|k| md.contains_key(k)).collect();
-        let interval = md.get(&key(RECOMMENDED_INTERVAL));
+    fn recommended(&self, num_classes: usize, t: usize) -> Result<Option<Recommended>> {
+        let all: Vec<String> = keys(Need::Recommendation).map(key).collect();
+        let present: Vec<String> = all.iter().filter(|k| self.0.contains_key(*k)).cloned().collect();
+        let interval = self.get("recommended_guidance_interval");
         if present.is_empty() {
             if interval.is_some() {
                 return Err(Error::metadata(
-                    key(RECOMMENDED_INTERVAL),
-                    format!("needs the recommended sampling ({})", RECOMMENDED.map(key).join(", ")),
+                    key("recommended_guidance_interval"),
+                    format!("needs the recommended sampling ({})", all.join(", ")),
                 ));
             }
             return Ok(None);
         }
-        if present.len() != RECOMMENDED.len() {
+        if present.len() != all.len() {
             return Err(Error::metadata(
                 present.join(", "),
-                format!("the recommended sampling is incomplete (it needs all of {})", RECOMMENDED.map(key).join(", ")),
+                format!("the recommended sampling is incomplete (it needs all of {})", all.join(", ")),
             ));
         }
-        let val = |k: &str| md[&key(k)].as_str();
-        let sampler: SamplerKind = parse(RECOMMENDED[0], val(RECOMMENDED[0]), "a sampler")?;
-        let steps: usize = parse(RECOMMENDED[1], val(RECOMMENDED[1]), "a number")?;
-        let guidance: f32 = parse(RECOMMENDED[2], val(RECOMMENDED[2]), "a number")?;
+        let sampler: SamplerKind = parse("recommended_sampler", self.req("recommended_sampler"), "a sampler")?;
+        let steps: usize = parse("recommended_steps", self.req("recommended_steps"), "a number")?;
+        let guidance: f32 = parse("recommended_guidance", self.req("recommended_guidance"), "a number")?;
         if steps == 0 {
-            return Err(Error::metadata(key(RECOMMENDED[1]), "must be at least 1"));
+            return Err(Error::metadata(key("recommended_steps"), "must be at least 1"));
         }
         if !(guidance.is_finite() && guidance >= 0.0) || (guidance != 0.0 && num_classes == 0) {
             return Err(Error::metadata(
-                key(RECOMMENDED[2]),
+                key("recommended_guidance"),
                 format!("{guidance}: guidance must be >= 0, and 0 for an unconditional model"),
             ));
         }
         let guidance_interval: Option<GuidanceInterval> =
-            interval.map(|v| parse(RECOMMENDED_INTERVAL, v, "a guidance interval")).transpose()?;
+            interval.map(|v| parse("recommended_guidance_interval", v, "a guidance interval")).transpose()?;
         if let Some(g) = guidance_interval.filter(|g| g.hi >= t) {
-            return Err(Error::metadata(key(RECOMMENDED_INTERVAL), format!("{g}: timesteps run 0..={}", t - 1)));
+            return Err(Error::metadata(
+                key("recommended_guidance_interval"),
+                format!("{g}: timesteps run 0..={}", t - 1),
+            ));
         }
         Ok(Some(Recommended { sampler, steps, guidance, guidance_interval }))
+    }
+}
+
+/// A class given as an index or a name, for a model with `num_classes` classes named `names`.
+pub fn class_index(names: &[String], num_classes: usize, s: &str) -> Result<i64> {
+    if num_classes == 0 {
+        return Err(Error::request("class", format!("{s}: this model is unconditional (it has no classes)")));
+    }
+    if let Some(i) = names.iter().position(|n| n == s) {
+        return Ok(i as i64);
+    }
+    match s.parse::<usize>() {
+        Ok(i) if i < num_classes => Ok(i as i64),
+        _ => Err(Error::request(
+            "class",
+            format!("unknown class '{s}': this model's classes are 0..{} ({})", num_classes - 1, names.join(", ")),
+        )),
+    }
+}
+
+/// The model's labels for `n` images from a caller's, for a conditional model whose null labels are `nulls` (the
+/// class's, then each attribute's; empty without a null class) in `cols` columns: all of them (n x cols), the
+/// class alone (n: every attribute unknown) or none (every label null). What the ONNX model and the trainer's
+/// U-Net both take.
+pub fn full_labels(nulls: &[i64], cols: usize, y: Option<&[i64]>, n: usize) -> Result<Vec<i64>> {
+    match y {
+        Some(y) if y.len() == n * cols => Ok(y.to_vec()),
+        // the class alone: every attribute unknown
+        Some(y) if y.len() == n => {
+            Ok(y.iter().flat_map(|&c| std::iter::once(c).chain(nulls[1..].iter().copied())).collect())
+        }
+        Some(y) => Err(Error::request("labels", format!("{} labels for {n} images ({cols} per image)", y.len()))),
+        None if !nulls.is_empty() => Ok((0..n).flat_map(|_| nulls.iter().copied()).collect()),
+        None => Err(Error::request("labels", "this conditional model has no null class: give a class for every image")),
     }
 }
 
@@ -558,6 +706,39 @@ mod tests {
     }
 
     #[test]
+    fn the_key_table_is_what_the_writer_writes_and_what_the_module_documents() {
+        // a model with every optional part writes every key of the table, and nothing else
+        let mut md = meta().to_props();
+        md.remove("diffusion.note");
+        let written: Vec<&str> = md.keys().map(|k| k.strip_prefix(PREFIX).unwrap()).collect();
+        let mut table: Vec<&str> = KEYS.iter().map(|k| k.name).collect();
+        table.sort_unstable();
+        assert_eq!(written, table);
+        // the required keys are what a bare model writes
+        let mut bare = meta();
+        (bare.num_classes, bare.class_names, bare.null_class, bare.recommended, bare.schedule) =
+            (0, vec![], None, None, None);
+        bare.attributes.clear();
+        (bare.weights, bare.training_steps, bare.ema_decay, bare.background) = (None, None, None, None);
+        (bare.dataset, bare.dataset_fingerprint, bare.model_config, bare.exporter) = (None, None, None, None);
+        bare.extra.clear();
+        let bare_keys: Vec<String> = bare.to_props().into_keys().collect();
+        let always = ["num_timesteps", "pixel_range"].map(key);
+        let mut required: Vec<String> = keys(Need::Required).map(key).chain(always).collect();
+        required.sort_unstable();
+        assert_eq!(bare_keys, required);
+        // the module documentation's table is the key table
+        let source = include_str!("metadata.rs");
+        let documented: String = source
+            .lines()
+            .take_while(|l| l.starts_with("//!"))
+            .filter_map(|l| l.strip_prefix("//! | `"))
+            .map(|l| format!("| `{l}\n"))
+            .collect();
+        assert_eq!(documented, doc_table(), "the table in metadata.rs's module documentation differs from KEYS");
+    }
+
+    #[test]
     fn refuses_missing_keys_other_versions_and_values_that_do_not_fit() {
         let good = meta().to_props();
         let with = |k: &str, v: &str| {
@@ -623,20 +804,20 @@ mod tests {
         assert!(err(&md).contains("recommended_steps: must be at least 1"));
         md.remove(&key("recommended_steps"));
         assert!(err(&md).contains("incomplete"));
-        for k in RECOMMENDED.iter().chain([&RECOMMENDED_INTERVAL]) {
+        for k in keys(Need::Recommendation).chain(keys(Need::WithRecommendation)) {
             md.remove(&key(k));
         }
         assert_eq!(ModelMeta::from_props(&md).unwrap().recommended, None);
         // the interval: optional, only with the rest, inside 0..T
         let mut md = good.clone();
-        md.remove(&key(RECOMMENDED_INTERVAL));
+        md.remove(&key("recommended_guidance_interval"));
         assert_eq!(ModelMeta::from_props(&md).unwrap().recommended.unwrap().guidance_interval, None);
         for (v, why) in [("82,1000", "timesteps run 0..=999"), ("579,82", "above the second"), ("x", "LO,HI")] {
-            md.insert(key(RECOMMENDED_INTERVAL), v.into());
+            md.insert(key("recommended_guidance_interval"), v.into());
             let e = err(&md);
             assert!(e.contains("recommended_guidance_interval") && e.contains(why), "{v}: {e}");
         }
-        for k in RECOMMENDED {
+        for k in keys(Need::Recommendation) {
             md.remove(&key(k));
         }
         assert!(err(&md).contains("needs the recommended sampling"));

@@ -301,27 +301,7 @@ impl OrtDenoiser {
         inputs.push(("t".into(), Tensor::from_array((vec![n as i64], t.to_vec())).map_err(Error::ort)?.into()));
         if info.num_classes > 0 {
             let cols = info.label_columns();
-            let nulls: Vec<i64> = info.null_class.into_iter().chain(info.attributes.iter().map(|a| a.null())).collect();
-            let yv: Vec<i64> = match (y, info.null_class) {
-                (Some(y), _) if y.len() == n * cols => y.to_vec(),
-                // the class alone: every attribute unknown
-                (Some(y), _) if y.len() == n => {
-                    y.iter().flat_map(|&c| std::iter::once(c).chain(nulls[1..].iter().copied())).collect()
-                }
-                (Some(y), _) => {
-                    return Err(Error::request(
-                        "labels",
-                        format!("{} labels for {n} images ({cols} per image)", y.len()),
-                    ))
-                }
-                (None, Some(_)) => (0..n).flat_map(|_| nulls.iter().copied()).collect(),
-                (None, None) => {
-                    return Err(Error::request(
-                        "labels",
-                        "this conditional model has no null class: give a class for every image",
-                    ))
-                }
-            };
+            let yv = crate::metadata::full_labels(&info.label_nulls(), cols, y, n)?;
             // y [B] for a class-only model, [B, 1 + A] with attributes
             let ydims = if cols > 1 { vec![n as i64, cols as i64] } else { vec![n as i64] };
             inputs.push(("y".into(), Tensor::from_array((ydims, yv)).map_err(Error::ort)?.into()));

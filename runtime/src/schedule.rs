@@ -102,6 +102,30 @@ impl VarianceType {
     }
 }
 
+/// What the network predicts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Prediction {
+    /// The noise eps (Ho et al. 2020, eq. 14's eps_theta).
+    #[default]
+    Epsilon,
+    /// The velocity v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0 (Salimans & Ho 2022, sec. 4): well
+    /// conditioned at every noise level, where eps-prediction turns small errors into large ones in x_0 as
+    /// alpha_bar -> 0. The samplers turn it into eps.
+    V,
+}
+
+crate::named_enum!(Prediction, "prediction type", { Epsilon => ["epsilon"], V => ["v", "v_prediction"] });
+
+impl Prediction {
+    /// The name of an exported model's first output: `eps`, or `velocity` for a v-predicting model.
+    pub fn output_name(self) -> &'static str {
+        match self {
+            Prediction::Epsilon => "eps",
+            Prediction::V => "velocity",
+        }
+    }
+}
+
 /// A discrete noise schedule with every coefficient of the forward process and its posterior precomputed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NoiseSchedule {

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use runtime::generator::{GenerateRequest, Generator, GeneratorOptions};
+use runtime::generator::{GenerateRequest, Generator, GeneratorOptions, SampleOptions};
 use runtime::sampler::SamplerKind;
 
 #[test]
@@ -16,7 +16,15 @@ fn every_sampler_gives_finite_images_at_any_guidance_in_f32_and_f16() {
             // DDPM runs the chain respaced to the 20 steps, as the others do
             let (n, guidances): (usize, &[f32]) = (4, &[0.0, 1.0, 3.0, 10.0]);
             for &guidance in guidances {
-                let req = GenerateRequest { n, sampler, steps: 20, guidance, eta: 0.5, batch: 4, ..Default::default() };
+                let req = GenerateRequest {
+                    n,
+                    sampler,
+                    steps: 20,
+                    guidance,
+                    eta: 0.5,
+                    options: SampleOptions { batch: 4, ..Default::default() },
+                    ..Default::default()
+                };
                 let x = g.sample(&g.plan(&req).unwrap(), &mut |_| {}).unwrap();
                 let bad = x.iter().filter(|v| !v.is_finite()).count();
                 assert_eq!(bad, 0, "{model} {sampler} guidance {guidance}: {bad} non-finite values");

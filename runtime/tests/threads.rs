@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use runtime::generator::{GenerateRequest, Generator, GeneratorOptions};
+use runtime::generator::{GenerateRequest, Generator, GeneratorOptions, SampleOptions};
 
 fn open() -> Generator {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
@@ -14,7 +14,12 @@ fn open() -> Generator {
 }
 
 fn request(seed: u64) -> GenerateRequest {
-    GenerateRequest { n: 2, steps: 4, seed, batch: 2, ..Default::default() }
+    GenerateRequest {
+        n: 2,
+        steps: 4,
+        options: SampleOptions { seed, batch: 2, ..Default::default() },
+        ..Default::default()
+    }
 }
 
 #[test]

@@ -104,7 +104,7 @@ pub fn preview(
 /// guided with weight `guidance` against the null class; unconditional models ignore both.
 pub fn request(cfg: &UNetConfig, n: usize, method: Method, label: Option<i64>, guidance: f32, seed: u64) -> Request {
     let mut req = Request::new(n, [cfg.channels, cfg.image_size, cfg.image_size], method);
-    req.seed = seed;
+    req.options.seed = seed;
     if cfg.num_classes > 0 {
         req.labels = Some((0..n).map(|i| label.unwrap_or((i % cfg.num_classes) as i64)).collect());
         req.null_class = cfg.null_class().map(|c| c as i64);
@@ -123,7 +123,7 @@ pub fn reverse_strip(
     cols: usize,
 ) -> Result<(Vec<f32>, usize, Vec<usize>)> {
     let steps = req.num_steps(sched.num_timesteps())?;
-    let mut strip = sampler::Strip::new(steps, cols, req.n, req.shape.iter().product());
+    let mut strip = runtime::images::Strip::new(steps, cols, req.n, req.shape.iter().product());
     let mut den = CandleDenoiser::new(unet, device);
     sampler::sample(&mut den, sched, req, &mut |s| strip.record(s))?;
     let (tiles, cols) = strip.tiles();

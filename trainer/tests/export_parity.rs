@@ -336,7 +336,7 @@ fn the_same_sampler_gives_the_same_images_through_candle_and_onnx_runtime() {
     req.labels = Some(vec![0, 2, 4]);
     req.null_class = Some(cfg.num_classes as i64);
     req.guidance = 1.5;
-    req.seed = 9;
+    req.options.seed = 9;
     let a = sample(&mut candle, &sched, &req, &mut |_| {}).unwrap();
     let b = sample(&mut ort, &sched, &req, &mut |_| {}).unwrap();
     let d = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
@@ -367,7 +367,7 @@ fn ddpm_with_a_learned_variance_samples_alike_through_candle_and_onnx_runtime() 
         req.labels = Some(vec![0, 2]);
         req.null_class = Some(cfg.num_classes as i64);
         req.guidance = 1.0;
-        req.seed = 4;
+        req.options.seed = 4;
         sample(den, &sched, &req, &mut |_| {}).unwrap()
     };
     let a = run(&mut candle, VarianceType::LearnedRange);
@@ -377,7 +377,7 @@ fn ddpm_with_a_learned_variance_samples_alike_through_candle_and_onnx_runtime() 
     let fixed = run(&mut ort, VarianceType::FixedLarge);
     assert!(a.iter().zip(&fixed).any(|(x, y)| (x - y).abs() > 1e-2), "the learned variance was not used");
     let mut req = Request::new(2, shape, Method::DpmSolverPP { steps: 5, spacing: Spacing::Trailing });
-    req.seed = 4;
+    req.options.seed = 4;
     let (c, o) =
         (sample(&mut candle, &sched, &req, &mut |_| {}).unwrap(), sample(&mut ort, &sched, &req, &mut |_| {}).unwrap());
     assert!(c.iter().zip(&o).all(|(x, y)| (x - y).abs() < 1e-3));
@@ -407,7 +407,7 @@ fn composed_attribute_guidance_samples_alike_through_candle_and_onnx_runtime() {
             Method::DpmSolverPP { steps: 5, spacing: Spacing::Trailing },
         );
         req.null_class = Some(3);
-        req.seed = 5;
+        req.options.seed = 5;
         req
     };
     let attrs = |wp: f32| vec![AttrCond { null: 4, guidance: wp }, AttrCond { null: 2, guidance: 0.0 }];

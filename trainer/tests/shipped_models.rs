@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 use common::*;
-use runtime::generator::{GenerateRequest, Generator, GeneratorOptions};
+use runtime::generator::{GenerateRequest, Generator, GeneratorOptions, SampleOptions};
 use runtime::onnx::{OrtDenoiser, Provider};
 use runtime::sampler::Denoiser;
 use trainer::train::config::Config;
@@ -52,7 +52,7 @@ fn shipped_models_draw_the_classes_asked_for() {
             sampler: rec.sampler,
             steps: rec.steps,
             guidance: rec.guidance,
-            batch: 50,
+            options: SampleOptions { batch: 50, ..Default::default() },
             ..Default::default()
         };
         let plan = g.plan(&req).unwrap();
@@ -167,7 +167,7 @@ fn shipped_shifted_digits_model_puts_the_digit_where_asked() {
                 class: Some(digit.into()),
                 attributes: vec![("position".into(), pos.to_string())],
                 attribute_guidance: if held_out { vec![("position".into(), 8.0)] } else { vec![] },
-                batch: n,
+                options: SampleOptions { batch: n, ..Default::default() },
                 ..Default::default()
             };
             let plan = g.plan(&req).unwrap();
@@ -208,7 +208,13 @@ fn shipped_twemoji_model_draws_on_white() {
     assert_eq!(info.background, Some([255, 255, 255]));
     let rec = info.recommended.clone().expect("a shipped model recommends how to sample it");
     let n = 24;
-    let req = GenerateRequest { n, sampler: rec.sampler, steps: rec.steps, batch: n, ..Default::default() };
+    let req = GenerateRequest {
+        n,
+        sampler: rec.sampler,
+        steps: rec.steps,
+        options: SampleOptions { batch: n, ..Default::default() },
+        ..Default::default()
+    };
     let plan = g.plan(&req).unwrap();
     let x = g.sample(&plan, &mut |_| {}).unwrap();
     let s = info.image_size;

@@ -8,9 +8,11 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use runtime::generator::{
     GenerateRequest, Generator, GeneratorOptions, GuidanceInterval, Images, InitImage, Inpaint, Interpolation,
+    SampleOptions,
 };
+use runtime::images::Strip;
 use runtime::onnx::{Provider, ProviderKind};
-use runtime::sampler::{SamplerKind, Spacing, Strip};
+use runtime::sampler::{Request, SamplerKind, Spacing};
 
 #[derive(Parser)]
 #[command(name = "generate", version, about = "Generate images from an exported DDPM U-Net (.onnx) with ONNX Runtime")]
@@ -158,11 +160,24 @@ fn flags(e: runtime::Error) -> anyhow::Error {
 }
 
 fn run(a: Args) -> Result<()> {
-    let interpolating = a.interpolate.is_some() || a.interpolate_seeds.is_some();
     // programs built in the checkout find the ONNX Runtime that scripts/setup.sh installed
     runtime::onnx::add_library_candidate(runtime::onnx::setup_library_path(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap_or(std::path::Path::new(".")),
     ));
+    let mut g = open(&a)?;
+    let req = request(&a, &g)?;
+    let plan = g.plan(&req).map_err(flags)?;
+    let steps_per_chunk = plan.num_steps(g.schedule().num_timesteps())?;
+    let start = Instant::now();
+    let (images, strip) = sample(&a, &mut g, &plan, steps_per_chunk)?;
+    let secs = start.elapsed().as_secs_f64();
+    save(&a, &images, &strip, plan.shape)?;
+    println!("{}", summary(&a, &g, &req, &plan, steps_per_chunk, secs));
+    Ok(())
+}
+
+/// The model on the provider the flags ask for.
+fn open(a: &Args) -> Result<Generator> {
     let provider = match Provider::of_kind(a.provider) {
         Provider::Cuda { .. } => Provider::Cuda { device: a.device_id },
         Provider::TensorRt { .. } => {
@@ -170,10 +185,16 @@ fn run(a: Args) -> Result<()> {
         }
         p => p,
     };
-    let mut g = Generator::open(&a.model, &GeneratorOptions { provider, threads: a.threads })?;
+    let g = Generator::open(&a.model, &GeneratorOptions { provider, threads: a.threads })?;
     for note in g.provider_notes() {
         eprintln!("auto: {note}");
     }
+    Ok(g)
+}
+
+/// The library's request from the flags, the model's recommended sampling where a flag is not given, and the
+/// input images read for the model (with a note for each conversion).
+fn request(a: &Args, g: &Generator) -> Result<GenerateRequest> {
     let (c, size, bg) = (g.info().channels, g.info().image_size, g.info().background);
     let load = |p: &PathBuf| -> Result<Vec<f32>> {
         let (x, notes) = runtime::images::load_image(p, c, size, bg)?;
@@ -197,8 +218,8 @@ fn run(a: Args) -> Result<()> {
         _ => None,
     };
     let rec = GenerateRequest::recommended(g.info());
-    let req = GenerateRequest {
-        n: if interpolating { a.frames } else { a.n },
+    Ok(GenerateRequest {
+        n: if interpolation.is_some() { a.frames } else { a.n },
         sampler: a.sampler.unwrap_or(rec.sampler),
         steps: a.steps.unwrap_or(rec.steps),
         eta: a.eta,
@@ -207,23 +228,28 @@ fn run(a: Args) -> Result<()> {
         guidance: a.guidance.unwrap_or(rec.guidance),
         attributes: a.attrs.clone(),
         attribute_guidance: a.attr_guidance.clone(),
-        guidance_interval: match a.guidance_interval {
-            None => rec.guidance_interval,
-            Some(IntervalArg::All) => None,
-            Some(IntervalArg::Only(g)) => Some(g),
+        options: SampleOptions {
+            guidance_interval: match a.guidance_interval {
+                None => rec.options.guidance_interval,
+                Some(IntervalArg::All) => None,
+                Some(IntervalArg::Only(g)) => Some(g),
+            },
+            seed: a.seed,
+            batch: a.batch,
+            clip_x0: !a.no_clip,
+            dynamic_threshold: a.dynamic_threshold,
+            init,
+            share_xt: a.share_xt,
+            inpaint,
         },
-        seed: a.seed,
-        batch: a.batch,
-        clip_x0: !a.no_clip,
-        dynamic_threshold: a.dynamic_threshold,
-        init,
-        share_xt: a.share_xt,
-        inpaint,
         interpolation,
-    };
-    let plan = g.plan(&req).map_err(flags)?;
-    let steps_per_chunk = plan.num_steps(g.schedule().num_timesteps())?;
-    let chunks = req.n.div_ceil(plan.batch);
+    })
+}
+
+/// Samples the plan with a progress bar, chunk by chunk: only 8-bit pixels are kept (the grid's), and --out-dir
+/// files are written as they come, so memory beyond the grid does not grow with --n.
+fn sample(a: &Args, g: &mut Generator, plan: &Request, steps_per_chunk: usize) -> Result<(Images, Strip)> {
+    let chunks = plan.n.div_ceil(plan.options.batch);
     let pb = if a.quiet {
         indicatif::ProgressBar::hidden()
     } else {
@@ -234,14 +260,11 @@ fn run(a: Args) -> Result<()> {
             .unwrap(),
     );
     let [c, h, w] = plan.shape;
-    let mut strip = Strip::new(steps_per_chunk, STRIP_COLS, STRIP_ROWS.min(plan.batch), c * h * w);
-    let start = Instant::now();
-    // chunk by chunk: only 8-bit pixels are kept (the grid's), and --out-dir files are written as they come,
-    // so memory beyond the grid does not grow with --n
+    let mut strip = Strip::new(steps_per_chunk, STRIP_COLS, STRIP_ROWS.min(plan.options.batch), c * h * w);
     let mut images = Images::from_f32(&[], 0, plan.shape, plan.class_labels());
-    images.pixels.reserve(req.n.saturating_mul(c * h * w));
+    images.pixels.reserve(plan.n.saturating_mul(c * h * w));
     g.sample_chunks(
-        &plan,
+        plan,
         &mut |s| {
             pb.inc(1);
             if a.strip.is_some() {
@@ -258,23 +281,33 @@ fn run(a: Args) -> Result<()> {
         },
     )
     .map_err(flags)?;
-    let secs = start.elapsed().as_secs_f64();
     pb.finish_and_clear();
+    Ok((images, strip))
+}
+
+/// The grid (one row per interpolation) and the strip, when asked for.
+fn save(a: &Args, images: &Images, strip: &Strip, shape: [usize; 3]) -> Result<()> {
     if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
+    let interpolating = a.interpolate.is_some() || a.interpolate_seeds.is_some();
     images.save_grid_cols(&a.out, interpolating.then_some(a.frames))?;
     if let Some(p) = &a.strip {
         let (tiles, cols) = strip.tiles();
-        Images::from_f32(&tiles, tiles.len() / (c * h * w), [c, h, w], None).save_grid_cols(p, Some(cols))?;
+        let per: usize = shape.iter().product();
+        Images::from_f32(&tiles, tiles.len() / per, shape, None).save_grid_cols(p, Some(cols))?;
         eprintln!(
             "strip: {} (columns t = {})",
             p.display(),
             strip.timesteps().iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", ")
         );
     }
-    let steps_desc = format!("{steps_per_chunk} steps");
-    let guidance = match (plan.guidance, plan.guidance_interval) {
+    Ok(())
+}
+
+/// The summary line: provider, sampling, images and time.
+fn summary(a: &Args, g: &Generator, req: &GenerateRequest, plan: &Request, steps: usize, secs: f64) -> String {
+    let guidance = match (plan.guidance, plan.options.guidance_interval) {
         (0.0, _) => String::new(),
         (w, None) => format!(", guidance {w}"),
         (w, Some(g)) => format!(", guidance {w} at t {}..={}", g.lo, g.hi),
@@ -282,11 +315,11 @@ fn run(a: Args) -> Result<()> {
     // the attributes weighed on their own (--attr-guidance)
     let own: Vec<String> = req.attribute_guidance.iter().map(|(name, w)| format!("{name} {w}")).collect();
     let guidance = if own.is_empty() { guidance } else { format!("{guidance} ({})", own.join(", ")) };
-    println!(
-        "provider {} | {} {}{} | {} images {}x{}x{} in {:.2} s | {:.2} images/s | {}",
+    let [c, h, w] = plan.shape;
+    format!(
+        "provider {} | {} {steps} steps{} | {} images {}x{}x{} in {:.2} s | {:.2} images/s | {}",
         g.provider(),
         req.sampler,
-        steps_desc,
         guidance,
         req.n,
         c,
@@ -295,8 +328,7 @@ fn run(a: Args) -> Result<()> {
         secs,
         req.n as f64 / secs,
         a.out.display()
-    );
-    Ok(())
+    )
 }
 
 fn main() -> ExitCode {

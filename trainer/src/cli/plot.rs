@@ -113,11 +113,12 @@ pub fn run_plot(cmd: PlotCmd) -> Result<()> {
             );
         }
         PlotCmd::Reverse { run, checkpoint, sampler, steps, rows, cols, class, guidance, seed, device, out } => {
-            use runtime::sampler::{class_index, Method, Spacing};
+            use runtime::metadata::class_index;
+            use runtime::sampler::{Method, Spacing};
             anyhow::ensure!(rows >= 1 && cols >= 2, "--rows must be at least 1 and --cols at least 2");
             let device = device.open()?;
-            let trainer::onnx::LoadedUnet { unet, state, passed_over } =
-                trainer::onnx::load_unet(&run, &checkpoint, Weights::Ema, &device)?;
+            let trainer::train::checkpoint::LoadedUnet { unet, state, passed_over } =
+                trainer::train::checkpoint::load_unet(&run, &checkpoint, Weights::Ema, &device)?;
             for w in &passed_over {
                 eprintln!("warning: passed over an unreadable checkpoint: {w}");
             }

@@ -3,7 +3,7 @@
 //! for classifier-free guidance (Ho & Salimans 2022).
 //!
 //! Layout, mirroring the paper's PixelCNN++-style backbone (and the PyTorch reference in
-//! shared/bench/torch_unet_bench.py, whose parameter names this file keeps):
+//! benches/torch_unet.py, whose parameter names this file keeps):
 //!
 //! ```text
 //! t -> sinusoid(ch) -> Linear(ch, 4ch) -> SiLU -> Linear(4ch, 4ch) (+ label embedding) = emb
@@ -207,16 +207,10 @@ impl UNetConfig {
     /// attributes unknown) or none (all null). None for unconditional models.
     pub fn full_labels(&self, y: Option<&[i64]>, n: usize) -> Result<Option<Vec<i64>>> {
         let nulls = self.label_nulls();
-        let cols = self.label_columns();
-        Ok(match y {
-            _ if nulls.is_empty() => None,
-            None => Some((0..n).flat_map(|_| nulls.iter().copied()).collect()),
-            Some(y) if y.len() == n * cols => Some(y.to_vec()),
-            Some(y) if y.len() == n => {
-                Some(y.iter().flat_map(|&c| std::iter::once(c).chain(nulls[1..].iter().copied())).collect())
-            }
-            Some(y) => bail!("{} labels for {n} images ({cols} per image)", y.len()),
-        })
+        if nulls.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(runtime::metadata::full_labels(&nulls, self.label_columns(), y, n)?))
     }
 
     fn time_embed_dim(&self) -> usize {
@@ -614,7 +608,7 @@ mod tests {
     #[test]
     fn ddpm_cifar10_model_has_35_7m_parameters() {
         // Ho et al. 2020's CIFAR-10 model: ch 128, mult (1,2,2,2), 2 res blocks, attention at 16x16.
-        // The PyTorch re-implementation (shared/bench/torch_unet_bench.py) counts 35,746,307.
+        // The PyTorch re-implementation (benches/torch_unet.py) counts 35,746,307.
         let cfg = UNetConfig::default();
         assert_eq!(cfg.num_params().unwrap(), 35_746_307);
     }
