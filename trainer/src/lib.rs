@@ -7,7 +7,8 @@
 //! - [`model`]: the U-Net, the `Ops` it is written against, the CPU tape engine and its kernels, parameters;
 //! - [`train`]: configuration, batches, the loop, AdamW and EMA, checkpoints;
 //! - [`onnx`]: the graph writer, `trainer export` and the model card;
-//! - [`eval`]: the evaluation classifier, Inception-v3, FID, `trainer eval` and its sweeps;
+//! - [`eval`]: the evaluation classifier, Inception-v3, FID, `trainer eval` and its sweeps; [`report`]: what it
+//!   measured (RUN/eval.json), read by the model card;
 //! - [`denoise`]: the U-Net as the runtime's `Denoiser` (previews, evaluation); [`plot`], [`bench`];
 //!   [`progress`]: how long work reports progress without printing.
 
@@ -19,6 +20,7 @@ pub mod model;
 pub mod onnx;
 pub mod plot;
 pub mod progress;
+pub mod report;
 pub mod sweep;
 pub mod train;
 

@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use runtime::sampler::SamplerKind;
+use runtime::sampler::{SampleOptions, SamplerKind};
 use serde::{Deserialize, Serialize};
 
 use crate::eval::{EvalOptions, EvalReport};
@@ -204,9 +204,7 @@ fn evaluate_one(run: &Path, spec: &SweepSpec, device: DeviceSpec, progress: &dyn
         steps: e.steps,
         sampler: e.sampler,
         guidance: e.guidance,
-        guidance_interval: None,
-        seed: 0,
-        batch: e.batch,
+        sample: SampleOptions { seed: 0, batch: e.batch, ..Default::default() },
         cache: e.cache.clone(),
         inception: e.inception.clone(),
         classifier: true,

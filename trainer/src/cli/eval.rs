@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use runtime::sampler::{GuidanceInterval, SamplerKind};
+use runtime::sampler::{GuidanceInterval, SampleOptions, SamplerKind};
 use trainer::progress::Progress;
 use trainer::train::DeviceSpec;
 
@@ -112,9 +112,12 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
         steps: a.steps,
         sampler: a.sampler,
         guidance: a.guidance,
-        guidance_interval: a.guidance_interval,
-        seed: a.seed,
-        batch: a.batch,
+        sample: SampleOptions {
+            guidance_interval: a.guidance_interval,
+            seed: a.seed,
+            batch: a.batch,
+            ..Default::default()
+        },
         cache: a.cache,
         inception,
         classifier: a.features.contains(&FeatureSpace::Classifier),

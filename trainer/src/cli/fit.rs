@@ -69,22 +69,67 @@ pub struct FitArgs {
 
 pub fn run_fit(a: FitArgs) -> Result<()> {
     if a.resume.is_some() {
-        let changed = [
-            ("--batch-size", a.batch_size.is_some()),
-            ("--seed", a.seed.is_some()),
-            ("--lr", a.lr.is_some()),
-            ("--ch", a.ch.is_some()),
-            ("--data", a.data.is_some()),
-            ("--limit", a.limit.is_some()),
-            ("--checkpoint-every", a.checkpoint_every.is_some()),
-            ("--warmup-steps", a.warmup_steps.is_some()),
-        ];
-        if let Some((flag, _)) = changed.iter().find(|(_, set)| *set) {
-            anyhow::bail!(
-                "{flag} cannot change a run being resumed (it continues with its saved config); only --steps can"
-            );
-        }
+        refuse_changes_on_resume(&a)?;
     }
+    let cfg = config(&a)?;
+    let opts = FitOptions {
+        out: a.resume.clone().unwrap_or(a.out.clone()),
+        device: a.device,
+        resume: a.resume.is_some(),
+        force: a.force,
+        max_steps_now: a.stop_after,
+        max_seconds: a.max_minutes.map(|m| m * 60.0),
+        engine: a.engine,
+    };
+    if opts.resume && a.config.is_some() {
+        anyhow::bail!("--resume continues a run with its own saved config; drop --config (use --steps to extend it)");
+    }
+    let log = |msg: String| {
+        if !a.quiet {
+            eprintln!("{msg}");
+        }
+    };
+    let pb = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {per_sec} ETA {eta} {msg}")
+            .unwrap(),
+    );
+    let summary = fit(cfg, &opts, &mut |event| report(event, &opts, &pb, a.quiet));
+    pb.finish_and_clear();
+    let summary = summary.with_context(|| format!("trainer fit ({})", opts.out.display()))?;
+    log(format!(
+        "step {} of {}: loss {:.4} (mean of last 20); checkpoint {}; loss curve {}",
+        summary.step,
+        summary.total,
+        summary.recent_loss,
+        summary.checkpoint.display(),
+        summary.loss_curve.display()
+    ));
+    Ok(())
+}
+
+/// A resumed run continues with its saved config: only --steps may change it.
+fn refuse_changes_on_resume(a: &FitArgs) -> Result<()> {
+    let changed = [
+        ("--batch-size", a.batch_size.is_some()),
+        ("--seed", a.seed.is_some()),
+        ("--lr", a.lr.is_some()),
+        ("--ch", a.ch.is_some()),
+        ("--data", a.data.is_some()),
+        ("--limit", a.limit.is_some()),
+        ("--checkpoint-every", a.checkpoint_every.is_some()),
+        ("--warmup-steps", a.warmup_steps.is_some()),
+    ];
+    if let Some((flag, _)) = changed.iter().find(|(_, set)| *set) {
+        anyhow::bail!(
+            "{flag} cannot change a run being resumed (it continues with its saved config); only --steps can"
+        );
+    }
+    Ok(())
+}
+
+/// The config file with the flags laid over it; with --resume, None (the run's own) or only a new target.
+fn config(a: &FitArgs) -> Result<Option<Config>> {
     let mut cfg = match &a.config {
         Some(p) => Some(Config::load(p)?),
         None => None,
@@ -112,29 +157,17 @@ pub fn run_fit(a: FitArgs) -> Result<()> {
         c.train.steps = steps;
         cfg = Some(c);
     }
-    let opts = FitOptions {
-        out: a.resume.clone().unwrap_or(a.out.clone()),
-        device: a.device,
-        resume: a.resume.is_some(),
-        force: a.force,
-        max_steps_now: a.stop_after,
-        max_seconds: a.max_minutes.map(|m| m * 60.0),
-        engine: a.engine,
-    };
-    if opts.resume && a.config.is_some() {
-        anyhow::bail!("--resume continues a run with its own saved config; drop --config (use --steps to extend it)");
-    }
+    Ok(cfg)
+}
+
+/// Shows one event of the run: the progress bar, and log lines unless quiet.
+fn report(event: FitEvent, opts: &FitOptions, pb: &ProgressBar, quiet: bool) {
     let log = |msg: String| {
-        if !a.quiet {
+        if !quiet {
             eprintln!("{msg}");
         }
     };
-    let pb = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
-    pb.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {per_sec} ETA {eta} {msg}")
-            .unwrap(),
-    );
-    let summary = fit(cfg, &opts, &mut |event| match event {
+    match event {
         FitEvent::Started { resumed_from, step, total, data, num_params } => {
             if let Some(dir) = resumed_from {
                 log(format!("resuming {} from step {step} ({})", opts.out.display(), dir.display()));
@@ -157,7 +190,7 @@ pub fn run_fit(a: FitArgs) -> Result<()> {
             pb.set_position(step as u64);
             pb.set_message(format!("loss {:.4} | grad {:.3} | lr {:.1e}", stats.loss, stats.grad_norm, stats.lr));
             // without a terminal (nohup, CI logs): a line every 5% instead of the bar
-            if pb.is_hidden() && !a.quiet && step % (total / 20).max(1) == 0 {
+            if pb.is_hidden() && !quiet && step % (total / 20).max(1) == 0 {
                 eprintln!(
                     "step {step}/{total} loss {:.4} ({:.2} steps/s)",
                     stats.loss,
@@ -167,16 +200,5 @@ pub fn run_fit(a: FitArgs) -> Result<()> {
         }
         FitEvent::Warning(w) => pb.suspend(|| log(format!("warning: {w}"))),
         FitEvent::Preview(p) => pb.suspend(|| log(format!("samples (EMA weights, DDIM): {}", p.display()))),
-    });
-    pb.finish_and_clear();
-    let summary = summary.with_context(|| format!("trainer fit ({})", opts.out.display()))?;
-    log(format!(
-        "step {} of {}: loss {:.4} (mean of last 20); checkpoint {}; loss curve {}",
-        summary.step,
-        summary.total,
-        summary.recent_loss,
-        summary.checkpoint.display(),
-        summary.loss_curve.display()
-    ));
-    Ok(())
+    }
 }

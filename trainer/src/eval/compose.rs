@@ -6,55 +6,14 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
-use runtime::sampler::{sample, AttrCond, Denoiser, Method};
-use serde::{Deserialize, Serialize};
+use runtime::sampler::{sample, AttrCond, Denoiser, Method, SampleOptions};
 
 use super::classifier::{classifier_for, features};
 use crate::data::shifted::{crop_quadrant, position_of};
 use crate::model::unet::UNetConfig;
 use crate::progress::Progress;
+pub use crate::report::{Cell, CompositionReport, LabelWeight};
 use crate::train::config::Config;
-
-/// One (class, position) pair.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Cell {
-    pub class: String,
-    pub position: String,
-    /// Whether training never showed this class at this position.
-    pub held_out: bool,
-    pub n: usize,
-    /// Fractions of the samples whose ink sits in the asked quadrant; whose crop there is the asked class;
-    /// both.
-    pub at_position: f64,
-    pub class_ok: f64,
-    pub both: f64,
-}
-
-/// `trainer eval --composition N`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CompositionReport {
-    /// Samples per pair, and the class's guidance weight (reports older than `label_guidance` used it for
-    /// every label).
-    pub per_pair: usize,
-    pub guidance: f32,
-    /// The guidance weight of every label: the class, then the model's attributes.
-    #[serde(default)]
-    pub label_guidance: Vec<LabelWeight>,
-    pub held_out_class: String,
-    /// `both` of the held-out class at its held-out positions, at its trained positions, and of every other
-    /// class at every position.
-    pub held_out_pairs: f64,
-    pub held_out_class_seen_pairs: f64,
-    pub other_pairs: f64,
-    pub cells: Vec<Cell>,
-}
-
-/// A label's guidance weight (`"class"` or an attribute's name).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LabelWeight {
-    pub label: String,
-    pub guidance: f32,
-}
 
 /// The weight of every label of `m` (the class, then each attribute): `guidance`, or an attribute's own weight
 /// from `own` (`--attr-guidance NAME=W`). An unknown name or a weight that is not finite and >= 0 is an error.
@@ -110,21 +69,8 @@ pub fn composition(
     let canvas = m.image_size;
     let classes = &plain_train.class_names;
     let values = &m.attributes[pos_attr].values;
-    let cols = m.label_columns();
-    let mut labels = vec![];
-    let mut pairs = vec![];
-    for c in 0..m.num_classes {
-        for p in 0..values.len() {
-            pairs.push((c, p));
-            for _ in 0..per_pair {
-                let mut y = m.label_nulls();
-                y[0] = c as i64;
-                y[1 + pos_attr] = p as i64;
-                labels.extend(y);
-            }
-        }
-    }
-    let n = labels.len() / cols;
+    let (labels, pairs) = pair_labels(m, pos_attr, per_pair);
+    let n = labels.len() / m.label_columns();
     let mut req = runtime::sampler::Request::new(n, [1, canvas, canvas], method);
     req.labels = Some(labels);
     req.null_class = m.null_class().map(|c| c as i64);
@@ -135,8 +81,7 @@ pub fn composition(
         .zip(&weights[1..])
         .map(|(a, w)| AttrCond { null: a.null(), guidance: w.guidance })
         .collect();
-    req.seed = seed;
-    req.batch = batch;
+    req.options = SampleOptions { seed, batch, ..Default::default() };
     let sched = cfg.diffusion.schedule()?;
     let steps = req.num_steps(sched.num_timesteps())?;
     progress.begin("composition samples", (n.div_ceil(batch) * steps) as u64);
@@ -147,46 +92,88 @@ pub fn composition(
     let found: Vec<usize> = x.chunks(per).map(|img| position_of(img, canvas)).collect();
     let crops: Vec<f32> = x.chunks(per).zip(&found).flat_map(|(img, &p)| crop_quadrant(img, canvas, p, s)).collect();
     let (_, pred) = features(&clf, &crops, [1, s, s], dev)?;
-    let holdout = classes.iter().position(|n| *n == shift.holdout_class);
-    let mut cells = vec![];
-    let (mut sums, mut counts) = ([0f64; 3], [0usize; 3]);
-    for (k, &(c, p)) in pairs.iter().enumerate() {
-        let r = k * per_pair..(k + 1) * per_pair;
-        let at = found[r.clone()].iter().filter(|&&f| f == p).count();
-        let ok = pred[r.clone()].iter().filter(|&&q| q as usize == c).count();
-        let both = r.clone().filter(|&i| found[i] == p && pred[i] as usize == c).count();
-        let held_out = Some(c) == holdout && shift.holdout_positions.contains(&p);
-        let frac = |v: usize| v as f64 / per_pair as f64;
-        let group = if held_out {
-            0
-        } else if Some(c) == holdout {
-            1
-        } else {
-            2
-        };
-        sums[group] += frac(both);
-        counts[group] += 1;
-        cells.push(Cell {
-            class: classes[c].clone(),
-            position: values[p].clone(),
-            held_out,
-            n: per_pair,
-            at_position: frac(at),
-            class_ok: frac(ok),
-            both: frac(both),
-        });
+    let judged = Judged { found: &found, pred: &pred, classes, values };
+    Ok(judged.report(&pairs, per_pair, weights, shift))
+}
+
+/// The labels of `per_pair` images of every (class, position) pair, and the pairs in that order.
+fn pair_labels(m: &UNetConfig, pos_attr: usize, per_pair: usize) -> (Vec<i64>, Vec<(usize, usize)>) {
+    let mut labels = vec![];
+    let mut pairs = vec![];
+    for c in 0..m.num_classes {
+        for p in 0..m.attributes[pos_attr].values.len() {
+            pairs.push((c, p));
+            for _ in 0..per_pair {
+                let mut y = m.label_nulls();
+                y[0] = c as i64;
+                y[1 + pos_attr] = p as i64;
+                labels.extend(y);
+            }
+        }
     }
-    let mean = |g: usize| if counts[g] == 0 { f64::NAN } else { sums[g] / counts[g] as f64 };
-    Ok(CompositionReport {
-        per_pair,
-        guidance: weights[0].guidance,
-        label_guidance: weights.to_vec(),
-        held_out_class: shift.holdout_class.clone(),
-        held_out_pairs: mean(0),
-        held_out_class_seen_pairs: mean(1),
-        other_pairs: mean(2),
-        cells,
-    })
+    (labels, pairs)
+}
+
+/// What the judges found in every sample: the quadrant of its ink, and the class of its crop there.
+struct Judged<'a> {
+    found: &'a [usize],
+    pred: &'a [u32],
+    classes: &'a [String],
+    values: &'a [String],
+}
+
+impl Judged<'_> {
+    /// One cell per pair, and the mean of `both` over the held-out pairs, the held-out class's trained pairs and
+    /// every other pair.
+    fn report(
+        &self,
+        pairs: &[(usize, usize)],
+        per_pair: usize,
+        weights: &[LabelWeight],
+        shift: &crate::data::shifted::ShiftedConfig,
+    ) -> CompositionReport {
+        let (found, pred, classes, values) = (self.found, self.pred, self.classes, self.values);
+        let holdout = classes.iter().position(|n| *n == shift.holdout_class);
+        let mut cells = vec![];
+        let (mut sums, mut counts) = ([0f64; 3], [0usize; 3]);
+        for (k, &(c, p)) in pairs.iter().enumerate() {
+            let r = k * per_pair..(k + 1) * per_pair;
+            let at = found[r.clone()].iter().filter(|&&f| f == p).count();
+            let ok = pred[r.clone()].iter().filter(|&&q| q as usize == c).count();
+            let both = r.clone().filter(|&i| found[i] == p && pred[i] as usize == c).count();
+            let held_out = Some(c) == holdout && shift.holdout_positions.contains(&p);
+            let frac = |v: usize| v as f64 / per_pair as f64;
+            let group = if held_out {
+                0
+            } else if Some(c) == holdout {
+                1
+            } else {
+                2
+            };
+            sums[group] += frac(both);
+            counts[group] += 1;
+            cells.push(Cell {
+                class: classes[c].clone(),
+                position: values[p].clone(),
+                held_out,
+                n: per_pair,
+                at_position: frac(at),
+                class_ok: frac(ok),
+                both: frac(both),
+            });
+        }
+        let mean = |g: usize| if counts[g] == 0 { f64::NAN } else { sums[g] / counts[g] as f64 };
+        CompositionReport {
+            per_pair,
+            guidance: weights[0].guidance,
+            label_guidance: weights.to_vec(),
+            held_out_class: shift.holdout_class.clone(),
+            held_out_pairs: mean(0),
+            held_out_class_seen_pairs: mean(1),
+            other_pairs: mean(2),
+            cells,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -5,37 +5,11 @@
 
 use anyhow::Result;
 use candle_core::{Device, Tensor};
-use serde::{Deserialize, Serialize};
 
 use super::classifier::{features, Classifier};
 use crate::data::Dataset;
 use crate::progress::Progress;
-
-/// Distances (L2) to the nearest training image: of the samples, and of as many real test images.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Distances {
-    pub samples_min: f64,
-    pub samples_p05: f64,
-    pub samples_median: f64,
-    pub test_min: f64,
-    pub test_p05: f64,
-    pub test_median: f64,
-}
-
-/// What `trainer eval --nearest K` adds to the report.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct NearestReport {
-    /// Neighbours shown per sample in the grid.
-    pub k: usize,
-    /// Samples (and test images) whose distances were measured.
-    pub n: usize,
-    /// In pixel space ([-1, 1] images).
-    pub pixel: Distances,
-    /// In the evaluation classifier's 128-d features.
-    pub features: Distances,
-    /// The grid: per row a sample, its k nearest training images in pixels, then in features.
-    pub grid: String,
-}
+pub use crate::report::{Distances, NearestReport};
 
 /// For each query row, the `k` nearest reference rows (distance, index), nearest first:
 /// |q - r|^2 = |q|^2 + |r|^2 - 2 q.r, the dot products as one matrix product per chunk of queries.

@@ -3,10 +3,9 @@
 
 use std::path::Path;
 
-use runtime::metadata::{Prediction, Recommended};
+use runtime::metadata::{Dtype, Prediction, Recommended, Weights};
 
-use super::export::ExportOptions;
-use crate::eval::EvalReport;
+use crate::report::EvalReport;
 use crate::train::checkpoint::State;
 
 /// The augmentations that are on, as `name = value` (or "none").
@@ -81,16 +80,46 @@ pub fn restamp(card: &str, bytes: &[u8], r: &Recommended, conditional: bool, pat
     Ok(lines.join("\n") + "\n")
 }
 
+/// The exported file as the model card describes it.
+pub struct CardFile<'a> {
+    pub out: &'a Path,
+    pub dtype: Dtype,
+    pub weights: Weights,
+    pub opset: i64,
+    pub recommended: Option<&'a Recommended>,
+    /// The file's bytes (its size and SHA-256).
+    pub bytes: &'a [u8],
+}
+
 /// A model card in Markdown: what the model was trained on and how, the file, and the metrics of `trainer eval`
 /// when the run has them.
-pub fn model_card(state: &State, opts: &ExportOptions, bytes: &[u8], eval: Option<&EvalReport>) -> String {
-    let (c, m, d, t) = (&state.config, &state.config.model, &state.config.diffusion, &state.config.train);
-    let name = opts.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+pub fn model_card(state: &State, file: &CardFile, eval: Option<&EvalReport>) -> String {
+    let (m, d) = (&state.config.model, &state.config.diffusion);
+    let name = file.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let what = match d.prediction {
         Prediction::Epsilon => "noise-prediction U-Net (eps = f(x_t, t[, y]))",
         Prediction::V => "v-prediction U-Net (v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0 = f(x_t, t[, y]))",
     };
     let mut s = format!("# {name}\n\nDDPM {what}, exported by diffusion-rs trainer {}.\n\n", env!("CARGO_PKG_VERSION"));
+    s += "| | |\n|---|---|\n";
+    for (k, v) in training_rows(state, file) {
+        s += &format!("| {k} | {v} |\n");
+    }
+    if let Some(e) = eval {
+        s += &metrics(e);
+    }
+    let mut class = if m.num_classes > 0 { " --class 0".to_string() } else { String::new() };
+    for a in &m.attributes {
+        class += &format!(" --attr {}={}", a.name, a.values[0]);
+    }
+    let how = recommendation(file.recommended, m.num_classes > 0);
+    s += &format!("\n## Use\n\n{how}```\ngenerate --model {} --n 64{class}\n```\n", file.out.display());
+    s
+}
+
+/// The card's first table: data, network, diffusion, training and the file.
+fn training_rows(state: &State, file: &CardFile) -> [(&'static str, String); 9] {
+    let (c, m, d, t) = (&state.config, &state.config.model, &state.config.diffusion, &state.config.train);
     let classes = if m.num_classes > 0 {
         format!(
             "{} ({}); null class {} for classifier-free guidance, label dropout p = {}",
@@ -105,7 +134,7 @@ pub fn model_card(state: &State, opts: &ExportOptions, bytes: &[u8], eval: Optio
     let classes = m.attributes.iter().fold(classes, |acc, a| {
         format!("{acc}; attribute {} ({}), its own null entry and dropout", a.name, a.values.join(", "))
     });
-    let rows = [
+    [
         ("data", format!("{} (fingerprint {})", state.data_description, state.data_fingerprint)),
         ("image", format!("{}x{}, {} channel(s), pixels in [-1, 1]", m.image_size, m.image_size, m.channels)),
         ("classes", classes),
@@ -141,66 +170,59 @@ pub fn model_card(state: &State, opts: &ExportOptions, bytes: &[u8], eval: Optio
         ),
         ("device, wall time", format!("{}, {:.2} h ({:.0} s)", state.device, state.elapsed_s / 3600.0, state.elapsed_s)),
         ("final loss", format!("{:.4} (mean of the last logged window)", state.recent_loss)),
-        ("file", format!("{}, {} weights, opset {}, {}", opts.dtype, opts.weights, opts.opset, size_and_hash(bytes))),
+        ("file", format!("{}, {} weights, opset {}, {}", file.dtype, file.weights, file.opset, size_and_hash(file.bytes))),
+    ]
+}
+
+/// The metrics section from the run's eval.json.
+fn metrics(e: &EvalReport) -> String {
+    let mut s = String::new();
+    s += &format!(
+        "\n## Metrics (`trainer eval`, {} samples, {}, guidance {}{})\n\n| metric | value | real-vs-real floor |\n|---|---|---|\n",
+        e.samples,
+        e.sampler,
+        e.guidance,
+        e.guidance_interval.as_ref().map(|g| format!(" at t {g}")).unwrap_or_default()
+    );
+    if let Some(a) = e.classifier_test_accuracy {
+        s += &format!("| evaluation classifier's test accuracy | {:.2}% | |\n", 100.0 * a);
+    }
+    if let Some(v) = e.classifier_score {
+        s += &format!("| classifier score (samples classified as their class) | {:.2}% | |\n", 100.0 * v);
+    }
+    let fids = [
+        ("FID, classifier features (128-d)", e.fid_classifier_features, e.fid_floor_train_vs_test),
+        ("FID, Inception-v3 pool3 (2048-d)", e.fid_inception, e.fid_inception_floor),
     ];
-    s += "| | |\n|---|---|\n";
-    for (k, v) in rows {
-        s += &format!("| {k} | {v} |\n");
+    for (label, v, floor) in fids {
+        if let Some(v) = v {
+            let fl = floor.map(|x| format!("{x:.3}")).unwrap_or_default();
+            s += &format!("| {label} | {v:.3} | {fl} |\n");
+        }
     }
-    if let Some(e) = eval {
+    if let Some(c) = &e.c2st {
         s += &format!(
-            "\n## Metrics (`trainer eval`, {} samples, {}, guidance {}{})\n\n| metric | value | real-vs-real floor |\n|---|---|---|\n",
-            e.samples,
-            e.sampler,
-            e.guidance,
-            e.guidance_interval.as_ref().map(|g| format!(" at t {g}")).unwrap_or_default()
+            "| classifier two-sample test, {} images per set (50% = indistinguishable from real) | {:.1}% | {:.1}% |\n",
+            c.images,
+            100.0 * c.accuracy,
+            100.0 * c.real_vs_real
         );
-        if let Some(a) = e.classifier_test_accuracy {
-            s += &format!("| evaluation classifier's test accuracy | {:.2}% | |\n", 100.0 * a);
-        }
-        if let Some(v) = e.classifier_score {
-            s += &format!("| classifier score (samples classified as their class) | {:.2}% | |\n", 100.0 * v);
-        }
-        let fids = [
-            ("FID, classifier features (128-d)", e.fid_classifier_features, e.fid_floor_train_vs_test),
-            ("FID, Inception-v3 pool3 (2048-d)", e.fid_inception, e.fid_inception_floor),
-        ];
-        for (label, v, floor) in fids {
-            if let Some(v) = v {
-                let fl = floor.map(|x| format!("{x:.3}")).unwrap_or_default();
-                s += &format!("| {label} | {v:.3} | {fl} |\n");
-            }
-        }
-        if let Some(c) = &e.c2st {
-            s += &format!(
-                "| classifier two-sample test, {} images per set (50% = indistinguishable from real) | {:.1}% | {:.1}% |\n",
-                c.images,
-                100.0 * c.accuracy,
-                100.0 * c.real_vs_real
-            );
-        }
-        if let Some(n) = &e.nll {
-            s += &format!(
-                "| NLL bound, {} test images ({}, {} variance), bits/dim | {:.3} ± {:.3} | |\n",
-                n.images, n.conditioning, n.variance, n.bits_per_dim, n.stderr
-            );
-        }
-        if let Some(r) = &e.composition {
-            s += &composition_table(r);
-        }
     }
-    let mut class = if m.num_classes > 0 { " --class 0".to_string() } else { String::new() };
-    for a in &m.attributes {
-        class += &format!(" --attr {}={}", a.name, a.values[0]);
+    if let Some(n) = &e.nll {
+        s += &format!(
+            "| NLL bound, {} test images ({}, {} variance), bits/dim | {:.3} ± {:.3} | |\n",
+            n.images, n.conditioning, n.variance, n.bits_per_dim, n.stderr
+        );
     }
-    let how = recommendation(opts.recommended.as_ref(), m.num_classes > 0);
-    s += &format!("\n## Use\n\n{how}```\ngenerate --model {} --n 64{class}\n```\n", opts.out.display());
+    if let Some(r) = &e.composition {
+        s += &composition_table(r);
+    }
     s
 }
 
 /// The compositional-generalisation report as a class x position table of the samples that show both labels
 /// (held-out pairs starred), with the three group means.
-fn composition_table(r: &crate::eval::compose::CompositionReport) -> String {
+fn composition_table(r: &crate::report::CompositionReport) -> String {
     let mut classes: Vec<&str> = vec![];
     let mut positions: Vec<&str> = vec![];
     for c in &r.cells {
@@ -254,7 +276,7 @@ mod tests {
 
     #[test]
     fn composition_table_has_a_row_per_class_and_stars_the_held_out_pairs() {
-        use crate::eval::compose::{Cell, CompositionReport, LabelWeight};
+        use crate::report::{Cell, CompositionReport, LabelWeight};
         let cell = |class: &str, position: &str, held_out: bool, both: f64| Cell {
             class: class.into(),
             position: position.into(),

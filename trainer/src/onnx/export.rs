@@ -4,16 +4,14 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
-use candle_core::{DType, Device};
+use candle_core::Device;
 use prost::Message;
 use runtime::metadata::{Dtype, ModelMeta, Recommended, Weights};
 
-use super::card::model_card;
+use super::card::{model_card, CardFile};
 use super::graph::build_model;
-use crate::eval::EvalReport;
-use crate::model::params::TensorSource;
-use crate::model::unet::UNet;
-use crate::train::checkpoint::{self, State};
+use crate::report::EvalReport;
+use crate::train::checkpoint::{self, load_unet, LoadedUnet, State};
 
 /// The self-describing metadata the runtime reads ([`ModelMeta`], keys prefixed `diffusion.`).
 pub fn metadata(state: &State, weights: Weights, dtype: Dtype, recommended: Option<&Recommended>) -> Result<ModelMeta> {
@@ -63,27 +61,6 @@ pub struct ExportOptions<'a> {
     pub recommended: Option<Recommended>,
 }
 
-/// A checkpoint's model, its state, and the newer checkpoints passed over because they could not be read.
-pub struct LoadedUnet {
-    pub unet: UNet,
-    pub state: State,
-    pub passed_over: Vec<String>,
-}
-
-/// Loads a checkpoint's model (EMA or raw weights) onto `device` ([`checkpoint::load_which`]).
-pub fn load_unet(run: &Path, which: &str, weights: Weights, device: &Device) -> Result<LoadedUnet> {
-    let ck = checkpoint::load_which(run, which, device, false)?;
-    let dir = &ck.dir;
-    let (tensors, file) = match weights {
-        Weights::Ema => (&ck.ema, "ema.safetensors"),
-        Weights::Raw => (&ck.model, "model.safetensors"),
-    };
-    let mut src = TensorSource::new(tensors, format!("{}/{file}", dir.display())).with_dtype(DType::F32);
-    let unet = UNet::new(ck.state.config.unet(), &mut src)?;
-    src.finish()?;
-    Ok(LoadedUnet { unet, state: ck.state, passed_over: ck.passed_over })
-}
-
 /// Writes the ONNX file (atomically; an existing file only with `force`) and, when asked, its model card.
 pub fn export(opts: &ExportOptions) -> Result<Exported> {
     let dtype = opts.dtype;
@@ -104,7 +81,15 @@ pub fn export(opts: &ExportOptions) -> Result<Exported> {
     let eval = if card.is_some() { EvalReport::read(opts.run)? } else { None };
     checkpoint::write_atomic(opts.out, &bytes)?;
     if let Some(p) = &card {
-        checkpoint::write_atomic(p, model_card(&state, opts, &bytes, eval.as_ref()).as_bytes())?;
+        let file = CardFile {
+            out: opts.out,
+            dtype,
+            weights: opts.weights,
+            opset: opts.opset,
+            recommended: opts.recommended.as_ref(),
+            bytes: &bytes,
+        };
+        checkpoint::write_atomic(p, model_card(&state, &file, eval.as_ref()).as_bytes())?;
     }
     Ok(Exported { bytes: bytes.len(), step: state.step, card, passed_over })
 }

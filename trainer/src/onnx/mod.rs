@@ -5,5 +5,5 @@ pub mod card;
 pub mod export;
 pub mod graph;
 
-pub use export::{export, load_unet, metadata, recommend, ExportOptions, Exported, LoadedUnet, RecommendOptions};
+pub use export::{export, metadata, recommend, ExportOptions, Exported, RecommendOptions};
 pub use graph::{build_model, candle_onnx_eval, finish_model, onnx_type, value_info, Graph, OnnxOps};

@@ -7,7 +7,7 @@ use rand_distr::{Distribution, StandardNormal};
 use runtime::schedule::NoiseSchedule;
 
 use super::config::Config;
-use super::loss::TimestepSampler;
+use super::timesteps::TimestepSampler;
 use crate::data::{Dataset, UNKNOWN};
 
 /// The random numbers of one training step, all drawn from ChaCha8(seed), stream = step.

@@ -10,9 +10,12 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
+use runtime::metadata::Weights;
 use serde::{Deserialize, Serialize};
 
+use crate::model::params::TensorSource;
+use crate::model::unet::UNet;
 use crate::train::config::Config;
 
 pub const FORMAT_VERSION: u32 = 1;
@@ -264,6 +267,27 @@ pub fn load_which(run: &Path, which: &str, device: &Device, with_optim: bool) ->
         }
     }
     bail!("no checkpoint of {} can be read: {}", run.display(), passed_over.join("; "))
+}
+
+/// A checkpoint's model, its state, and the newer checkpoints passed over because they could not be read.
+pub struct LoadedUnet {
+    pub unet: UNet,
+    pub state: State,
+    pub passed_over: Vec<String>,
+}
+
+/// Loads a checkpoint's model (EMA or raw weights) onto `device` ([`load_which`]).
+pub fn load_unet(run: &Path, which: &str, weights: Weights, device: &Device) -> Result<LoadedUnet> {
+    let ck = load_which(run, which, device, false)?;
+    let dir = &ck.dir;
+    let (tensors, file) = match weights {
+        Weights::Ema => (&ck.ema, "ema.safetensors"),
+        Weights::Raw => (&ck.model, "model.safetensors"),
+    };
+    let mut src = TensorSource::new(tensors, format!("{}/{file}", dir.display())).with_dtype(DType::F32);
+    let unet = UNet::new(ck.state.config.unet(), &mut src)?;
+    src.finish()?;
+    Ok(LoadedUnet { unet, state: ck.state, passed_over: ck.passed_over })
 }
 
 #[cfg(test)]

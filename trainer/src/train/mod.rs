@@ -7,6 +7,7 @@ pub mod config;
 pub mod device;
 pub mod loss;
 pub mod optim;
+pub mod timesteps;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -22,8 +23,8 @@ pub use batch::{make_host_batch, step_rng, DataOrder, HostBatch};
 use checkpoint::{RngState, State};
 use config::{Config, LrSchedule};
 pub use device::DeviceSpec;
-use loss::TimestepSampler;
 use optim::{AdamW, Ema, Grads};
+use timesteps::TimestepSampler;
 
 use crate::data::Dataset;
 use crate::model::ops::CandleOps;
