@@ -246,8 +246,125 @@ impl Config {
         if t.checkpoint_every == 0 || t.max_skipped_steps == 0 {
             bail!("train.checkpoint_every and train.max_skipped_steps must be positive");
         }
-        Ok(())
+        // the flags that override a file (--lr, --batch-size, ...) meet the same ranges
+        let table = toml::Table::try_from(self).context("the configuration as TOML")?;
+        check_ranges(&table, &|_| "the configuration".into())
     }
+}
+
+/// The range a numeric config value must lie in.
+#[derive(Debug, Clone, Copy)]
+enum Range {
+    /// > 0 and finite.
+    Positive,
+    /// >= 0 and finite.
+    NonNegative,
+    /// In [0, 1).
+    BelowOne,
+    /// In [0, 1].
+    Unit,
+    /// An integer >= 1.
+    AtLeastOne,
+    /// In [lo, hi].
+    Within(f64, f64),
+}
+
+impl Range {
+    fn holds(self, v: f64) -> bool {
+        match self {
+            Range::Positive => v.is_finite() && v > 0.0,
+            Range::NonNegative => v.is_finite() && v >= 0.0,
+            Range::BelowOne => (0.0..1.0).contains(&v),
+            Range::Unit => (0.0..=1.0).contains(&v),
+            Range::AtLeastOne => v >= 1.0,
+            Range::Within(lo, hi) => (lo..=hi).contains(&v),
+        }
+    }
+
+    fn describe(self) -> String {
+        match self {
+            Range::Positive => "a finite number > 0".into(),
+            Range::NonNegative => "a finite number >= 0".into(),
+            Range::BelowOne => "a number in [0, 1)".into(),
+            Range::Unit => "a number in [0, 1]".into(),
+            Range::AtLeastOne => "at least 1".into(),
+            Range::Within(lo, hi) => format!("a number in [{lo}, {hi}]"),
+        }
+    }
+}
+
+/// Every numeric key of a config with its range, checked as each file is read (naming the file and line) and
+/// again on the whole configuration with the flags applied.
+const RANGES: &[(&str, Range)] = &[
+    ("model.channels", Range::Within(1.0, 3.0)),
+    ("model.image_size", Range::AtLeastOne),
+    ("model.ch", Range::AtLeastOne),
+    ("model.num_res_blocks", Range::AtLeastOne),
+    ("model.num_heads", Range::AtLeastOne),
+    ("model.dropout", Range::BelowOne),
+    ("model.norm_groups", Range::AtLeastOne),
+    ("diffusion.timesteps", Range::Within(2.0, MAX_TIMESTEPS as f64)),
+    ("data.augment.rotate_degrees", Range::Within(0.0, 180.0)),
+    ("data.augment.brightness", Range::Unit),
+    ("data.augment.contrast", Range::Unit),
+    ("data.augment.saturation", Range::Unit),
+    ("data.augment.crop_min_scale", Range::Unit),
+    ("data.shifted.canvas", Range::AtLeastOne),
+    ("data.shifted.unlabelled", Range::Unit),
+    ("train.steps", Range::AtLeastOne),
+    ("train.batch_size", Range::AtLeastOne),
+    ("train.lr", Range::Positive),
+    ("train.min_snr_gamma", Range::NonNegative),
+    ("train.weight_decay", Range::NonNegative),
+    ("train.adam_beta1", Range::BelowOne),
+    ("train.adam_beta2", Range::BelowOne),
+    ("train.adam_eps", Range::Positive),
+    ("train.grad_clip", Range::NonNegative),
+    ("train.max_skipped_steps", Range::AtLeastOne),
+    ("train.ema_decay", Range::BelowOne),
+    ("train.vlb_weight", Range::NonNegative),
+    ("train.p_uncond", Range::BelowOne),
+    ("train.checkpoint_every", Range::AtLeastOne),
+    ("train.keep_checkpoints", Range::AtLeastOne),
+    ("train.preview_images", Range::AtLeastOne),
+    ("train.preview_steps", Range::AtLeastOne),
+];
+
+/// Checks every numeric value of `table` present in [`RANGES`]; `place` says where a dotted key was written.
+fn check_ranges(table: &toml::Table, place: &dyn Fn(&str) -> String) -> Result<()> {
+    for (key, range) in RANGES {
+        let mut path = key.split('.');
+        let root = path.next().and_then(|k| table.get(k));
+        let value = path.fold(root, |v, k| v.and_then(|v| v.get(k)));
+        let v = match value {
+            Some(toml::Value::Float(f)) => *f,
+            Some(toml::Value::Integer(i)) => *i as f64,
+            _ => continue,
+        };
+        if !range.holds(v) {
+            let shown = value.map(|v| v.to_string()).unwrap_or_default();
+            bail!("{}: {key} = {shown} must be {}", place(key), range.describe());
+        }
+    }
+    Ok(())
+}
+
+/// The line (1-based) of a dotted key in a config file's text: `key = ` under its `[table]` header.
+fn key_line(text: &str, dotted: &str) -> Option<usize> {
+    let (table, key) = dotted.rsplit_once('.')?;
+    let mut current = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let l = line.trim();
+        if let Some(h) = l.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+            current = h.trim().to_string();
+        } else if let Some((k, _)) = l.split_once('=') {
+            let k = k.trim();
+            if (current == table && k == key) || (current.is_empty() && k == dotted) {
+                return Some(i + 1);
+            }
+        }
+    }
+    None
 }
 
 /// One config file as a TOML table with the files it `extends` merged under it. Each file is read as a whole
@@ -256,6 +373,7 @@ fn layers(text: &str, origin: &str, dir: Option<&Path>, chain: &mut Vec<PathBuf>
     let own: Config = toml::from_str(text)
         .map_err(|e| anyhow::anyhow!("{origin}: {}", e.message().trim()).context(describe_toml_error(&e, text)))?;
     let mut table: toml::Table = text.parse().with_context(|| format!("{origin}: not a TOML table"))?;
+    check_ranges(&table, &|key| key_line(text, key).map(|l| format!("{origin}, line {l}")).unwrap_or(origin.into()))?;
     let Some(base) = own.extends else { return Ok(table) };
     table.remove("extends");
     let Some(dir) = dir else { bail!("{origin}: `extends` needs a config file to be relative to") };
@@ -328,6 +446,32 @@ mod tests {
         json["train"]["loss"] = "huber".into();
         let e = serde_json::from_value::<Config>(json).unwrap_err().to_string();
         assert!(e.contains("unknown loss 'huber'"), "{e}");
+    }
+
+    #[test]
+    fn numeric_values_out_of_range_are_refused_with_their_file_and_line() {
+        let base = "[model]\nch = 32\n\n[train]\nsteps = 10\n";
+        for (line, bad, needle) in [
+            ("lr = nan", "train.lr = nan", "must be a finite number > 0"),
+            ("lr = -1e-3", "train.lr = -0.001", "must be a finite number > 0"),
+            ("ema_decay = nan", "train.ema_decay = nan", "must be a number in [0, 1)"),
+            ("adam_beta2 = 1.0", "train.adam_beta2 = 1.0", "must be a number in [0, 1)"),
+            ("batch_size = 0", "train.batch_size = 0", "must be at least 1"),
+            ("grad_clip = inf", "train.grad_clip = inf", "must be a finite number >= 0"),
+        ] {
+            let text = format!("{base}{line}\n");
+            let e = format!("{:#}", Config::from_toml_str(&text, "x.toml").unwrap_err());
+            assert!(e.contains(&format!("x.toml, line 6: {bad} {needle}")), "{line}: {e}");
+        }
+        let e = format!("{:#}", Config::from_toml_str("[data.augment]\nbrightness = 2.5\n", "y.toml").unwrap_err());
+        assert!(e.contains("y.toml, line 2: data.augment.brightness = 2.5 must be a number in [0, 1]"), "{e}");
+        let e = format!("{:#}", Config::from_toml_str("[model]\ndropout = -0.1\n", "z.toml").unwrap_err());
+        assert!(e.contains("z.toml, line 2: model.dropout"), "{e}");
+        // a flag (set after the file was read) meets the same range in validate()
+        let mut cfg = Config::from_toml_str(base, "x.toml").unwrap();
+        cfg.train.lr = f64::NAN;
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("train.lr = nan must be a finite number > 0"), "{e}");
     }
 
     #[test]
