@@ -108,6 +108,24 @@ impl FeatureExtractor for crate::eval::inception::InceptionV3 {
     }
 }
 
+/// A feature space with its reference statistics: N real test images, and the real-vs-real floor
+/// (N real training images against the same test images).
+struct Space<'a> {
+    ext: Box<dyn FeatureExtractor + 'a>,
+    test: Vec<Vec<f64>>,
+    floor: f64,
+}
+
+/// One sampler setting's results.
+struct Outcome {
+    /// The samples, quantised to 8-bit levels, [n, c, h, w].
+    images: Vec<f32>,
+    score: Option<f64>,
+    per_class: Vec<ClassScore>,
+    /// (feature space, FID) in the order of the spaces.
+    fid: Vec<(&'static str, f64)>,
+}
+
 /// Rounds images in [-1, 1] to the 8-bit levels a PNG of them holds (real images are 8-bit too).
 pub fn quantize(x: &mut [f32]) {
     for v in x {

@@ -13,31 +13,13 @@ use runtime::sampler::{sample, Denoiser, Method, Spacing};
 use super::classifier::{classifier_for, features, Classifier};
 use super::fid::{fid_features, subset};
 use super::sweeps::write_sweeps;
-use super::{c2st, compose, nearest, quantize, ClassifierFeatures, EvalOptions, FeatureExtractor};
+use super::{c2st, compose, nearest, quantize, ClassifierFeatures, EvalOptions, FeatureExtractor, Outcome, Space};
 use crate::data::Dataset;
 use crate::model::unet::UNet;
 use crate::progress::Progress;
 use crate::report::{C2stReport, ClassScore, EvalReport, LabelWeight, NllReport};
 use crate::train::checkpoint::{load_unet, LoadedUnet, State};
 use crate::train::config::Config;
-
-/// A feature space with its reference statistics: N real test images, and the real-vs-real floor
-/// (N real training images against the same test images).
-pub(super) struct Space<'a> {
-    pub(super) ext: Box<dyn FeatureExtractor + 'a>,
-    pub(super) test: Vec<Vec<f64>>,
-    pub(super) floor: f64,
-}
-
-/// One sampler setting's results.
-pub(super) struct Outcome {
-    /// The samples, quantised to 8-bit levels, [n, c, h, w].
-    pub(super) images: Vec<f32>,
-    pub(super) score: Option<f64>,
-    pub(super) per_class: Vec<ClassScore>,
-    /// (feature space, FID) in the order of the spaces.
-    pub(super) fid: Vec<(&'static str, f64)>,
-}
 
 /// The model the evaluation samples: the exported file through ONNX Runtime (what ships), or the run's Candle
 /// weights. The one place that chooses.

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use super::session::{Outcome, Space};
+use super::{Outcome, Space};
 
 /// sweep.csv (one row per setting) and, per swept variable, a score plot and an FID plot with the floors.
 pub(super) fn write_sweeps(run: &Path, spaces: &[Space<'_>], rows: &[(&str, f32, usize, Outcome)]) -> Result<()> {
