@@ -104,12 +104,9 @@ impl Attribute {
 
     /// A value given as an index or a name.
     pub fn index(&self, s: &str) -> Result<i64> {
-        if let Some(i) = self.values.iter().position(|v| v == s) {
-            return Ok(i as i64);
-        }
-        match s.parse::<usize>() {
-            Ok(i) if i < self.values.len() => Ok(i as i64),
-            _ => Err(Error::request(
+        match label_index(&self.values, self.values.len(), s) {
+            Some(i) => Ok(i),
+            None => Err(Error::request(
                 "attributes",
                 format!(
                     "unknown value '{s}' of {}: its values are 0..{} ({})",
@@ -609,15 +606,20 @@ pub fn class_index(names: &[String], num_classes: usize, s: &str) -> Result<i64>
     if num_classes == 0 {
         return Err(Error::request("class", format!("{s}: this model is unconditional (it has no classes)")));
     }
-    if let Some(i) = names.iter().position(|n| n == s) {
-        return Ok(i as i64);
-    }
-    match s.parse::<usize>() {
-        Ok(i) if i < num_classes => Ok(i as i64),
-        _ => Err(Error::request(
+    match label_index(names, num_classes, s) {
+        Some(i) => Ok(i),
+        None => Err(Error::request(
             "class",
             format!("unknown class '{s}': this model's classes are 0..{} ({})", num_classes - 1, names.join(", ")),
         )),
+    }
+}
+
+/// A label given by its name among `names`, or as an index below `count`.
+fn label_index(names: &[String], count: usize, s: &str) -> Option<i64> {
+    match names.iter().position(|n| n == s) {
+        Some(i) => Some(i as i64),
+        None => s.parse::<usize>().ok().filter(|&i| i < count).map(|i| i as i64),
     }
 }
 
