@@ -1,5 +1,5 @@
 //! C ABI (header: runtime/include/diffusion.h): open a model, generate into a caller buffer, read the last
-//! error, free. Every entry point runs inside [`guard`], which turns errors and panics into a return value
+//! error, free. Every entry point runs inside `guard`, which turns errors and panics into a return value
 //! and a message for `dr_last_error`.
 
 use std::cell::RefCell;
@@ -80,7 +80,7 @@ pub struct DrRequest {
     pub share_xt: u32,
     /// An image to inpaint, or NULL; needs `mask`.
     pub inpaint: *const u8,
-    /// [size][size] bytes: >= 128 where the image is generated, below where `inpaint` is kept.
+    /// `[size][size]` bytes: >= 128 where the image is generated, below where `inpaint` is kept.
     pub mask: *const u8,
     /// RePaint resampling passes (0 or 1: none) over blocks of `jump` steps (0: 10).
     pub resample: u32,
@@ -197,8 +197,8 @@ fn pairs<T: std::str::FromStr>(s: Option<&str>, what: &str) -> Result<Vec<(Strin
 ///
 /// # Safety
 /// `g` from dr_open, `req` valid for `req->size` bytes, `out` writable for `out_len` bytes; `init`,
-/// `inpaint`, `interpolate_a` and `interpolate_b`, when set, hold one image ([size][size][channels] bytes),
-/// `mask` [size][size] bytes.
+/// `inpaint`, `interpolate_a` and `interpolate_b`, when set, hold one image (`[size][size][channels]` bytes),
+/// `mask` `[size][size]` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn dr_generate(
     g: *mut DrGenerator,

@@ -220,7 +220,7 @@ impl Images {
         self.save_each_from(dir, 0)
     }
 
-    /// One PNG per image, numbered from `first`: DIR/<first>.png ... (the chunks of a longer run).
+    /// One PNG per image, numbered from `first`: `DIR/<first>.png` ... (the chunks of a longer run).
     pub fn save_each_from(&self, dir: &Path, first: usize) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|err| Error::Io { path: dir.to_path_buf(), err })?;
         for i in 0..self.n {

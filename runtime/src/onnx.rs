@@ -199,7 +199,7 @@ fn build_session(
 
 impl OrtDenoiser {
     /// Opens a model exported by `trainer export`: its metadata is read and checked, and its inputs must be
-    /// x [B, C, H, W], t [B] (and y [B] for a conditional model, [B, 1 + A] with A attributes), its output eps.
+    /// x `[B, C, H, W]`, t `[B]` (and y `[B]` for a conditional model, `[B, 1 + A]` with A attributes), its output eps.
     pub fn open(path: &Path, provider: &Provider, threads: Option<usize>) -> Result<Self> {
         let model_err = |reason: String| Error::Model { path: path.to_path_buf(), reason };
         let len = std::fs::metadata(path).map_err(|err| Error::Io { path: path.to_path_buf(), err })?.len();
