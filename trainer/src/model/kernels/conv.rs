@@ -1,0 +1,578 @@
+//! 2-D convolution as GEMMs over im2col matrices, in two forms:
+//!
+//! - [`conv2d`], the fused CPU kernel (a Candle custom op; the tape calls [`conv2d_forward`] and
+//!   [`conv2d_backward`] directly): per image, im2col into a per-thread buffer and one GEMM into the NCHW
+//!   output; backward recomputes the im2col matrix and gives dx, dW and db in one pass.
+//! - [`conv2d_gemm`], one GEMM over the whole batch's im2col matrix on Candle tensors: the [`Im2Col`] and
+//!   [`Col2Im`] custom ops on the CPU, differentiable slices elsewhere. It is [`conv2d`]'s fallback off the
+//!   CPU, and the Inception network's convolution (rectangular kernels).
+//!
+//! Tested against Candle's `conv2d` (values and gradients).
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+
+use super::{cpu_f32, for_images, gemm_into, slice, with_f32, with_scratch, SharedMut};
+
+/// Geometry of a square-kernel convolution over one [C, H, W] image.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ConvGeo {
+    c: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+    stride: usize,
+    padding: usize,
+    pub(crate) oh: usize,
+    pub(crate) ow: usize,
+}
+
+impl ConvGeo {
+    pub(crate) fn new(c: usize, h: usize, w: usize, k: usize, stride: usize, padding: usize) -> Result<Self> {
+        if h + 2 * padding < k || w + 2 * padding < k || stride == 0 {
+            candle_core::bail!("conv2d: a {k}x{k} kernel (stride {stride}, padding {padding}) does not fit {h}x{w}");
+        }
+        let oh = (h + 2 * padding - k) / stride + 1;
+        let ow = (w + 2 * padding - k) / stride + 1;
+        Ok(Self { c, h, w, k, stride, padding, oh, ow })
+    }
+    /// Rows of the im2col matrix (= the GEMM's inner dimension).
+    fn rows(&self) -> usize {
+        self.c * self.k * self.k
+    }
+    pub(crate) fn out_hw(&self) -> usize {
+        self.oh * self.ow
+    }
+    /// A 1x1, stride-1, unpadded convolution reads the image itself as the im2col matrix.
+    fn is_pointwise(&self) -> bool {
+        self.k == 1 && self.stride == 1 && self.padding == 0
+    }
+    /// For tap offset `kx`, the output columns [lo, hi) whose input column ox * stride + kx - padding is
+    /// inside the image, and the input column of `lo`.
+    fn valid_cols(&self, kx: usize) -> (usize, usize, usize) {
+        let (s, p) = (self.stride as isize, self.padding as isize);
+        let lo = ((p - kx as isize).max(0) + s - 1) / s;
+        let hi = ((self.w as isize - 1 + p - kx as isize).div_euclid(s) + 1).clamp(0, self.ow as isize);
+        let lo = lo.min(hi);
+        (lo as usize, hi as usize, (lo * s + kx as isize - p).max(0) as usize)
+    }
+    /// Calls f(cols row range start, input row start, lo, hi, ix0) for every in-image (row, oy) pair, and
+    /// g(cols range) for each output row segment that reads only padding.
+    #[inline]
+    fn walk(&self, mut f: impl FnMut(usize, usize, usize, usize, usize), mut pad: impl FnMut(usize, usize, usize)) {
+        let ohw = self.out_hw();
+        for c in 0..self.c {
+            for ky in 0..self.k {
+                for kx in 0..self.k {
+                    let row = (c * self.k + ky) * self.k + kx;
+                    let (lo, hi, ix0) = self.valid_cols(kx);
+                    for oy in 0..self.oh {
+                        let iy = (oy * self.stride + ky) as isize - self.padding as isize;
+                        let o = row * ohw + oy * self.ow;
+                        if iy < 0 || iy >= self.h as isize || lo == hi {
+                            pad(o, 0, self.ow);
+                            continue;
+                        }
+                        pad(o, 0, lo);
+                        pad(o, hi, self.ow);
+                        f(o, (c * self.h + iy as usize) * self.w, lo, hi, ix0);
+                    }
+                }
+            }
+        }
+    }
+
+    /// image [C, H, W] -> cols [C*k*k, oh*ow].
+    fn im2col(&self, x: &[f32], cols: &mut [f32]) {
+        let s = self.stride;
+        let cols_ptr = SharedMut(cols.as_mut_ptr());
+        self.walk(
+            |o, irow, lo, hi, ix0| {
+                // SAFETY: o + hi <= cols.len() by construction of the walk
+                let dst = unsafe { cols_ptr.range(o + lo, hi - lo) };
+                let src = &x[irow + ix0..];
+                if s == 1 {
+                    dst.copy_from_slice(&src[..hi - lo]);
+                } else {
+                    for (j, d) in dst.iter_mut().enumerate() {
+                        *d = src[j * s];
+                    }
+                }
+            },
+            |o, a, b| {
+                // SAFETY: as above
+                unsafe { cols_ptr.range(o + a, b - a) }.fill(0.0)
+            },
+        );
+    }
+
+    /// The adjoint of im2col: dx [C, H, W] = sum of the taps in dcols (dx is overwritten).
+    fn col2im(&self, dcols: &[f32], dx: &mut [f32]) {
+        dx.fill(0.0);
+        let s = self.stride;
+        self.walk(
+            |o, irow, lo, hi, ix0| {
+                let src = &dcols[o + lo..o + hi];
+                let dst = &mut dx[irow + ix0..];
+                if s == 1 {
+                    for (d, v) in dst.iter_mut().zip(src) {
+                        *d += v;
+                    }
+                } else {
+                    for (j, v) in src.iter().enumerate() {
+                        dst[j * s] += v;
+                    }
+                }
+            },
+            |_, _, _| {},
+        );
+    }
+}
+
+/// y = conv2d(x, w) + b as one custom op (x [B, C, H, W], w [Co, C, k, k], b [Co]).
+struct Conv2d {
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv2d {
+    fn geo(&self, x: &[usize], w: &[usize]) -> Result<(usize, usize, ConvGeo)> {
+        let (b, c, h, wd) = (x[0], x[1], x[2], x[3]);
+        let (co, ci, kh, kw) = (w[0], w[1], w[2], w[3]);
+        if ci != c || kh != kw {
+            candle_core::bail!("conv2d: input {x:?} does not fit kernel {w:?}");
+        }
+        Ok((b, co, ConvGeo::new(c, h, wd, kh, self.stride, self.padding)?))
+    }
+}
+
+impl CustomOp3 for Conv2d {
+    fn name(&self) -> &'static str {
+        "fused-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, bias) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let (b, co, g) = self.geo(l1.dims(), l2.dims())?;
+        let mut out = vec![0f32; b * co * g.out_hw()];
+        conv2d_forward(x, w, bias, b, co, &g, &mut out);
+        Ok((CpuStorage::F32(out), (b, co, g.oh, g.ow).into()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, co, g) = self.geo(x.dims(), w.dims())?;
+        let mut dx = vec![0f32; x.elem_count()];
+        let (dw, db) = with_f32(x, |x| {
+            with_f32(w, |w| with_f32(grad, |gr| conv2d_backward(x, w, gr, b, co, &g, Some(&mut dx))))
+        })???;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.dims(), dev)?),
+            Some(Tensor::from_vec(dw, w.dims(), dev)?),
+            Some(Tensor::from_vec(db, co, dev)?),
+        ))
+    }
+}
+
+/// y [B, Co, oh, ow] = conv2d(x, w) + bias on contiguous f32 data (y is overwritten).
+pub(crate) fn conv2d_forward(x: &[f32], w: &[f32], bias: &[f32], b: usize, co: usize, g: &ConvGeo, out: &mut [f32]) {
+    let (kk, ohw, in_len) = (g.rows(), g.out_hw(), g.c * g.h * g.w);
+    debug_assert_eq!(out.len(), b * co * ohw);
+    let y = SharedMut(out.as_mut_ptr());
+    let pointwise = g.is_pointwise();
+    for_images(
+        b,
+        || (),
+        |_, i, par| {
+            with_scratch(if pointwise { 0 } else { kk * ohw }, 0, |cols, _| {
+                let xb = &x[i * in_len..(i + 1) * in_len];
+                let rhs: &[f32] = if pointwise {
+                    xb
+                } else {
+                    g.im2col(xb, cols);
+                    cols
+                };
+                // SAFETY: image i's output range is written by this call only
+                let yb = unsafe { y.range(i * co * ohw, co * ohw) };
+                for (row, &bv) in yb.chunks_exact_mut(ohw).zip(bias) {
+                    row.fill(bv);
+                }
+                gemm_into(yb, true, (co, ohw, kk), w, (kk, 1), rhs, (ohw, 1), par);
+            })
+        },
+    );
+}
+
+/// The backward pass of [`conv2d_forward`] for the output gradient `gr`: writes dx when given (overwriting
+/// it) and returns (dW, db). The im2col matrix is recomputed rather than kept (memory).
+pub(crate) fn conv2d_backward(
+    x: &[f32],
+    w: &[f32],
+    gr: &[f32],
+    b: usize,
+    co: usize,
+    g: &ConvGeo,
+    dx: Option<&mut [f32]>,
+) -> (Vec<f32>, Vec<f32>) {
+    let (kk, ohw, in_len) = (g.rows(), g.out_hw(), g.c * g.h * g.w);
+    let pointwise = g.is_pointwise();
+    let dxp = dx.map(|d| {
+        debug_assert_eq!(d.len(), b * in_len);
+        SharedMut(d.as_mut_ptr())
+    });
+    let scratch = if pointwise { 0 } else { kk * ohw };
+    let dscratch = if pointwise || dxp.is_none() { 0 } else { kk * ohw };
+    let parts = for_images(
+        b,
+        || (vec![0f32; co * kk], vec![0f32; co]),
+        |(dw, db), i, par| {
+            with_scratch(scratch, dscratch, |cols, dcols| {
+                let xb = &x[i * in_len..(i + 1) * in_len];
+                let gb = &gr[i * co * ohw..(i + 1) * co * ohw];
+                if let Some(dxp) = dxp {
+                    // SAFETY: image i's input-gradient range is written by this call only
+                    let dxb = unsafe { dxp.range(i * in_len, in_len) };
+                    // dcols = W^T . g  ([kk, Co] . [Co, ohw])
+                    if pointwise {
+                        gemm_into(dxb, false, (kk, ohw, co), w, (1, kk), gb, (ohw, 1), par);
+                    } else {
+                        gemm_into(dcols, false, (kk, ohw, co), w, (1, kk), gb, (ohw, 1), par);
+                        g.col2im(dcols, dxb);
+                    }
+                }
+                // dW += g . cols^T  ([Co, ohw] . [ohw, kk])
+                let cols: &[f32] = if pointwise {
+                    xb
+                } else {
+                    g.im2col(xb, cols);
+                    cols
+                };
+                gemm_into(dw, true, (co, kk, ohw), gb, (ohw, 1), cols, (1, ohw), par);
+                for (d, row) in db.iter_mut().zip(gb.chunks_exact(ohw)) {
+                    *d += row.iter().sum::<f32>();
+                }
+            })
+        },
+    );
+    let mut parts = parts.into_iter();
+    let (mut dw, mut db) = parts.next().expect("at least one chunk");
+    for (w2, b2) in parts {
+        dw.iter_mut().zip(&w2).for_each(|(a, b)| *a += b);
+        db.iter_mut().zip(&b2).for_each(|(a, b)| *a += b);
+    }
+    (dw, db)
+}
+
+/// 2-D convolution with bias, square kernel `w` [Co, C, k, k], symmetric padding: the fused CPU kernel for
+/// f32 on the CPU, [`conv2d_gemm`] elsewhere.
+pub fn conv2d(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    if !cpu_f32(&[x, w, b]) {
+        return conv2d_gemm(x, w, Some(b), stride, padding);
+    }
+    x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, Conv2d { stride, padding })
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// One GEMM over the whole batch, on Candle tensors
+
+/// 2-D convolution as one GEMM over an im2col matrix:
+/// y[co, (b,h,w)] = W[co, (ci,ky,kx)] . cols[(ci,ky,kx), (b,h,w)].
+///
+/// Candle's own conv2d backward goes through a naive conv_transpose2d loop on the CPU (and has no cuDNN
+/// path on CUDA). Written this way, forward and backward are three large matrix products plus an
+/// im2col/col2im pass: on the CPU a custom op with a hand-written col2im backward, elsewhere the same
+/// matrix built from differentiable slices.
+pub fn conv2d_gemm(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> candle_core::Result<Tensor> {
+    let (b, c, h, wd) = x.dims4()?;
+    let (co, ci, kh, kw) = w.dims4()?;
+    if ci != c {
+        candle_core::bail!("conv2d: input has {c} channels, kernel expects {ci}");
+    }
+    let oh = (h + 2 * padding - kh) / stride + 1;
+    let ow = (wd + 2 * padding - kw) / stride + 1;
+    let cols = if x.device().is_cpu() && x.dtype() == DType::F32 {
+        x.contiguous()?.apply_op1(Im2Col { kh, kw, stride, padding })?
+    } else {
+        im2col_sliced(x, kh, kw, stride, padding, (oh, ow))?
+    };
+    let wm = w.reshape((co, ci * kh * kw))?;
+    let y = wm.matmul(&cols)?; // [Co, B*oh*ow]
+                               // the bias is added along the contiguous axis, so its gradient is a fast last-axis sum
+    let y = match bias {
+        Some(b) => y.broadcast_add(&b.reshape((co, 1))?)?,
+        None => y,
+    };
+    y.reshape((co, b, oh, ow))?.permute((1, 0, 2, 3))?.contiguous()
+}
+
+/// The im2col matrix [C*kh*kw, B*oh*ow] from slices of the padded input (differentiable on any device).
+fn im2col_sliced(
+    x: &Tensor,
+    kh: usize,
+    kw: usize,
+    stride: usize,
+    padding: usize,
+    (oh, ow): (usize, usize),
+) -> candle_core::Result<Tensor> {
+    let (b, c, _, _) = x.dims4()?;
+    let xc = x.permute((1, 0, 2, 3))?;
+    let xp =
+        if padding > 0 { xc.pad_with_zeros(2, padding, padding)?.pad_with_zeros(3, padding, padding)? } else { xc };
+    if kh == 1 && kw == 1 && stride == 1 {
+        return xp.contiguous()?.reshape((c, b * oh * ow));
+    }
+    let mut taps = Vec::with_capacity(kh * kw);
+    for ky in 0..kh {
+        for kx in 0..kw {
+            let t = xp.narrow(2, ky, (oh - 1) * stride + 1)?.narrow(3, kx, (ow - 1) * stride + 1)?;
+            let t = if stride > 1 {
+                // keep every stride-th row and column: pad to a multiple of the stride, fold, take index 0
+                let t = t.pad_with_zeros(2, 0, stride - 1)?.pad_with_zeros(3, 0, stride - 1)?;
+                t.reshape((c, b, oh, stride, ow, stride))?.narrow(3, 0, 1)?.narrow(5, 0, 1)?.reshape((c, b, oh, ow))?
+            } else {
+                t
+            };
+            taps.push(t.unsqueeze(1)?);
+        }
+    }
+    Tensor::cat(&taps, 1)?.reshape((c * kh * kw, b * oh * ow))
+}
+
+/// Geometry of an im2col over a [B, C, H, W] input.
+#[derive(Clone, Copy)]
+struct Geo {
+    b: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    kh: usize,
+    kw: usize,
+    stride: usize,
+    padding: usize,
+    oh: usize,
+    ow: usize,
+}
+
+impl Geo {
+    /// For every (row, b, oy) of channel c with an in-bounds input row, calls
+    /// f(cols offset of ox0, input offset of (b, c, iy, ix(ox0)), count) where ox0..ox0+count are the output
+    /// columns whose taps fall inside the input (ix = ox * stride + kx - padding).
+    #[inline]
+    fn for_channel_runs(&self, c: usize, mut f: impl FnMut(usize, usize, usize)) {
+        let n = self.b * self.oh * self.ow;
+        let (s, p) = (self.stride as isize, self.padding as isize);
+        for ky in 0..self.kh {
+            for kx in 0..self.kw {
+                let row = (c * self.kh + ky) * self.kw + kx;
+                // valid ox: 0 <= ox*s + kx - p < w
+                let lo = ((p - kx as isize).max(0) + s - 1) / s;
+                let hi = ((self.w as isize - 1 + p - kx as isize).div_euclid(s) + 1).min(self.ow as isize);
+                if hi <= lo {
+                    continue;
+                }
+                let (ox0, count) = (lo as usize, (hi - lo) as usize);
+                let ix0 = (lo * s + kx as isize - p) as usize;
+                for b in 0..self.b {
+                    for oy in 0..self.oh {
+                        let iy = oy as isize * s + ky as isize - p;
+                        if iy < 0 || iy >= self.h as isize {
+                            continue;
+                        }
+                        let col = (b * self.oh + oy) * self.ow + ox0;
+                        f(row * n + col, ((b * self.c + c) * self.h + iy as usize) * self.w + ix0, count);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A pointer that may be shared by threads writing disjoint elements.
+#[derive(Clone, Copy)]
+struct SharedPtr(*mut f32);
+unsafe impl Send for SharedPtr {}
+unsafe impl Sync for SharedPtr {}
+
+impl SharedPtr {
+    /// Going through a method makes closures capture the whole (Send + Sync) wrapper.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// x [B, C, H, W] (contiguous f32, CPU) -> cols [C*kh*kw, B*oh*ow]; backward is [`Col2Im`].
+struct Im2Col {
+    kh: usize,
+    kw: usize,
+    stride: usize,
+    padding: usize,
+}
+
+impl Im2Col {
+    fn geo(&self, dims: &[usize]) -> Geo {
+        let (b, c, h, w) = (dims[0], dims[1], dims[2], dims[3]);
+        let oh = (h + 2 * self.padding - self.kh) / self.stride + 1;
+        let ow = (w + 2 * self.padding - self.kw) / self.stride + 1;
+        Geo { b, c, h, w, kh: self.kh, kw: self.kw, stride: self.stride, padding: self.padding, oh, ow }
+    }
+}
+
+impl candle_core::CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "im2col"
+    }
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let x = &s.as_slice::<f32>()?[l.start_offset()..];
+        let g = self.geo(l.dims());
+        let per_c = g.kh * g.kw * g.b * g.oh * g.ow;
+        let mut out = vec![0f32; g.c * per_c];
+        let stride = g.stride;
+        out.par_chunks_mut(per_c).enumerate().for_each(|(c, chunk)| {
+            let base = c * per_c;
+            g.for_channel_runs(c, |o, i, count| {
+                let dst = &mut chunk[o - base..o - base + count];
+                if stride == 1 {
+                    dst.copy_from_slice(&x[i..i + count]);
+                } else {
+                    for (k, d) in dst.iter_mut().enumerate() {
+                        *d = x[i + k * stride];
+                    }
+                }
+            });
+        });
+        Ok((candle_core::CpuStorage::F32(out), (g.c * g.kh * g.kw, g.b * g.oh * g.ow).into()))
+    }
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let g = self.geo(arg.dims());
+        Ok(Some(grad.contiguous()?.apply_op1(Col2Im(g))?))
+    }
+}
+
+/// cols [C*kh*kw, B*oh*ow] -> [B, C, H, W], summing overlapping taps (the adjoint of im2col).
+struct Col2Im(Geo);
+
+impl candle_core::CustomOp1 for Col2Im {
+    fn name(&self) -> &'static str {
+        "col2im"
+    }
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let cols = &s.as_slice::<f32>()?[l.start_offset()..];
+        let g = self.0;
+        let mut out = vec![0f32; g.b * g.c * g.h * g.w];
+        let ptr = SharedPtr(out.as_mut_ptr());
+        let len = out.len();
+        (0..g.c).into_par_iter().for_each(|c| {
+            g.for_channel_runs(c, |o, i, count| {
+                debug_assert!(i + (count - 1) * g.stride < len);
+                for k in 0..count {
+                    // SAFETY: every input offset i belongs to channel c, and each channel is handled by
+                    // exactly one task, so no two threads touch the same element; i is in bounds.
+                    unsafe { *ptr.get().add(i + k * g.stride) += cols[o + k] };
+                }
+            });
+        });
+        Ok((candle_core::CpuStorage::F32(out), (g.b, g.c, g.h, g.w).into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::kernels::tests::close;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn conv2d_matches_candle_values_and_gradients_on_odd_shapes() {
+        let dev = Device::Cpu;
+        // (batch, cin, cout, k, stride, pad, h, w)
+        for &(b, ci, co, k, s, p, h, w) in &[
+            (1usize, 3usize, 5usize, 3usize, 1usize, 1usize, 7usize, 7usize),
+            (3, 5, 7, 3, 1, 1, 7, 9),
+            (2, 4, 6, 3, 2, 1, 7, 7),
+            (4, 6, 3, 1, 1, 0, 7, 5),
+            (2, 3, 4, 3, 2, 1, 8, 8),
+            (5, 9, 10, 3, 1, 1, 14, 14),
+        ] {
+            let x = Var::randn(0f32, 1.0, (b, ci, h, w), &dev).unwrap();
+            let wt = Var::randn(0f32, 0.5, (co, ci, k, k), &dev).unwrap();
+            let bias = Var::randn(0f32, 1.0, co, &dev).unwrap();
+            let ours = conv2d(&x, &wt, &bias, s, p).unwrap();
+            let reference =
+                x.conv2d(&wt, p, s, 1, 1).unwrap().broadcast_add(&bias.reshape((1, co, 1, 1)).unwrap()).unwrap();
+            assert_eq!(ours.dims(), reference.dims());
+            let what = format!("b{b} ci{ci} co{co} k{k} s{s} p{p} {h}x{w}");
+            close(&ours, &reference, 1e-5, &format!("{what} forward"));
+            let probe = Tensor::randn(0f32, 1.0, ours.dims(), &dev).unwrap();
+            let g1 = (ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (reference * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            for (v, name) in [(&x, "dx"), (&wt, "dw"), (&bias, "db")] {
+                close(g1.get(v).unwrap(), g2.get(v).unwrap(), 1e-5, &format!("{what} {name}"));
+            }
+        }
+    }
+
+    #[test]
+    fn gemm_conv_matches_candle_conv_values_and_gradients() {
+        let dev = Device::Cpu;
+        for &(k, stride, pad, h) in
+            &[(3usize, 1usize, 1usize, 6usize), (3, 2, 1, 6), (1, 1, 0, 5), (3, 1, 1, 7), (3, 2, 1, 8)]
+        {
+            let x = Var::randn(0f32, 1.0, (2, 3, h, h), &dev).unwrap();
+            let w = Var::randn(0f32, 1.0, (4, 3, k, k), &dev).unwrap();
+            let ours = conv2d_gemm(&x, &w, None, stride, pad).unwrap();
+            let (oh, ow) = ((h + 2 * pad - k) / stride + 1, (h + 2 * pad - k) / stride + 1);
+            let sliced = w
+                .reshape((4, 3 * k * k))
+                .unwrap()
+                .matmul(&im2col_sliced(&x, k, k, stride, pad, (oh, ow)).unwrap())
+                .unwrap();
+            let sliced = sliced.reshape((4, 2, oh, ow)).unwrap().permute((1, 0, 2, 3)).unwrap();
+            let d = (&ours - &sliced).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 1e-4, "sliced im2col differs by {d}");
+            let reference = x.conv2d(&w, pad, stride, 1, 1).unwrap();
+            assert_eq!(ours.dims(), reference.dims(), "k{k} s{stride}");
+            let d = (&ours - &reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 1e-4, "k{k} s{stride} h{h}: forward differs by {d}");
+            // gradients of a weighted sum, against candle's conv backward
+            let wt = Tensor::randn(0f32, 1.0, ours.dims(), &dev).unwrap();
+            let g1 = (ours * &wt).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (reference * &wt).unwrap().sum_all().unwrap().backward().unwrap();
+            for v in [&x, &w] {
+                let a = g1.get(v).unwrap();
+                let b = g2.get(v).unwrap();
+                let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(d < 1e-3, "k{k} s{stride} h{h}: gradient differs by {d}");
+            }
+        }
+    }
+}
