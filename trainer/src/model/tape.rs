@@ -682,7 +682,7 @@ impl Ops for Tape<'_> {
         ensure!(xd.len() == 4, "conv2d input must be [B, C, H, W], got {xd:?}");
         let wd = w.value.dims().to_vec();
         ensure!(wd.len() == 4 && wd[1] == xd[1] && wd[2] == wd[3], "conv2d: input {xd:?} does not fit kernel {wd:?}");
-        let g = ConvGeo::new(xd[1], xd[2], xd[3], wd[2], stride, padding)?;
+        let g = ConvGeo::new(xd[1], xd[2], xd[3], (wd[2], wd[3]), stride, padding)?;
         let (bsz, co) = (xd[0], wd[0]);
         let (wp, bp) = (self.param(w)?, self.param(b)?);
         let mut out = self.pool.take(bsz * co * g.out_hw());

@@ -1,4 +1,4 @@
-//! 2-D convolution as GEMMs over im2col matrices, in two forms:
+//! 2-D convolution as GEMMs over im2col matrices, with one geometry ([`ConvGeo`]) for both forms:
 //!
 //! - [`conv2d`], the fused CPU kernel (a Candle custom op; the tape calls [`conv2d_forward`] and
 //!   [`conv2d_backward`] directly): per image, im2col into a per-thread buffer and one GEMM into the NCHW
@@ -9,42 +9,68 @@
 //!
 //! Tested against Candle's `conv2d` (values and gradients).
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use std::ops::Range;
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 
 use super::{cpu_f32, for_images, gemm_into, slice, with_f32, with_scratch, SharedMut};
 
-/// Geometry of a square-kernel convolution over one [C, H, W] image.
+/// Geometry of a convolution over [C, H, W] images: a kh x kw kernel, one stride and one (symmetric)
+/// padding for both axes. Its im2col matrix of `images` images is [C*kh*kw, images*oh*ow]: row
+/// (c, ky, kx), column (image, oy, ox) holds input (image, c, oy * stride + ky - padding, ox * stride + kx -
+/// padding), or 0 where that is padding.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct ConvGeo {
     c: usize,
     h: usize,
     w: usize,
-    k: usize,
+    kh: usize,
+    kw: usize,
     stride: usize,
     padding: usize,
     pub(crate) oh: usize,
     pub(crate) ow: usize,
 }
 
+/// A run of consecutive columns of one im2col row, within one output row (see [`ConvGeo::walk`]).
+enum Run {
+    /// Columns `cols..cols + len` read the input at `input`, `input + stride`, ... (all in one input row).
+    Taps { cols: usize, input: usize, len: usize },
+    /// Columns `cols..cols + len` read padding.
+    Padding { cols: usize, len: usize },
+}
+
 impl ConvGeo {
-    pub(crate) fn new(c: usize, h: usize, w: usize, k: usize, stride: usize, padding: usize) -> Result<Self> {
-        if h + 2 * padding < k || w + 2 * padding < k || stride == 0 {
-            candle_core::bail!("conv2d: a {k}x{k} kernel (stride {stride}, padding {padding}) does not fit {h}x{w}");
+    pub(crate) fn new(
+        c: usize,
+        h: usize,
+        w: usize,
+        (kh, kw): (usize, usize),
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        if h + 2 * padding < kh || w + 2 * padding < kw || stride == 0 {
+            candle_core::bail!("conv2d: a {kh}x{kw} kernel (stride {stride}, padding {padding}) does not fit {h}x{w}");
         }
-        let oh = (h + 2 * padding - k) / stride + 1;
-        let ow = (w + 2 * padding - k) / stride + 1;
-        Ok(Self { c, h, w, k, stride, padding, oh, ow })
+        let oh = (h + 2 * padding - kh) / stride + 1;
+        let ow = (w + 2 * padding - kw) / stride + 1;
+        Ok(Self { c, h, w, kh, kw, stride, padding, oh, ow })
     }
     /// Rows of the im2col matrix (= the GEMM's inner dimension).
     fn rows(&self) -> usize {
-        self.c * self.k * self.k
+        self.c * self.kh * self.kw
     }
     pub(crate) fn out_hw(&self) -> usize {
         self.oh * self.ow
     }
+    /// Elements of one input image.
+    fn in_len(&self) -> usize {
+        self.c * self.h * self.w
+    }
     /// A 1x1, stride-1, unpadded convolution reads the image itself as the im2col matrix.
     fn is_pointwise(&self) -> bool {
-        self.k == 1 && self.stride == 1 && self.padding == 0
+        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.padding == 0
     }
     /// For tap offset `kx`, the output columns [lo, hi) whose input column ox * stride + kx - padding is
     /// inside the image, and the input column of `lo`.
@@ -55,78 +81,93 @@ impl ConvGeo {
         let lo = lo.min(hi);
         (lo as usize, hi as usize, (lo * s + kx as isize - p).max(0) as usize)
     }
-    /// Calls f(cols row range start, input row start, lo, hi, ix0) for every in-image (row, oy) pair, and
-    /// g(cols range) for each output row segment that reads only padding.
+
+    /// Calls `f` for every run of the im2col matrix of `images` images, rows of the channels `channels`
+    /// only. Offsets are into the whole matrix and the whole [images, C, H, W] input. The order is
+    /// channel, ky, kx, image, oy: every input element receives its taps in (ky, kx) order.
     #[inline]
-    fn walk(&self, mut f: impl FnMut(usize, usize, usize, usize, usize), mut pad: impl FnMut(usize, usize, usize)) {
-        let ohw = self.out_hw();
-        for c in 0..self.c {
-            for ky in 0..self.k {
-                for kx in 0..self.k {
-                    let row = (c * self.k + ky) * self.k + kx;
+    fn walk(&self, images: usize, channels: Range<usize>, mut f: impl FnMut(Run)) {
+        let n = images * self.out_hw();
+        for c in channels {
+            for ky in 0..self.kh {
+                for kx in 0..self.kw {
+                    let row = (c * self.kh + ky) * self.kw + kx;
                     let (lo, hi, ix0) = self.valid_cols(kx);
-                    for oy in 0..self.oh {
-                        let iy = (oy * self.stride + ky) as isize - self.padding as isize;
-                        let o = row * ohw + oy * self.ow;
-                        if iy < 0 || iy >= self.h as isize || lo == hi {
-                            pad(o, 0, self.ow);
-                            continue;
+                    for image in 0..images {
+                        for oy in 0..self.oh {
+                            let iy = (oy * self.stride + ky) as isize - self.padding as isize;
+                            let o = row * n + (image * self.oh + oy) * self.ow;
+                            if iy < 0 || iy >= self.h as isize || lo == hi {
+                                f(Run::Padding { cols: o, len: self.ow });
+                                continue;
+                            }
+                            f(Run::Padding { cols: o, len: lo });
+                            f(Run::Padding { cols: o + hi, len: self.ow - hi });
+                            let input = ((image * self.c + c) * self.h + iy as usize) * self.w + ix0;
+                            f(Run::Taps { cols: o + lo, input, len: hi - lo });
                         }
-                        pad(o, 0, lo);
-                        pad(o, hi, self.ow);
-                        f(o, (c * self.h + iy as usize) * self.w, lo, hi, ix0);
                     }
                 }
             }
         }
     }
 
-    /// image [C, H, W] -> cols [C*k*k, oh*ow].
-    fn im2col(&self, x: &[f32], cols: &mut [f32]) {
+    /// The rows of channels `channels` of the im2col matrix of x [images, C, H, W], into `cols`, which
+    /// starts at the first of those rows.
+    fn im2col_rows(&self, x: &[f32], images: usize, channels: Range<usize>, cols: &mut [f32]) {
+        let base = channels.start * self.kh * self.kw * images * self.out_hw();
         let s = self.stride;
-        let cols_ptr = SharedMut(cols.as_mut_ptr());
-        self.walk(
-            |o, irow, lo, hi, ix0| {
-                // SAFETY: o + hi <= cols.len() by construction of the walk
-                let dst = unsafe { cols_ptr.range(o + lo, hi - lo) };
-                let src = &x[irow + ix0..];
-                if s == 1 {
-                    dst.copy_from_slice(&src[..hi - lo]);
-                } else {
-                    for (j, d) in dst.iter_mut().enumerate() {
-                        *d = src[j * s];
-                    }
-                }
-            },
-            |o, a, b| {
-                // SAFETY: as above
-                unsafe { cols_ptr.range(o + a, b - a) }.fill(0.0)
-            },
-        );
+        self.walk(images, channels, |run| match run {
+            Run::Taps { cols: o, input, len } => copy_taps(&x[input..], &mut cols[o - base..o - base + len], s),
+            Run::Padding { cols: o, len } => cols[o - base..o - base + len].fill(0.0),
+        });
+    }
+
+    /// image [C, H, W] -> cols [C*kh*kw, oh*ow].
+    fn im2col(&self, x: &[f32], cols: &mut [f32]) {
+        self.im2col_rows(x, 1, 0..self.c, cols);
     }
 
     /// The adjoint of im2col: dx [C, H, W] = sum of the taps in dcols (dx is overwritten).
     fn col2im(&self, dcols: &[f32], dx: &mut [f32]) {
         dx.fill(0.0);
         let s = self.stride;
-        self.walk(
-            |o, irow, lo, hi, ix0| {
-                let src = &dcols[o + lo..o + hi];
-                let dst = &mut dx[irow + ix0..];
-                if s == 1 {
-                    for (d, v) in dst.iter_mut().zip(src) {
-                        *d += v;
-                    }
-                } else {
-                    for (j, v) in src.iter().enumerate() {
-                        dst[j * s] += v;
-                    }
-                }
-            },
-            |_, _, _| {},
-        );
+        self.walk(1, 0..self.c, |run| {
+            if let Run::Taps { cols, input, len } = run {
+                add_taps(&dcols[cols..cols + len], &mut dx[input..], s);
+            }
+        });
     }
 }
+
+/// dst[j] = src[j * stride] (one run of im2col).
+#[inline(always)]
+fn copy_taps(src: &[f32], dst: &mut [f32], stride: usize) {
+    if stride == 1 {
+        dst.copy_from_slice(&src[..dst.len()]);
+    } else {
+        for (j, d) in dst.iter_mut().enumerate() {
+            *d = src[j * stride];
+        }
+    }
+}
+
+/// dst[j * stride] += src[j] (one run of col2im).
+#[inline(always)]
+fn add_taps(src: &[f32], dst: &mut [f32], stride: usize) {
+    if stride == 1 {
+        for (d, v) in dst.iter_mut().zip(src) {
+            *d += v;
+        }
+    } else {
+        for (j, v) in src.iter().enumerate() {
+            dst[j * stride] += v;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The fused per-image kernel
 
 /// y = conv2d(x, w) + b as one custom op (x [B, C, H, W], w [Co, C, k, k], b [Co]).
 struct Conv2d {
@@ -141,7 +182,7 @@ impl Conv2d {
         if ci != c || kh != kw {
             candle_core::bail!("conv2d: input {x:?} does not fit kernel {w:?}");
         }
-        Ok((b, co, ConvGeo::new(c, h, wd, kh, self.stride, self.padding)?))
+        Ok((b, co, ConvGeo::new(c, h, wd, (kh, kw), self.stride, self.padding)?))
     }
 }
 
@@ -190,7 +231,7 @@ impl CustomOp3 for Conv2d {
 
 /// y [B, Co, oh, ow] = conv2d(x, w) + bias on contiguous f32 data (y is overwritten).
 pub(crate) fn conv2d_forward(x: &[f32], w: &[f32], bias: &[f32], b: usize, co: usize, g: &ConvGeo, out: &mut [f32]) {
-    let (kk, ohw, in_len) = (g.rows(), g.out_hw(), g.c * g.h * g.w);
+    let (kk, ohw, in_len) = (g.rows(), g.out_hw(), g.in_len());
     debug_assert_eq!(out.len(), b * co * ohw);
     let y = SharedMut(out.as_mut_ptr());
     let pointwise = g.is_pointwise();
@@ -228,7 +269,7 @@ pub(crate) fn conv2d_backward(
     g: &ConvGeo,
     dx: Option<&mut [f32]>,
 ) -> (Vec<f32>, Vec<f32>) {
-    let (kk, ohw, in_len) = (g.rows(), g.out_hw(), g.c * g.h * g.w);
+    let (kk, ohw, in_len) = (g.rows(), g.out_hw(), g.in_len());
     let pointwise = g.is_pointwise();
     let dxp = dx.map(|d| {
         debug_assert_eq!(d.len(), b * in_len);
@@ -296,22 +337,16 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, padding: usize)
 /// path on CUDA). Written this way, forward and backward are three large matrix products plus an
 /// im2col/col2im pass: on the CPU a custom op with a hand-written col2im backward, elsewhere the same
 /// matrix built from differentiable slices.
-pub fn conv2d_gemm(
-    x: &Tensor,
-    w: &Tensor,
-    bias: Option<&Tensor>,
-    stride: usize,
-    padding: usize,
-) -> candle_core::Result<Tensor> {
+pub fn conv2d_gemm(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
     let (b, c, h, wd) = x.dims4()?;
     let (co, ci, kh, kw) = w.dims4()?;
     if ci != c {
         candle_core::bail!("conv2d: input has {c} channels, kernel expects {ci}");
     }
-    let oh = (h + 2 * padding - kh) / stride + 1;
-    let ow = (wd + 2 * padding - kw) / stride + 1;
+    let geo = ConvGeo::new(c, h, wd, (kh, kw), stride, padding)?;
+    let (oh, ow) = (geo.oh, geo.ow);
     let cols = if x.device().is_cpu() && x.dtype() == DType::F32 {
-        x.contiguous()?.apply_op1(Im2Col { kh, kw, stride, padding })?
+        x.contiguous()?.apply_op1(Im2Col { geo, images: b })?
     } else {
         im2col_sliced(x, kh, kw, stride, padding, (oh, ow))?
     };
@@ -333,7 +368,7 @@ fn im2col_sliced(
     stride: usize,
     padding: usize,
     (oh, ow): (usize, usize),
-) -> candle_core::Result<Tensor> {
+) -> Result<Tensor> {
     let (b, c, _, _) = x.dims4()?;
     let xc = x.permute((1, 0, 2, 3))?;
     let xp =
@@ -358,150 +393,73 @@ fn im2col_sliced(
     Tensor::cat(&taps, 1)?.reshape((c * kh * kw, b * oh * ow))
 }
 
-/// Geometry of an im2col over a [B, C, H, W] input.
+/// x [B, C, H, W] (contiguous f32, CPU) -> cols [C*kh*kw, B*oh*ow], the im2col matrix of the whole batch,
+/// built in parallel over channels; backward is [`Col2Im`].
 #[derive(Clone, Copy)]
-struct Geo {
-    b: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    kh: usize,
-    kw: usize,
-    stride: usize,
-    padding: usize,
-    oh: usize,
-    ow: usize,
-}
-
-impl Geo {
-    /// For every (row, b, oy) of channel c with an in-bounds input row, calls
-    /// f(cols offset of ox0, input offset of (b, c, iy, ix(ox0)), count) where ox0..ox0+count are the output
-    /// columns whose taps fall inside the input (ix = ox * stride + kx - padding).
-    #[inline]
-    fn for_channel_runs(&self, c: usize, mut f: impl FnMut(usize, usize, usize)) {
-        let n = self.b * self.oh * self.ow;
-        let (s, p) = (self.stride as isize, self.padding as isize);
-        for ky in 0..self.kh {
-            for kx in 0..self.kw {
-                let row = (c * self.kh + ky) * self.kw + kx;
-                // valid ox: 0 <= ox*s + kx - p < w
-                let lo = ((p - kx as isize).max(0) + s - 1) / s;
-                let hi = ((self.w as isize - 1 + p - kx as isize).div_euclid(s) + 1).min(self.ow as isize);
-                if hi <= lo {
-                    continue;
-                }
-                let (ox0, count) = (lo as usize, (hi - lo) as usize);
-                let ix0 = (lo * s + kx as isize - p) as usize;
-                for b in 0..self.b {
-                    for oy in 0..self.oh {
-                        let iy = oy as isize * s + ky as isize - p;
-                        if iy < 0 || iy >= self.h as isize {
-                            continue;
-                        }
-                        let col = (b * self.oh + oy) * self.ow + ox0;
-                        f(row * n + col, ((b * self.c + c) * self.h + iy as usize) * self.w + ix0, count);
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// A pointer that may be shared by threads writing disjoint elements.
-#[derive(Clone, Copy)]
-struct SharedPtr(*mut f32);
-unsafe impl Send for SharedPtr {}
-unsafe impl Sync for SharedPtr {}
-
-impl SharedPtr {
-    /// Going through a method makes closures capture the whole (Send + Sync) wrapper.
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
-/// x [B, C, H, W] (contiguous f32, CPU) -> cols [C*kh*kw, B*oh*ow]; backward is [`Col2Im`].
 struct Im2Col {
-    kh: usize,
-    kw: usize,
-    stride: usize,
-    padding: usize,
+    geo: ConvGeo,
+    images: usize,
 }
 
 impl Im2Col {
-    fn geo(&self, dims: &[usize]) -> Geo {
-        let (b, c, h, w) = (dims[0], dims[1], dims[2], dims[3]);
-        let oh = (h + 2 * self.padding - self.kh) / self.stride + 1;
-        let ow = (w + 2 * self.padding - self.kw) / self.stride + 1;
-        Geo { b, c, h, w, kh: self.kh, kw: self.kw, stride: self.stride, padding: self.padding, oh, ow }
+    fn input_dims(&self) -> [usize; 4] {
+        [self.images, self.geo.c, self.geo.h, self.geo.w]
+    }
+    fn output_dims(&self) -> (usize, usize) {
+        (self.geo.rows(), self.images * self.geo.out_hw())
     }
 }
 
-impl candle_core::CustomOp1 for Im2Col {
+impl CustomOp1 for Im2Col {
     fn name(&self) -> &'static str {
         "im2col"
     }
-    fn cpu_fwd(
-        &self,
-        s: &candle_core::CpuStorage,
-        l: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use rayon::prelude::*;
-        let x = &s.as_slice::<f32>()?[l.start_offset()..];
-        let g = self.geo(l.dims());
-        let per_c = g.kh * g.kw * g.b * g.oh * g.ow;
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        if l.dims() != self.input_dims() {
+            candle_core::bail!("im2col: input {:?}, expected {:?}", l.dims(), self.input_dims());
+        }
+        let x = slice(s, l)?;
+        let (g, images) = (self.geo, self.images);
+        let per_c = g.kh * g.kw * images * g.out_hw();
         let mut out = vec![0f32; g.c * per_c];
-        let stride = g.stride;
-        out.par_chunks_mut(per_c).enumerate().for_each(|(c, chunk)| {
-            let base = c * per_c;
-            g.for_channel_runs(c, |o, i, count| {
-                let dst = &mut chunk[o - base..o - base + count];
-                if stride == 1 {
-                    dst.copy_from_slice(&x[i..i + count]);
-                } else {
-                    for (k, d) in dst.iter_mut().enumerate() {
-                        *d = x[i + k * stride];
-                    }
-                }
-            });
-        });
-        Ok((candle_core::CpuStorage::F32(out), (g.c * g.kh * g.kw, g.b * g.oh * g.ow).into()))
+        out.par_chunks_mut(per_c).enumerate().for_each(|(c, chunk)| g.im2col_rows(x, images, c..c + 1, chunk));
+        Ok((CpuStorage::F32(out), self.output_dims().into()))
     }
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let g = self.geo(arg.dims());
-        Ok(Some(grad.contiguous()?.apply_op1(Col2Im(g))?))
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1(Col2Im(*self))?))
     }
 }
 
-/// cols [C*kh*kw, B*oh*ow] -> [B, C, H, W], summing overlapping taps (the adjoint of im2col).
-struct Col2Im(Geo);
+/// cols [C*kh*kw, B*oh*ow] -> [B, C, H, W], summing overlapping taps (the adjoint of [`Im2Col`]), in
+/// parallel over channels.
+struct Col2Im(Im2Col);
 
-impl candle_core::CustomOp1 for Col2Im {
+impl CustomOp1 for Col2Im {
     fn name(&self) -> &'static str {
         "col2im"
     }
-    fn cpu_fwd(
-        &self,
-        s: &candle_core::CpuStorage,
-        l: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use rayon::prelude::*;
-        let cols = &s.as_slice::<f32>()?[l.start_offset()..];
-        let g = self.0;
-        let mut out = vec![0f32; g.b * g.c * g.h * g.w];
-        let ptr = SharedPtr(out.as_mut_ptr());
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let Col2Im(op) = self;
+        if l.dims() != <[usize; 2]>::from(op.output_dims()) {
+            candle_core::bail!("col2im: input {:?}, expected {:?}", l.dims(), op.output_dims());
+        }
+        let cols = slice(s, l)?;
+        let (g, images) = (op.geo, op.images);
+        let mut out = vec![0f32; images * g.in_len()];
+        let ptr = SharedMut(out.as_mut_ptr());
         let len = out.len();
         (0..g.c).into_par_iter().for_each(|c| {
-            g.for_channel_runs(c, |o, i, count| {
-                debug_assert!(i + (count - 1) * g.stride < len);
-                for k in 0..count {
-                    // SAFETY: every input offset i belongs to channel c, and each channel is handled by
-                    // exactly one task, so no two threads touch the same element; i is in bounds.
-                    unsafe { *ptr.get().add(i + k * g.stride) += cols[o + k] };
+            g.walk(images, c..c + 1, |run| {
+                if let Run::Taps { cols: o, input, len: n } = run {
+                    let span = (n - 1) * g.stride + 1;
+                    debug_assert!(input + span <= len);
+                    // SAFETY: a run's taps lie in one input row of channel c, and each channel is handled by
+                    // exactly one task, so no two threads touch the same element; the span is in bounds.
+                    add_taps(&cols[o..o + n], unsafe { ptr.range(input, span) }, g.stride);
                 }
             });
         });
-        Ok((candle_core::CpuStorage::F32(out), (g.b, g.c, g.h, g.w).into()))
+        Ok((CpuStorage::F32(out), Shape::from(op.input_dims().to_vec())))
     }
 }
 
