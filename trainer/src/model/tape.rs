@@ -24,7 +24,7 @@ use gemm::Parallelism;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use crate::model::kernels::{self, ConvGeo};
+use crate::model::kernels::{self, ConvGeo, GroupNormSpec, NormGrads, NormInput};
 use crate::model::ops::Ops;
 use crate::model::params::Param;
 
@@ -475,7 +475,9 @@ impl<'a> Tape<'a> {
                 let mut dx = self.pool.take(bsz * c * hw);
                 let (mut da, mut dd) = (vec![0f32; bsz * c], vec![0f32; bsz * c]);
                 let xs = &self.bufs[self.nodes[*x].buf];
-                kernels::gn_backward(xs, g, &mut dx, a, d, &mut da, &mut dd, c / groups, hw, *eps, *silu);
+                let spec = GroupNormSpec { channels_per_group: c / groups, hw, eps: *eps, silu: *silu };
+                let grads_out = NormGrads { dx: &mut dx, da: &mut da, dd: &mut dd };
+                kernels::gn_backward(NormInput { x: xs, a, d }, g, grads_out, spec);
                 let (mut dw, mut dbias) = (vec![0f32; c], vec![0f32; c]);
                 match ss {
                     None => {
@@ -758,7 +760,8 @@ impl Ops for Tape<'_> {
             }
         };
         let mut y = self.pool.take(bsz * c * hw);
-        kernels::gn_forward(self.buf_of(x.0), &mut y, &a, &d, c / groups, hw, eps as f32, silu);
+        let spec = GroupNormSpec { channels_per_group: c / groups, hw, eps: eps as f32, silu };
+        kernels::gn_forward(NormInput { x: self.buf_of(x.0), a: &a, d: &d }, &mut y, spec);
         let op = Op::GnAct { x: x.0, w: wp, b: bp, ss, a, d, groups, eps: eps as f32, silu };
         Ok(self.push(xd, y, op, true))
     }

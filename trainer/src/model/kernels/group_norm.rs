@@ -9,6 +9,53 @@ use rayon::prelude::*;
 use super::simd::sigmoid;
 use super::{slice, with_f32};
 
+/// The geometry and settings of one GroupNorm + affine + activation over x [B, groups * cpg, hw].
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct GroupNormSpec {
+    /// Channels per group (cpg).
+    pub(crate) channels_per_group: usize,
+    /// Elements per channel (the product of the spatial dimensions).
+    pub(crate) hw: usize,
+    pub(crate) eps: f32,
+    /// SiLU after the affine (else the identity).
+    pub(crate) silu: bool,
+}
+
+impl GroupNormSpec {
+    /// Elements per (image, group).
+    fn group_len(&self) -> usize {
+        self.channels_per_group * self.hw
+    }
+}
+
+/// What the forward pass reads: x [.., C, hw] and the affine a, d [.., C] (y = act(a * x_hat + d)), of the
+/// whole batch or of one (image, group).
+#[derive(Clone, Copy)]
+pub(crate) struct NormInput<'a> {
+    pub(crate) x: &'a [f32],
+    pub(crate) a: &'a [f32],
+    pub(crate) d: &'a [f32],
+}
+
+impl NormInput<'_> {
+    /// The `g`-th (image, group), counted image-major.
+    fn group(&self, g: usize, spec: &GroupNormSpec) -> Self {
+        let (cpg, glen) = (spec.channels_per_group, spec.group_len());
+        Self {
+            x: &self.x[g * glen..(g + 1) * glen],
+            a: &self.a[g * cpg..(g + 1) * cpg],
+            d: &self.d[g * cpg..(g + 1) * cpg],
+        }
+    }
+}
+
+/// What the backward pass writes (all overwritten): dx shaped like x, da and dd like a and d.
+pub(crate) struct NormGrads<'a> {
+    pub(crate) dx: &'a mut [f32],
+    pub(crate) da: &'a mut [f32],
+    pub(crate) dd: &'a mut [f32],
+}
+
 /// y = act(a[b, c] * x_hat + d[b, c]), x_hat = GroupNorm statistics of x over (channels of the group, H, W).
 struct GroupNormAct {
     groups: usize,
@@ -36,9 +83,12 @@ fn moments(x: &[f32], eps: f32) -> (f32, f32) {
     (mean, 1.0 / (var + eps).sqrt())
 }
 
+/// One (image, group)'s forward pass.
 #[inline(always)]
-fn gn_fwd_group(x: &[f32], y: &mut [f32], a: &[f32], d: &[f32], hw: usize, eps: f32, silu: bool) {
-    let (mean, rstd) = moments(x, eps);
+fn gn_fwd_group(input: NormInput, y: &mut [f32], spec: &GroupNormSpec) {
+    let NormInput { x, a, d } = input;
+    let (hw, silu) = (spec.hw, spec.silu);
+    let (mean, rstd) = moments(x, spec.eps);
     for (c, (xc, yc)) in x.chunks_exact(hw).zip(y.chunks_exact_mut(hw)).enumerate() {
         let sc = rstd * a[c];
         let sh = d[c] - mean * sc;
@@ -55,22 +105,13 @@ fn gn_fwd_group(x: &[f32], y: &mut [f32], a: &[f32], d: &[f32], hw: usize, eps: 
     }
 }
 
-/// One group's backward: writes dx and returns nothing; da, dd receive the per-channel sums.
-#[allow(clippy::too_many_arguments)]
+/// One (image, group)'s backward pass: writes dx, and da, dd receive the per-channel sums.
 #[inline(always)]
-fn gn_bwd_group(
-    x: &[f32],
-    dy: &[f32],
-    dx: &mut [f32],
-    a: &[f32],
-    d: &[f32],
-    da: &mut [f32],
-    dd: &mut [f32],
-    hw: usize,
-    eps: f32,
-    silu: bool,
-) {
-    let (mean, rstd) = moments(x, eps);
+fn gn_bwd_group(input: NormInput, dy: &[f32], grads: NormGrads, spec: &GroupNormSpec) {
+    let NormInput { x, a, d } = input;
+    let NormGrads { dx, da, dd } = grads;
+    let (hw, silu) = (spec.hw, spec.silu);
+    let (mean, rstd) = moments(x, spec.eps);
     // pass 1: dz = dy * act'(z); da = sum dz x_hat; dd = sum dz; dx <- dx_hat = dz a; group sums of dx_hat
     // and dx_hat x_hat
     let (mut s1, mut s2) = (0f32, 0f32);
@@ -121,156 +162,81 @@ fn gn_bwd_group(
     }
 }
 
-/// Runs `group(x, y, a, d)` for every (image, group) of x [B, groups * cpg, hw], in parallel.
-fn gn_fwd_par(
-    x: &[f32],
-    y: &mut [f32],
-    (a, d): (&[f32], &[f32]),
-    (cpg, hw): (usize, usize),
-    group: impl Fn(&[f32], &mut [f32], &[f32], &[f32]) + Sync,
-) {
-    let glen = cpg * hw;
-    y.par_chunks_mut(glen)
-        .zip(x.par_chunks(glen))
-        .enumerate()
-        .for_each(|(bg, (yg, xg))| group(xg, yg, &a[bg * cpg..(bg + 1) * cpg], &d[bg * cpg..(bg + 1) * cpg]));
+/// Runs `group(input, y)` for every (image, group), in parallel.
+fn gn_fwd_par(input: NormInput, y: &mut [f32], spec: &GroupNormSpec, group: impl Fn(NormInput, &mut [f32]) + Sync) {
+    y.par_chunks_mut(spec.group_len()).enumerate().for_each(|(g, yg)| group(input.group(g, spec), yg));
 }
 
-#[allow(clippy::too_many_arguments)]
-fn gn_fwd_generic(x: &[f32], y: &mut [f32], a: &[f32], d: &[f32], cpg: usize, hw: usize, eps: f32, silu: bool) {
-    gn_fwd_par(x, y, (a, d), (cpg, hw), |xg, yg, ab, db| gn_fwd_group(xg, yg, ab, db, hw, eps, silu))
+fn gn_fwd_generic(input: NormInput, y: &mut [f32], spec: GroupNormSpec) {
+    gn_fwd_par(input, y, &spec, |ig, yg| gn_fwd_group(ig, yg, &spec))
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn gn_fwd_avx2(x: &[f32], y: &mut [f32], a: &[f32], d: &[f32], cpg: usize, hw: usize, eps: f32, silu: bool) {
+unsafe fn gn_fwd_avx2(input: NormInput, y: &mut [f32], spec: GroupNormSpec) {
     // SAFETY (inside): the same features as the caller
-    gn_fwd_par(x, y, (a, d), (cpg, hw), |xg, yg, ab, db| unsafe { gn_fwd_group_avx2(xg, yg, ab, db, hw, eps, silu) })
+    gn_fwd_par(input, y, &spec, |ig, yg| unsafe { gn_fwd_group_avx2(ig, yg, &spec) })
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn gn_fwd_group_avx2(x: &[f32], y: &mut [f32], a: &[f32], d: &[f32], hw: usize, eps: f32, silu: bool) {
-    gn_fwd_group(x, y, a, d, hw, eps, silu)
+unsafe fn gn_fwd_group_avx2(input: NormInput, y: &mut [f32], spec: &GroupNormSpec) {
+    gn_fwd_group(input, y, spec)
 }
 
-/// The per-group backward function: (x, dy, dx, a, d, da, dd) of one (image, group).
-type GnBwdGroup<'a> = dyn Fn(&[f32], &[f32], &mut [f32], &[f32], &[f32], &mut [f32], &mut [f32]) + Sync + 'a;
+/// The per-group backward function: (input, dy, grads) of one (image, group).
+type GnBwdGroup<'a> = dyn Fn(NormInput, &[f32], NormGrads) + Sync + 'a;
 
 /// Runs `group` for every (image, group), in parallel.
-#[allow(clippy::too_many_arguments)]
-fn gn_bwd_par(
-    x: &[f32],
-    dy: &[f32],
-    dx: &mut [f32],
-    (a, d): (&[f32], &[f32]),
-    da: &mut [f32],
-    dd: &mut [f32],
-    (cpg, hw): (usize, usize),
-    group: &GnBwdGroup,
-) {
-    let glen = cpg * hw;
+fn gn_bwd_par(input: NormInput, dy: &[f32], grads: NormGrads, spec: &GroupNormSpec, group: &GnBwdGroup) {
+    let (cpg, glen) = (spec.channels_per_group, spec.group_len());
+    let NormGrads { dx, da, dd } = grads;
     dx.par_chunks_mut(glen).zip(da.par_chunks_mut(cpg).zip(dd.par_chunks_mut(cpg))).enumerate().for_each(
-        |(bg, (dxg, (dag, ddg)))| {
-            let r = bg * glen..(bg + 1) * glen;
-            let (ab, db) = (&a[bg * cpg..(bg + 1) * cpg], &d[bg * cpg..(bg + 1) * cpg]);
-            group(&x[r.clone()], &dy[r], dxg, ab, db, dag, ddg)
+        |(g, (dxg, (dag, ddg)))| {
+            let dyg = &dy[g * glen..(g + 1) * glen];
+            group(input.group(g, spec), dyg, NormGrads { dx: dxg, da: dag, dd: ddg })
         },
     );
 }
 
-#[allow(clippy::too_many_arguments)]
-fn gn_bwd_generic(
-    x: &[f32],
-    dy: &[f32],
-    dx: &mut [f32],
-    a: &[f32],
-    d: &[f32],
-    da: &mut [f32],
-    dd: &mut [f32],
-    cpg: usize,
-    hw: usize,
-    eps: f32,
-    silu: bool,
-) {
-    gn_bwd_par(x, dy, dx, (a, d), da, dd, (cpg, hw), &|x, dy, dx, a, d, da, dd| {
-        gn_bwd_group(x, dy, dx, a, d, da, dd, hw, eps, silu)
-    })
+fn gn_bwd_generic(input: NormInput, dy: &[f32], grads: NormGrads, spec: GroupNormSpec) {
+    gn_bwd_par(input, dy, grads, &spec, &|ig, dyg, gg| gn_bwd_group(ig, dyg, gg, &spec))
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn gn_bwd_avx2(
-    x: &[f32],
-    dy: &[f32],
-    dx: &mut [f32],
-    a: &[f32],
-    d: &[f32],
-    da: &mut [f32],
-    dd: &mut [f32],
-    cpg: usize,
-    hw: usize,
-    eps: f32,
-    silu: bool,
-) {
-    gn_bwd_par(x, dy, dx, (a, d), da, dd, (cpg, hw), &|x, dy, dx, a, d, da, dd| {
+unsafe fn gn_bwd_avx2(input: NormInput, dy: &[f32], grads: NormGrads, spec: GroupNormSpec) {
+    gn_bwd_par(input, dy, grads, &spec, &|ig, dyg, gg| {
         // SAFETY: the same features as the caller
-        unsafe { gn_bwd_group_avx2(x, dy, dx, a, d, da, dd, hw, eps, silu) }
+        unsafe { gn_bwd_group_avx2(ig, dyg, gg, &spec) }
     })
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn gn_bwd_group_avx2(
-    x: &[f32],
-    dy: &[f32],
-    dx: &mut [f32],
-    a: &[f32],
-    d: &[f32],
-    da: &mut [f32],
-    dd: &mut [f32],
-    hw: usize,
-    eps: f32,
-    silu: bool,
-) {
-    gn_bwd_group(x, dy, dx, a, d, da, dd, hw, eps, silu)
+unsafe fn gn_bwd_group_avx2(input: NormInput, dy: &[f32], grads: NormGrads, spec: &GroupNormSpec) {
+    gn_bwd_group(input, dy, grads, spec)
 }
 
 /// act(a[b, c] * x_hat + d[b, c]) over x [B, groups * cpg, hw] (y overwritten), parallel over (image, group).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn gn_forward(x: &[f32], y: &mut [f32], a: &[f32], d: &[f32], cpg: usize, hw: usize, eps: f32, silu: bool) {
-    dispatch!(gn_fwd_avx2, gn_fwd_generic(x, y, a, d, cpg, hw, eps, silu))
+pub(crate) fn gn_forward(input: NormInput, y: &mut [f32], spec: GroupNormSpec) {
+    dispatch!(gn_fwd_avx2, gn_fwd_generic(input, y, spec))
 }
 
-/// The backward pass of [`gn_forward`]: writes dx, da and dd (all overwritten).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn gn_backward(
-    x: &[f32],
-    dy: &[f32],
-    dx: &mut [f32],
-    a: &[f32],
-    d: &[f32],
-    da: &mut [f32],
-    dd: &mut [f32],
-    cpg: usize,
-    hw: usize,
-    eps: f32,
-    silu: bool,
-) {
-    dispatch!(gn_bwd_avx2, gn_bwd_generic(x, dy, dx, a, d, da, dd, cpg, hw, eps, silu))
+/// The backward pass of [`gn_forward`] for the output gradient `dy`: writes dx, da and dd (all overwritten).
+pub(crate) fn gn_backward(input: NormInput, dy: &[f32], grads: NormGrads, spec: GroupNormSpec) {
+    dispatch!(gn_bwd_avx2, gn_bwd_generic(input, dy, grads, spec))
 }
 
 impl GroupNormAct {
-    fn check(&self, x: &[usize], a: &[usize]) -> Result<(usize, usize, usize)> {
+    /// (batch, the kernel's spec) for x and the affine a.
+    fn spec(&self, x: &[usize], a: &[usize]) -> Result<(usize, GroupNormSpec)> {
         let (b, c) = (x[0], x[1]);
         let hw: usize = x[2..].iter().product();
         if a != [b, c] || !c.is_multiple_of(self.groups) {
             candle_core::bail!("group_norm_act: x {x:?}, affine {a:?}, {} groups", self.groups);
         }
-        Ok((b, c / self.groups, hw))
+        Ok((b, GroupNormSpec { channels_per_group: c / self.groups, hw, eps: self.eps, silu: self.silu }))
     }
 }
 
@@ -289,10 +255,9 @@ impl CustomOp3 for GroupNormAct {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (x, a, d) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
-        let (_, cpg, hw) = self.check(l1.dims(), l2.dims())?;
+        let (_, spec) = self.spec(l1.dims(), l2.dims())?;
         let mut y = vec![0f32; x.len()];
-        let (eps, silu) = (self.eps, self.silu);
-        gn_forward(x, &mut y, a, d, cpg, hw, eps, silu);
+        gn_forward(NormInput { x, a, d }, &mut y, spec);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -304,15 +269,17 @@ impl CustomOp3 for GroupNormAct {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (b, cpg, hw) = self.check(x.dims(), a.dims())?;
-        let c = cpg * self.groups;
+        let (b, spec) = self.spec(x.dims(), a.dims())?;
+        let c = spec.channels_per_group * self.groups;
         let mut dx = vec![0f32; x.elem_count()];
         let (mut da, mut dd) = (vec![0f32; b * c], vec![0f32; b * c]);
-        let (eps, silu) = (self.eps, self.silu);
         with_f32(x, |xs| {
             with_f32(grad, |gs| {
                 with_f32(a, |as_| {
-                    with_f32(d, |ds| gn_backward(xs, gs, &mut dx, as_, ds, &mut da, &mut dd, cpg, hw, eps, silu))
+                    with_f32(d, |ds| {
+                        let grads = NormGrads { dx: &mut dx, da: &mut da, dd: &mut dd };
+                        gn_backward(NormInput { x: xs, a: as_, d: ds }, gs, grads, spec)
+                    })
                 })
             })
         })????;

@@ -51,7 +51,7 @@ mod softmax;
 pub use conv::{conv2d, conv2d_gemm};
 pub(crate) use conv::{conv2d_backward, conv2d_forward, ConvGeo};
 pub use group_norm::group_norm_act;
-pub(crate) use group_norm::{gn_backward, gn_forward};
+pub(crate) use group_norm::{gn_backward, gn_forward, GroupNormSpec, NormGrads, NormInput};
 pub(crate) use simd::sigmoid;
 pub use softmax::softmax_last_scaled;
 pub(crate) use softmax::{softmax_backward, softmax_forward};
