@@ -1,5 +1,9 @@
 //! The noise-prediction U-Net and what it runs on: the `Ops` trait and its Candle implementation, the CPU
 //! tape engine with its fused kernels, and named parameters.
+//!
+//! The layers import downwards only: `kernels` (the fused CPU kernels, one family a file) uses none of the
+//! others; `ops` (the `Ops` trait, `CandleOps`) and `tape` (the CPU autograd, each op's forward beside its
+//! backward) call the kernels; `unet` is written once against `Ops`.
 
 pub mod kernels;
 pub mod ops;
