@@ -351,8 +351,8 @@ pub fn conv2d_gemm(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize,
         im2col_sliced(x, kh, kw, stride, padding, (oh, ow))?
     };
     let wm = w.reshape((co, ci * kh * kw))?;
-    let y = wm.matmul(&cols)?; // [Co, B*oh*ow]
-                               // the bias is added along the contiguous axis, so its gradient is a fast last-axis sum
+    // y [Co, B*oh*ow]; the bias is added along the contiguous axis, so its gradient is a fast last-axis sum
+    let y = wm.matmul(&cols)?;
     let y = match bias {
         Some(b) => y.broadcast_add(&b.reshape((co, 1))?)?,
         None => y,
