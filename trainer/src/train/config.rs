@@ -293,8 +293,9 @@ impl Range {
     }
 }
 
-/// Every numeric key of a config with its range, checked as each file is read (naming the file and line) and
-/// again on the whole configuration with the flags applied.
+/// Every numeric key of a config with a range narrower than its type's, checked as each file is read (naming
+/// the file and line) and again on the whole configuration with the flags applied. Counts where 0 means "off"
+/// or "all" (keep_checkpoints, preview_images, preview_steps, warmup_steps, data.limit) are not listed.
 const RANGES: &[(&str, Range)] = &[
     ("model.channels", Range::Within(1.0, 3.0)),
     ("model.image_size", Range::AtLeastOne),
@@ -325,9 +326,6 @@ const RANGES: &[(&str, Range)] = &[
     ("train.vlb_weight", Range::NonNegative),
     ("train.p_uncond", Range::BelowOne),
     ("train.checkpoint_every", Range::AtLeastOne),
-    ("train.keep_checkpoints", Range::AtLeastOne),
-    ("train.preview_images", Range::AtLeastOne),
-    ("train.preview_steps", Range::AtLeastOne),
 ];
 
 /// Checks every numeric value of `table` present in [`RANGES`]; `place` says where a dotted key was written.
