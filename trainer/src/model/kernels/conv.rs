@@ -123,64 +123,20 @@ impl ConvGeo {
         });
     }
 
-    /// Calls f(cols row start, input row start, lo, hi, ix0) for every in-image (row, oy) pair of one image and
-    /// pad(cols row start, a, b) for each output-row segment [a, b) that reads only padding: the per-image
-    /// kernel's walk, in the same order as [`ConvGeo::walk`] with one image, without its run values (the
-    /// fused kernel's hot loop: many short rows on small images).
-    #[inline]
-    fn walk_image(
-        &self,
-        mut f: impl FnMut(usize, usize, usize, usize, usize),
-        mut pad: impl FnMut(usize, usize, usize),
-    ) {
-        let ohw = self.out_hw();
-        for c in 0..self.c {
-            for ky in 0..self.kh {
-                for kx in 0..self.kw {
-                    let row = (c * self.kh + ky) * self.kw + kx;
-                    let (lo, hi, ix0) = self.valid_cols(kx);
-                    for oy in 0..self.oh {
-                        let iy = (oy * self.stride + ky) as isize - self.padding as isize;
-                        let o = row * ohw + oy * self.ow;
-                        if iy < 0 || iy >= self.h as isize || lo == hi {
-                            pad(o, 0, self.ow);
-                            continue;
-                        }
-                        pad(o, 0, lo);
-                        pad(o, hi, self.ow);
-                        f(o, (c * self.h + iy as usize) * self.w, lo, hi, ix0);
-                    }
-                }
-            }
-        }
-    }
-
     /// image [C, H, W] -> cols [C*kh*kw, oh*ow].
     fn im2col(&self, x: &[f32], cols: &mut [f32]) {
-        assert!(cols.len() >= self.rows() * self.out_hw() && x.len() >= self.in_len());
-        let s = self.stride;
-        let cols_ptr = SharedMut(cols.as_mut_ptr());
-        self.walk_image(
-            |o, irow, lo, hi, ix0| {
-                // SAFETY: o + hi <= rows * oh * ow <= cols.len() by construction of the walk (asserted above)
-                let dst = unsafe { cols_ptr.range(o + lo, hi - lo) };
-                copy_taps(&x[irow + ix0..], dst, s);
-            },
-            |o, a, b| {
-                // SAFETY: as above
-                unsafe { cols_ptr.range(o + a, b - a) }.fill(0.0)
-            },
-        );
+        self.im2col_rows(x, 1, 0..self.c, cols);
     }
 
     /// The adjoint of im2col: dx [C, H, W] = sum of the taps in dcols (dx is overwritten).
     fn col2im(&self, dcols: &[f32], dx: &mut [f32]) {
         dx.fill(0.0);
         let s = self.stride;
-        self.walk_image(
-            |o, irow, lo, hi, ix0| add_taps(&dcols[o + lo..o + hi], &mut dx[irow + ix0..], s),
-            |_, _, _| {},
-        );
+        self.walk(1, 0..self.c, |run| {
+            if let Run::Taps { cols, input, len } = run {
+                add_taps(&dcols[cols..cols + len], &mut dx[input..], s);
+            }
+        });
     }
 }
 
