@@ -224,29 +224,10 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         self.model.validate()?;
         self.diffusion.schedule()?;
-        let t = &self.train;
-        if !(t.vlb_weight >= 0.0 && t.vlb_weight.is_finite()) {
-            bail!("train.vlb_weight must be 0 or positive, got {}", t.vlb_weight);
-        }
-        if self.diffusion.variance.is_learned() && t.vlb_weight == 0.0 {
+        if self.diffusion.variance.is_learned() && self.train.vlb_weight == 0.0 {
             bail!("diffusion.variance = \"learned_range\" is trained by the L_vlb term alone: train.vlb_weight must be positive (0.001 in Nichol & Dhariwal 2021)");
         }
-        if t.batch_size == 0 || t.steps == 0 {
-            bail!("train.steps and train.batch_size must be positive");
-        }
-        if !(t.min_snr_gamma >= 0.0 && t.min_snr_gamma.is_finite()) {
-            bail!("train.min_snr_gamma must be 0 (off) or positive, got {}", t.min_snr_gamma);
-        }
-        if !(0.0..1.0).contains(&t.p_uncond) {
-            bail!("train.p_uncond must lie in [0, 1), got {}", t.p_uncond);
-        }
-        if !(0.0..1.0).contains(&t.ema_decay) {
-            bail!("train.ema_decay must lie in [0, 1), got {}", t.ema_decay);
-        }
-        if t.checkpoint_every == 0 || t.max_skipped_steps == 0 {
-            bail!("train.checkpoint_every and train.max_skipped_steps must be positive");
-        }
-        // the flags that override a file (--lr, --batch-size, ...) meet the same ranges
+        // every numeric range (the flags that override a file, --lr, --batch-size, ..., included): RANGES
         let table = toml::Table::try_from(self).context("the configuration as TOML")?;
         check_ranges(&table, &|_| "the configuration".into())
     }
