@@ -84,6 +84,39 @@ pub fn set_key(base: &Config, key: &str, value: &str) -> Result<Config> {
     Ok(cfg)
 }
 
+/// Splits `--values` at its top-level commas: those inside `[...]`, `{...}` or quotes belong to a value
+/// (`[1,2,2],[1,2,2,2]` is two lists). Empty values and unbalanced brackets are refused.
+pub fn split_values(text: &str) -> Result<Vec<String>> {
+    let (mut values, mut cur, mut depth, mut quote) = (Vec::new(), String::new(), 0i32, None);
+    for c in text.chars() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), _) => {}
+            (None, '"' | '\'') => quote = Some(c),
+            (None, '[' | '{') => depth += 1,
+            (None, ']' | '}') => depth -= 1,
+            (None, ',') if depth == 0 => {
+                values.push(std::mem::take(&mut cur));
+                continue;
+            }
+            _ => {}
+        }
+        if depth < 0 {
+            bail!("--values {text:?}: a closing bracket without its opening one");
+        }
+        cur.push(c);
+    }
+    if depth != 0 || quote.is_some() {
+        bail!("--values {text:?}: an unclosed bracket or quote");
+    }
+    values.push(cur);
+    let values: Vec<String> = values.into_iter().map(|v| v.trim().to_string()).collect();
+    if values.iter().any(|v| v.is_empty()) {
+        bail!("--values {text:?}: an empty value (two commas in a row, or one at an end)");
+    }
+    Ok(values)
+}
+
 /// A value as a folder name: letters, digits, '.', '-' and '_' kept, anything else '_'.
 fn folder_name(key: &str, value: &str) -> String {
     let clean = |s: &str| -> String {
@@ -383,6 +416,18 @@ mod tests {
         let e = format!("{:#}", set_key(&base, "train.batch_size", "0").unwrap_err());
         assert!(e.contains("batch_size"), "{e}");
         assert_eq!(folder_name("model.ch", "[1, 2]"), "model.ch=_1__2_");
+    }
+
+    #[test]
+    fn values_split_at_top_level_commas_only() {
+        let v = split_values("[1,2,2], [1,2,2,2],{hflip=true, rotate_degrees=10},\"a,b\",cosine").unwrap();
+        assert_eq!(v, ["[1,2,2]", "[1,2,2,2]", "{hflip=true, rotate_degrees=10}", "\"a,b\"", "cosine"]);
+        let base = Config::default();
+        let c = set_key(&base, "data.augment", &v[2]).unwrap();
+        assert!(c.data.augment.hflip && c.data.augment.rotate_degrees == 10.0 && c.data.augment.brightness == 0.0);
+        for bad in ["1,,2", "[1,2", "1,2]", "{a=1", "1,"] {
+            assert!(split_values(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

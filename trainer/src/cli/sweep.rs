@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use runtime::sampler::SamplerKind;
 use trainer::progress::Progress;
-use trainer::sweep::{sweep, SweepEval, SweepSpec};
+use trainer::sweep::{split_values, sweep, SweepEval, SweepSpec};
 use trainer::train::config::Config;
 use trainer::train::DeviceSpec;
 
@@ -17,9 +17,11 @@ pub struct SweepArgs {
     /// The dotted config key to vary, e.g. model.ch, train.batch_size, diffusion.timesteps, train.lr.
     #[arg(long)]
     key: String,
-    /// Its values, comma-separated (TOML values: numbers, or names such as cosine).
-    #[arg(long, value_delimiter = ',', required = true)]
-    values: Vec<String>,
+    /// Its values, comma-separated (TOML values: numbers, names such as cosine, lists such as [1,2,2], or inline
+    /// tables such as {hflip=true} that replace a whole section; commas inside brackets and quotes belong to the
+    /// value).
+    #[arg(long)]
+    values: String,
     /// Training runs per value (train.seed = 0..R): the mean and spread over them are reported.
     #[arg(long, value_name = "R", default_value_t = 3)]
     seeds: usize,
@@ -61,7 +63,7 @@ pub fn run_sweep(a: SweepArgs) -> Result<()> {
     let spec = SweepSpec {
         base: Config::load(&a.config)?,
         key: a.key,
-        values: a.values,
+        values: split_values(&a.values)?,
         seeds: a.seeds,
         steps: a.steps,
         minutes: a.minutes,

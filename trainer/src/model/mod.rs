@@ -3,10 +3,12 @@
 //!
 //! The layers import downwards only: `kernels` (the fused CPU kernels, one family a file) uses none of the
 //! others; `ops` (the `Ops` trait, `CandleOps`) and `tape` (the CPU autograd, each op's forward beside its
-//! backward) call the kernels; `unet` is written once against `Ops`.
+//! backward) call the kernels; `unet` is written once against `Ops`. `profile` (wall time per op kind, for
+//! `trainer bench --profile`) imports nothing of the crate.
 
 pub mod kernels;
 pub mod ops;
 pub mod params;
+pub mod profile;
 pub mod tape;
 pub mod unet;

@@ -7,6 +7,7 @@ use runtime::metadata::{Dtype, Prediction, Recommended, Weights};
 
 use crate::report::EvalReport;
 use crate::train::checkpoint::State;
+use crate::train::config::TimestepSampling;
 
 /// The augmentations that are on, as `name = value` (or "none").
 fn augmentation(a: &crate::data::augment::AugmentConfig) -> String {
@@ -155,7 +156,7 @@ fn training_rows(state: &State, file: &CardFile) -> [(&'static str, String); 9] 
         (
             "training",
             format!(
-                "{} steps, batch {}, lr {} ({} warm-up, then {}), AdamW, {} loss{}, EMA {}, seed {}; augmentation: {}",
+                "{} steps, batch {}, lr {} ({} warm-up, then {}), AdamW, {} loss{}{}, EMA {}, seed {}; augmentation: {}",
                 state.step,
                 t.batch_size,
                 t.lr,
@@ -163,6 +164,11 @@ fn training_rows(state: &State, file: &CardFile) -> [(&'static str, String); 9] 
                 t.lr_schedule,
                 t.loss,
                 if t.min_snr_gamma > 0.0 { format!(" with Min-SNR-{} weighting", t.min_snr_gamma) } else { String::new() },
+                match t.timestep_sampling {
+                    TimestepSampling::Uniform => String::new(),
+                    TimestepSampling::Importance => ", timesteps by importance".to_string(),
+                    TimestepSampling::LogNormal => format!(", timesteps with ln sigma ~ N({}, {}^2)", t.p_mean, t.p_std),
+                },
                 t.ema_decay,
                 t.seed,
                 augmentation(&c.data.augment)

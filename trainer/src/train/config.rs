@@ -43,11 +43,18 @@ pub enum TimestepSampling {
     /// Importance sampling, p_t proportional to sqrt(E[L_t^2]) over the last 10 losses at each t, the loss
     /// weighted by 1 / (T p_t) (Nichol & Dhariwal 2021, sec. 3.3, eq. 18); uniform until every t has 10.
     Importance,
+    /// EDM's training distribution of noise levels (Karras et al. 2022, Table 1: ln sigma ~ N(P_mean,
+    /// P_std^2), train.p_mean and train.p_std), carried to the schedule's timesteps through sigma_t =
+    /// sqrt((1 - alpha_bar_t) / alpha_bar_t): each t gets the normal's mass between the midpoints of ln sigma
+    /// to its neighbours. No reweighting: the distribution is the point. With v-prediction and no Min-SNR this
+    /// is EDM's loss (see `train.p_mean`).
+    LogNormal,
 }
 
 runtime::named_enum!(TimestepSampling, "timestep sampling", {
     Uniform => ["uniform"],
     Importance => ["importance", "loss_second_moment"],
+    LogNormal => ["lognormal", "edm"],
 });
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -140,8 +147,15 @@ pub struct TrainConfig {
     /// lambda of the hybrid loss L_simple + lambda L_vlb (Nichol & Dhariwal 2021, eq. 16: 0.001) for a learned
     /// variance; L_vlb = T E_t[L_t] trains v alone (the mean is held fixed in it).
     pub vlb_weight: f64,
-    /// `uniform` or `importance` (Nichol & Dhariwal 2021, sec. 3.3).
+    /// `uniform`, `importance` (Nichol & Dhariwal 2021, sec. 3.3) or `lognormal` (Karras et al. 2022).
     pub timestep_sampling: TimestepSampling,
+    /// Mean and standard deviation of ln sigma for `timestep_sampling = "lognormal"` (EDM: -1.2 and 1.2).
+    /// v-prediction is EDM's preconditioning with sigma_data = 1: in x = x_t / sqrt(alpha_bar),
+    /// c_in x = x_t, c_skip x = sqrt(alpha_bar) x_t and c_out = sqrt(1 - alpha_bar), so D = x_0 holds when
+    /// F = -v (Salimans & Ho 2022, eq. for v; Karras et al. 2022, Table 1), and EDM's weight
+    /// (sigma^2 + 1) / sigma^2 on ||D - x_0||^2 is the unweighted v loss (train.min_snr_gamma = 0).
+    pub p_mean: f64,
+    pub p_std: f64,
     /// Probability of replacing the label with the null class (Ho & Salimans 2022: 0.1-0.2).
     pub p_uncond: f64,
     pub seed: u64,
@@ -177,6 +191,8 @@ impl Default for TrainConfig {
             loss: Loss::Mse,
             vlb_weight: 0.001,
             timestep_sampling: TimestepSampling::Uniform,
+            p_mean: -1.2,
+            p_std: 1.2,
             p_uncond: 0.1,
             seed: 0,
             checkpoint_every: 5000,
@@ -306,6 +322,7 @@ const RANGES: &[(&str, Range)] = &[
     ("train.ema_decay", Range::BelowOne),
     ("train.vlb_weight", Range::NonNegative),
     ("train.p_uncond", Range::BelowOne),
+    ("train.p_std", Range::Positive),
     ("train.checkpoint_every", Range::AtLeastOne),
 ];
 

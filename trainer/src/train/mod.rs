@@ -29,6 +29,7 @@ use timesteps::TimestepSampler;
 use crate::data::Dataset;
 use crate::model::ops::CandleOps;
 use crate::model::params::{InitSource, ParamSource, TensorSource};
+use crate::model::profile;
 use crate::model::tape::{Pool, Tape};
 use crate::model::unet::UNet;
 
@@ -174,8 +175,8 @@ impl Trainer {
             );
         }
         let order = DataOrder::new(cfg.train.seed, data.len);
-        let importance = cfg.train.timestep_sampling == config::TimestepSampling::Importance;
-        let mut timesteps = TimestepSampler::new(schedule.num_timesteps(), importance);
+        let mut timesteps = TimestepSampler::for_config(&cfg.train, &schedule);
+        let importance = timesteps.importance;
         if let Some(h) = ck.and_then(|ck| ck.state.timestep_history.as_ref()).filter(|_| importance) {
             if h.len() != schedule.num_timesteps() {
                 bail!(
@@ -251,7 +252,9 @@ impl Trainer {
     pub fn train_step(&mut self) -> Result<StepStats> {
         let mut rng = step_rng(self.cfg.train.seed, self.step);
         let idx = self.order.batch(self.step, self.cfg.train.batch_size);
-        let batch = make_host_batch(&self.data, &idx, &self.cfg, &self.schedule, &self.timesteps, &mut rng);
+        let batch = profile::timed("batch: data, augmentation, noise", || {
+            make_host_batch(&self.data, &idx, &self.cfg, &self.schedule, &self.timesteps, &mut rng)
+        });
         let lr = self.lr();
         let tape = match self.engine {
             Engine::Auto => self.device.is_cpu(),
@@ -263,7 +266,15 @@ impl Trainer {
         // a non-finite loss updates nothing; a non-finite gradient norm is refused by the optimiser
         let (loss, grad_norm, per_image) = if tape {
             let (loss, grads, per_image) = self.cpu_loss_and_grads(&batch, &mut rng)?;
-            (loss, if loss.is_finite() { self.opt.step_host(grads, lr, clip)? } else { f64::NAN }, per_image)
+            let opt = &mut self.opt;
+            let norm = profile::timed("optimiser: clip, AdamW", || {
+                if loss.is_finite() {
+                    opt.step_host(grads, lr, clip)
+                } else {
+                    Ok(f64::NAN)
+                }
+            })?;
+            (loss, norm, per_image)
         } else {
             let (loss, surrogate, per_image) = self.loss(&batch, &mut rng)?;
             let norm = if loss.is_finite() {
@@ -278,7 +289,7 @@ impl Trainer {
         if skipped {
             self.skipped_in_row += 1;
         } else {
-            self.ema.update(&self.vars)?;
+            profile::timed("EMA", || self.ema.update(&self.vars))?;
             self.skipped_in_row = 0;
         }
         self.step += 1;
@@ -313,7 +324,7 @@ impl Trainer {
             None => None,
         };
         let out = self.unet.forward(&mut tape, &x, &t, y.as_ref())?;
-        let o = loss::objective(&self.cfg, &self.schedule, tape.data(out), batch);
+        let o = profile::timed("objective", || loss::objective(&self.cfg, &self.schedule, tape.data(out), batch));
         let grads = tape.backward(out, o.grad)?;
         Ok((o.loss, grads, o.per_image))
     }

@@ -42,6 +42,17 @@ enum Run {
 }
 
 impl ConvGeo {
+    /// The kind of convolution, as the profile names it: kernel size and stride.
+    pub(crate) fn kind(&self) -> &'static str {
+        match (self.kh, self.kw, self.stride) {
+            (1, 1, 1) => "conv 1x1",
+            (3, 3, 1) => "conv 3x3",
+            (3, 3, 2) => "conv 3x3 stride 2",
+            (5, 5, 1) => "conv 5x5",
+            _ => "conv other",
+        }
+    }
+
     pub(crate) fn new(
         c: usize,
         h: usize,

@@ -17,6 +17,10 @@ pub(super) struct Conv {
 }
 
 impl Conv {
+    pub(super) fn kind(&self) -> &'static str {
+        self.geo.kind()
+    }
+
     /// [`crate::model::ops::Ops::conv2d`]: x [B, C, H, W], square kernel w [Co, C, k, k].
     pub(super) fn forward(
         tape: &mut Tape,

@@ -35,6 +35,7 @@ mod shape;
 mod tests;
 
 use std::collections::HashMap;
+use std::time::Instant;
 
 use anyhow::{ensure, Result};
 use candle_core::Tensor;
@@ -43,6 +44,7 @@ use rayon::prelude::*;
 
 use crate::model::ops::Ops;
 use crate::model::params::Param;
+use crate::model::profile;
 
 /// Reusable f32 buffers, by length: a training step asks for the same sizes every time.
 #[derive(Default)]
@@ -103,6 +105,30 @@ enum Op {
     MatMul(attention::MatMul),
     Softmax(attention::Softmax),
     Embedding(embed::Embedding),
+}
+
+impl Op {
+    /// The op's name in a profile ([`crate::model::profile`]).
+    fn kind(&self) -> &'static str {
+        match self {
+            Op::Leaf => "input",
+            Op::Alias { .. } => "reshape",
+            Op::Conv(c) => c.kind(),
+            Op::Linear(_) => "linear",
+            Op::GroupNormAct(_) => "group norm (+ scale-shift, SiLU)",
+            Op::Silu(_) => "silu",
+            Op::Binary(_) => "add / mul",
+            Op::Affine(_) => "affine",
+            Op::Dropout(_) => "dropout",
+            Op::Permute(_) => "permute",
+            Op::Narrow(_) => "narrow",
+            Op::Concat(_) => "concat",
+            Op::Upsample2x(_) => "upsample",
+            Op::MatMul(_) => "attention matmul",
+            Op::Softmax(_) => "softmax",
+            Op::Embedding(_) => "embedding",
+        }
+    }
 }
 
 struct Node {
@@ -199,6 +225,17 @@ impl<'a> Tape<'a> {
         Val(self.nodes.len() - 1)
     }
 
+    /// Runs an op's forward `f`, its wall time counted to the op's kind while profiling.
+    fn recorded(&mut self, f: impl FnOnce(&mut Self) -> Result<Val>) -> Result<Val> {
+        if !profile::is_on() {
+            return f(self);
+        }
+        let start = Instant::now();
+        let v = f(self)?;
+        profile::add(&format!("{} forward", self.nodes[v.0].op.kind()), start.elapsed());
+        Ok(v)
+    }
+
     /// Records a node that shares node `x`'s buffer under other dimensions.
     fn alias(&mut self, x: usize, dims: Vec<usize>) -> Val {
         let (buf, needs_grad) = (self.nodes[x].buf, self.nodes[x].needs_grad);
@@ -247,7 +284,11 @@ impl<'a> Tape<'a> {
                     continue;
                 }
                 if self.nodes[i].needs_grad {
+                    let start = profile::is_on().then(Instant::now);
                     self.backprop(i, &g, &mut grads)?;
+                    if let Some(start) = start {
+                        profile::add(&format!("{} backward", self.nodes[i].op.kind()), start.elapsed());
+                    }
                 }
                 self.pool.put(g);
             }
@@ -319,10 +360,10 @@ impl Ops for Tape<'_> {
     type T = Val;
 
     fn conv2d(&mut self, x: &Val, w: &Param, b: &Param, stride: usize, padding: usize) -> Result<Val> {
-        conv::Conv::forward(self, x, w, b, stride, padding)
+        self.recorded(|t| conv::Conv::forward(t, x, w, b, stride, padding))
     }
     fn linear(&mut self, x: &Val, w: &Param, b: &Param) -> Result<Val> {
-        conv::Linear::forward(self, x, w, b)
+        self.recorded(|t| conv::Linear::forward(t, x, w, b))
     }
     fn group_norm(&mut self, x: &Val, groups: usize, eps: f64, w: &Param, b: &Param) -> Result<Val> {
         self.group_norm_act(x, groups, eps, w, b, None, false)
@@ -337,49 +378,49 @@ impl Ops for Tape<'_> {
         scale_shift: Option<(&Val, &Val)>,
         silu: bool,
     ) -> Result<Val> {
-        norm::GroupNormAct::forward(self, x, (groups, eps), (w, b), scale_shift, silu)
+        self.recorded(|t| norm::GroupNormAct::forward(t, x, (groups, eps), (w, b), scale_shift, silu))
     }
     fn silu(&mut self, x: &Val) -> Result<Val> {
-        elementwise::Silu::forward(self, x)
+        self.recorded(|t| elementwise::Silu::forward(t, x))
     }
     fn add(&mut self, a: &Val, b: &Val) -> Result<Val> {
-        elementwise::Binary::forward(self, a, b, elementwise::BinaryKind::Add)
+        self.recorded(|t| elementwise::Binary::forward(t, a, b, elementwise::BinaryKind::Add))
     }
     fn mul(&mut self, a: &Val, b: &Val) -> Result<Val> {
-        elementwise::Binary::forward(self, a, b, elementwise::BinaryKind::Mul)
+        self.recorded(|t| elementwise::Binary::forward(t, a, b, elementwise::BinaryKind::Mul))
     }
     fn affine(&mut self, x: &Val, mul: f64, add: f64) -> Result<Val> {
-        elementwise::Affine::forward(self, x, mul, add)
+        self.recorded(|t| elementwise::Affine::forward(t, x, mul, add))
     }
     fn reshape(&mut self, x: &Val, dims: &[i64]) -> Result<Val> {
         shape::reshape(self, x, dims)
     }
     fn permute(&mut self, x: &Val, perm: &[usize]) -> Result<Val> {
-        shape::Permute::forward(self, x, perm)
+        self.recorded(|t| shape::Permute::forward(t, x, perm))
     }
     fn narrow(&mut self, x: &Val, dim: usize, start: usize, len: usize) -> Result<Val> {
-        shape::Narrow::forward(self, x, dim, start, len)
+        self.recorded(|t| shape::Narrow::forward(t, x, dim, start, len))
     }
     fn concat(&mut self, xs: &[Val], dim: usize) -> Result<Val> {
-        shape::Concat::forward(self, xs, dim)
+        self.recorded(|t| shape::Concat::forward(t, xs, dim))
     }
     fn matmul(&mut self, a: &Val, b: &Val) -> Result<Val> {
-        attention::MatMul::forward(self, a, b)
+        self.recorded(|t| attention::MatMul::forward(t, a, b))
     }
     fn softmax_last(&mut self, x: &Val) -> Result<Val> {
         self.softmax_last_scaled(x, 1.0)
     }
     fn softmax_last_scaled(&mut self, x: &Val, scale: f64) -> Result<Val> {
-        attention::Softmax::forward(self, x, scale)
+        self.recorded(|t| attention::Softmax::forward(t, x, scale))
     }
     fn upsample_nearest2x(&mut self, x: &Val) -> Result<Val> {
-        shape::Upsample2x::forward(self, x)
+        self.recorded(|t| shape::Upsample2x::forward(t, x))
     }
     fn dropout(&mut self, x: &Val, p: f64) -> Result<Val> {
-        elementwise::Dropout::forward(self, x, p)
+        self.recorded(|t| elementwise::Dropout::forward(t, x, p))
     }
     fn embedding(&mut self, ids: &Val, table: &Param) -> Result<Val> {
-        embed::Embedding::forward(self, ids, table)
+        self.recorded(|t| embed::Embedding::forward(t, ids, table))
     }
     fn timesteps_to_f32(&mut self, t: &Val) -> Result<Val> {
         // inputs are f32 already
