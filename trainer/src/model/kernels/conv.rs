@@ -7,6 +7,10 @@
 //!   [`Col2Im`] custom ops on the CPU, differentiable slices elsewhere. It is [`conv2d`]'s fallback off the
 //!   CPU, and the Inception network's convolution (rectangular kernels).
 //!
+//! Same-size 3x3 convolutions (stride 1, padding 1), most of the U-Net's arithmetic, run forward and for
+//! the input gradient by Winograd's F(2x2, 3x3) instead ([`super::winograd`]); their weight gradient stays
+//! an im2col GEMM.
+//!
 //! Tested against Candle's `conv2d` (values and gradients).
 
 use std::ops::Range;
@@ -14,6 +18,7 @@ use std::ops::Range;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::winograd::{kernel_transform, Same3x3};
 use super::{cpu_f32, for_images, gemm_into, slice, with_f32, with_scratch, SharedMut};
 
 /// Geometry of a convolution over [C, H, W] images: a kh x kw kernel, one stride and one (symmetric)
@@ -78,6 +83,16 @@ impl ConvGeo {
     /// Elements of one input image.
     fn in_len(&self) -> usize {
         self.c * self.h * self.w
+    }
+    /// A 3x3, stride-1 convolution with padding 1 keeps the map's size; it runs by Winograd's F(2x2, 3x3)
+    /// ([`super::winograd`]), forward and for the input gradient, into `outs` channels.
+    fn same_3x3(&self, outs: usize) -> Option<Same3x3> {
+        (self.kh == 3 && self.kw == 3 && self.stride == 1 && self.padding == 1).then_some(Same3x3 {
+            ins: self.c,
+            outs,
+            h: self.h,
+            w: self.w,
+        })
     }
     /// A 1x1, stride-1, unpadded convolution reads the image itself as the im2col matrix.
     fn is_pointwise(&self) -> bool {
@@ -244,6 +259,10 @@ impl CustomOp3 for Conv2d {
 pub(crate) fn conv2d_forward(x: &[f32], w: &[f32], bias: &[f32], b: usize, co: usize, g: &ConvGeo, out: &mut [f32]) {
     let (kk, ohw, in_len) = (g.rows(), g.out_hw(), g.in_len());
     debug_assert_eq!(out.len(), b * co * ohw);
+    if let Some(same) = g.same_3x3(co) {
+        same.run(x, &kernel_transform(w, co, g.c, false), Some(bias), b, out);
+        return;
+    }
     let y = SharedMut(out.as_mut_ptr());
     let pointwise = g.is_pointwise();
     for_images(
@@ -282,6 +301,16 @@ pub(crate) fn conv2d_backward(
 ) -> (Vec<f32>, Vec<f32>) {
     let (kk, ohw, in_len) = (g.rows(), g.out_hw(), g.in_len());
     let pointwise = g.is_pointwise();
+    // dx of a same-size 3x3 convolution: the same kind of convolution of the output gradient with the
+    // kernel transposed and rotated, by Winograd; the per-image loop below then gives dW and db only
+    let dx = match (dx, g.same_3x3(co)) {
+        (Some(dx), Some(same)) => {
+            let back = Same3x3 { ins: co, outs: same.ins, ..same };
+            back.run(gr, &kernel_transform(w, same.ins, co, true), None, b, dx);
+            None
+        }
+        (dx, _) => dx,
+    };
     let dxp = dx.map(|d| {
         debug_assert_eq!(d.len(), b * in_len);
         SharedMut(d.as_mut_ptr())
@@ -491,6 +520,9 @@ mod tests {
             (4, 6, 3, 1, 1, 0, 7, 5),
             (2, 3, 4, 3, 2, 1, 8, 8),
             (5, 9, 10, 3, 1, 1, 14, 14),
+            // Winograd's groups: many images of 5x5 maps (9 tiles each), one image of more tiles than a group
+            (9, 3, 5, 3, 1, 1, 5, 5),
+            (3, 3, 8, 3, 1, 1, 34, 33),
         ] {
             let x = Var::randn(0f32, 1.0, (b, ci, h, w), &dev).unwrap();
             let wt = Var::randn(0f32, 0.5, (co, ci, k, k), &dev).unwrap();

@@ -47,6 +47,7 @@ mod conv;
 mod group_norm;
 mod simd;
 mod softmax;
+mod winograd;
 
 pub use conv::{conv2d, conv2d_gemm};
 pub(crate) use conv::{conv2d_backward, conv2d_forward, ConvGeo};
@@ -161,12 +162,27 @@ pub(crate) fn gemm_into(
     accumulate: bool,
     (m, n, k): (usize, usize, usize),
     lhs: &[f32],
+    lhs_strides: (usize, usize),
+    rhs: &[f32],
+    rhs_strides: (usize, usize),
+    par: Parallelism,
+) {
+    gemm_strided(dst, (n, accumulate), (m, n, k), lhs, lhs_strides, rhs, rhs_strides, par)
+}
+
+/// [`gemm_into`] with dst's rows `dst_rs` apart.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_strided(
+    dst: &mut [f32],
+    (dst_rs, accumulate): (usize, bool),
+    (m, n, k): (usize, usize, usize),
+    lhs: &[f32],
     (lhs_rs, lhs_cs): (usize, usize),
     rhs: &[f32],
     (rhs_rs, rhs_cs): (usize, usize),
     par: Parallelism,
 ) {
-    debug_assert!(dst.len() >= m * n);
+    debug_assert!(m == 0 || n == 0 || dst.len() >= (m - 1) * dst_rs + n);
     debug_assert!(m == 0 || k == 0 || lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
     debug_assert!(k == 0 || n == 0 || rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
     // SAFETY: the extents above are in bounds; gemm reads lhs and rhs and writes dst only.
@@ -177,7 +193,7 @@ pub(crate) fn gemm_into(
             k,
             dst.as_mut_ptr(),
             1,
-            n as isize,
+            dst_rs as isize,
             accumulate,
             lhs.as_ptr(),
             lhs_cs as isize,
