@@ -1,19 +1,23 @@
-//! 3x3 stride-1 "same" convolutions by Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray 2016, "Fast
-//! Algorithms for Convolutional Neural Networks", sec. 4.1 and 5): a 4x4 input tile d and a 3x3 kernel g give
-//! the 2x2 output tile
+//! 3x3 stride-1 "same" convolutions by Winograd's minimal filtering F(4x4, 3x3) (Lavin & Gray 2016, "Fast
+//! Algorithms for Convolutional Neural Networks", sec. 4.2 and 5): a 6x6 input tile d and a 3x3 kernel g give
+//! the 4x4 output tile
 //!
 //!   Y = A^T [ (G g G^T) ⊙ (B^T d B) ] A                                           (Lavin & Gray, eq. 8)
 //!
-//! 16 multiplications instead of 36. Summed over the input channels, the elementwise products of all tiles
-//! at one of the 16 positions xi form one GEMM, M[xi] = U[xi] V[xi] with U[xi] [Co, C] (the transformed
-//! kernels) and V[xi] [C, tiles] (the transformed input tiles) (eq. 12): 2.25x fewer multiply-adds than
-//! im2col's GEMM, plus the transforms, which are additions only (and halves for G).
+//! 36 multiplications instead of 144. Summed over the input channels, the elementwise products of all tiles
+//! at one of the 36 positions xi form one GEMM, M[xi] = U[xi] V[xi] with U[xi] [Co, C] (the transformed
+//! kernels) and V[xi] [C, tiles] (the transformed input tiles) (eq. 12): 4x fewer multiply-adds than
+//! im2col's GEMM, plus the transforms, which are a few additions per value. F(2x2, 3x3) (16 GEMMs, 2.25x
+//! fewer multiply-adds) was measured first: its transforms write 4 values per input value and read 4 per
+//! output value, F(4x4, 3x3)'s 2.25, and on the 2-core machines the transforms cost as much as the GEMMs
+//! (benches/RESULTS.md). F(4x4, 3x3)'s error in f32 stays near 1e-6 of the values here (the tests in
+//! `conv.rs`); Lavin & Gray found it accurate enough for training.
 //!
 //! Both the forward pass and the input gradient use it: for stride 1 and padding 1, dx is the same kind of
 //! convolution of the output gradient with the kernel transposed (channels swapped) and rotated by 180
 //! degrees ([`kernel_transform`]'s `transposed`). Images are processed in groups of about [`TILE_BLOCK`]
 //! tiles, so that the transformed tiles of a group stay in cache; each thread takes its share of the batch.
-//! Tested against the im2col GEMM convolution (values and gradients) in `conv.rs`.
+//! Tested against Candle's convolution (values and gradients) in `conv.rs`.
 
 use std::ops::Range;
 
@@ -25,12 +29,17 @@ use super::{gemm_strided, with_scratch, SharedMut};
 /// Tiles per GEMM: at least this many per group of images (one image when it has more).
 const TILE_BLOCK: usize = 64;
 
+/// Output tile side (m) and input tile side (m + 2) of F(m x m, 3 x 3); XI = (m + 2)^2 GEMMs.
+const M: usize = 4;
+const A: usize = M + 2;
+const XI: usize = A * A;
+
 /// The transformed kernels U[xi][o][i] = (G k G^T)[xi] (Lavin & Gray, eq. 8) of a convolution from `ins` to
 /// `outs` channels, w [outs, ins, 3, 3]; with `transposed`, those of the input-gradient convolution of w [ins,
 /// outs, 3, 3]: k = w[i][o] rotated by 180 degrees.
 pub(crate) fn kernel_transform(w: &[f32], outs: usize, ins: usize, transposed: bool) -> Vec<f32> {
     debug_assert_eq!(w.len(), outs * ins * 9);
-    let mut u = vec![0f32; 16 * outs * ins];
+    let mut u = vec![0f32; XI * outs * ins];
     for o in 0..outs {
         for i in 0..ins {
             let mut k = [0f32; 9];
@@ -40,16 +49,14 @@ pub(crate) fn kernel_transform(w: &[f32], outs: usize, ins: usize, transposed: b
             } else {
                 k.copy_from_slice(&w[(o * ins + i) * 9..][..9]);
             }
-            // G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]
-            let g_rows = |a: f32, b: f32, c: f32| [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
-            let mut gk = [[0f32; 3]; 4]; // G k
+            let mut gk = [[0f32; 3]; A]; // G k
             for col in 0..3 {
-                let t = g_rows(k[col], k[3 + col], k[6 + col]);
-                (0..4).for_each(|r| gk[r][col] = t[r]);
+                let t = g(k[col], k[3 + col], k[6 + col]);
+                (0..A).for_each(|r| gk[r][col] = t[r]);
             }
             for (r, row) in gk.iter().enumerate() {
-                for (s, v) in g_rows(row[0], row[1], row[2]).into_iter().enumerate() {
-                    u[((r * 4 + s) * outs + o) * ins + i] = v;
+                for (s, v) in g(row[0], row[1], row[2]).into_iter().enumerate() {
+                    u[((r * A + s) * outs + o) * ins + i] = v;
                 }
             }
         }
@@ -57,20 +64,33 @@ pub(crate) fn kernel_transform(w: &[f32], outs: usize, ins: usize, transposed: b
     u
 }
 
-/// B^T t for the four values of a column (or, applied to rows, t B):
-/// B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]].
+/// G (a, b, c)^T: G = [[1/4, 0, 0], [-1/6, -1/6, -1/6], [-1/6, 1/6, -1/6], [1/24, 1/12, 1/6],
+/// [1/24, -1/12, 1/6], [0, 0, 1]] (Lavin & Gray, sec. 4.2).
 #[inline(always)]
-fn bt(t: [f32; 4]) -> [f32; 4] {
-    [t[0] - t[2], t[1] + t[2], t[2] - t[1], t[1] - t[3]]
+fn g(a: f32, b: f32, c: f32) -> [f32; A] {
+    let (p, q) = (a / 24.0 + c / 6.0, b / 12.0);
+    [a / 4.0, -(a + b + c) / 6.0, -(a - b + c) / 6.0, p + q, p - q, c]
 }
 
-/// A^T t: A^T = [[1, 1, 1, 0], [0, 1, -1, -1]].
+/// B^T d for the six values of a column (or, applied to rows, d B): B^T = [[4, 0, -5, 0, 1, 0],
+/// [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0], [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]].
 #[inline(always)]
-fn at(t: [f32; 4]) -> [f32; 2] {
-    [t[0] + t[1] + t[2], t[1] - t[2] - t[3]]
+fn bt(d: [f32; A]) -> [f32; A] {
+    let (s13, s24) = (d[3] - 4.0 * d[1], d[4] - 4.0 * d[2]);
+    let (t13, t24) = (2.0 * (d[3] - d[1]), d[4] - d[2]);
+    [4.0 * d[0] - 5.0 * d[2] + d[4], s24 + s13, s24 - s13, t24 + t13, t24 - t13, 4.0 * d[1] - 5.0 * d[3] + d[5]]
 }
 
-/// The shape of one call: `ins` channels in, `outs` out, h x w maps (the same in and out), tiles of 2x2.
+/// A^T t: A^T = [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]].
+#[inline(always)]
+fn at(t: [f32; A]) -> [f32; M] {
+    let (a, b) = (t[1] + t[2], t[1] - t[2]);
+    let (c, d) = (t[3] + t[4], t[3] - t[4]);
+    [t[0] + a + c, b + 2.0 * d, a + 4.0 * c, b + 8.0 * d + t[5]]
+}
+
+/// The shape of one call: `ins` channels in, `outs` out, h x w maps (the same in and out), output tiles of
+/// M x M.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Same3x3 {
     pub ins: usize,
@@ -81,94 +101,43 @@ pub(crate) struct Same3x3 {
 
 impl Same3x3 {
     fn tiles(&self) -> (usize, usize) {
-        (self.h.div_ceil(2), self.w.div_ceil(2))
+        (self.h.div_ceil(M), self.w.div_ceil(M))
     }
 
-    /// V[xi][c][p] = (B^T d B)[xi] of the 4x4 tile of channel c of the images `images` of x [B, ins, h, w]
+    /// V[xi][c][p] = (B^T d B)[xi] of the 6x6 tile of channel c of the images `images` of x [B, ins, h, w]
     /// (zero outside the image) at column p of the group (image-major, then tile row, then tile column); rows
-    /// of V[xi] are `ld` apart, V[xi] `ins * ld`. One tile row at a time: B^T over the tile's 4 input rows as
-    /// whole-row vector operations, then B across each tile's 4 columns, written as 16 sequential runs.
+    /// of V[xi] are `ld` apart, V[xi] `ins * ld`. One tile row at a time: B^T over the tile's 6 input rows as
+    /// whole-row vector operations, then B across each tile's 6 columns, written as 36 sequential runs.
     fn input_transform(&self, x: &[f32], images: Range<usize>, v: &mut [f32], ld: usize) {
         let (th, tw) = self.tiles();
         let (h, w, c) = (self.h, self.w, self.ins);
-        // the 4 input rows of a tile row, with one column of padding on the left and enough on the right
-        let width = 2 * tw + 2;
-        let mut rows = [vec![0f32; width], vec![0f32; width], vec![0f32; width], vec![0f32; width]];
-        let mut t = [vec![0f32; width], vec![0f32; width], vec![0f32; width], vec![0f32; width]];
+        // the 6 input rows of a tile row, with one column of padding on the left and enough on the right
+        let width = M * tw + 2;
+        let mut rows: [Vec<f32>; A] = std::array::from_fn(|_| vec![0f32; width]);
+        let mut t: [Vec<f32>; A] = std::array::from_fn(|_| vec![0f32; width]);
         for (ii, img) in images.enumerate() {
             for ch in 0..c {
                 let plane = &x[(img * c + ch) * h * w..][..h * w];
                 for ty in 0..th {
                     for (r, row) in rows.iter_mut().enumerate() {
-                        match (2 * ty + r).checked_sub(1).filter(|&y| y < h) {
+                        match (M * ty + r).checked_sub(1).filter(|&y| y < h) {
                             Some(y) => row[1..=w].copy_from_slice(&plane[y * w..][..w]),
                             None => row.fill(0.0),
                         }
                     }
                     // B^T d for every column at once
-                    let [t0, t1, t2, t3] = &mut t;
-                    for (xx, (((a, b), c2), d)) in rows[0].iter().zip(&rows[1]).zip(&rows[2]).zip(&rows[3]).enumerate()
-                    {
-                        let [u0, u1, u2, u3] = bt([*a, *b, *c2, *d]);
-                        (t0[xx], t1[xx], t2[xx], t3[xx]) = (u0, u1, u2, u3);
+                    for xx in 0..width {
+                        let col = bt(std::array::from_fn(|r| rows[r][xx]));
+                        (0..A).for_each(|r| t[r][xx] = col[r]);
                     }
                     let p0 = (ii * th + ty) * tw;
                     for (r, tr) in t.iter().enumerate() {
-                        // (B^T d) B across each tile's columns 2 tx .. 2 tx + 3
-                        let base = |s: usize| ((r * 4 + s) * c + ch) * ld + p0;
-                        let (b0, b1, b2, b3) = (base(0), base(1), base(2), base(3));
+                        // (B^T d) B across each tile's columns M tx .. M tx + 5
+                        let base: [usize; A] = std::array::from_fn(|s| ((r * A + s) * c + ch) * ld + p0);
                         for tx in 0..tw {
-                            let [u0, u1, u2, u3] = bt([tr[2 * tx], tr[2 * tx + 1], tr[2 * tx + 2], tr[2 * tx + 3]]);
-                            v[b0 + tx] = u0;
-                            v[b1 + tx] = u1;
-                            v[b2 + tx] = u2;
-                            v[b3 + tx] = u3;
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// out[img][o] (the images `images`) = bias[o] + A^T m A of each tile (eq. 8), m[xi] = M[xi][o][p] (rows
-    /// `ld` apart), cut to the h x w map. One tile row at a time: A^T over the 16 runs of the row's tiles as
-    /// vector operations, then A across each tile.
-    fn output_transform(&self, m: &[f32], bias: Option<&[f32]>, images: Range<usize>, out: &SharedMut, ld: usize) {
-        let (th, tw) = self.tiles();
-        let (h, w, o_n) = (self.h, self.w, self.outs);
-        let mut t = [
-            [vec![0f32; tw], vec![0f32; tw], vec![0f32; tw], vec![0f32; tw]],
-            [vec![0f32; tw], vec![0f32; tw], vec![0f32; tw], vec![0f32; tw]],
-        ];
-        for (ii, img) in images.enumerate() {
-            for o in 0..o_n {
-                // SAFETY: image img's output planes are written by this call only
-                let plane = unsafe { out.range((img * o_n + o) * h * w, h * w) };
-                let b = bias.map_or(0.0, |b| b[o]);
-                for ty in 0..th {
-                    let p0 = (ii * th + ty) * tw;
-                    let run = |xi: usize| &m[(xi * o_n + o) * ld + p0..][..tw];
-                    // A^T m for every tile of the row at once: t[row][s][tx]
-                    for s in 0..4 {
-                        let (r0, r1, r2, r3) = (run(s), run(4 + s), run(8 + s), run(12 + s));
-                        let [top, bottom] = &mut t;
-                        for tx in 0..tw {
-                            let [a, c2] = at([r0[tx], r1[tx], r2[tx], r3[tx]]);
-                            top[s][tx] = a;
-                            bottom[s][tx] = c2;
-                        }
-                    }
-                    for (r, tr) in t.iter().enumerate() {
-                        let y = 2 * ty + r;
-                        if y >= h {
-                            break;
-                        }
-                        let row = &mut plane[y * w..][..w];
-                        for tx in 0..tw {
-                            let [y0, y1] = at([tr[0][tx], tr[1][tx], tr[2][tx], tr[3][tx]]);
-                            row[2 * tx] = b + y0;
-                            if 2 * tx + 1 < w {
-                                row[2 * tx + 1] = b + y1;
+                            let vals = bt(std::array::from_fn(|s| tr[M * tx + s]));
+                            for s in 0..A {
+                                v[base[s] + tx] = vals[s];
                             }
                         }
                     }
@@ -177,7 +146,45 @@ impl Same3x3 {
         }
     }
 
-    /// One group of images: transform, 16 GEMMs, transform back.
+    /// out[img][o] (the images `images`) = bias[o] + A^T m A of each tile (eq. 8), m[xi] = M[xi][o][p] (rows
+    /// `ld` apart), cut to the h x w map. One tile row at a time: A^T over the 36 runs of the row's tiles as
+    /// vector operations, then A across each tile.
+    fn output_transform(&self, m: &[f32], bias: Option<&[f32]>, images: Range<usize>, out: &SharedMut, ld: usize) {
+        let (th, tw) = self.tiles();
+        let (h, w, o_n) = (self.h, self.w, self.outs);
+        // t[row][s][tx]: A^T m of column s of each tile, output row `row`
+        let mut t: [[Vec<f32>; A]; M] = std::array::from_fn(|_| std::array::from_fn(|_| vec![0f32; tw]));
+        for (ii, img) in images.enumerate() {
+            for o in 0..o_n {
+                // SAFETY: image img's output planes are written by this call only
+                let plane = unsafe { out.range((img * o_n + o) * h * w, h * w) };
+                let b = bias.map_or(0.0, |b| b[o]);
+                for ty in 0..th {
+                    let p0 = (ii * th + ty) * tw;
+                    for s in 0..A {
+                        let runs: [&[f32]; A] = std::array::from_fn(|r| &m[((r * A + s) * o_n + o) * ld + p0..][..tw]);
+                        for tx in 0..tw {
+                            let col = at(std::array::from_fn(|r| runs[r][tx]));
+                            (0..M).for_each(|row| t[row][s][tx] = col[row]);
+                        }
+                    }
+                    for (r, tr) in t.iter().enumerate() {
+                        let y = M * ty + r;
+                        if y >= h {
+                            break;
+                        }
+                        // tile tx's M outputs (fewer in the last tile of an odd width)
+                        for (tx, outs) in plane[y * w..][..w].chunks_mut(M).enumerate() {
+                            let ys = at(std::array::from_fn(|s| tr[s][tx]));
+                            outs.iter_mut().zip(ys).for_each(|(dst, yv)| *dst = b + yv);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// One group of images: transform, XI GEMMs, transform back.
     fn group(
         &self,
         x: &[f32],
@@ -189,13 +196,13 @@ impl Same3x3 {
     ) {
         let (th, tw) = self.tiles();
         let pb = images.len() * th * tw;
-        // rows a little longer than the tiles, so that the 16 runs of a transform do not fall on the same cache
+        // rows a little longer than the tiles, so that the runs of a transform do not fall on the same cache
         // sets (a row of 256 floats is 1 KiB; 4 of them 4 KiB apart alias)
         let ld = pb + 4;
         let (c, o) = (self.ins, self.outs);
-        with_scratch(16 * c * ld, 16 * o * ld, |v, m| {
+        with_scratch(XI * c * ld, XI * o * ld, |v, m| {
             self.input_transform(x, images.clone(), v, ld);
-            for xi in 0..16 {
+            for xi in 0..XI {
                 // M[xi] [o, pb] = U[xi] [o, c] . V[xi] [c, pb]
                 let (mx, ux, vx) =
                     (&mut m[xi * o * ld..][..o * ld], &u[xi * o * c..][..o * c], &v[xi * c * ld..][..c * ld]);
@@ -211,7 +218,7 @@ impl Same3x3 {
     pub(crate) fn run(&self, x: &[f32], u: &[f32], bias: Option<&[f32]>, b: usize, out: &mut [f32]) {
         debug_assert_eq!(x.len(), b * self.ins * self.h * self.w);
         debug_assert_eq!(out.len(), b * self.outs * self.h * self.w);
-        debug_assert_eq!(u.len(), 16 * self.ins * self.outs);
+        debug_assert_eq!(u.len(), XI * self.ins * self.outs);
         let (th, tw) = self.tiles();
         let per_group = TILE_BLOCK.div_ceil(th * tw).max(1);
         let out = SharedMut(out.as_mut_ptr());
