@@ -109,79 +109,13 @@ impl Same3x3 {
     /// of V[xi] are `ld` apart, V[xi] `ins * ld`. One tile row at a time: B^T over the tile's 6 input rows as
     /// whole-row vector operations, then B across each tile's 6 columns, written as 36 sequential runs.
     fn input_transform(&self, x: &[f32], images: Range<usize>, v: &mut [f32], ld: usize) {
-        let (th, tw) = self.tiles();
-        let (h, w, c) = (self.h, self.w, self.ins);
-        // the 6 input rows of a tile row, with one column of padding on the left and enough on the right
-        let width = M * tw + 2;
-        let mut rows: [Vec<f32>; A] = std::array::from_fn(|_| vec![0f32; width]);
-        let mut t: [Vec<f32>; A] = std::array::from_fn(|_| vec![0f32; width]);
-        for (ii, img) in images.enumerate() {
-            for ch in 0..c {
-                let plane = &x[(img * c + ch) * h * w..][..h * w];
-                for ty in 0..th {
-                    for (r, row) in rows.iter_mut().enumerate() {
-                        match (M * ty + r).checked_sub(1).filter(|&y| y < h) {
-                            Some(y) => row[1..=w].copy_from_slice(&plane[y * w..][..w]),
-                            None => row.fill(0.0),
-                        }
-                    }
-                    // B^T d for every column at once
-                    for xx in 0..width {
-                        let col = bt(std::array::from_fn(|r| rows[r][xx]));
-                        (0..A).for_each(|r| t[r][xx] = col[r]);
-                    }
-                    let p0 = (ii * th + ty) * tw;
-                    for (r, tr) in t.iter().enumerate() {
-                        // (B^T d) B across each tile's columns M tx .. M tx + 5
-                        let base: [usize; A] = std::array::from_fn(|s| ((r * A + s) * c + ch) * ld + p0);
-                        for tx in 0..tw {
-                            let vals = bt(std::array::from_fn(|s| tr[M * tx + s]));
-                            for s in 0..A {
-                                v[base[s] + tx] = vals[s];
-                            }
-                        }
-                    }
-                }
-            }
-        }
+        dispatch!(input_transform_avx2, input_transform(self, x, images, v, ld))
     }
 
-    /// out[img][o] (the images `images`) = bias[o] + A^T m A of each tile (eq. 8), m[xi] = M[xi][o][p] (rows
-    /// `ld` apart), cut to the h x w map. One tile row at a time: A^T over the 36 runs of the row's tiles as
-    /// vector operations, then A across each tile.
+    /// The output of the group's tiles from the GEMMs' results ([`output_transform`]), with AVX2 and FMA
+    /// where the CPU has them.
     fn output_transform(&self, m: &[f32], bias: Option<&[f32]>, images: Range<usize>, out: &SharedMut, ld: usize) {
-        let (th, tw) = self.tiles();
-        let (h, w, o_n) = (self.h, self.w, self.outs);
-        // t[row][s][tx]: A^T m of column s of each tile, output row `row`
-        let mut t: [[Vec<f32>; A]; M] = std::array::from_fn(|_| std::array::from_fn(|_| vec![0f32; tw]));
-        for (ii, img) in images.enumerate() {
-            for o in 0..o_n {
-                // SAFETY: image img's output planes are written by this call only
-                let plane = unsafe { out.range((img * o_n + o) * h * w, h * w) };
-                let b = bias.map_or(0.0, |b| b[o]);
-                for ty in 0..th {
-                    let p0 = (ii * th + ty) * tw;
-                    for s in 0..A {
-                        let runs: [&[f32]; A] = std::array::from_fn(|r| &m[((r * A + s) * o_n + o) * ld + p0..][..tw]);
-                        for tx in 0..tw {
-                            let col = at(std::array::from_fn(|r| runs[r][tx]));
-                            (0..M).for_each(|row| t[row][s][tx] = col[row]);
-                        }
-                    }
-                    for (r, tr) in t.iter().enumerate() {
-                        let y = M * ty + r;
-                        if y >= h {
-                            break;
-                        }
-                        // tile tx's M outputs (fewer in the last tile of an odd width)
-                        for (tx, outs) in plane[y * w..][..w].chunks_mut(M).enumerate() {
-                            let ys = at(std::array::from_fn(|s| tr[s][tx]));
-                            outs.iter_mut().zip(ys).for_each(|(dst, yv)| *dst = b + yv);
-                        }
-                    }
-                }
-            }
-        }
+        dispatch!(output_transform_avx2, output_transform(self, m, bias, images, out, ld))
     }
 
     /// One group of images: transform, XI GEMMs, transform back.
@@ -238,4 +172,102 @@ impl Same3x3 {
             }
         });
     }
+}
+
+/// The body of [`Same3x3::input_transform`], compiled for the baseline and for AVX2 and FMA.
+#[inline(always)]
+fn input_transform(g: &Same3x3, x: &[f32], images: Range<usize>, v: &mut [f32], ld: usize) {
+    let (th, tw) = g.tiles();
+    let (h, w, c) = (g.h, g.w, g.ins);
+    // the 6 input rows of a tile row, with one column of padding on the left and enough on the right
+    let width = M * tw + 2;
+    let mut rows: [Vec<f32>; A] = std::array::from_fn(|_| vec![0f32; width]);
+    let mut t: [Vec<f32>; A] = std::array::from_fn(|_| vec![0f32; width]);
+    for (ii, img) in images.enumerate() {
+        for ch in 0..c {
+            let plane = &x[(img * c + ch) * h * w..][..h * w];
+            for ty in 0..th {
+                for (r, row) in rows.iter_mut().enumerate() {
+                    match (M * ty + r).checked_sub(1).filter(|&y| y < h) {
+                        Some(y) => row[1..=w].copy_from_slice(&plane[y * w..][..w]),
+                        None => row.fill(0.0),
+                    }
+                }
+                // B^T d for every column at once
+                for xx in 0..width {
+                    let col = bt(std::array::from_fn(|r| rows[r][xx]));
+                    (0..A).for_each(|r| t[r][xx] = col[r]);
+                }
+                let p0 = (ii * th + ty) * tw;
+                for (r, tr) in t.iter().enumerate() {
+                    // (B^T d) B across each tile's columns M tx .. M tx + 5
+                    let base: [usize; A] = std::array::from_fn(|s| ((r * A + s) * c + ch) * ld + p0);
+                    for tx in 0..tw {
+                        let vals = bt(std::array::from_fn(|s| tr[M * tx + s]));
+                        for s in 0..A {
+                            v[base[s] + tx] = vals[s];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// out[img][o] (the images `images`) = bias[o] + A^T m A of each tile (eq. 8), m[xi] = M[xi][o][p] (rows
+/// `ld` apart), cut to the h x w map. One tile row at a time: A^T over the 36 runs of the row's tiles as
+/// vector operations, then A across each tile.
+#[inline(always)]
+fn output_transform(g: &Same3x3, m: &[f32], bias: Option<&[f32]>, images: Range<usize>, out: &SharedMut, ld: usize) {
+    let (th, tw) = g.tiles();
+    let (h, w, o_n) = (g.h, g.w, g.outs);
+    // t[row][s][tx]: A^T m of column s of each tile, output row `row`
+    let mut t: [[Vec<f32>; A]; M] = std::array::from_fn(|_| std::array::from_fn(|_| vec![0f32; tw]));
+    for (ii, img) in images.enumerate() {
+        for o in 0..o_n {
+            // SAFETY: image img's output planes are written by this call only
+            let plane = unsafe { out.range((img * o_n + o) * h * w, h * w) };
+            let b = bias.map_or(0.0, |b| b[o]);
+            for ty in 0..th {
+                let p0 = (ii * th + ty) * tw;
+                for s in 0..A {
+                    let runs: [&[f32]; A] = std::array::from_fn(|r| &m[((r * A + s) * o_n + o) * ld + p0..][..tw]);
+                    for tx in 0..tw {
+                        let col = at(std::array::from_fn(|r| runs[r][tx]));
+                        (0..M).for_each(|row| t[row][s][tx] = col[row]);
+                    }
+                }
+                for (r, tr) in t.iter().enumerate() {
+                    let y = M * ty + r;
+                    if y >= h {
+                        break;
+                    }
+                    // tile tx's M outputs (fewer in the last tile of an odd width)
+                    for (tx, outs) in plane[y * w..][..w].chunks_mut(M).enumerate() {
+                        let ys = at(std::array::from_fn(|s| tr[s][tx]));
+                        outs.iter_mut().zip(ys).for_each(|(dst, yv)| *dst = b + yv);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn input_transform_avx2(g: &Same3x3, x: &[f32], images: Range<usize>, v: &mut [f32], ld: usize) {
+    input_transform(g, x, images, v, ld)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn output_transform_avx2(
+    g: &Same3x3,
+    m: &[f32],
+    bias: Option<&[f32]>,
+    images: Range<usize>,
+    out: &SharedMut,
+    ld: usize,
+) {
+    output_transform(g, m, bias, images, out, ld)
 }
