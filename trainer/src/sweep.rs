@@ -4,8 +4,9 @@
 //!
 //! Everything lives in the sweep folder: OUT/sweep.json (the settings, checked when the sweep is continued),
 //! OUT/KEY=VALUE/seed-R/ (an ordinary run folder with its eval.json), OUT/sweep.csv, OUT/sweep-summary.csv and
-//! OUT/sweep-score.png, OUT/sweep-fid.png. A stopped sweep continues where it stopped: finished runs (an
-//! eval.json) are kept, a run with a checkpoint is resumed, anything else starts again.
+//! OUT/sweep-score.png, OUT/sweep-fid.png (and OUT/sweep-fid-inception.png with Inception). A stopped sweep
+//! continues where it stopped: finished runs (an eval.json) are kept, a run with a checkpoint is resumed,
+//! anything else starts again.
 
 use std::path::{Path, PathBuf};
 
@@ -286,7 +287,8 @@ pub fn mean_sd(v: impl Iterator<Item = f64>) -> Option<(f64, f64)> {
     Some((m, sd))
 }
 
-/// sweep.csv, sweep-summary.csv and the two plots, from the rows so far.
+/// sweep.csv, sweep-summary.csv and the plots (score; FID in the classifier's and in Inception's features, where
+/// measured), from the rows so far.
 fn write_results(out: &Path, spec: &SweepSpec, rows: &[SweepRow]) -> Result<()> {
     let f = |v: Option<f64>| v.map(|x| format!("{x}")).unwrap_or_default();
     let mut csv = String::from(
@@ -311,8 +313,11 @@ fn write_results(out: &Path, spec: &SweepSpec, rows: &[SweepRow]) -> Result<()> 
     // one summary line per value, in the order given
     let numeric = spec.values.iter().all(|v| v.parse::<f64>().is_ok());
     let x_of = |i: usize, v: &str| if numeric { v.parse().unwrap() } else { i as f64 };
-    let mut summary = String::from("key,value,runs,score_mean,score_sd,fid_classifier_mean,fid_classifier_sd,fid_classifier_floor,train_seconds_mean\n");
-    let (mut score, mut fid, mut floor) = (vec![], vec![], vec![]);
+    let mut summary = String::from(
+        "key,value,runs,score_mean,score_sd,fid_classifier_mean,fid_classifier_sd,fid_classifier_floor,\
+         fid_inception_mean,fid_inception_sd,fid_inception_floor,train_seconds_mean\n",
+    );
+    let (mut score, mut fid, mut floor, mut fid_inc, mut floor_inc) = (vec![], vec![], vec![], vec![], vec![]);
     for (i, v) in spec.values.iter().enumerate() {
         let sel: Vec<&SweepRow> = rows.iter().filter(|r| &r.value == v).collect();
         if sel.is_empty() {
@@ -321,9 +326,11 @@ fn write_results(out: &Path, spec: &SweepSpec, rows: &[SweepRow]) -> Result<()> 
         let s = mean_sd(sel.iter().filter_map(|r| r.score));
         let d = mean_sd(sel.iter().filter_map(|r| r.fid_classifier));
         let fl = mean_sd(sel.iter().filter_map(|r| r.fid_classifier_floor));
+        let di = mean_sd(sel.iter().filter_map(|r| r.fid_inception));
+        let fli = mean_sd(sel.iter().filter_map(|r| r.fid_inception_floor));
         let secs = mean_sd(sel.iter().map(|r| r.train_seconds));
         summary += &format!(
-            "{},{v},{},{},{},{},{},{},{}\n",
+            "{},{v},{},{},{},{},{},{},{},{},{},{}\n",
             spec.key,
             sel.len(),
             f(s.map(|s| s.0)),
@@ -331,12 +338,17 @@ fn write_results(out: &Path, spec: &SweepSpec, rows: &[SweepRow]) -> Result<()> 
             f(d.map(|d| d.0)),
             f(d.map(|d| d.1)),
             f(fl.map(|d| d.0)),
+            f(di.map(|d| d.0)),
+            f(di.map(|d| d.1)),
+            f(fli.map(|d| d.0)),
             f(secs.map(|d| d.0))
         );
         let x = x_of(i, v);
         score.extend(s.map(|s| (x, s)));
         fid.extend(d.map(|d| (x, d)));
         floor.extend(fl.map(|d| (x, d.0)));
+        fid_inc.extend(di.map(|d| (x, d)));
+        floor_inc.extend(fli.map(|d| (x, d.0)));
     }
     checkpoint::write_atomic(&out.join("sweep-summary.csv"), summary.as_bytes())?;
     let x_label = if numeric {
@@ -364,6 +376,14 @@ fn write_results(out: &Path, spec: &SweepSpec, rows: &[SweepRow]) -> Result<()> 
         "FID",
         &fid,
         Some(&floor),
+    )?;
+    band_plot(
+        &out.join("sweep-fid-inception.png"),
+        &format!("FID (Inception-v3 features) vs {} ({runs})", spec.key),
+        &x_label,
+        "FID",
+        &fid_inc,
+        Some(&floor_inc),
     )?;
     Ok(())
 }
