@@ -361,32 +361,26 @@ fn write_results(out: &Path, spec: &SweepSpec, rows: &[SweepRow]) -> Result<()> 
         )
     };
     let runs = format!("{} seeds", spec.seeds);
-    band_plot(
-        &out.join("sweep-score.png"),
-        &format!("classifier score vs {} ({runs})", spec.key),
-        &x_label,
-        "classifier score",
-        &score,
-        None,
-    )?;
-    band_plot(
-        &out.join("sweep-fid.png"),
-        &format!("FID (classifier features) vs {} ({runs})", spec.key),
-        &x_label,
-        "FID",
-        &fid,
-        Some(&floor),
-    )?;
-    band_plot(
-        &out.join("sweep-fid-inception.png"),
-        &format!("FID (Inception-v3 features) vs {} ({runs})", spec.key),
-        &x_label,
-        "FID",
-        &fid_inc,
-        Some(&floor_inc),
-    )?;
+    let plots = [
+        ("sweep-score.png", "classifier score", "classifier score", &score, None),
+        ("sweep-fid.png", "FID (classifier features)", "FID", &fid, Some(&floor)),
+        ("sweep-fid-inception.png", "FID (Inception-v3 features)", "FID", &fid_inc, Some(&floor_inc)),
+    ];
+    for (file, what, y_label, pts, floor) in plots {
+        band_plot(
+            &out.join(file),
+            &format!("{what} vs {} ({runs})", spec.key),
+            &x_label,
+            y_label,
+            pts,
+            floor.map(|f| &f[..]),
+        )?;
+    }
     Ok(())
 }
+
+/// A value's x and its (mean, sd) over the seeds.
+type Band = (f64, (f64, f64));
 
 /// Mean and mean +- one standard deviation over the seeds (and a floor line), when there is something to draw.
 fn band_plot(
@@ -394,7 +388,7 @@ fn band_plot(
     title: &str,
     x_label: &str,
     y_label: &str,
-    pts: &[(f64, (f64, f64))],
+    pts: &[Band],
     floor: Option<&[(f64, f64)]>,
 ) -> Result<()> {
     use crate::plot::{line_plot, Series};
