@@ -8,7 +8,7 @@
 //!   CPU, and the Inception network's convolution (rectangular kernels).
 //!
 //! Same-size 3x3 convolutions (stride 1, padding 1), most of the U-Net's arithmetic, run forward and for
-//! the input gradient by Winograd's F(2x2, 3x3) instead ([`super::winograd`]); their weight gradient stays
+//! the input gradient by Winograd's F(4x4, 3x3) instead ([`super::winograd`]); their weight gradient stays
 //! an im2col GEMM.
 //!
 //! Tested against Candle's `conv2d` (values and gradients).
@@ -84,7 +84,7 @@ impl ConvGeo {
     fn in_len(&self) -> usize {
         self.c * self.h * self.w
     }
-    /// A 3x3, stride-1 convolution with padding 1 keeps the map's size; it runs by Winograd's F(2x2, 3x3)
+    /// A 3x3, stride-1 convolution with padding 1 keeps the map's size; it runs by Winograd's F(4x4, 3x3)
     /// ([`super::winograd`]), forward and for the input gradient, into `outs` channels.
     fn same_3x3(&self, outs: usize) -> Option<Same3x3> {
         (self.kh == 3 && self.kw == 3 && self.stride == 1 && self.padding == 1).then_some(Same3x3 {

@@ -16,15 +16,14 @@
 //! Both the forward pass and the input gradient use it: for stride 1 and padding 1, dx is the same kind of
 //! convolution of the output gradient with the kernel transposed (channels swapped) and rotated by 180
 //! degrees ([`kernel_transform`]'s `transposed`). Images are processed in groups of about [`TILE_BLOCK`]
-//! tiles, so that the transformed tiles of a group stay in cache; each thread takes its share of the batch.
+//! tiles, so that the transformed tiles of a group stay in cache; each thread takes its share of the groups.
 //! Tested against Candle's convolution (values and gradients) in `conv.rs`.
 
 use std::ops::Range;
 
 use gemm::Parallelism;
-use rayon::prelude::*;
 
-use super::{gemm_strided, with_scratch, SharedMut};
+use super::{for_images, gemm_strided, with_scratch, SharedMut};
 
 /// Tiles per GEMM: at least this many per group of images (one image when it has more).
 const TILE_BLOCK: usize = 64;
@@ -147,8 +146,8 @@ impl Same3x3 {
     }
 
     /// out [B, outs, h, w] = the convolution of x [B, ins, h, w] with the transformed kernels `u`
-    /// ([`kernel_transform`]) plus `bias` (out is overwritten): each thread takes its share of the images, in
-    /// groups of about [`TILE_BLOCK`] tiles.
+    /// ([`kernel_transform`]) plus `bias` (out is overwritten), in groups of images of about [`TILE_BLOCK`]
+    /// tiles, each thread taking its share of the groups.
     pub(crate) fn run(&self, x: &[f32], u: &[f32], bias: Option<&[f32]>, b: usize, out: &mut [f32]) {
         debug_assert_eq!(x.len(), b * self.ins * self.h * self.w);
         debug_assert_eq!(out.len(), b * self.outs * self.h * self.w);
@@ -156,21 +155,13 @@ impl Same3x3 {
         let (th, tw) = self.tiles();
         let per_group = TILE_BLOCK.div_ceil(th * tw).max(1);
         let out = SharedMut(out.as_mut_ptr());
-        let threads = rayon::current_num_threads().max(1);
-        if threads == 1 || b < threads {
-            let par = if threads == 1 { Parallelism::None } else { Parallelism::Rayon(threads) };
-            for start in (0..b).step_by(per_group) {
-                self.group(x, u, bias, start..(start + per_group).min(b), &out, par);
-            }
-            return;
-        }
-        let per_thread = b.div_ceil(threads);
-        (0..b.div_ceil(per_thread)).into_par_iter().for_each(|chunk| {
-            let end = ((chunk + 1) * per_thread).min(b);
-            for start in (chunk * per_thread..end).step_by(per_group) {
-                self.group(x, u, bias, start..(start + per_group).min(end), &out, Parallelism::None);
-            }
-        });
+        // the groups are the units of the batch loop: a share of them per thread, or (fewer groups than
+        // threads) one after the other with the GEMMs parallel
+        for_images(
+            b.div_ceil(per_group),
+            || (),
+            |_, g, par| self.group(x, u, bias, g * per_group..((g + 1) * per_group).min(b), &out, par),
+        );
     }
 }
 
