@@ -16,6 +16,21 @@ pub struct ClassScore {
     pub score: f64,
 }
 
+/// FID of the samples asked for one class against the real images of that class, in one feature space, beside
+/// the class's own real-vs-real floor (its training images against the same real images). Few images per class
+/// bias FID upwards, the floor as much: read the two together.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClassFid {
+    pub class: String,
+    /// "classifier" or "inception".
+    pub space: String,
+    /// Samples asked for the class, and the reference (test) images of it.
+    pub samples: usize,
+    pub real: usize,
+    pub fid: f64,
+    pub floor: f64,
+}
+
 /// What `trainer eval` measured: RUN/eval.json, and what the model card reads.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvalReport {
@@ -27,6 +42,9 @@ pub struct EvalReport {
     /// e.g. "dpm++ 20 steps, trailing".
     pub sampler: String,
     pub guidance: f32,
+    /// "data" when the samples were asked for the classes of the real reference images (not each in turn).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class_mix: Option<String>,
     /// The timesteps guidance was applied at, when limited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guidance_interval: Option<String>,
@@ -53,6 +71,9 @@ pub struct EvalReport {
     pub fid_inception: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fid_inception_floor: Option<f64>,
+    /// Each class's FID in every feature space (conditional models on labelled data).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fid_per_class: Vec<ClassFid>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sweep_csv: Option<String>,
     /// The memorisation check (`--nearest K`).

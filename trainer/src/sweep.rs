@@ -238,6 +238,7 @@ fn evaluate_one(run: &Path, spec: &SweepSpec, device: DeviceSpec, progress: &dyn
         steps: e.steps,
         sampler: e.sampler,
         guidance: e.guidance,
+        class_mix: Default::default(),
         sample: SampleOptions { seed: 0, batch: e.batch, ..Default::default() },
         cache: e.cache.clone(),
         inception: e.inception.clone(),

@@ -35,6 +35,15 @@ fn eval_reports_accuracy_score_and_fid_with_floor() {
     assert_eq!(r["classifier_score_per_class"].as_array().unwrap().len(), 10);
     let (fid, floor) = (r["fid_classifier_features"].as_f64().unwrap(), r["fid_floor_train_vs_test"].as_f64().unwrap());
     assert!(floor.is_finite() && floor >= 0.0 && fid > floor, "fid {fid}, floor {floor}");
+    // each class's FID against the reference images of that class: 4 samples a class (40 cycling 10), the
+    // classes with at least 2 of the 40 random reference images in each set, every one above its own floor
+    let per_class = r["fid_per_class"].as_array().unwrap();
+    assert!((5..=10).contains(&per_class.len()), "{per_class:?}");
+    for c in per_class {
+        let (fid, floor) = (c["fid"].as_f64().unwrap(), c["floor"].as_f64().unwrap());
+        assert!(c["space"] == "classifier" && c["samples"] == 4 && c["real"].as_u64().unwrap() >= 2, "{c}");
+        assert!(floor.is_finite() && floor >= 0.0 && fid > floor, "{c}");
+    }
     assert!(run.join("eval.json").is_file());
     // the classifier is cached by dataset fingerprint and reused
     let mut cached: Vec<String> =
@@ -54,6 +63,16 @@ fn eval_reports_accuracy_score_and_fid_with_floor() {
     assert!(c2st["images"] == 40 && acc > 0.9 && (0.2..0.8).contains(&floor), "{c2st}");
     assert_eq!(again["classifier_test_accuracy"], r["classifier_test_accuracy"]);
     assert_eq!(again["fid_classifier_features"], r["fid_classifier_features"]);
+    // asked for the reference images' own classes: each class as often as among the 40 real digits the samples
+    // are scored against, so each class's FID compares as many samples as real images
+    let mixed = eval(&[&small[..], &["--class-mix", "data"]].concat());
+    assert!(mixed["class_mix"] == "data" && r.get("class_mix").is_none(), "{mixed}");
+    let per_class = mixed["classifier_score_per_class"].as_array().unwrap();
+    let counts: Vec<u64> = per_class.iter().map(|c| c["n"].as_u64().unwrap()).collect();
+    assert!(counts.iter().sum::<u64>() == 40 && counts.iter().any(|&n| n != 4), "{counts:?}");
+    for c in mixed["fid_per_class"].as_array().unwrap() {
+        assert_eq!(c["samples"], c["real"], "{c}");
+    }
     let near = &again["nearest"];
     assert_eq!((near["k"].as_u64(), near["n"].as_u64()), (Some(2), Some(40)));
     for space in ["pixel", "features"] {

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use runtime::sampler::{GuidanceInterval, SampleOptions, SamplerKind};
+use trainer::eval::ClassMix;
 use trainer::progress::Progress;
 use trainer::train::DeviceSpec;
 
@@ -14,9 +15,13 @@ pub struct EvalArgs {
     run: PathBuf,
     #[arg(long, default_value = "latest")]
     checkpoint: String,
-    /// Generated images (classes cycle on conditional models).
+    /// Generated images.
     #[arg(long, default_value_t = 1000)]
     n: usize,
+    /// The classes a conditional model's samples are asked for: cycle (each in turn, equal counts) or data
+    /// (those of the real reference images: the data's own mix, for FID on an unbalanced set).
+    #[arg(long, value_enum, default_value_t = ClassMix::Cycle)]
+    class_mix: ClassMix,
     /// Sampling steps.
     #[arg(long, default_value_t = 50)]
     steps: usize,
@@ -112,6 +117,7 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
         steps: a.steps,
         sampler: a.sampler,
         guidance: a.guidance,
+        class_mix: a.class_mix,
         sample: SampleOptions {
             guidance_interval: a.guidance_interval,
             seed: a.seed,

@@ -21,7 +21,20 @@ pub use fid::{fid_features, frechet_distance, moments, subset};
 pub use session::evaluate;
 
 use crate::progress::Progress;
-pub use crate::report::{C2stReport, ClassScore, EvalReport, NllReport};
+pub use crate::report::{C2stReport, ClassFid, ClassScore, EvalReport, NllReport};
+
+/// Which classes a conditional model's samples are asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ClassMix {
+    /// Each class in turn: equal counts, the seeds' protocol on balanced sets (MNIST, CIFAR-10).
+    #[default]
+    Cycle,
+    /// The classes of the real reference images, in their order: the data's own mix, so that FID compares like
+    /// with like on an unbalanced set (Twemoji's categories run from 85 to 2,261 images).
+    Data,
+}
+
+runtime::named_enum!(ClassMix, "class mix", { Cycle => ["cycle"], Data => ["data"] });
 
 /// Options of `trainer eval`.
 pub struct EvalOptions {
@@ -32,6 +45,8 @@ pub struct EvalOptions {
     /// DDIM (eta 0), DPM-Solver++(2M) or DDPM (respaced to `steps`), all with trailing timestep spacing.
     pub sampler: SamplerKind,
     pub guidance: f32,
+    /// The classes the samples are asked for (conditional models).
+    pub class_mix: ClassMix,
     /// The sampler's options: seed (also of the reference subsets and the two-sample test), images per model
     /// call, the guidance interval (Kynkäänniemi et al. 2024); the rest as [`SampleOptions::default`].
     pub sample: SampleOptions,
@@ -113,6 +128,8 @@ impl FeatureExtractor for crate::eval::inception::InceptionV3 {
 struct Space<'a> {
     ext: Box<dyn FeatureExtractor + 'a>,
     test: Vec<Vec<f64>>,
+    /// The training images' features (each class's floor is measured on its own rows).
+    train: Vec<Vec<f64>>,
     floor: f64,
 }
 
@@ -124,6 +141,8 @@ struct Outcome {
     per_class: Vec<ClassScore>,
     /// (feature space, FID) in the order of the spaces.
     fid: Vec<(&'static str, f64)>,
+    /// Each class's FID in each space (conditional models on labelled data).
+    class_fid: Vec<ClassFid>,
 }
 
 /// Rounds images in [-1, 1] to the 8-bit levels a PNG of them holds (real images are 8-bit too).

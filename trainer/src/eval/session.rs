@@ -13,11 +13,13 @@ use runtime::sampler::{sample, Denoiser, Method, Spacing};
 use super::classifier::{classifier_for, features, Classifier};
 use super::fid::{fid_features, subset};
 use super::sweeps::write_sweeps;
-use super::{c2st, compose, nearest, quantize, ClassifierFeatures, EvalOptions, FeatureExtractor, Outcome, Space};
+use super::{
+    c2st, compose, nearest, quantize, ClassMix, ClassifierFeatures, EvalOptions, FeatureExtractor, Outcome, Space,
+};
 use crate::data::Dataset;
 use crate::model::unet::UNet;
 use crate::progress::Progress;
-use crate::report::{C2stReport, ClassScore, EvalReport, LabelWeight, NllReport};
+use crate::report::{C2stReport, ClassFid, ClassScore, EvalReport, LabelWeight, NllReport};
 use crate::train::checkpoint::{load_unet, LoadedUnet, State};
 use crate::train::config::Config;
 
@@ -44,6 +46,9 @@ struct References {
     m: usize,
     test_x: Vec<f32>,
     train_x: Vec<f32>,
+    /// Their classes (labelled data).
+    test_labels: Option<Vec<u32>>,
+    train_labels: Option<Vec<u32>>,
     names: (&'static str, &'static str),
 }
 
@@ -206,7 +211,15 @@ impl References {
         if m < 2 {
             bail!("{}: too few images for FID reference statistics", train.description);
         }
-        Ok(Self { m, test_x: real(test, &test_idx), train_x: real(train, &train_idx), names })
+        let labels = |ds: &Dataset, idx: &[usize]| ds.labels.as_ref().map(|l| idx.iter().map(|&i| l[i]).collect());
+        Ok(Self {
+            m,
+            test_x: real(test, &test_idx),
+            train_x: real(train, &train_idx),
+            test_labels: labels(test, &test_idx),
+            train_labels: labels(train, &train_idx),
+            names,
+        })
     }
 }
 
@@ -223,7 +236,7 @@ impl<'a> Session<'a> {
                 self.real_features(&*ext, &refs.train_x, refs.names.1, &self.train.fingerprint, o.sample.seed ^ 2)?;
             let floor = fid_features(&train_f, &test_f);
             self.progress.end();
-            spaces.push(Space { ext, test: test_f, floor });
+            spaces.push(Space { ext, test: test_f, train: train_f, floor });
         }
         Ok(spaces)
     }
@@ -282,6 +295,7 @@ impl<'a> Session<'a> {
             samples: o.n,
             sampler: format!("{} {} steps, trailing", o.sampler, o.steps),
             guidance: self.guidance(),
+            class_mix: (k > 0 && o.class_mix == ClassMix::Data).then(|| o.class_mix.to_string()),
             guidance_interval: o.sample.guidance_interval.filter(|_| k > 0).map(|g| g.to_string()),
             classifier: self.clf.map(|c| c.1.display().to_string()),
             classifier_onnx: self.clf.map(|c| c.1.with_extension("onnx").display().to_string()),
@@ -293,6 +307,7 @@ impl<'a> Session<'a> {
             fid_floor_train_vs_test: fid("classifier").map(|f| f.1),
             fid_inception: fid("inception").map(|f| f.0),
             fid_inception_floor: fid("inception").map(|f| f.1),
+            fid_per_class: main.class_fid.clone(),
             sweep_csv: None,
             nearest: None,
             nll: None,
@@ -334,19 +349,54 @@ impl<'a> Session<'a> {
         let num_steps = method.timesteps(cfg.diffusion.timesteps)?.len();
         let mut req = crate::denoise::request(&cfg.model, o.n, method, None, guidance, o.sample.seed);
         req.options = o.sample.clone();
+        if let (ClassMix::Data, Some(real), Some(labels)) = (o.class_mix, &self.refs.test_labels, &mut req.labels) {
+            *labels = (0..o.n).map(|i| real[i % real.len()] as i64).collect();
+        }
         let sched = cfg.diffusion.schedule()?;
         self.progress.begin("sampling", (o.n.div_ceil(o.sample.batch) * num_steps) as u64);
         let mut x = model.with_denoiser(|den| sample(den, &sched, &req, &mut |_| self.progress.advance(1, None)))?;
         self.progress.end();
         quantize(&mut x);
         let (score, per_class) = self.classifier_score(&x, req.labels.as_deref())?;
-        let mut fid = vec![];
+        let (mut fid, mut class_fid) = (vec![], vec![]);
         self.progress.begin("sample features", 0);
         for sp in &self.spaces {
-            fid.push((sp.ext.name(), fid_features(&sp.ext.features(&x, self.shape, self.progress)?, &sp.test)));
+            let f = sp.ext.features(&x, self.shape, self.progress)?;
+            fid.push((sp.ext.name(), fid_features(&f, &sp.test)));
+            if let Some(labels) = &req.labels {
+                class_fid.extend(self.class_fids(sp, &f, labels));
+            }
         }
         self.progress.end();
-        Ok(Outcome { images: x, score, per_class, fid })
+        Ok(Outcome { images: x, score, per_class, fid, class_fid })
+    }
+
+    /// Each class's FID in one space: its samples against the reference test images of the class, and the
+    /// class's reference training images against the same (its floor). Classes with fewer than two images in
+    /// any of the three sets have no covariance, so no FID, and are left out.
+    fn class_fids(&self, sp: &Space, samples: &[Vec<f64>], labels: &[i64]) -> Vec<ClassFid> {
+        let (Some(test_l), Some(train_l)) = (&self.refs.test_labels, &self.refs.train_labels) else { return vec![] };
+        let of = |f: &[Vec<f64>], l: &mut dyn Iterator<Item = usize>, c: usize| -> Vec<Vec<f64>> {
+            f.iter().zip(l).filter(|(_, l)| *l == c).map(|(f, _)| f.clone()).collect()
+        };
+        let mut out = vec![];
+        for (c, class) in self.train.class_names.iter().enumerate() {
+            let gen = of(samples, &mut labels.iter().map(|&l| l as usize), c);
+            let test = of(&sp.test, &mut test_l.iter().map(|&l| l as usize), c);
+            let train = of(&sp.train, &mut train_l.iter().map(|&l| l as usize), c);
+            if gen.len() < 2 || test.len() < 2 || train.len() < 2 {
+                continue;
+            }
+            out.push(ClassFid {
+                class: class.clone(),
+                space: sp.ext.name().into(),
+                samples: gen.len(),
+                real: test.len(),
+                fid: fid_features(&gen, &test),
+                floor: fid_features(&train, &test),
+            });
+        }
+        out
     }
 
     /// The fraction of samples the classifier reads as the class asked for, overall and per class.

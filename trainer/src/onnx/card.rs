@@ -184,11 +184,12 @@ fn training_rows(state: &State, file: &CardFile) -> [(&'static str, String); 9] 
 fn metrics(e: &EvalReport) -> String {
     let mut s = String::new();
     s += &format!(
-        "\n## Metrics (`trainer eval`, {} samples, {}, guidance {}{})\n\n| metric | value | real-vs-real floor |\n|---|---|---|\n",
+        "\n## Metrics (`trainer eval`, {} samples, {}, guidance {}{}{})\n\n| metric | value | real-vs-real floor |\n|---|---|---|\n",
         e.samples,
         e.sampler,
         e.guidance,
-        e.guidance_interval.as_ref().map(|g| format!(" at t {g}")).unwrap_or_default()
+        e.guidance_interval.as_ref().map(|g| format!(" at t {g}")).unwrap_or_default(),
+        if e.class_mix.as_deref() == Some("data") { ", classes in the data's proportions" } else { "" }
     );
     if let Some(a) = e.classifier_test_accuracy {
         s += &format!("| evaluation classifier's test accuracy | {:.2}% | |\n", 100.0 * a);
@@ -220,8 +221,60 @@ fn metrics(e: &EvalReport) -> String {
             n.images, n.conditioning, n.variance, n.bits_per_dim, n.stderr
         );
     }
+    s += &per_class_table(e);
     if let Some(r) = &e.composition {
         s += &composition_table(r);
+    }
+    s
+}
+
+/// Each class's classifier score and FID beside its floor, one row a class (empty for an unconditional model).
+fn per_class_table(e: &EvalReport) -> String {
+    let mut classes: Vec<(&str, usize)> = e.classifier_score_per_class.iter().map(|c| (&*c.class, c.n)).collect();
+    for f in &e.fid_per_class {
+        if !classes.iter().any(|c| c.0 == f.class) {
+            classes.push((&f.class, f.samples));
+        }
+    }
+    let mut spaces: Vec<&str> = vec![];
+    for f in &e.fid_per_class {
+        if !spaces.contains(&f.space.as_str()) {
+            spaces.push(&f.space);
+        }
+    }
+    let scores = !e.classifier_score_per_class.is_empty();
+    if classes.is_empty() || (!scores && spaces.is_empty()) {
+        return String::new();
+    }
+    let mut head = "| class | samples |".to_string();
+    if scores {
+        head += " classifier score |";
+    }
+    for sp in &spaces {
+        head += &format!(" FID, {sp} | its floor | real images |");
+    }
+    let cols = head.matches('|').count() - 1;
+    let mut s = format!(
+        "\n### Per class\n\nEach class's samples against the real images of that class; the floor is the class's \
+         training images against the same images. Few images make both larger: compare a class's FID with its own \
+         floor.\n\n{head}\n|{}\n",
+        "---|".repeat(cols)
+    );
+    for (class, n) in classes {
+        s += &format!("| {class} | {n} |");
+        if scores {
+            match e.classifier_score_per_class.iter().find(|c| c.class == class) {
+                Some(c) => s += &format!(" {:.1}% |", 100.0 * c.score),
+                None => s += " |",
+            }
+        }
+        for sp in &spaces {
+            match e.fid_per_class.iter().find(|f| f.class == class && f.space == *sp) {
+                Some(f) => s += &format!(" {:.1} | {:.1} | {} |", f.fid, f.floor, f.real),
+                None => s += " | | |",
+            }
+        }
+        s += "\n";
     }
     s
 }
@@ -316,6 +369,34 @@ mod tests {
         assert!(t.contains("| 1 | 75% | 75% |\n| 7 | 100% | 25%* |\n"), "{t}");
         assert!(t.contains("Held-out pairs (7 at the positions it never took in training): 25.0%"), "{t}");
         assert!(t.contains("every other pair: 75.0%"), "{t}");
+    }
+
+    #[test]
+    fn per_class_table_has_a_row_per_class_with_its_own_floor() {
+        use crate::report::{ClassFid, ClassScore};
+        let e: EvalReport = serde_json::from_value(serde_json::json!({
+            "run": "r", "model": null, "step": 10, "samples": 4, "sampler": "ddim 5 steps, trailing", "guidance": 2.0,
+            "classifier_score": 0.5, "classifier_score_per_class": [], "fid_images": 4
+        }))
+        .unwrap();
+        assert_eq!(per_class_table(&e), "", "an unconditional report has no per-class table");
+        let fid = |class: &str, fid: f64| ClassFid {
+            class: class.into(),
+            space: "inception".into(),
+            samples: 2,
+            real: 3,
+            fid,
+            floor: 7.5,
+        };
+        let mut e = e;
+        e.classifier_score_per_class = vec![
+            ClassScore { class: "flags".into(), n: 2, score: 1.0 },
+            ClassScore { class: "objects".into(), n: 2, score: 0.0 },
+        ];
+        e.fid_per_class = vec![fid("flags", 12.5)];
+        let t = per_class_table(&e);
+        assert!(t.contains("| class | samples | classifier score | FID, inception | its floor | real images |\n|---|---|---|---|---|---|\n"), "{t}");
+        assert!(t.contains("| flags | 2 | 100.0% | 12.5 | 7.5 | 3 |\n| objects | 2 | 0.0% | | | |\n"), "{t}");
     }
 
     #[test]
