@@ -8,8 +8,7 @@
 //!   CPU, and the Inception network's convolution (rectangular kernels).
 //!
 //! Same-size 3x3 convolutions (stride 1, padding 1), most of the U-Net's arithmetic, run forward and for
-//! the input gradient by Winograd's F(4x4, 3x3) instead ([`super::winograd`]); their weight gradient stays
-//! an im2col GEMM.
+//! both gradients by Winograd's F(4x4, 3x3) instead ([`super::winograd`]).
 //!
 //! Tested against Candle's `conv2d` (values and gradients).
 
@@ -301,16 +300,19 @@ pub(crate) fn conv2d_backward(
 ) -> (Vec<f32>, Vec<f32>) {
     let (kk, ohw, in_len) = (g.rows(), g.out_hw(), g.in_len());
     let pointwise = g.is_pointwise();
-    // dx of a same-size 3x3 convolution: the same kind of convolution of the output gradient with the
-    // kernel transposed and rotated, by Winograd; the per-image loop below then gives dW and db only
-    let dx = match (dx, g.same_3x3(co)) {
-        (Some(dx), Some(same)) => {
+    // a same-size 3x3 convolution by Winograd: dx is the same kind of convolution of the output gradient with
+    // the kernel transposed and rotated, dW the adjoint of the forward's transforms
+    if let Some(same) = g.same_3x3(co) {
+        if let Some(dx) = dx {
             let back = Same3x3 { ins: co, outs: same.ins, ..same };
             back.run(gr, &kernel_transform(w, same.ins, co, true), None, b, dx);
-            None
         }
-        (dx, _) => dx,
-    };
+        let mut db = vec![0f32; co];
+        for (j, row) in gr.chunks_exact(ohw).enumerate() {
+            db[j % co] += row.iter().sum::<f32>();
+        }
+        return (same.weight_grad(x, gr, b), db);
+    }
     let dxp = dx.map(|d| {
         debug_assert_eq!(d.len(), b * in_len);
         SharedMut(d.as_mut_ptr())
@@ -523,6 +525,8 @@ mod tests {
             // Winograd's groups: many images of 5x5 maps (9 tiles each), one image of more tiles than a group
             (9, 3, 5, 3, 1, 1, 5, 5),
             (3, 3, 8, 3, 1, 1, 34, 33),
+            // the weight gradient's groups (256 tiles): 12 images of 25 tiles in two, summed across threads
+            (12, 2, 3, 3, 1, 1, 20, 20),
         ] {
             let x = Var::randn(0f32, 1.0, (b, ci, h, w), &dev).unwrap();
             let wt = Var::randn(0f32, 0.5, (co, ci, k, k), &dev).unwrap();

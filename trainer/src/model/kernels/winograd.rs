@@ -13,9 +13,10 @@
 //! (benches/RESULTS.md). F(4x4, 3x3)'s f32 error stays within the tests' bound in `conv.rs` (1e-5 of
 //! the largest value, against Candle's convolution), and a 300-step MNIST run ends at the same loss.
 //!
-//! Both the forward pass and the input gradient use it: for stride 1 and padding 1, dx is the same kind of
+//! The forward pass and both gradients use it: for stride 1 and padding 1, dx is the same kind of
 //! convolution of the output gradient with the kernel transposed (channels swapped) and rotated by 180
-//! degrees ([`kernel_transform`]'s `transposed`). Images are processed in groups of about [`TILE_BLOCK`]
+//! degrees ([`kernel_transform`]'s `transposed`); dW runs the forward's transforms backwards (their adjoints:
+//! [`Same3x3::weight_grad`], Lavin & Gray sec. 5). Images are processed in groups of about [`TILE_BLOCK`]
 //! tiles, so that the transformed tiles of a group stay in cache; each thread takes its share of the groups.
 //! Tested against Candle's convolution (values and gradients) in `conv.rs`.
 
@@ -88,6 +89,42 @@ fn at(t: [f32; A]) -> [f32; M] {
     [t[0] + a + c, b + 2.0 * d, a + 4.0 * c, b + 8.0 * d + t[5]]
 }
 
+/// A t for the four values of a column (or, applied to rows, t A^T): the adjoint of [`at`], which spreads an
+/// output-gradient tile over the 6 x 6 positions.
+#[inline(always)]
+fn a(t: [f32; M]) -> [f32; A] {
+    let (e, o) = (t[0] + t[2], t[1] + t[3]);
+    let (e4, o8) = (t[0] + 4.0 * t[2], 2.0 * t[1] + 8.0 * t[3]);
+    [t[0], e + o, e - o, e4 + o8, e4 - o8, t[3]]
+}
+
+/// G^T u for six values: the adjoint of [`g`], which folds a transformed kernel's gradient back to 3 taps.
+#[inline(always)]
+fn gt(u: [f32; A]) -> [f32; 3] {
+    let (s12, d12, s34, d34) = (u[1] + u[2], u[2] - u[1], u[3] + u[4], u[3] - u[4]);
+    [u[0] / 4.0 - s12 / 6.0 + s34 / 24.0, d12 / 6.0 + d34 / 12.0, -s12 / 6.0 + s34 / 6.0 + u[5]]
+}
+
+/// The kernel gradient dW [outs, ins, 3, 3] = G^T dU G of the transformed kernels' gradient dU[xi][o][i]
+/// (the adjoint of [`kernel_transform`]).
+fn kernel_grad_transform(du: &[f32], outs: usize, ins: usize) -> Vec<f32> {
+    debug_assert_eq!(du.len(), XI * outs * ins);
+    let mut dw = vec![0f32; outs * ins * 9];
+    for o in 0..outs {
+        for i in 0..ins {
+            let mut t = [[0f32; A]; 3]; // G^T dU, t[ky][s]
+            for s in 0..A {
+                let col = gt(std::array::from_fn(|r| du[((r * A + s) * outs + o) * ins + i]));
+                (0..3).for_each(|ky| t[ky][s] = col[ky]);
+            }
+            for (ky, row) in t.into_iter().enumerate() {
+                dw[(o * ins + i) * 9 + 3 * ky..][..3].copy_from_slice(&gt(row));
+            }
+        }
+    }
+    dw
+}
+
 /// The shape of one call: `ins` channels in, `outs` out, h x w maps (the same in and out), output tiles of
 /// M x M.
 #[derive(Clone, Copy, Debug)]
@@ -115,6 +152,12 @@ impl Same3x3 {
     /// where the CPU has them.
     fn output_transform(&self, m: &[f32], bias: Option<&[f32]>, images: Range<usize>, out: &SharedMut, ld: usize) {
         dispatch!(output_transform_avx2, output_transform(self, m, bias, images, out, ld))
+    }
+
+    /// W[xi][o][p] = (A dY A^T)[xi] of the M x M tile of the output gradient dY of channel o (zero outside the
+    /// map), laid out as [`Self::input_transform`]'s V with `outs` channels.
+    fn grad_transform(&self, gr: &[f32], images: Range<usize>, v: &mut [f32], ld: usize) {
+        dispatch!(grad_transform_avx2, grad_transform(self, gr, images, v, ld))
     }
 
     /// One group of images: transform, XI GEMMs, transform back.
@@ -165,36 +208,94 @@ impl Same3x3 {
     }
 }
 
-/// The body of [`Same3x3::input_transform`], compiled for the baseline and for AVX2 and FMA.
+impl Same3x3 {
+    /// The kernel gradient dW [outs, ins, 3, 3] of [`Self::run`] for the output gradient `gr` [B, outs, h, w]
+    /// of input x [B, ins, h, w] (Lavin & Gray 2016, sec. 5): the loss is sum over tiles of
+    /// <A dY A^T, U ⊙ V>, so dU[xi] = sum over tiles of (A dY A^T)[xi] (B^T d B)[xi], one GEMM a position
+    /// ([outs, tiles] . [tiles, ins]), and dW = G^T dU G: 36 multiplications per tile and channel pair
+    /// instead of im2col's 144. Groups of about [`GRAD_TILE_BLOCK`] tiles; each thread sums its groups' dU.
+    pub(crate) fn weight_grad(&self, x: &[f32], gr: &[f32], b: usize) -> Vec<f32> {
+        debug_assert_eq!(x.len(), b * self.ins * self.h * self.w);
+        debug_assert_eq!(gr.len(), b * self.outs * self.h * self.w);
+        let (th, tw) = self.tiles();
+        let (c, o) = (self.ins, self.outs);
+        let per_group = GRAD_TILE_BLOCK.div_ceil(th * tw).max(1);
+        let parts = for_images(
+            b.div_ceil(per_group),
+            || vec![0f32; XI * o * c],
+            |du, g, par| {
+                let images = g * per_group..((g + 1) * per_group).min(b);
+                let pb = images.len() * th * tw;
+                let ld = pb + 4;
+                with_scratch(XI * c * ld, XI * o * ld, |v, m| {
+                    self.input_transform(x, images.clone(), v, ld);
+                    self.grad_transform(gr, images, m, ld);
+                    for xi in 0..XI {
+                        // dU[xi] [o, c] += W[xi] [o, pb] . V[xi]^T [pb, c]
+                        let (dux, mx, vx) =
+                            (&mut du[xi * o * c..][..o * c], &m[xi * o * ld..][..o * ld], &v[xi * c * ld..][..c * ld]);
+                        gemm_strided(dux, (c, true), (o, c, pb), mx, (ld, 1), vx, (1, ld), par);
+                    }
+                });
+            },
+        );
+        let mut parts = parts.into_iter();
+        let mut du = parts.next().expect("at least one group");
+        for p in parts {
+            du.iter_mut().zip(&p).for_each(|(a, b)| *a += b);
+        }
+        kernel_grad_transform(&du, o, c)
+    }
+}
+
+/// Tiles per GEMM of the kernel gradient: its GEMMs sum over the tiles, so longer runs amortise the
+/// accumulation into dU.
+const GRAD_TILE_BLOCK: usize = 256;
+
+/// The body of [`Same3x3::input_transform`] (and of [`Same3x3::grad_transform`]), compiled for the baseline
+/// and for AVX2 and FMA: the 2-D transform f(f(d)^T)^T of every K x K tile of the `chans` planes of `src`
+/// [B, chans, h, w] that starts `pad` pixels above and left of an output tile (zero outside the map), written as
+/// V[xi][chan][p] like [`Same3x3::input_transform`]'s. One tile row at a time: f over the tile's K rows as
+/// whole-row vector operations, then f across each tile's K columns, written as 36 sequential runs.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn input_transform(g: &Same3x3, x: &[f32], images: Range<usize>, v: &mut [f32], ld: usize) {
+fn tile_transform<const K: usize>(
+    g: &Same3x3,
+    src: &[f32],
+    chans: usize,
+    pad: usize,
+    f: impl Fn([f32; K]) -> [f32; A],
+    images: Range<usize>,
+    v: &mut [f32],
+    ld: usize,
+) {
     let (th, tw) = g.tiles();
-    let (h, w, c) = (g.h, g.w, g.ins);
-    // the 6 input rows of a tile row, with one column of padding on the left and enough on the right
-    let width = M * tw + 2;
-    let mut rows: [Vec<f32>; A] = std::array::from_fn(|_| vec![0f32; width]);
+    let (h, w) = (g.h, g.w);
+    // the K rows of a tile row, `pad` columns of zeros on the left and enough on the right (never written)
+    let width = M * tw + K - M;
+    let mut rows: [Vec<f32>; K] = std::array::from_fn(|_| vec![0f32; width]);
     let mut t: [Vec<f32>; A] = std::array::from_fn(|_| vec![0f32; width]);
     for (ii, img) in images.enumerate() {
-        for ch in 0..c {
-            let plane = &x[(img * c + ch) * h * w..][..h * w];
+        for ch in 0..chans {
+            let plane = &src[(img * chans + ch) * h * w..][..h * w];
             for ty in 0..th {
                 for (r, row) in rows.iter_mut().enumerate() {
-                    match (M * ty + r).checked_sub(1).filter(|&y| y < h) {
-                        Some(y) => row[1..=w].copy_from_slice(&plane[y * w..][..w]),
+                    match (M * ty + r).checked_sub(pad).filter(|&y| y < h) {
+                        Some(y) => row[pad..pad + w].copy_from_slice(&plane[y * w..][..w]),
                         None => row.fill(0.0),
                     }
                 }
-                // B^T d for every column at once
+                // f over the rows, for every column at once
                 for xx in 0..width {
-                    let col = bt(std::array::from_fn(|r| rows[r][xx]));
+                    let col = f(std::array::from_fn(|r| rows[r][xx]));
                     (0..A).for_each(|r| t[r][xx] = col[r]);
                 }
                 let p0 = (ii * th + ty) * tw;
                 for (r, tr) in t.iter().enumerate() {
-                    // (B^T d) B across each tile's columns M tx .. M tx + 5
-                    let base: [usize; A] = std::array::from_fn(|s| ((r * A + s) * c + ch) * ld + p0);
+                    // f across each tile's columns M tx .. M tx + K - 1
+                    let base: [usize; A] = std::array::from_fn(|s| ((r * A + s) * chans + ch) * ld + p0);
                     for tx in 0..tw {
-                        let vals = bt(std::array::from_fn(|s| tr[M * tx + s]));
+                        let vals = f(std::array::from_fn(|s| tr[M * tx + s]));
                         for s in 0..A {
                             v[base[s] + tx] = vals[s];
                         }
@@ -244,10 +345,28 @@ fn output_transform(g: &Same3x3, m: &[f32], bias: Option<&[f32]>, images: Range<
     }
 }
 
+/// V = (B^T d B) of the input tiles: [`tile_transform`] of 6 x 6 tiles one pixel up and left of the output's.
+#[inline(always)]
+fn input_transform(g: &Same3x3, x: &[f32], images: Range<usize>, v: &mut [f32], ld: usize) {
+    tile_transform::<A>(g, x, g.ins, 1, bt, images, v, ld)
+}
+
+/// W = (A dY A^T) of the output-gradient tiles: [`tile_transform`] of the M x M output tiles.
+#[inline(always)]
+fn grad_transform(g: &Same3x3, gr: &[f32], images: Range<usize>, v: &mut [f32], ld: usize) {
+    tile_transform::<M>(g, gr, g.outs, 0, a, images, v, ld)
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn input_transform_avx2(g: &Same3x3, x: &[f32], images: Range<usize>, v: &mut [f32], ld: usize) {
     input_transform(g, x, images, v, ld)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn grad_transform_avx2(g: &Same3x3, gr: &[f32], images: Range<usize>, v: &mut [f32], ld: usize) {
+    grad_transform(g, gr, images, v, ld)
 }
 
 #[cfg(target_arch = "x86_64")]
