@@ -38,6 +38,9 @@ pub enum Error {
     /// Encoding an image.
     #[error("{}: {reason}", path.display())]
     Image { path: PathBuf, reason: String },
+    /// A sampling run stopped by its [`Cancel`](crate::sampler::Cancel) flag.
+    #[error("cancelled")]
+    Cancelled,
 }
 
 impl Error {

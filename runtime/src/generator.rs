@@ -17,7 +17,7 @@ pub use crate::images::{to_u8_nhwc, Images};
 use crate::metadata::ModelMeta;
 use crate::onnx::{OrtDenoiser, Provider, ProviderKind};
 use crate::sampler::{self, Method, Request, SamplerKind, Spacing, StepInfo};
-pub use crate::sampler::{GuidanceInterval, InitImage, Inpaint, SampleOptions};
+pub use crate::sampler::{Cancel, GuidanceInterval, InitImage, Inpaint, SampleOptions};
 use crate::schedule::NoiseSchedule;
 
 #[derive(Debug, Clone)]

@@ -241,6 +241,7 @@ fn request(a: &Args, g: &Generator) -> Result<GenerateRequest> {
             init,
             share_xt: a.share_xt,
             inpaint,
+            cancel: None,
         },
         interpolation,
     })

@@ -26,7 +26,8 @@ mod tests;
 pub use editing::{interpolation, seed_interpolation};
 pub use guidance::Guided;
 pub use request::{
-    timesteps, AttrCond, GuidanceInterval, InitImage, Inpaint, Method, Request, SampleOptions, SamplerKind, Spacing,
+    timesteps, AttrCond, Cancel, GuidanceInterval, InitImage, Inpaint, Method, Request, SampleOptions, SamplerKind,
+    Spacing,
 };
 pub use run::{sample, sample_chunks, StepInfo};
 

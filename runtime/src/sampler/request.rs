@@ -160,6 +160,8 @@ pub struct SampleOptions {
     pub share_xt: bool,
     /// Keep the known pixels of an image and generate the rest (RePaint).
     pub inpaint: Option<Inpaint>,
+    /// Stops the run between two model calls once raised (a server's client went away, a time limit passed).
+    pub cancel: Option<Cancel>,
 }
 
 impl Default for SampleOptions {
@@ -174,7 +176,35 @@ impl Default for SampleOptions {
             init: None,
             share_xt: false,
             inpaint: None,
+            cancel: None,
         }
+    }
+}
+
+/// A flag another thread raises to stop a sampling run: the run checks it before each model call and returns
+/// [`Error::Cancelled`](crate::Error::Cancelled) once it is up. Clones share the flag; two are equal when they
+/// share it.
+#[derive(Debug, Clone, Default)]
+pub struct Cancel(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Cancel {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Raises the flag (every clone sees it).
+    pub fn cancel(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl PartialEq for Cancel {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
     }
 }
 

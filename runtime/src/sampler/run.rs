@@ -102,6 +102,9 @@ fn sample_chunk(
     let (mut i, mut count) = (0, 0);
     while i < ts.len() {
         let (t, t_next) = (ts[i], ts.get(i + 1).copied());
+        if req.options.cancel.as_ref().is_some_and(|c| c.is_cancelled()) {
+            return Err(crate::Error::Cancelled);
+        }
         let (eps, v) = model.eps(&x, k, t, labels, stepper.wants_v())?;
         let mut x0 = sched.predict_x0_from_eps(&x, t, &eps);
         threshold_x0(&mut x0, per, &req.options);

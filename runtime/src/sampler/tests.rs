@@ -600,3 +600,27 @@ fn bad_requests_are_refused() {
     req.labels = Some(vec![0, 1]);
     assert!(sample(&mut o, &sched, &req, &mut |_| {}).unwrap_err().to_string().contains("2 labels for 1 images"));
 }
+
+#[test]
+fn a_raised_cancel_stops_the_run_before_its_next_model_call() {
+    let sched = NoiseSchedule::new(BetaSchedule::COSINE, 1000);
+    let mut req = Request::new(2, [1, 3, 4], Method::DpmSolverPP { steps: 10, spacing: Spacing::Trailing });
+    let cancel = Cancel::new();
+    req.options.cancel = Some(cancel.clone());
+    let mut model = oracle(&sched, 12);
+    let e = sample(&mut model, &sched, &req, &mut |s| {
+        if s.step == 2 {
+            cancel.cancel();
+        }
+    })
+    .unwrap_err();
+    assert!(matches!(e, Error::Cancelled), "{e}");
+    assert_eq!(model.calls, 3, "steps 0, 1 and 2 ran, step 3 did not");
+    // a flag that stays down changes nothing
+    req.options.cancel = Some(Cancel::new());
+    let plain = Request { options: SampleOptions { cancel: None, ..req.options.clone() }, ..req.clone() };
+    assert_eq!(
+        sample(&mut oracle(&sched, 12), &sched, &req, &mut |_| {}).unwrap(),
+        sample(&mut oracle(&sched, 12), &sched, &plain, &mut |_| {}).unwrap()
+    );
+}
