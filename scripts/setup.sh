@@ -9,7 +9,8 @@ cd "$ROOT"
 log() { printf '[setup] %s\n' "$*" >&2; }
 sudo_if() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-# --- system packages: protoc (candle-onnx's build), a C compiler, Python + pip, npm (datasets)
+# --- system packages: protoc (candle-onnx's build), a C compiler, Python + pip, npm (datasets), chromium and
+# its WebDriver (the test of `generate serve`'s page in a real browser)
 need=()
 command -v protoc >/dev/null || need+=(protobuf-compiler)
 command -v cc >/dev/null || need+=(build-essential)
@@ -18,6 +19,8 @@ python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 command -v npm >/dev/null || need+=(npm)
 command -v xz >/dev/null || need+=(xz-utils)
 python3 -c "import ensurepip" 2>/dev/null || need+=(python3-venv)
+command -v chromium >/dev/null || need+=(chromium)
+command -v chromedriver >/dev/null || need+=(chromium-driver)
 if [ ${#need[@]} -gt 0 ]; then
   log "apt-get install ${need[*]}"
   sudo_if apt-get update -q >/dev/null

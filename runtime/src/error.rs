@@ -41,6 +41,9 @@ pub enum Error {
     /// A sampling run stopped by its [`Cancel`](crate::sampler::Cancel) flag.
     #[error("cancelled")]
     Cancelled,
+    /// The HTTP server (`runtime::serve`) cannot start: an address, a missing token.
+    #[error("{0}")]
+    Serve(String),
 }
 
 impl Error {

@@ -132,6 +132,16 @@ fn image_error(path: &Path, what: &str, e: image::ImageError) -> Error {
     Error::Image { path: path.to_path_buf(), reason: format!("cannot {what}: {e}") }
 }
 
+/// 8-bit pixels (`color`'s layout) as the bytes of a PNG file.
+fn encode_png(pixels: &[u8], width: usize, height: usize, color: image::ColorType) -> Result<Vec<u8>> {
+    use image::ImageEncoder;
+    let mut out = Vec::new();
+    image::codecs::png::PngEncoder::new(&mut out)
+        .write_image(pixels, width as u32, height as u32, color.into())
+        .map_err(|e| image_error(Path::new("<memory>"), "encode a PNG", e))?;
+    Ok(out)
+}
+
 /// Generated images as 8-bit pixels, [n, h, w, c] interleaved.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Images {
@@ -206,6 +216,17 @@ impl Images {
     pub fn save_grid_cols(&self, path: &Path, cols: Option<usize>) -> Result<()> {
         let (g, w, h) = self.grid(cols);
         image::save_buffer(path, &g, w as u32, h as u32, self.color()).map_err(|e| image_error(path, "write", e))
+    }
+
+    /// The grid (`cols` columns; None: ceil(sqrt(n))) as PNG bytes.
+    pub fn grid_png(&self, cols: Option<usize>) -> Result<Vec<u8>> {
+        let (g, w, h) = self.grid(cols);
+        encode_png(&g, w, h, self.color())
+    }
+
+    /// Image `i` as PNG bytes.
+    pub fn png(&self, i: usize) -> Result<Vec<u8>> {
+        encode_png(self.image(i), self.width, self.height, self.color())
     }
 
     /// Appends the images of `chunk` (of this set's shape; a chunk of a longer run). Labels stay this set's.

@@ -7,9 +7,11 @@
 //! - [`metadata`]: the self-describing metadata an exported model carries (schedule, image geometry, classes,
 //!   recommended sampling), one schema for the writer and the reader.
 //! - [`generator`] (feature `onnx`): open an exported model and generate images; [`capi`] is its C ABI.
+//! - `serve` (feature `serve`): the models behind a JSON API and a web page (`generate serve`).
 //!
 //! Features: `onnx` (default: ONNX Runtime, the generator and the C ABI), `png` (image files), `clap` (the
-//! named enums as clap `ValueEnum`s, for command lines), `cli` (the `generate` binary), `fuzz` (the fuzz
+//! named enums as clap `ValueEnum`s, for command lines), `serve` (the HTTP server, on axum and tokio), `cli`
+//! (the `generate` binary, with `serve`), `fuzz` (the fuzz
 //! targets' allocation probe, for tests). The default library has no command-line or test code.
 //!
 //! Every fallible function returns [`Result`], whose [`Error`] names the request field or metadata key at
@@ -44,6 +46,8 @@ pub mod metadata;
 pub mod onnx;
 pub mod sampler;
 pub mod schedule;
+#[cfg(feature = "serve")]
+pub mod serve;
 
 #[cfg(feature = "clap")]
 #[doc(hidden)]

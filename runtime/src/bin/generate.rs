@@ -1,11 +1,13 @@
-//! `generate`: sample images from an exported DDPM U-Net with ONNX Runtime.
+//! `generate`: sample images from an exported DDPM U-Net with ONNX Runtime; `generate serve`: serve models over
+//! HTTP.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use runtime::generator::{
     GenerateRequest, Generator, GeneratorOptions, GuidanceInterval, Images, InitImage, Inpaint, Interpolation,
     SampleOptions,
@@ -13,13 +15,35 @@ use runtime::generator::{
 use runtime::images::Strip;
 use runtime::onnx::{Provider, ProviderKind};
 use runtime::sampler::{Request, SamplerKind, Spacing};
+use runtime::serve::{Limits, ServeOptions};
 
 #[derive(Parser)]
-#[command(name = "generate", version, about = "Generate images from an exported DDPM U-Net (.onnx) with ONNX Runtime")]
+#[command(
+    name = "generate",
+    version,
+    about = "Generate images from an exported DDPM U-Net (.onnx) with ONNX Runtime",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    args: Args,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve models over HTTP: a JSON API (GET /v1/models, POST /v1/generate, POST /v1/generate/stream) and a
+    /// web page (GET /).
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args)]
 struct Args {
     /// The exported model (`trainer export`); everything else is read from its metadata.
-    #[arg(long)]
-    model: PathBuf,
+    #[arg(long, required = true)]
+    model: Option<PathBuf>,
     /// Number of images.
     #[arg(long, default_value_t = 64)]
     n: usize,
@@ -134,6 +158,54 @@ struct Args {
     quiet: bool,
 }
 
+/// `generate serve`'s flags.
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// The models to serve, each named by its file stem: `--model models/*.onnx`.
+    #[arg(long, num_args = 1.., required = true)]
+    model: Vec<PathBuf>,
+    /// Address to listen on. Anything but a loopback address needs a token.
+    #[arg(long, default_value = "127.0.0.1:8787")]
+    addr: SocketAddr,
+    /// The bearer token every request must carry (Authorization: Bearer TOKEN). Default: the environment
+    /// variable GENERATE_TOKEN.
+    #[arg(long)]
+    token: Option<String>,
+    /// Images per request, at most.
+    #[arg(long, default_value_t = Limits::default().max_n)]
+    max_n: usize,
+    /// Sampling steps per request, at most.
+    #[arg(long, default_value_t = Limits::default().max_steps)]
+    max_steps: usize,
+    /// Bytes of a request body, at most (more: 413).
+    #[arg(long, default_value_t = Limits::default().max_body)]
+    max_body: usize,
+    /// Requests waiting for a worker, at most: one more is answered 503 with Retry-After.
+    #[arg(long, default_value_t = Limits::default().queue)]
+    queue: usize,
+    /// Seconds a request may take from its arrival to its last image (then it is stopped and answered 503).
+    #[arg(long, default_value_t = Limits::default().request_time.as_secs_f64())]
+    timeout: f64,
+    /// Seconds a client has to send a request's headers, and then its body.
+    #[arg(long, default_value_t = Limits::default().read_time.as_secs_f64())]
+    read_timeout: f64,
+    /// Open connections, at most: more are closed as they come.
+    #[arg(long, default_value_t = Limits::default().max_connections)]
+    max_connections: usize,
+    /// Sampling workers, each with its own copy of the models. Default: one per core.
+    #[arg(long)]
+    workers: Option<usize>,
+    /// ONNX Runtime threads per worker.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// ONNX Runtime execution provider; auto tries TensorRT, then CUDA, then the CPU.
+    #[arg(long, value_enum, default_value_t = ProviderKind::Cpu)]
+    provider: ProviderKind,
+    /// GPU index for cuda/tensorrt.
+    #[arg(long, default_value_t = 0)]
+    device_id: i32,
+}
+
 /// `--guidance-interval`: every step, or an interval.
 #[derive(Debug, Clone, Copy)]
 enum IntervalArg {
@@ -159,11 +231,15 @@ fn flags(e: runtime::Error) -> anyhow::Error {
     anyhow::anyhow!(e.cli_message())
 }
 
-fn run(a: Args) -> Result<()> {
-    // programs built in the checkout find the ONNX Runtime that scripts/setup.sh installed
+/// Programs built in the checkout find the ONNX Runtime that scripts/setup.sh installed.
+fn find_onnx_runtime() {
     runtime::onnx::add_library_candidate(runtime::onnx::setup_library_path(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap_or(std::path::Path::new(".")),
     ));
+}
+
+fn run(a: Args) -> Result<()> {
+    find_onnx_runtime();
     let mut g = open(&a)?;
     let req = request(&a, &g)?;
     let plan = g.plan(&req).map_err(flags)?;
@@ -176,16 +252,58 @@ fn run(a: Args) -> Result<()> {
     Ok(())
 }
 
+/// `generate serve`: until SIGTERM or Ctrl-C.
+fn serve(a: ServeArgs) -> Result<()> {
+    find_onnx_runtime();
+    let seconds = |flag: &str, s: f64| {
+        Duration::try_from_secs_f64(s)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .with_context(|| format!("--{flag} must be a positive number of seconds, not {s}"))
+    };
+    let limits = Limits {
+        max_n: a.max_n,
+        max_steps: a.max_steps,
+        max_body: a.max_body,
+        queue: a.queue,
+        request_time: seconds("timeout", a.timeout)?,
+        read_time: seconds("read-timeout", a.read_timeout)?,
+        max_connections: a.max_connections.max(1),
+    };
+    let options = ServeOptions {
+        addr: a.addr,
+        token: a.token.or_else(|| std::env::var("GENERATE_TOKEN").ok()),
+        limits,
+        workers: a.workers.unwrap_or(ServeOptions::default().workers).max(1),
+        generator: GeneratorOptions {
+            provider: provider(a.provider, a.device_id, None, false),
+            threads: Some(a.threads),
+        },
+    };
+    let names: Vec<String> =
+        a.model.iter().map(|p| p.file_stem().unwrap_or_default().to_string_lossy().into_owned()).collect();
+    runtime::serve::run(&a.model, &options, |addr| {
+        // one line on stdout, for people and for scripts that start the server on port 0
+        let w = options.workers;
+        println!("serving {} on http://{addr}/ ({w} worker{})", names.join(", "), if w == 1 { "" } else { "s" });
+    })?;
+    Ok(())
+}
+
+/// The provider of a kind, on a device.
+fn provider(kind: ProviderKind, device: i32, cache_dir: Option<PathBuf>, fp16: bool) -> Provider {
+    match Provider::of_kind(kind) {
+        Provider::Cuda { .. } => Provider::Cuda { device },
+        Provider::TensorRt { .. } => Provider::TensorRt { device, fp16, cache_dir },
+        p => p,
+    }
+}
+
 /// The model on the provider the flags ask for.
 fn open(a: &Args) -> Result<Generator> {
-    let provider = match Provider::of_kind(a.provider) {
-        Provider::Cuda { .. } => Provider::Cuda { device: a.device_id },
-        Provider::TensorRt { .. } => {
-            Provider::TensorRt { device: a.device_id, fp16: a.trt_fp16, cache_dir: a.trt_cache.clone() }
-        }
-        p => p,
-    };
-    let g = Generator::open(&a.model, &GeneratorOptions { provider, threads: a.threads })?;
+    let provider = provider(a.provider, a.device_id, a.trt_cache.clone(), a.trt_fp16);
+    let model = a.model.as_deref().context("--model is required")?;
+    let g = Generator::open(model, &GeneratorOptions { provider, threads: a.threads })?;
     for note in g.provider_notes() {
         eprintln!("auto: {note}");
     }
@@ -333,7 +451,12 @@ fn summary(a: &Args, g: &Generator, req: &GenerateRequest, plan: &Request, steps
 }
 
 fn main() -> ExitCode {
-    match run(Args::parse()) {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Serve(a)) => serve(a),
+        None => run(cli.args),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
