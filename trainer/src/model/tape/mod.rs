@@ -275,7 +275,11 @@ impl<'a> Tape<'a> {
     pub fn backward(mut self, out: Val, seed: Vec<f32>) -> Result<HashMap<String, Vec<f32>>> {
         ensure!(seed.len() == numel(&self.nodes[out.0].dims), "seed gradient has the wrong size");
         let mut grads = Gradients::new(self.nodes.len(), self.names.len());
-        grads.nodes[out.0] = Some(seed);
+        // the seed goes into a buffer of the pool: every gradient buffer is put back into the pool once used,
+        // and the caller's own Vec would make the pool grow by one output's size every step
+        let mut g = self.pool.take(seed.len());
+        g.copy_from_slice(&seed);
+        grads.nodes[out.0] = Some(g);
         for i in (0..self.nodes.len()).rev() {
             if let Some(g) = grads.nodes[i].take() {
                 if let Op::Alias { x } = self.nodes[i].op {
