@@ -151,18 +151,17 @@ fn open(paths: &[PathBuf], options: &ServeOptions) -> Result<(Vec<Model>, Vec<Ve
     if paths.is_empty() {
         return Err(Error::Serve("no model to serve: give --model FILE at least once".into()));
     }
-    let mut models: Vec<Model> = vec![];
-    for p in paths {
-        let name = p.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
-        if let Some(m) = models.iter().find(|m| m.name == name) {
-            return Err(Error::Serve(format!("two models are named '{}' (their file stem): rename one", m.name)));
-        }
-        let info = Generator::open(p, &options.generator)?.info().clone();
-        models.push(Model { name, info });
+    let names: Vec<String> =
+        paths.iter().map(|p| p.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string()).collect();
+    if let Some((_, name)) = names.iter().enumerate().find(|(i, n)| names[..*i].contains(n)) {
+        return Err(Error::Serve(format!("two models are named '{name}' (their file stem): rename one")));
     }
     let generators = (0..options.workers.max(1))
         .map(|_| paths.iter().map(|p| Generator::open(p, &options.generator)).collect::<Result<Vec<_>>>())
         .collect::<Result<Vec<_>>>()?;
+    // the metadata is the first worker's copy's: each file is opened once per worker, no more
+    let models =
+        names.into_iter().zip(&generators[0]).map(|(name, g)| Model { name, info: g.info().clone() }).collect();
     Ok((models, generators))
 }
 
