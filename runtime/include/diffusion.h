@@ -19,8 +19,8 @@ typedef struct DrGenerator dr_generator;
 typedef struct dr_request {
     uint32_t size;       /* sizeof(dr_request): later versions may add fields at the end */
     uint32_t n;          /* number of images */
-    const char *sampler; /* "ddim", "ddpm", "dpm++" or NULL (ddim) */
-    uint32_t steps;      /* sampling steps (ddim, dpm++) */
+    const char *sampler; /* "ddim", "ddpm", "dpm++" or NULL (ddim; with steps 0, the model's recommended) */
+    uint32_t steps;      /* sampling steps (ddim, dpm++); 0: the model's recommended (a student's own) */
     float eta;           /* DDIM eta */
     int32_t class_index; /* class, or -1 for none (conditional models then cycle through the classes) */
     float guidance;      /* classifier-free guidance weight w (0: none) */

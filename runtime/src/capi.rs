@@ -62,8 +62,9 @@ pub struct DrRequest {
     /// sizeof(dr_request) as the caller compiled it: fields may be added at the end in later versions.
     pub size: u32,
     pub n: u32,
-    /// "ddim", "ddpm" or "dpm++" (NULL: ddim).
+    /// "ddim", "ddpm" or "dpm++" (NULL: ddim; with steps 0, the model's recommended sampler).
     pub sampler: *const c_char,
+    /// Sampling steps; 0: the model's recommended steps (a distilled student's own).
     pub steps: u32,
     pub eta: f32,
     /// Class index, or -1 for none.
@@ -222,12 +223,16 @@ pub unsafe extern "C" fn dr_generate(
         if out_len < need {
             return Err(format!("output buffer holds {out_len} bytes, {need} are needed"));
         }
-        let sampler: SamplerKind =
-            str_arg(req.sampler, "sampler")?.unwrap_or("ddim").parse().map_err(|e: Error| e.to_string())?;
+        // steps 0 (and no sampler): how the model's metadata recommends sampling it, e.g. a student's own steps
+        let rec = info.recommended.clone().filter(|_| req.steps == 0);
+        let sampler: SamplerKind = match str_arg(req.sampler, "sampler")? {
+            Some(s) => s.parse().map_err(|e: Error| e.to_string())?,
+            None => rec.as_ref().map_or(SamplerKind::Ddim, |r| r.sampler),
+        };
         let gr = GenerateRequest {
             n: req.n as usize,
             sampler,
-            steps: req.steps as usize,
+            steps: rec.as_ref().map_or(req.steps as usize, |r| r.steps),
             eta: req.eta as f64,
             class: (req.class_index >= 0).then(|| req.class_index.to_string()),
             guidance: req.guidance,

@@ -172,6 +172,9 @@ impl Generator {
 
 /// A request against a model's metadata in the sampler's form ([`Generator::plan`]).
 pub fn plan(info: &ModelMeta, req: &GenerateRequest) -> Result<Request> {
+    if info.student.is_some() || info.guidance_input.is_some() {
+        student_request(info, req)?;
+    }
     let method = Method::new(req.sampler, req.steps, req.eta, req.spacing, info.variance, info.num_timesteps())?;
     let labels = match (&req.class, info.num_classes) {
         (Some(c), _) => Some(vec![info.class_index(c)?; req.n]),
@@ -207,6 +210,50 @@ pub fn plan(info: &ModelMeta, req: &GenerateRequest) -> Result<Request> {
     };
     r.validate()?;
     Ok(r)
+}
+
+/// What a distilled student can be asked: DDIM (eta 0, trailing) in exactly the steps it was distilled for (its
+/// grid: other steps fall between the points it learned), guidance in the range it was trained on and at every
+/// step (its interval, if its teacher had one, is inside it), no image-to-image.
+fn student_request(info: &ModelMeta, req: &GenerateRequest) -> Result<()> {
+    let bad = |field: &'static str, why: String| Err(crate::Error::request(field, why));
+    if let Some(st) = &info.student {
+        let how =
+            format!("this model is a {}-step student: sample it with ddim in {} steps (trailing)", st.steps, st.steps);
+        if req.sampler != SamplerKind::Ddim {
+            return bad("sampler", format!("{}: {how}", req.sampler));
+        }
+        if req.steps != st.steps {
+            return bad("steps", format!("{}: {how}", req.steps));
+        }
+        if req.spacing != Spacing::Trailing {
+            return bad("spacing", format!("{:?}: {how}", req.spacing).to_lowercase());
+        }
+        if req.eta != 0.0 {
+            return bad("eta", format!("{}: {how} (eta 0)", req.eta));
+        }
+        if req.options.init.is_some()
+            || req.options.inpaint.is_some()
+            || matches!(req.interpolation, Some(Interpolation::Images { .. }))
+        {
+            return bad("init", "image-to-image, inpainting and image interpolation need a many-step model; this one is a few-step student".into());
+        }
+    }
+    if let Some((lo, hi)) = info.guidance_input {
+        if req.options.guidance_interval.is_some() {
+            return bad("guidance_interval", "this model takes the guidance weight as an input and guides where it was distilled to; it has no interval to set".into());
+        }
+        if !(lo..=hi).contains(&req.guidance) {
+            return bad(
+                "guidance",
+                format!("{}: this model was distilled for guidance weights {lo}..={hi}", req.guidance),
+            );
+        }
+        if !req.attribute_guidance.is_empty() {
+            return bad("attribute_guidance", "this model takes one guidance weight as an input".into());
+        }
+    }
+    Ok(())
 }
 
 /// NAME=VALUE as the command lines take attributes and their weights (`--attr position=3`, `--attr-guidance
@@ -273,6 +320,8 @@ mod tests {
             exporter: None,
             background: None,
             recommended: None,
+            student: None,
+            guidance_input: None,
             extra: Default::default(),
         }
     }
@@ -300,6 +349,45 @@ mod tests {
         let past_t = GenerateRequest { steps: 5, options, ..r };
         let e = plan(&info, &past_t).unwrap_err();
         assert!(e.to_string().contains("timesteps run 0..=9"), "{e}");
+    }
+
+    #[test]
+    fn a_student_is_planned_in_its_own_steps_and_guidance_range_only() {
+        let mut info = info();
+        info.student = Some(crate::metadata::Student {
+            method: "progressive".into(),
+            steps: 2,
+            teacher_steps: 8,
+            teacher: "t.onnx".into(),
+            teacher_sha256: "ab".into(),
+        });
+        info.guidance_input = Some((0.0, 4.0));
+        info.recommended =
+            Some(Recommended { sampler: SamplerKind::Ddim, steps: 2, guidance: 2.0, guidance_interval: None });
+        let r = GenerateRequest::recommended(&info);
+        let p = plan(&info, &r).unwrap();
+        assert_eq!((p.method, p.guidance), (Method::Ddim { steps: 2, eta: 0.0, spacing: Spacing::Trailing }, 2.0));
+        let field = |req: GenerateRequest| match plan(&info, &req).unwrap_err() {
+            crate::Error::InvalidRequest { field, reason } => {
+                assert!(!reason.is_empty());
+                field
+            }
+            e => panic!("{e}"),
+        };
+        assert_eq!(field(GenerateRequest { steps: 10, ..r.clone() }), "steps");
+        assert_eq!(field(GenerateRequest { sampler: SamplerKind::DpmSolverPP, ..r.clone() }), "sampler");
+        assert_eq!(field(GenerateRequest { spacing: Spacing::Leading, ..r.clone() }), "spacing");
+        assert_eq!(field(GenerateRequest { eta: 1.0, ..r.clone() }), "eta");
+        assert_eq!(field(GenerateRequest { guidance: 4.5, ..r.clone() }), "guidance");
+        let interval =
+            SampleOptions { guidance_interval: Some(GuidanceInterval { lo: 2, hi: 6 }), ..r.options.clone() };
+        assert_eq!(field(GenerateRequest { options: interval, ..r.clone() }), "guidance_interval");
+        let init =
+            SampleOptions { init: Some(sampler::InitImage { x0: vec![0.0; 4], strength: 0.5 }), ..r.options.clone() };
+        assert_eq!(field(GenerateRequest { options: init, ..r.clone() }), "init");
+        // every weight of its range, 0 included
+        assert!(plan(&info, &GenerateRequest { guidance: 4.0, ..r.clone() }).is_ok());
+        assert!(plan(&info, &GenerateRequest { guidance: 0.0, ..r }).is_ok());
     }
 
     #[test]

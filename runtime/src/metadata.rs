@@ -1,12 +1,13 @@
 //! The self-describing metadata of an exported model: one schema, written by `trainer export` into the ONNX
 //! file's `metadata_props` and read back by the runtime, `trainer eval` and the model card.
 //!
-//! Every key is prefixed `diffusion.`. Format 1 (this module's [`FORMAT_VERSION`]), as the table [`KEYS`] says
-//! (a test checks that this table is that one):
+//! Every key is prefixed `diffusion.`. Format 1, as the table [`KEYS`] says (a test checks that this table is
+//! that one); format 2 ([`FORMAT_VERSION`]) adds the keys of a few-step student (`student`, `guidance_input`),
+//! and is written only by files that carry them, so every other file stays format 1 and loads in older runtimes:
 //!
 //! | key | value | required |
 //! |---|---|---|
-//! | `format_version` | `1` | yes |
+//! | `format_version` | `1`, or `2` with the student keys | yes |
 //! | `betas` | JSON list of the T betas (authoritative for sampling) | yes |
 //! | `prediction_type` | `epsilon`, or `v` (the first output is the velocity of Salimans & Ho 2022) | yes |
 //! | `variance_type` | `fixed_small`, `fixed_large` or `learned_range` (the model has a second output, `v`) | yes |
@@ -32,6 +33,8 @@
 //! | `recommended_steps` | ... its steps | no: all three or none |
 //! | `recommended_guidance` | ... its guidance weight | no: all three or none |
 //! | `recommended_guidance_interval` | `LO,HI`: guide only at these timesteps | no: with the three above |
+//! | `student` | JSON `{"method", "steps", "teacher_steps", "teacher", "teacher_sha256"}`: a distilled student, sampled by DDIM (eta 0, trailing spacing) in exactly `steps` steps | no: format 2 |
+//! | `guidance_input` | `LO,HI`: the model's fourth input w [B] (float32) is the guidance weight, one call per step; weights in LO..=HI | no: format 2 |
 //!
 //! Keys this schema does not know are kept in [`ModelMeta::extra`] and written back unchanged.
 
@@ -44,8 +47,9 @@ use crate::sampler::{GuidanceInterval, SamplerKind};
 pub use crate::schedule::Prediction;
 use crate::schedule::{BetaSchedule, NoiseSchedule, VarianceType};
 
-/// The metadata layout this runtime writes and reads (`diffusion.format_version`).
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest metadata layout this runtime reads and writes (`diffusion.format_version`): 2 for a model with the
+/// student keys, 1 for every other.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// The prefix of every key.
 pub const PREFIX: &str = "diffusion.";
@@ -85,6 +89,21 @@ pub struct Recommended {
     /// Guidance only at these timesteps (Kynkäänniemi et al. 2024); None: at every step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guidance_interval: Option<GuidanceInterval>,
+}
+
+/// A few-step student distilled from a teacher (`trainer distill`): it is sampled by DDIM (eta 0) on the
+/// trailing grid of exactly `steps` steps, the grid it was distilled on (Salimans & Ho 2022).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Student {
+    /// `progressive` (Salimans & Ho 2022).
+    pub method: String,
+    pub steps: usize,
+    /// The DDIM steps of the teacher it was distilled from.
+    pub teacher_steps: usize,
+    /// The teacher as its distillation named it, and the SHA-256 of its weight file.
+    pub teacher: String,
+    pub teacher_sha256: String,
 }
 
 /// A label beside the class of a multi-attribute model (e.g. where a digit sits): its name and the names of
@@ -168,6 +187,10 @@ pub struct ModelMeta {
     /// that an input image with transparency (`--init`, `--inpaint`) can be given the same.
     pub background: Option<[u8; 3]>,
     pub recommended: Option<Recommended>,
+    /// A distilled few-step student (format 2).
+    pub student: Option<Student>,
+    /// The guidance weights [lo, hi] of a model that takes w as its fourth input (format 2): guidance in one call.
+    pub guidance_input: Option<(f32, f32)>,
     /// Entries this schema does not know (without the prefix), kept as they are.
     pub extra: BTreeMap<String, String>,
 }
@@ -182,6 +205,8 @@ pub enum Need {
     Recommendation,
     /// Optional, and only with the recommended sampling.
     WithRecommendation,
+    /// Optional, and only in format 2.
+    Format2,
 }
 
 impl Need {
@@ -191,6 +216,7 @@ impl Need {
             Need::Optional => "no",
             Need::Recommendation => "no: all three or none",
             Need::WithRecommendation => "no: with the three above",
+            Need::Format2 => "no: format 2",
         }
     }
 }
@@ -211,7 +237,7 @@ const fn key_of(name: &'static str, need: Need, value: &'static str) -> Key {
 /// which are kept as unknown in [`ModelMeta::extra`]) and the documentation; tests check that the writer writes
 /// exactly these keys and that the module's table is this one.
 pub const KEYS: &[Key] = &[
-    key_of("format_version", Need::Required, "`1`"),
+    key_of("format_version", Need::Required, "`1`, or `2` with the student keys"),
     key_of("betas", Need::Required, "JSON list of the T betas (authoritative for sampling)"),
     key_of(
         "prediction_type",
@@ -254,6 +280,16 @@ pub const KEYS: &[Key] = &[
     key_of("recommended_steps", Need::Recommendation, "... its steps"),
     key_of("recommended_guidance", Need::Recommendation, "... its guidance weight"),
     key_of("recommended_guidance_interval", Need::WithRecommendation, "`LO,HI`: guide only at these timesteps"),
+    key_of(
+        "student",
+        Need::Format2,
+        "JSON `{\"method\", \"steps\", \"teacher_steps\", \"teacher\", \"teacher_sha256\"}`: a distilled student, sampled by DDIM (eta 0, trailing spacing) in exactly `steps` steps",
+    ),
+    key_of(
+        "guidance_input",
+        Need::Format2,
+        "`LO,HI`: the model's fourth input w [B] (float32) is the guidance weight, one call per step; weights in LO..=HI",
+    ),
 ];
 
 /// The keys of one kind of need, in table order.
@@ -329,7 +365,8 @@ impl ModelMeta {
         let mut put = |k: &str, v: String| {
             md.insert(key(k), v);
         };
-        put("format_version", FORMAT_VERSION.to_string());
+        let format2 = self.student.is_some() || self.guidance_input.is_some();
+        put("format_version", if format2 { "2" } else { "1" }.to_string());
         put("betas", to_json(&self.betas));
         put("prediction_type", self.prediction.to_string());
         put("variance_type", self.variance.to_string());
@@ -370,10 +407,21 @@ impl ModelMeta {
                 put("recommended_guidance_interval", g.to_string());
             }
         }
+        if let Some(st) = &self.student {
+            put("student", to_json(st));
+        }
+        if let Some((lo, hi)) = self.guidance_input {
+            put("guidance_input", format!("{lo},{hi}"));
+        }
         for (k, v) in &self.extra {
             put(k, v.clone());
         }
         md
+    }
+
+    /// The guidance weight goes into the model as its input w (a guidance-distilled student).
+    pub fn takes_guidance(&self) -> bool {
+        self.guidance_input.is_some()
     }
 
     /// Reads and checks the entries: a missing required key, an unknown format version, a value that does not
@@ -392,6 +440,7 @@ impl ModelMeta {
         let background =
             e.get("background").map(|s| json("background", s, "a JSON list [r, g, b] of 0..=255")).transpose()?;
         let recommended = e.recommended(labels.num_classes, betas.len())?;
+        let (student, guidance_input) = e.student(labels.null_class.is_some())?;
         Ok(Self {
             betas,
             prediction,
@@ -413,6 +462,8 @@ impl ModelMeta {
             exporter: e.text("exporter"),
             background,
             recommended,
+            student,
+            guidance_input,
             extra: e.unknown(),
         })
     }
@@ -463,7 +514,7 @@ impl Entries<'_> {
             ));
         }
         let version: u32 = parse("format_version", self.req("format_version"), "a number")?;
-        if version != FORMAT_VERSION {
+        if !(1..=FORMAT_VERSION).contains(&version) {
             return Err(Error::metadata(
                 key("format_version"),
                 format!("format {version}, but this runtime reads format {FORMAT_VERSION}: use a matching release"),
@@ -555,6 +606,53 @@ impl Entries<'_> {
             .filter(|(k, _)| !KEYS.iter().any(|known| known.name == *k))
             .map(|(k, v)| (k.to_string(), v.clone()))
             .collect()
+    }
+
+    /// The student keys: only in format 2, which needs at least one of them.
+    #[allow(clippy::type_complexity)]
+    fn student(&self, has_null: bool) -> Result<(Option<Student>, Option<(f32, f32)>)> {
+        let version = self.req("format_version");
+        let present: Vec<String> = keys(Need::Format2).map(key).filter(|k| self.0.contains_key(k)).collect();
+        match (version, present.is_empty()) {
+            ("1", false) => {
+                return Err(Error::metadata(present.join(", "), "a format-2 key in a format-1 file"));
+            }
+            ("2", true) => {
+                return Err(Error::metadata(key("format_version"), "2, but none of the format-2 keys is there"));
+            }
+            _ => {}
+        }
+        let student: Option<Student> =
+            self.get("student").map(|s| json("student", s, "a student description")).transpose()?;
+        if let Some(st) = &student {
+            if st.steps == 0 || st.teacher_steps < st.steps {
+                return Err(Error::metadata(key("student"), "steps must be at least 1 and at most teacher_steps"));
+            }
+        }
+        let range = match self.get("guidance_input") {
+            None => None,
+            Some(v) => {
+                let r = v
+                    .split_once(',')
+                    .and_then(|(a, b)| Some((a.trim().parse::<f32>().ok()?, b.trim().parse::<f32>().ok()?)));
+                match r {
+                    Some((lo, hi)) if lo.is_finite() && hi.is_finite() && 0.0 <= lo && lo <= hi => Some((lo, hi)),
+                    _ => {
+                        return Err(Error::metadata(
+                            key("guidance_input"),
+                            format!("'{v}' is not LO,HI with 0 <= LO <= HI"),
+                        ))
+                    }
+                }
+            }
+        };
+        if range.is_some() && !has_null {
+            return Err(Error::metadata(
+                key("guidance_input"),
+                "a guidance input needs a conditional model with a null class",
+            ));
+        }
+        Ok((student, range))
     }
 
     /// None when no recommendation key is present; an error when only some are, or one does not parse.
@@ -677,8 +775,51 @@ mod tests {
                 guidance: 2.0,
                 guidance_interval: Some(GuidanceInterval { lo: 82, hi: 579 }),
             }),
+            student: None,
+            guidance_input: None,
             extra: [("note".to_string(), "kept".to_string())].into_iter().collect(),
         }
+    }
+
+    /// A distilled 2-step student with a guidance input.
+    fn student() -> ModelMeta {
+        let mut m = meta();
+        m.student = Some(Student {
+            method: "progressive".into(),
+            steps: 2,
+            teacher_steps: 8,
+            teacher: "models/mnist.onnx".into(),
+            teacher_sha256: "3393f674".into(),
+        });
+        m.guidance_input = Some((0.0, 4.0));
+        m
+    }
+
+    #[test]
+    fn a_student_is_format_2_and_every_other_model_stays_format_1() {
+        let s = student();
+        let md = s.to_props();
+        assert_eq!(md["diffusion.format_version"], "2");
+        assert_eq!(md["diffusion.guidance_input"], "0,4");
+        assert!(md["diffusion.student"].contains("\"steps\":2"));
+        assert_eq!(ModelMeta::from_props(&md).unwrap(), s);
+        assert!(s.takes_guidance() && !meta().takes_guidance());
+        // format 1 files are written as before, without the new keys
+        assert_eq!(meta().to_props()["diffusion.format_version"], "1");
+        let with = |k: &str, v: &str| {
+            let mut md = md.clone();
+            md.insert(key(k), v.into());
+            md
+        };
+        assert!(err(&with("format_version", "1")).contains("a format-2 key in a format-1 file"));
+        assert!(err(&with("guidance_input", "4,0")).contains("is not LO,HI"));
+        assert!(err(&with("guidance_input", "nan,1")).contains("is not LO,HI"));
+        assert!(err(&with("student", "{\"steps\": 2}")).contains("diffusion.student: not a student description"));
+        let zero = md["diffusion.student"].replace("\"steps\":2", "\"steps\":0");
+        assert!(err(&with("student", &zero)).contains("steps must be at least 1"));
+        let mut unconditional = with("null_class", "none");
+        unconditional.remove("diffusion.attributes");
+        assert!(err(&unconditional).contains("needs a conditional model with a null class"));
     }
 
     fn err(md: &BTreeMap<String, String>) -> String {
@@ -710,7 +851,7 @@ mod tests {
     #[test]
     fn the_key_table_is_what_the_writer_writes_and_what_the_module_documents() {
         // a model with every optional part writes every key of the table, and nothing else
-        let mut md = meta().to_props();
+        let mut md = student().to_props();
         md.remove("diffusion.note");
         let written: Vec<&str> = md.keys().map(|k| k.strip_prefix(PREFIX).unwrap()).collect();
         let mut table: Vec<&str> = KEYS.iter().map(|k| k.name).collect();
@@ -757,7 +898,8 @@ mod tests {
             "{e}"
         );
         assert!(err(&BTreeMap::new()).contains("(its keys: none)"));
-        assert!(err(&with("format_version", "2")).contains("format 2, but this runtime reads format 1"));
+        assert!(err(&with("format_version", "3")).contains("format 3, but this runtime reads format 2"));
+        assert!(err(&with("format_version", "2")).contains("2, but none of the format-2 keys is there"));
         assert!(err(&with("betas", "[0.1, 1.5]")).contains("(0, 1)"));
         assert!(err(&with("betas", "oops")).contains("diffusion.betas: not a JSON list"));
         assert!(err(&with("num_timesteps", "999")).contains("999, but there are 1000 betas"));

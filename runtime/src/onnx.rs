@@ -209,11 +209,15 @@ impl OrtDenoiser {
         let (session, provider, notes) = build_session(path, provider, threads)?;
         let info = ModelMeta::from_props(&read_props(&session)?).map_err(|e| e.in_model(path))?;
         let names: Vec<&str> = session.inputs().iter().map(|o| o.name()).collect();
-        let want: Vec<&str> = if info.num_classes > 0 { vec!["x", "t", "y"] } else { vec!["x", "t"] };
+        let mut want: Vec<&str> = if info.num_classes > 0 { vec!["x", "t", "y"] } else { vec!["x", "t"] };
+        if info.takes_guidance() {
+            want.push("w");
+        }
         if names != want {
             return Err(model_err(format!(
-                "inputs are {names:?}, expected {want:?} (x [B,C,H,W], t [B] int64{})",
-                if info.num_classes > 0 { ", y [B] int64" } else { "" }
+                "inputs are {names:?}, expected {want:?} (x [B,C,H,W], t [B] int64{}{})",
+                if info.num_classes > 0 { ", y [B] int64" } else { "" },
+                if info.takes_guidance() { ", w [B] float32" } else { "" }
             )));
         }
         let outs: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
@@ -252,7 +256,22 @@ impl Denoiser for OrtDenoiser {
     }
 
     fn eps(&mut self, x: &[f32], shape: [usize; 4], t: &[i64], y: Option<&[i64]>) -> Result<Vec<f32>> {
-        Ok(self.run(x, shape, t, y, false)?.0)
+        if self.info.takes_guidance() {
+            // no weight given: the conditional model alone
+            return Ok(self.run(x, shape, t, y, false, Some(&vec![0.0; shape[0]]))?.0);
+        }
+        Ok(self.run(x, shape, t, y, false, None)?.0)
+    }
+
+    fn guidance_input(&self) -> bool {
+        self.info.takes_guidance()
+    }
+
+    fn eps_w(&mut self, x: &[f32], shape: [usize; 4], t: &[i64], y: Option<&[i64]>, w: &[f32]) -> Result<Vec<f32>> {
+        if !self.info.takes_guidance() {
+            return Err(Error::denoiser("this model takes no guidance weight"));
+        }
+        Ok(self.run(x, shape, t, y, false, Some(w))?.0)
     }
 
     fn eps_and_v(
@@ -263,12 +282,16 @@ impl Denoiser for OrtDenoiser {
         y: Option<&[i64]>,
     ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
         let learned = self.info.variance.is_learned();
-        self.run(x, shape, t, y, learned)
+        if self.info.takes_guidance() {
+            return self.run(x, shape, t, y, learned, Some(&vec![0.0; shape[0]]));
+        }
+        self.run(x, shape, t, y, learned, None)
     }
 }
 
 impl OrtDenoiser {
-    /// One run of the model: eps, and v when `want_v` (a learned-variance model).
+    /// One run of the model: eps, and v when `want_v` (a learned-variance model); `w` the guidance weights of a
+    /// guidance-input model.
     fn run(
         &mut self,
         x: &[f32],
@@ -276,6 +299,7 @@ impl OrtDenoiser {
         t: &[i64],
         y: Option<&[i64]>,
         want_v: bool,
+        weights: Option<&[f32]>,
     ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
         let [n, c, h, w] = shape;
         let info = &self.info;
@@ -305,6 +329,12 @@ impl OrtDenoiser {
             // y [B] for a class-only model, [B, 1 + A] with attributes
             let ydims = if cols > 1 { vec![n as i64, cols as i64] } else { vec![n as i64] };
             inputs.push(("y".into(), Tensor::from_array((ydims, yv)).map_err(Error::ort)?.into()));
+        }
+        if let Some(gw) = weights {
+            if gw.len() != n {
+                return Err(Error::request("guidance", format!("{} guidance weights for {n} images", gw.len())));
+            }
+            inputs.push(("w".into(), Tensor::from_array((vec![n as i64], gw.to_vec())).map_err(Error::ort)?.into()));
         }
         let dtype = info.dtype;
         let out = self.session.run(inputs).map_err(|e| Error::Ort(format!("the model failed to run: {e}")))?;

@@ -36,6 +36,21 @@ impl Denoiser for CandleDenoiser<'_> {
         Ok(self.eps_and_v(x, shape, t, y)?.0)
     }
 
+    fn guidance_input(&self) -> bool {
+        self.unet.cfg.guidance_embed
+    }
+
+    fn eps_w(
+        &mut self,
+        x: &[f32],
+        shape: [usize; 4],
+        t: &[i64],
+        y: Option<&[i64]>,
+        w: &[f32],
+    ) -> runtime::Result<Vec<f32>> {
+        self.output(x, shape, t, y, Some(w)).map_err(runtime::Error::denoiser)
+    }
+
     fn eps_and_v(
         &mut self,
         x: &[f32],
@@ -43,7 +58,9 @@ impl Denoiser for CandleDenoiser<'_> {
         t: &[i64],
         y: Option<&[i64]>,
     ) -> runtime::Result<(Vec<f32>, Option<Vec<f32>>)> {
-        let out = self.output(x, shape, t, y).map_err(runtime::Error::denoiser)?;
+        // a guidance-input model asked without a weight: the conditional model alone (w = 0)
+        let zeros = self.unet.cfg.guidance_embed.then(|| vec![0f32; shape[0]]);
+        let out = self.output(x, shape, t, y, zeros.as_deref()).map_err(runtime::Error::denoiser)?;
         if !self.unet.cfg.learn_sigma {
             return Ok((out, None));
         }
@@ -54,7 +71,14 @@ impl Denoiser for CandleDenoiser<'_> {
 
 impl CandleDenoiser<'_> {
     /// The U-Net's output: [n, C, H, W], or [n, 2C, H, W] (eps, then v) for a learned variance.
-    fn output(&mut self, x: &[f32], shape: [usize; 4], t: &[i64], y: Option<&[i64]>) -> Result<Vec<f32>> {
+    fn output(
+        &mut self,
+        x: &[f32],
+        shape: [usize; 4],
+        t: &[i64],
+        y: Option<&[i64]>,
+        w: Option<&[f32]>,
+    ) -> Result<Vec<f32>> {
         let labels = self.unet.cfg.full_labels(y, t.len())?;
         let ydims = self.unet.cfg.label_dims(t.len());
         if self.device.is_cpu() {
@@ -66,14 +90,16 @@ impl CandleDenoiser<'_> {
                 Some(y) => Some(tape.input(&y.iter().map(|&v| v as f32).collect::<Vec<_>>(), &ydims)?),
                 None => None,
             };
-            let out = self.unet.forward(&mut tape, &xs, &ts, ys.as_ref())?;
+            let ws = w.map(|w| tape.input(w, &[w.len()])).transpose()?;
+            let out = self.unet.forward_w(&mut tape, &xs, &ts, ys.as_ref(), ws.as_ref())?;
             return Ok(tape.data(out).to_vec());
         }
         let xs = Tensor::from_slice(x, shape.to_vec(), &self.device)?;
         let ts = Tensor::from_slice(t, t.len(), &self.device)?;
         let ys = labels.map(|y| Tensor::from_vec(y, ydims, &self.device)).transpose()?;
+        let ws = w.map(|w| Tensor::from_slice(w, w.len(), &self.device)).transpose()?;
         let mut ops = CandleOps::inference(&self.device, DType::F32);
-        let eps = self.unet.forward(&mut ops, &xs, &ts, ys.as_ref())?;
+        let eps = self.unet.forward_w(&mut ops, &xs, &ts, ys.as_ref(), ws.as_ref())?;
         Ok(eps.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
     }
 }

@@ -32,6 +32,9 @@ enum Cmd {
     /// A parameter study: one run per value of a config key and seed, each evaluated; sweep.csv, a summary
     /// with the mean and spread over seeds, and plots. A stopped sweep continues where it stopped.
     Sweep(cli::sweep::SweepArgs),
+    /// Distil a trained model into a few-step student (progressive distillation, Salimans & Ho 2022) that takes
+    /// the guidance weight as an input (Meng et al. 2023): one model call per step.
+    Distill(cli::distill::DistillArgs),
 }
 
 fn main() -> ExitCode {
@@ -53,6 +56,7 @@ fn main() -> ExitCode {
         Cmd::Bench(a) => cli::bench::run_bench(a),
         Cmd::Export(a) => cli::export::run_export(a),
         Cmd::Sweep(a) => cli::sweep::run_sweep(a),
+        Cmd::Distill(a) => cli::distill::run_distill(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -221,7 +221,7 @@ fn train_one(
     let r = fit(Some(cfg.clone()), &opts, &mut |e| match e {
         FitEvent::Started { step, .. } => progress.advance(step as u64, None),
         FitEvent::Step { stats, .. } => progress.advance(1, Some(&format!("loss {:.4}", stats.loss))),
-        FitEvent::Warning(w) => progress.note(w),
+        FitEvent::Warning(w) | FitEvent::Note(w) => progress.note(w),
         FitEvent::Preview(_) => {}
     });
     progress.end();

@@ -17,7 +17,7 @@ use runtime::sampler::Denoiser;
 use trainer::model::ops::CandleOps;
 use trainer::model::params::{ShapeCounter, TensorSource};
 use trainer::model::unet::{Attribute, UNet, UNetConfig};
-use trainer::onnx::{build_model, candle_onnx_eval, metadata};
+use trainer::onnx::{build_model, candle_onnx_eval, candle_onnx_eval_w, metadata};
 use trainer::train::checkpoint::{RngState, State};
 use trainer::train::config::Config;
 
@@ -54,6 +54,20 @@ fn state_for(cfg: &UNetConfig) -> State {
         c.diffusion.variance = trainer::train::config::VarianceType::LearnedRange;
     }
     c.diffusion.prediction = cfg.prediction;
+    if cfg.guidance_embed {
+        // a guidance input comes with a distillation: a 4-step student of an 8-step teacher
+        c.distill = Some(trainer::train::config::DistillConfig {
+            method: "progressive".into(),
+            teacher: "teacher.onnx".into(),
+            teacher_sha256: "0".into(),
+            teacher_steps: 8,
+            student_steps: 4,
+            guidance_max: 4.0,
+            guidance: 2.0,
+            guidance_interval: None,
+            clip_teacher_x0: false,
+        });
+    }
     State {
         format_version: 1,
         trainer_version: "test".into(),
@@ -102,6 +116,7 @@ fn cases() -> Vec<Case> {
         use_scale_shift_norm: false,
         num_classes: 0,
         attributes: vec![],
+        guidance_embed: false,
         norm_groups: 8,
         learn_sigma: false,
         prediction: Prediction::Epsilon,
@@ -213,6 +228,58 @@ fn onnx_runtime_and_candle_onnx_match_candle() {
         std::fs::remove_file(p32).unwrap();
         std::fs::remove_file(p16).unwrap();
     }
+}
+
+/// A distilled student: the guidance weight w is a fourth input (f32 in f16 files too), read by ONNX Runtime and
+/// candle-onnx as Candle computes it, and the metadata says what the file is.
+#[test]
+fn a_students_guidance_input_matches_candle_in_onnx_runtime_and_candle_onnx() {
+    ort();
+    let cfg = UNetConfig {
+        num_classes: 5,
+        guidance_embed: true,
+        prediction: Prediction::V,
+        channels: 1,
+        use_scale_shift_norm: true,
+        ..cases()[0].cfg.clone()
+    };
+    let unet = random_unet(&cfg, 11);
+    let (p32, model32) = write_onnx(&unet, Dtype::F32, "student-f32");
+    let (p16, _) = write_onnx(&unet, Dtype::F16, "student-f16");
+    let mut ort32 = OrtDenoiser::open(&p32, &Provider::Cpu, Some(2)).unwrap();
+    let mut ort16 = OrtDenoiser::open(&p16, &Provider::Cpu, Some(2)).unwrap();
+    let info = ort32.info().clone();
+    assert_eq!((info.guidance_input, info.student.as_ref().map(|s| s.steps)), (Some((0.0, 4.0)), Some(4)));
+    assert!(ort32.guidance_input());
+    let rec = info.recommended.unwrap();
+    assert_eq!((rec.sampler.to_string().as_str(), rec.steps, rec.guidance), ("ddim", 4, 2.0));
+    let b = 6;
+    let (x, t, y) = inputs(&cfg, b, 3);
+    let w: Vec<f32> = (0..b).map(|i| 0.8 * i as f32).collect();
+    let shape = [b, 1, cfg.image_size, cfg.image_size];
+    let dev = &Device::Cpu;
+    let xs = Tensor::from_vec(x.clone(), shape.to_vec(), dev).unwrap();
+    let ts = Tensor::from_vec(t.clone(), b, dev).unwrap();
+    let ys = Tensor::from_vec(y.clone(), b, dev).unwrap();
+    let ws = Tensor::from_vec(w.clone(), b, dev).unwrap();
+    let mut ops = CandleOps::inference(dev, DType::F32);
+    let reference: Vec<f32> =
+        unet.forward_w(&mut ops, &xs, &ts, Some(&ys), Some(&ws)).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let e32 = ort32.eps_w(&x, shape, &t, Some(&y), &w).unwrap();
+    let r = rel_err(&e32, &reference);
+    assert!(r <= 1e-4, "ORT f32 relative error {r}");
+    let r16 = rel_err(&ort16.eps_w(&x, shape, &t, Some(&y), &w).unwrap(), &reference);
+    assert!(r16 <= 2e-2, "ORT f16 relative error {r16}");
+    let co = candle_onnx_eval_w(&model32, &xs, &ts, Some(&ys), Some(&ws)).unwrap();
+    let rc = rel_err(&co.flatten_all().unwrap().to_vec1().unwrap(), &reference);
+    assert!(rc <= 1e-4, "candle-onnx relative error {rc}");
+    // w is an input that matters, and no weight is w = 0
+    let zero = ort32.eps_w(&x, shape, &t, Some(&y), &vec![0.0; b]).unwrap();
+    assert!(rel_err(&zero, &e32) > 1e-3);
+    assert_eq!(ort32.eps(&x, shape, &t, Some(&y)).unwrap(), zero);
+    eprintln!("student: ort f32 {r:.2e}, ort f16 {r16:.2e}, candle-onnx {rc:.2e}");
+    std::fs::remove_file(p32).unwrap();
+    std::fs::remove_file(p16).unwrap();
 }
 
 #[test]

@@ -4,7 +4,7 @@
 //! composes them.
 
 use super::request::Request;
-use super::{predict_eps, Denoiser};
+use super::{predict_eps, predict_eps_w, Denoiser};
 use crate::error::Result;
 use crate::schedule::NoiseSchedule;
 
@@ -29,6 +29,13 @@ impl<'a> Guided<'a> {
     pub fn eps(&mut self, x: &[f32], k: usize, t: usize, labels: Option<&[i64]>, want_v: bool) -> Result<EpsAndV> {
         let req = self.req;
         let guides = req.guided() && req.options.guidance_interval.is_none_or(|g| g.contains(t));
+        if self.den.guidance_input() {
+            // a guidance-distilled student: w is an input, one call whatever it is (Meng et al. 2023)
+            let wt = if guides { req.guidance } else { 0.0 };
+            let [c, h, w] = req.shape;
+            let ws = vec![wt; k];
+            return predict_eps_w(self.den, self.sched, x, [k, c, h, w], t, labels, want_v, Some(&ws));
+        }
         match (guides, labels, req.null_class) {
             (true, Some(l), Some(null)) if !req.attributes.is_empty() => self.composed(x, k, t, l, null, want_v),
             (true, Some(l), Some(null)) => self.class_guided(x, k, t, l, null, want_v),

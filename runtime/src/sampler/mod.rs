@@ -59,6 +59,18 @@ pub trait Denoiser {
     fn prediction(&self) -> Prediction {
         Prediction::Epsilon
     }
+
+    /// Whether the model takes the guidance weight as an input (a guidance-distilled student, Meng et al. 2023):
+    /// [`Guided`] then asks [`Denoiser::eps_w`] once per step instead of a conditional and a null call.
+    fn guidance_input(&self) -> bool {
+        false
+    }
+
+    /// The first output of a guidance-input model for weights `w` (one per image).
+    fn eps_w(&mut self, x: &[f32], shape: [usize; 4], t: &[i64], y: Option<&[i64]>, w: &[f32]) -> Result<Vec<f32>> {
+        let _ = (x, shape, t, y, w);
+        Err(Error::denoiser("this model takes no guidance weight"))
+    }
 }
 
 /// The denoiser's eps at timestep `t` for the `shape[0]` images `x`, and for a learned variance (`want_v`) its
@@ -73,8 +85,25 @@ pub fn predict_eps(
     y: Option<&[i64]>,
     want_v: bool,
 ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+    predict_eps_w(den, sched, x, shape, t, y, want_v, None)
+}
+
+/// [`predict_eps`] with the guidance weights of a guidance-input model (`w`, one per image; None for any other).
+#[allow(clippy::too_many_arguments)]
+pub fn predict_eps_w(
+    den: &mut dyn Denoiser,
+    sched: &NoiseSchedule,
+    x: &[f32],
+    shape: [usize; 4],
+    t: usize,
+    y: Option<&[i64]>,
+    want_v: bool,
+    w: Option<&[f32]>,
+) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
     let ts = vec![t as i64; shape[0]];
-    let (mut out, v) = if want_v {
+    let (mut out, v) = if let Some(w) = w {
+        (den.eps_w(x, shape, &ts, y, w)?, None)
+    } else if want_v {
         match den.eps_and_v(x, shape, &ts, y)? {
             (_, None) => return Err(Error::denoiser("the model learns its variance but gave no v output")),
             out => out,

@@ -238,6 +238,46 @@ fn guidance_zero_is_the_conditional_output_and_calls_are_batched() {
     assert_eq!(o.batch_sizes, vec![4; 5]);
 }
 
+/// A guidance-distilled model: w is its input; it records each call's batch, labels and weights, and answers
+/// eps = w + 0.1 y at every pixel.
+#[derive(Default)]
+struct TakesW(Vec<(usize, Vec<i64>, Vec<f32>)>);
+impl Denoiser for TakesW {
+    fn eps(&mut self, _: &[f32], _: [usize; 4], _: &[i64], _: Option<&[i64]>) -> Result<Vec<f32>> {
+        panic!("a guidance-input model is asked through eps_w")
+    }
+    fn guidance_input(&self) -> bool {
+        true
+    }
+    fn eps_w(&mut self, x: &[f32], shape: [usize; 4], _: &[i64], y: Option<&[i64]>, w: &[f32]) -> Result<Vec<f32>> {
+        let y = y.expect("labels").to_vec();
+        self.0.push((shape[0], y.clone(), w.to_vec()));
+        let per = x.len() / shape[0];
+        Ok(y.iter().zip(w).flat_map(|(&l, &w)| vec![w + 0.1 * l as f32; per]).collect())
+    }
+}
+
+#[test]
+fn a_guidance_input_model_is_asked_once_per_step_with_w_and_the_conditional_labels() {
+    let sched = NoiseSchedule::new(BetaSchedule::LINEAR, 100);
+    let mut req = Request::new(3, [1, 2, 2], Method::Ddim { steps: 4, eta: 0.0, spacing: Spacing::Trailing });
+    req.labels = Some(vec![7, 1, 7]);
+    req.null_class = Some(10);
+    req.guidance = 2.5;
+    let mut den = TakesW::default();
+    let x = vec![0.0; 12];
+    let (eps, _) = Guided::new(&mut den, &sched, &req).eps(&x, 3, 50, req.labels.as_deref(), false).unwrap();
+    // one call of the 3 images (no null half), their own labels, w = the request's guidance
+    assert_eq!(den.0, vec![(3, vec![7, 1, 7], vec![2.5; 3])]);
+    assert!(max_err(&eps[..4], &[3.2; 4]) < 1e-6 && max_err(&eps[4..8], &[2.6; 4]) < 1e-6);
+    // a whole run: one call per step; no guidance means w = 0
+    den.0.clear();
+    req.guidance = 0.0;
+    sample(&mut den, &sched, &req, &mut |_| {}).unwrap();
+    assert_eq!(den.0.len(), 4);
+    assert!(den.0.iter().all(|(n, _, w)| *n == 3 && w == &vec![0.0; 3]));
+}
+
 /// eps = 0.1 y_0 + 0.01 y_1 at every pixel: each label's share is known, so the composition can be checked.
 struct Labelled(Vec<usize>);
 impl Denoiser for Labelled {

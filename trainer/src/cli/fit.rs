@@ -94,7 +94,7 @@ pub fn run_fit(a: FitArgs) -> Result<()> {
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {per_sec} ETA {eta} {msg}")
             .unwrap(),
     );
-    let summary = fit(cfg, &opts, &mut |event| report(event, &opts, &pb, a.quiet));
+    let summary = fit(cfg, &opts, &mut |event| report(event, &opts.out, opts.device, &pb, a.quiet));
     pb.finish_and_clear();
     let summary = summary.with_context(|| format!("trainer fit ({})", opts.out.display()))?;
     log(format!(
@@ -161,7 +161,7 @@ fn config(a: &FitArgs) -> Result<Option<Config>> {
 }
 
 /// Shows one event of the run: the progress bar, and log lines unless quiet.
-fn report(event: FitEvent, opts: &FitOptions, pb: &ProgressBar, quiet: bool) {
+pub fn report(event: FitEvent, out: &std::path::Path, device: DeviceSpec, pb: &ProgressBar, quiet: bool) {
     let log = |msg: String| {
         if !quiet {
             eprintln!("{msg}");
@@ -170,7 +170,7 @@ fn report(event: FitEvent, opts: &FitOptions, pb: &ProgressBar, quiet: bool) {
     match event {
         FitEvent::Started { resumed_from, step, total, data, num_params } => {
             if let Some(dir) = resumed_from {
-                log(format!("resuming {} from step {step} ({})", opts.out.display(), dir.display()));
+                log(format!("resuming {} from step {step} ({})", out.display(), dir.display()));
             }
             log(format!(
                 "data: {} images {}x{}x{} ({} classes) from {}; model: {:.2}M parameters; device {}",
@@ -181,7 +181,7 @@ fn report(event: FitEvent, opts: &FitOptions, pb: &ProgressBar, quiet: bool) {
                 data.num_classes(),
                 data.description,
                 num_params as f64 / 1e6,
-                opts.device
+                device
             ));
             pb.set_length(total as u64);
             pb.set_position(step as u64);
@@ -199,6 +199,7 @@ fn report(event: FitEvent, opts: &FitOptions, pb: &ProgressBar, quiet: bool) {
             }
         }
         FitEvent::Warning(w) => pb.suspend(|| log(format!("warning: {w}"))),
+        FitEvent::Note(n) => pb.suspend(|| log(n.to_string())),
         FitEvent::Preview(p) => pb.suspend(|| log(format!("samples (EMA weights, DDIM): {}", p.display()))),
     }
 }

@@ -57,6 +57,12 @@ pub struct UNetConfig {
     /// any label can be unknown, or dropped for guidance, on its own. Needs num_classes > 0.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub attributes: Vec<Attribute>,
+    /// A fourth input, the guidance weight w [B] (f32), embedded like the timestep and added to the timestep's
+    /// sinusoid before the embedding MLP (Meng et al. 2023, "On distillation of guided diffusion models",
+    /// sec. 3; diffusers' LCM `cond_proj`): a guidance-distilled student needs one call per step whatever w.
+    /// Its layer `wemb` starts at zero, so the student starts as its teacher for every w. Needs num_classes > 0.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub guidance_embed: bool,
     /// GroupNorm groups (32 in the papers).
     pub norm_groups: usize,
     /// Output 2 x channels: eps, then v of the learned variance (Nichol & Dhariwal 2021, sec. 3.1;
@@ -85,6 +91,7 @@ impl Default for UNetConfig {
             use_scale_shift_norm: false,
             num_classes: 0,
             attributes: vec![],
+            guidance_embed: false,
             norm_groups: 32,
             learn_sigma: false,
             prediction: Prediction::Epsilon,
@@ -162,6 +169,9 @@ impl UNetConfig {
         Attribute::check_all(&self.attributes).map_err(|e| anyhow::anyhow!("model.attributes: {e}"))?;
         if !self.attributes.is_empty() && self.num_classes == 0 {
             bail!("model.attributes need a class-conditional model (model.num_classes > 0)");
+        }
+        if self.guidance_embed && self.num_classes == 0 {
+            bail!("model.guidance_embed (a guidance-weight input) needs a class-conditional model");
         }
         if !(0.0..1.0).contains(&self.dropout) {
             bail!("model.dropout must lie in [0, 1), got {}", self.dropout);
@@ -271,6 +281,13 @@ impl Linear {
         Ok(Self {
             w: src.param(&format!("{name}.weight"), &[cout, cin], Init::Uniform(bound))?,
             b: src.param(&format!("{name}.bias"), &[cout], Init::Uniform(bound))?,
+        })
+    }
+    /// A layer that outputs 0 until trained (weight and bias 0).
+    fn zeros(src: &mut dyn ParamSource, name: &str, cin: usize, cout: usize) -> Result<Self> {
+        Ok(Self {
+            w: src.param(&format!("{name}.weight"), &[cout, cin], Init::Const(0.0))?,
+            b: src.param(&format!("{name}.bias"), &[cout], Init::Const(0.0))?,
         })
     }
     pub fn forward<O: Ops>(&self, o: &mut O, x: &O::T) -> Result<O::T> {
@@ -430,6 +447,8 @@ pub struct UNet {
     pub cfg: UNetConfig,
     pub temb0: Linear,
     pub temb2: Linear,
+    /// The guidance-weight embedding (`model.guidance_embed`): sinusoid(1000 w) -> Linear(ch, ch), zero at init.
+    pub wemb: Option<Linear>,
     pub label: Option<Param>,
     /// One embedding per attribute, `values + 1` rows each (the last: unknown).
     pub attrs: Vec<Param>,
@@ -450,6 +469,7 @@ impl UNet {
         let temb = cfg.time_embed_dim();
         let temb0 = Linear::new(src, "temb.0", ch, temb)?;
         let temb2 = Linear::new(src, "temb.2", temb, temb)?;
+        let wemb = if cfg.guidance_embed { Some(Linear::zeros(src, "wemb", ch, ch)?) } else { None };
         let label = if cfg.num_classes > 0 {
             Some(src.param("label.weight", &[cfg.num_classes + 1, temb], Init::Normal(1.0))?)
         } else {
@@ -514,29 +534,53 @@ impl UNet {
         }
         let out_norm = GroupNorm::new(src, "out.0", cur, cfg.norm_groups)?;
         let out_conv = Conv::new(src, "out.2", cur, cfg.out_channels(), 3, 1, true)?;
-        Ok(Self { cfg, temb0, temb2, label, attrs, conv_in, down, mid1, mida, mid2, up, out_norm, out_conv })
+        Ok(Self { cfg, temb0, temb2, wemb, label, attrs, conv_in, down, mid1, mida, mid2, up, out_norm, out_conv })
     }
 
-    /// Sinusoidal timestep embedding (Vaswani et al. 2017 sec. 3.5, as in DDPM's `get_timestep_embedding`):
-    /// [sin(t w_i), cos(t w_i)], w_i = 10000^(-i/(half-1)).
-    fn timestep_embedding<O: Ops>(&self, o: &mut O, t: &O::T) -> Result<O::T> {
+    /// Sinusoidal embedding (Vaswani et al. 2017 sec. 3.5, as in DDPM's `get_timestep_embedding`) of f32 values
+    /// [B] times `scale`: [sin(v scale w_i), cos(v scale w_i)], w_i = 10000^(-i/(half-1)), in the model's dtype.
+    fn sinusoid<O: Ops>(&self, o: &mut O, v: &O::T, scale: f64, name: &str) -> Result<O::T> {
         let half = self.cfg.ch / 2;
-        let freqs: Vec<f32> =
-            (0..half).map(|i| (-(10000f64.ln()) * i as f64 / (half as f64 - 1.0).max(1.0)).exp() as f32).collect();
-        let tf = o.timesteps_to_f32(t)?;
-        let tf = o.reshape(&tf, &[-1, 1])?;
-        let f = o.const_f32("timestep_freqs", &freqs)?;
-        let args = o.mul(&tf, &f)?; // [B, half]
+        // the scale is folded into the f32 constant: an affine would run in the model's dtype (f16 exports)
+        let freqs: Vec<f32> = (0..half)
+            .map(|i| (scale * (-(10000f64.ln()) * i as f64 / (half as f64 - 1.0).max(1.0)).exp()) as f32)
+            .collect();
+        let v = o.reshape(v, &[-1, 1])?;
+        let f = o.const_f32(name, &freqs)?;
+        let args = o.mul(&v, &f)?; // [B, half]
         let s = o.sin(&args)?;
         let c = o.cos(&args)?;
         let e = o.concat(&[s, c], 1)?;
         o.to_model_dtype(&e)
     }
 
+    /// The timestep's sinusoid, plus the guidance weight's through `wemb` for a guidance-input model
+    /// (Meng et al. 2023, sec. 3: w gets a Fourier embedding like t; the 1000 puts w in [0, 10] on the
+    /// timesteps' scale, as LCM's `get_guidance_scale_embedding`).
+    fn time_and_guidance<O: Ops>(&self, o: &mut O, t: &O::T, w: Option<&O::T>) -> Result<O::T> {
+        let tf = o.timesteps_to_f32(t)?;
+        let e = self.sinusoid(o, &tf, 1.0, "timestep_freqs")?;
+        match (&self.wemb, w) {
+            (Some(wemb), Some(w)) => {
+                let we = self.sinusoid(o, w, 1000.0, "guidance_freqs")?;
+                let we = wemb.forward(o, &we)?;
+                o.add(&e, &we)
+            }
+            (None, None) => Ok(e),
+            (Some(_), None) => bail!("this model takes the guidance weight w as an input: call forward_w with it"),
+            (None, Some(_)) => bail!("this model has no guidance-weight input (model.guidance_embed is off)"),
+        }
+    }
+
     /// eps_theta(x_t, t, y): x [B, C, H, W], t [B] integer timesteps, y [B] integer labels (num_classes = null),
     /// or [B, 1 + A] with attributes (the class, then each attribute; each column's last value is its null).
     pub fn forward<O: Ops>(&self, o: &mut O, x: &O::T, t: &O::T, y: Option<&O::T>) -> Result<O::T> {
-        let e = self.timestep_embedding(o, t)?;
+        self.forward_w(o, x, t, y, None)
+    }
+
+    /// [`UNet::forward`] with the guidance weight w [B] (f32) of a `guidance_embed` model (None for others).
+    pub fn forward_w<O: Ops>(&self, o: &mut O, x: &O::T, t: &O::T, y: Option<&O::T>, w: Option<&O::T>) -> Result<O::T> {
+        let e = self.time_and_guidance(o, t, w)?;
         let e = self.temb0.forward(o, &e)?;
         let e = o.silu(&e)?;
         let mut emb = self.temb2.forward(o, &e)?;

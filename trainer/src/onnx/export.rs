@@ -39,10 +39,53 @@ pub fn metadata(state: &State, weights: Weights, dtype: Dtype, recommended: Opti
         exporter: Some(format!("diffusion-rs trainer {}", env!("CARGO_PKG_VERSION"))),
         background: (cfg.data.kind == crate::data::DataKind::Folder).then_some(cfg.data.background),
         recommended: recommended.cloned(),
+        student: None,
+        guidance_input: None,
         extra: Default::default(),
+    };
+    let meta = match &cfg.distill {
+        Some(d) => student_metadata(meta, d, state, recommended)?,
+        None => meta,
     };
     // what the runtime will refuse is refused here, before a file is written
     ModelMeta::from_props(&meta.to_props())?;
+    Ok(meta)
+}
+
+/// A distilled student's keys (format 2): what it is, the guidance range of its w input, and, unless the caller
+/// recommends otherwise, its own sampling (DDIM in its steps, its distillation's guidance). A recommendation
+/// that contradicts the student is refused.
+fn student_metadata(
+    mut meta: ModelMeta,
+    d: &crate::train::config::DistillConfig,
+    state: &State,
+    recommended: Option<&Recommended>,
+) -> Result<ModelMeta> {
+    let steps = d.steps_at(state.step, state.config.train.steps);
+    meta.student = Some(runtime::metadata::Student {
+        method: d.method.clone(),
+        steps,
+        teacher_steps: d.teacher_steps,
+        teacher: d.teacher.clone(),
+        teacher_sha256: d.teacher_sha256.clone(),
+    });
+    if state.config.model.guidance_embed {
+        meta.guidance_input = Some((0.0, d.guidance_max));
+    }
+    let own = Recommended {
+        sampler: runtime::sampler::SamplerKind::Ddim,
+        steps,
+        guidance: d.guidance,
+        guidance_interval: None,
+    };
+    match recommended {
+        None => meta.recommended = Some(own),
+        Some(r) if r.sampler != own.sampler || r.steps != steps || r.guidance_interval.is_some() => bail!(
+            "this run is a {steps}-step student (checkpoint step {}): it is sampled by ddim in {steps} steps with no guidance interval; drop --sampler/--steps/--guidance-interval or match them",
+            state.step
+        ),
+        Some(r) => meta.recommended = Some(r.clone()),
+    }
     Ok(meta)
 }
 

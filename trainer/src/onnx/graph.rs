@@ -309,9 +309,9 @@ pub fn value_info(name: &str, elem: DataType, dims: &[Option<i64>]) -> ValueInfo
 pub fn build_model(unet: &UNet, dtype: Dtype, opset: i64, metadata: &BTreeMap<String, String>) -> Result<ModelProto> {
     let cfg = &unet.cfg;
     let mut o = OnnxOps::new(dtype);
-    let (x, t, y) = ("x".to_string(), "t".to_string(), "y".to_string());
+    let (x, t, y, w) = ("x".to_string(), "t".to_string(), "y".to_string(), "w".to_string());
     let conditional = cfg.num_classes > 0;
-    let out = unet.forward(&mut o, &x, &t, conditional.then_some(&y))?;
+    let out = unet.forward_w(&mut o, &x, &t, conditional.then_some(&y), cfg.guidance_embed.then_some(&w))?;
     let (c, s) = (cfg.channels as i64, cfg.image_size as i64);
     let img = [None, Some(c), Some(s), Some(s)];
     let mut inputs = vec![value_info("x", onnx_type(dtype), &img), value_info("t", DataType::Int64, &[None])];
@@ -319,6 +319,10 @@ pub fn build_model(unet: &UNet, dtype: Dtype, opset: i64, metadata: &BTreeMap<St
         // y [B], or [B, 1 + A] for a multi-attribute model
         let dims = if cfg.attributes.is_empty() { vec![None] } else { vec![None, Some(cfg.label_columns() as i64)] };
         inputs.push(value_info("y", DataType::Int64, &dims));
+    }
+    if cfg.guidance_embed {
+        // the guidance weight of a distilled student (f32 whatever the model's dtype, like t is int64)
+        inputs.push(value_info("w", DataType::Float, &[None]));
     }
     // eps, or the velocity of a v-predicting model (Salimans & Ho 2022): the runtime reads it by this name
     let first = cfg.prediction.output_name();
@@ -409,7 +413,21 @@ pub fn finish_model(
 
 /// Evaluates an exported model with candle-onnx (an independent reader, CPU).
 pub fn candle_onnx_eval(model: &ModelProto, x: &Tensor, t: &Tensor, y: Option<&Tensor>) -> Result<Tensor> {
+    candle_onnx_eval_w(model, x, t, y, None)
+}
+
+/// [`candle_onnx_eval`] with the guidance weights w of a guidance-input model.
+pub fn candle_onnx_eval_w(
+    model: &ModelProto,
+    x: &Tensor,
+    t: &Tensor,
+    y: Option<&Tensor>,
+    w: Option<&Tensor>,
+) -> Result<Tensor> {
     let mut inputs = std::collections::HashMap::new();
+    if let Some(w) = w {
+        inputs.insert("w".to_string(), w.clone());
+    }
     inputs.insert("x".to_string(), x.clone());
     inputs.insert("t".to_string(), t.clone());
     if let Some(y) = y {

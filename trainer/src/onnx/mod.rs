@@ -6,4 +6,6 @@ pub mod export;
 pub mod graph;
 
 pub use export::{export, metadata, recommend, ExportOptions, Exported, RecommendOptions};
-pub use graph::{build_model, candle_onnx_eval, finish_model, onnx_type, value_info, Graph, OnnxOps};
+pub use graph::{
+    build_model, candle_onnx_eval, candle_onnx_eval_w, finish_model, onnx_type, value_info, Graph, OnnxOps,
+};

@@ -69,6 +69,82 @@ pub struct Config {
     pub diffusion: DiffusionConfig,
     pub data: DataConfig,
     pub train: TrainConfig,
+    /// Set by `trainer distill` on the student's run: what it is distilled from and for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub distill: Option<DistillConfig>,
+}
+
+/// A student's distillation (`trainer distill`): progressive distillation (Salimans & Ho 2022) from a teacher
+/// sampled by DDIM in `teacher_steps` down to `student_steps`, halving the steps train.steps / log2(teacher_steps /
+/// student_steps) steps at a time, with the guidance weight w as the student's input (Meng et al. 2023).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistillConfig {
+    /// `progressive`.
+    pub method: String,
+    /// The teacher as given: an exported .onnx file or a run folder.
+    pub teacher: String,
+    /// SHA-256 of the teacher's weight file, checked when a run resumes in its first stage.
+    pub teacher_sha256: String,
+    /// DDIM steps of the teacher (the first stage's two-step targets), a power of two times student_steps.
+    pub teacher_steps: usize,
+    /// Steps the student samples in.
+    pub student_steps: usize,
+    /// Guidance weights are drawn from U[0, guidance_max] per image.
+    pub guidance_max: f32,
+    /// The guidance weight the exported student recommends.
+    pub guidance: f32,
+    /// The teacher guides only at these timesteps [lo, hi] (its recommended interval).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guidance_interval: Option<[usize; 2]>,
+    /// Clip the teacher's x0 to [-1, 1] in its DDIM steps.
+    pub clip_teacher_x0: bool,
+}
+
+impl DistillConfig {
+    /// The number of halvings: log2(teacher_steps / student_steps).
+    pub fn stages(&self) -> usize {
+        (self.teacher_steps / self.student_steps).trailing_zeros() as usize
+    }
+
+    /// The stage (0-based) that trains step `step` (0-based) of `total`: stage s covers [total s / S, total (s+1) / S).
+    pub fn stage_of(&self, step: usize, total: usize) -> usize {
+        let n = self.stages();
+        (0..n).rev().find(|&s| step >= self.stage_start(s, total)).unwrap_or(0)
+    }
+
+    /// The first step of stage `s`.
+    pub fn stage_start(&self, s: usize, total: usize) -> usize {
+        s * total / self.stages().max(1)
+    }
+
+    /// The steps the student of a checkpoint at `step` samples in: those of the stage that trained its last step.
+    pub fn steps_at(&self, step: usize, total: usize) -> usize {
+        let s = self.stage_of(step.saturating_sub(1), total);
+        self.teacher_steps >> (s + 1)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.method != "progressive" {
+            bail!("distill.method must be \"progressive\", got \"{}\"", self.method);
+        }
+        let (n, k) = (self.teacher_steps, self.student_steps);
+        if k == 0 || n <= k || n % k != 0 || !(n / k).is_power_of_two() {
+            bail!("distill: the teacher's steps ({n}) must be the student's ({k}) times a power of two (at least 2)");
+        }
+        if !(self.guidance_max.is_finite()
+            && self.guidance_max >= 0.0
+            && self.guidance >= 0.0
+            && self.guidance <= self.guidance_max)
+        {
+            bail!(
+                "distill: the recommended guidance {} must lie in [0, guidance_max = {}]",
+                self.guidance,
+                self.guidance_max
+            );
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -239,6 +315,11 @@ impl Config {
 
     pub fn validate(&self) -> Result<()> {
         self.model.validate()?;
+        if let Some(d) = &self.distill {
+            d.validate()?;
+        } else if self.model.guidance_embed {
+            bail!("model.guidance_embed is set by `trainer distill` (its students take the guidance weight as an input); `trainer fit` trains models without it");
+        }
         self.diffusion.schedule()?;
         if self.diffusion.variance.is_learned() && self.train.vlb_weight == 0.0 {
             bail!("diffusion.variance = \"learned_range\" is trained by the L_vlb term alone: train.vlb_weight must be positive (0.001 in Nichol & Dhariwal 2021)");

@@ -103,6 +103,22 @@ impl Trainer {
         Self::assemble(cfg, data, device, unet, vars, None)
     }
 
+    /// A model with the given weights (by parameter name; the config's network must take them all) and a fresh
+    /// optimiser.
+    pub fn from_tensors(
+        cfg: Config,
+        data: Dataset,
+        device: Device,
+        tensors: &HashMap<String, Tensor>,
+        origin: &str,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let mut src = TensorSource::new(tensors, origin).as_vars().with_dtype(DType::F32);
+        let unet = UNet::new(cfg.unet(), &mut src)?;
+        let vars = src.finish()?;
+        Self::assemble(cfg, data, device, unet, vars, None)
+    }
+
     /// Continues from a checkpoint.
     pub fn from_checkpoint(ck: checkpoint::Checkpoint, cfg: Config, data: Dataset, device: Device) -> Result<Self> {
         if ck.state.data_fingerprint != data.fingerprint {
@@ -285,6 +301,12 @@ impl Trainer {
             (loss, norm, per_image)
         };
         self.timesteps.record(&batch.t, &per_image);
+        self.finish_step(loss, grad_norm, lr)
+    }
+
+    /// After the optimiser's update (or its refusal): the EMA, the step count, and the stop after
+    /// train.max_skipped_steps non-finite steps in a row.
+    pub fn finish_step(&mut self, loss: f64, grad_norm: f64, lr: f64) -> Result<StepStats> {
         let skipped = !(loss.is_finite() && grad_norm.is_finite());
         if skipped {
             self.skipped_in_row += 1;
@@ -403,7 +425,7 @@ pub const METRICS_HEADER: &str = "step,loss,grad_norm,lr,elapsed_s,skipped";
 
 /// Keeps the metric rows up to `step` (a killed run may have logged past its last checkpoint, or written
 /// half a line).
-fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
+pub fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
     let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
     let mut out = String::from(METRICS_HEADER);
     out.push('\n');
@@ -447,6 +469,8 @@ pub enum FitEvent<'a> {
     Step { step: usize, total: usize, stats: &'a StepStats, elapsed_s: f64 },
     /// A preview grid was written.
     Preview(&'a Path),
+    /// A change of phase the user may want to see (e.g. a distillation stage begins).
+    Note(&'a str),
     /// Something the user should know (e.g. a newer checkpoint that could not be read was passed over).
     Warning(&'a str),
 }

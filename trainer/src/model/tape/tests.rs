@@ -30,10 +30,13 @@ fn check_against_candle(cfg: UNetConfig, batch: usize) {
     let ydims = if cfg.num_classes > 0 { cfg.label_dims(batch) } else { vec![batch] };
     let y = Tensor::from_vec(ys.clone(), ydims.clone(), &dev).unwrap();
     let cond = cfg.num_classes > 0;
+    // a guidance-weight input (distilled students): w per image
+    let ws: Vec<f32> = (0..batch).map(|i| 0.7 * i as f32).collect();
+    let w = Tensor::from_vec(ws.clone(), batch, &dev).unwrap();
 
     let mut rng = ChaCha8Rng::seed_from_u64(9);
     let mut ops = CandleOps::training(&dev, DType::F32, &mut rng);
-    let pred = unet.forward(&mut ops, &x, &t, cond.then_some(&y)).unwrap();
+    let pred = unet.forward_w(&mut ops, &x, &t, cond.then_some(&y), cfg.guidance_embed.then_some(&w)).unwrap();
     let probe = Tensor::randn(0f32, 1.0, pred.dims(), &dev).unwrap();
     let reference = (&pred * &probe).unwrap().sum_all().unwrap().backward().unwrap();
 
@@ -43,7 +46,8 @@ fn check_against_candle(cfg: UNetConfig, batch: usize) {
     let xv = tape.input(&x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), x.dims()).unwrap();
     let tv = tape.input(&ts.iter().map(|&v| v as f32).collect::<Vec<_>>(), &[batch]).unwrap();
     let yv = tape.input(&ys.iter().map(|&v| v as f32).collect::<Vec<_>>(), &ydims).unwrap();
-    let out = unet.forward(&mut tape, &xv, &tv, cond.then_some(&yv)).unwrap();
+    let wv = tape.input(&ws, &[batch]).unwrap();
+    let out = unet.forward_w(&mut tape, &xv, &tv, cond.then_some(&yv), cfg.guidance_embed.then_some(&wv)).unwrap();
     let ours = tape.data(out).to_vec();
     let want = pred.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
@@ -76,6 +80,7 @@ fn unet_matches_candle_autograd_with_scale_shift_attention_classes_and_an_attrib
             use_scale_shift_norm: true,
             num_classes: 3,
             attributes: vec![Attribute { name: "position".into(), values: vec!["a".into(), "b".into()] }],
+            guidance_embed: true,
             norm_groups: 8,
             learn_sigma: false,
             prediction: Default::default(),
@@ -101,6 +106,7 @@ fn unet_matches_candle_autograd_without_scale_shift_on_odd_shapes() {
             use_scale_shift_norm: false,
             num_classes: 0,
             attributes: vec![],
+            guidance_embed: false,
             norm_groups: 4,
             learn_sigma: true,
             prediction: Default::default(),

@@ -1,0 +1,384 @@
+//! `trainer distill`: a trained model turned into a few-step student by progressive distillation (Salimans & Ho
+//! 2022, "Progressive distillation for fast sampling of diffusion models", Algorithm 2), with classifier-free
+//! guidance distilled into a guidance-weight input (Meng et al. 2023, "On distillation of guided diffusion
+//! models", sec. 3: their two stages folded into the first halving, whose teacher is the guided original model).
+//!
+//! The student is the teacher's U-Net (initialised from its weights) plus the zero-initialised layer `wemb`, and
+//! predicts v whatever the teacher predicted (Salimans & Ho, sec. 4: an eps-student cannot take the one big step
+//! from pure noise, where x = (z - sigma eps) / alpha divides by alpha ~ 0.006). Each stage halves the steps:
+//! for t on the student's trailing grid, the teacher takes two DDIM steps t -> t' -> t'' (its own grid has twice
+//! the points), and the student learns the x whose one DDIM step lands there ([`targets::pd_target`]), with the
+//! truncated-SNR weight. The next stage's teacher is this stage's student (its EMA weights, written to
+//! RUN/distill/teacher-stage-S.safetensors at the stage's start so a resumed run finds it).
+//!
+//! The run is an ordinary run folder (checkpoints, metrics.csv, `--resume`, `--max-minutes`); its config holds
+//! a [distill] section, which `trainer export` turns into the student's metadata.
+
+pub mod targets;
+pub mod teacher;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use rand::Rng;
+use rand_distr::{Distribution, StandardNormal};
+
+use crate::model::profile;
+use crate::model::tape::Tape;
+use crate::train::checkpoint;
+use crate::train::config::{Config, DistillConfig, LrSchedule};
+use crate::train::{read_losses, step_rng, truncate_metrics, FitEvent, FitSummary, StepStats, Trainer, METRICS_HEADER};
+use runtime::metadata::Prediction;
+use runtime::sampler::GuidanceInterval;
+use teacher::{Kind, Teacher};
+
+/// What `trainer distill` is asked.
+#[derive(Debug, Clone)]
+pub struct DistillOptions {
+    /// The model to distil: an exported .onnx file or a run folder (None when resuming).
+    pub teacher: Option<PathBuf>,
+    /// A config whose [data] (and [train] seed, EMA, label dropout) the student uses; needed for an .onnx
+    /// teacher, which names its data but cannot load it.
+    pub config: Option<PathBuf>,
+    pub out: PathBuf,
+    pub resume: bool,
+    pub force: bool,
+    pub teacher_steps: usize,
+    pub student_steps: usize,
+    /// Optimiser steps over all stages.
+    pub train_steps: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub guidance_max: f32,
+    /// The recommended guidance of the student (default: the teacher's recommended, else 2).
+    pub guidance: Option<f32>,
+    pub clip_teacher_x0: bool,
+    pub checkpoint_every: usize,
+    pub max_steps_now: Option<usize>,
+    pub max_seconds: Option<f64>,
+}
+
+/// The student's configuration: the teacher's network and schedule with a guidance input and v-prediction, the
+/// data of `base`, and the distillation's own optimisation settings.
+fn student_config(opts: &DistillOptions, src: &teacher::Source, teacher: &Path) -> Result<Config> {
+    if src.unet.guidance_embed && src.unet.prediction != Prediction::V {
+        bail!("the teacher takes a guidance weight but does not predict v: not a student of trainer distill");
+    }
+    let mut cfg = match (&src.config, &opts.config) {
+        (_, Some(p)) => Config::load(p)?,
+        (Some(c), None) => c.clone(),
+        (None, None) => bail!(
+            "--config is needed with an .onnx teacher: the config it was trained with (its [data] names the images to distil on)"
+        ),
+    };
+    if src.unet.learn_sigma {
+        bail!("the teacher learns its variance (learned_range): distillation needs a fixed-variance model");
+    }
+    if !src.unet.attributes.is_empty() {
+        bail!("the teacher has attributes beside its class: distilling their composed guidance is not supported");
+    }
+    let betas = cfg.diffusion.schedule()?.betas;
+    if betas.len() != src.betas.len()
+        || betas.iter().zip(&src.betas).any(|(a, b)| (a - b).abs() > 1e-9 * b.abs().max(1e-12))
+    {
+        bail!(
+            "the config's diffusion schedule ({} {} steps) is not the teacher's ({} steps): use the config the teacher was trained with",
+            format!("{:?}", cfg.diffusion.schedule).to_lowercase(),
+            cfg.diffusion.timesteps,
+            src.betas.len()
+        );
+    }
+    let mut model = src.unet.clone();
+    model.guidance_embed = model.num_classes > 0;
+    model.dropout = 0.0;
+    model.learn_sigma = false;
+    model.prediction = Prediction::Epsilon;
+    cfg.model = model;
+    cfg.diffusion.prediction = Prediction::V;
+    let t = &mut cfg.train;
+    t.steps = opts.train_steps;
+    t.batch_size = opts.batch_size;
+    t.lr = opts.lr;
+    t.warmup_steps = 0;
+    t.lr_schedule = LrSchedule::Constant;
+    t.checkpoint_every = opts.checkpoint_every;
+    t.preview_every = 0;
+    let rec = src.recommended.as_ref();
+    let guidance = opts.guidance.or(rec.map(|r| r.guidance)).unwrap_or(2.0).min(opts.guidance_max);
+    let d = DistillConfig {
+        method: "progressive".into(),
+        teacher: teacher.display().to_string(),
+        teacher_sha256: src.sha256.clone(),
+        teacher_steps: opts.teacher_steps,
+        student_steps: opts.student_steps,
+        guidance_max: opts.guidance_max,
+        guidance: if cfg.model.num_classes > 0 { guidance } else { 0.0 },
+        guidance_interval: rec.and_then(|r| r.guidance_interval).map(|g| [g.lo, g.hi]),
+        clip_teacher_x0: opts.clip_teacher_x0,
+    };
+    // every stage's checkpoints are kept (each is a student of its own step count)
+    t.keep_checkpoints = t.keep_checkpoints.max(d.stages() + 2);
+    cfg.distill = Some(d);
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// The teacher of stage `s`: the original model (its file checked against the recorded hash), or the previous
+/// stage's student from its teacher file.
+fn stage_teacher(run: &Path, cfg: &Config, s: usize) -> Result<Teacher> {
+    let d = cfg.distill.as_ref().context("not a distillation run")?;
+    if s == 0 {
+        let src = teacher::load(Path::new(&d.teacher))?;
+        if src.sha256 != d.teacher_sha256 {
+            bail!(
+                "the teacher {} changed since this run started (sha256 {} then, {} now): resume with the same teacher",
+                d.teacher,
+                d.teacher_sha256,
+                src.sha256
+            );
+        }
+        // a student distilled further (a run of `trainer distill` as the teacher) takes w itself
+        let kind = if src.unet.guidance_embed {
+            Kind::Student
+        } else {
+            Kind::Original { interval: d.guidance_interval.map(|[lo, hi]| GuidanceInterval { lo, hi }) }
+        };
+        return Ok(Teacher::new(src.build()?, kind));
+    }
+    let file = teacher::stage_file(run, s);
+    let tensors = candle_core::safetensors::load(&file, &Device::Cpu)
+        .with_context(|| format!("cannot read stage {s}'s teacher {}", file.display()))?;
+    let mut src = crate::model::params::TensorSource::new(&tensors, file.display().to_string());
+    let unet = crate::model::unet::UNet::new(cfg.unet(), &mut src)?;
+    src.finish()?;
+    Ok(Teacher::new(unet, Kind::Student))
+}
+
+/// One distillation step of stage `s` ([`targets`]): a batch on the stage's grid, the teacher's two DDIM steps,
+/// the student's loss and update.
+fn distill_step(tr: &mut Trainer, teacher: &mut Teacher, s: usize) -> Result<StepStats> {
+    let d = tr.cfg.distill.clone().context("not a distillation run")?;
+    let total = tr.cfg.train.steps;
+    let mut rng = step_rng(tr.cfg.train.seed, tr.step);
+    let idx = tr.order.batch(tr.step, tr.cfg.train.batch_size);
+    let sched = tr.schedule.clone();
+    let big_t = sched.num_timesteps();
+    let k = d.teacher_steps >> (s + 1);
+    let (g, g2) = (targets::grid(big_t, k), targets::grid(big_t, 2 * k));
+    let (c, sz) = (tr.data.channels, tr.data.size);
+    let n = tr.data.image_len();
+    let b = idx.len();
+    let null = tr.cfg.model.null_class().map(|v| v as u32).unwrap_or(0);
+    let (mut z, mut t, mut t1, mut t2, mut y, mut w) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+    profile::timed("batch: data, augmentation, noise", || {
+        for &i in &idx {
+            let mut x0 = tr.data.image_f32(i);
+            tr.cfg.data.augment.apply(&mut x0, c, sz, &mut rng);
+            let j = rng.gen_range(0..k);
+            let eps: Vec<f32> = (0..n).map(|_| StandardNormal.sample(&mut rng)).collect();
+            z.extend(sched.q_sample(&x0, g[j], &eps));
+            t.push(g[j] as u32);
+            t1.push(g2[2 * j + 1] as u32);
+            t2.push(g.get(j + 1).copied());
+            let drop = rng.gen::<f64>() < tr.cfg.train.p_uncond;
+            y.push(match &tr.data.labels {
+                Some(l) if !drop => l[i],
+                _ => null,
+            });
+            w.push(rng.gen::<f32>() * d.guidance_max);
+        }
+    });
+    let dims = [b, c, sz, sz];
+    let x_target = profile::timed("teacher: two DDIM steps", || -> Result<Vec<f32>> {
+        let e1 = teacher.guided_eps(&sched, &z, dims, &t, &y, &w, null)?;
+        let mut z1 = Vec::with_capacity(z.len());
+        for i in 0..b {
+            let r = i * n..(i + 1) * n;
+            z1.extend(targets::ddim(
+                &sched,
+                &z[r.clone()],
+                &e1[r],
+                t[i] as usize,
+                Some(t1[i] as usize),
+                d.clip_teacher_x0,
+            ));
+        }
+        let e2 = teacher.guided_eps(&sched, &z1, dims, &t1, &y, &w, null)?;
+        let mut x = Vec::with_capacity(z.len());
+        for i in 0..b {
+            let r = i * n..(i + 1) * n;
+            let z2 = targets::ddim(&sched, &z1[r.clone()], &e2[r.clone()], t1[i] as usize, t2[i], d.clip_teacher_x0);
+            x.extend(targets::pd_target(&sched, &z[r], t[i] as usize, &z2, t2[i]));
+        }
+        Ok(x)
+    })?;
+    // the student, on the training tape
+    let (loss, grads) = {
+        let mut tape = Tape::new(&mut tr.pool, Some(&mut rng));
+        let xs = tape.input(&z, &dims)?;
+        let ts = tape.input(&t.iter().map(|&v| v as f32).collect::<Vec<_>>(), &[b])?;
+        let cond = tr.unet.cfg.num_classes > 0;
+        let ys = if cond { Some(tape.input(&y.iter().map(|&v| v as f32).collect::<Vec<_>>(), &[b])?) } else { None };
+        let ws = if tr.unet.cfg.guidance_embed { Some(tape.input(&w, &[b])?) } else { None };
+        let out = tr.unet.forward_w(&mut tape, &xs, &ts, ys.as_ref(), ws.as_ref())?;
+        let o = targets::pd_objective(&sched, tape.data(out), &z, &t, &x_target);
+        (o.loss, tape.backward(out, o.grad)?)
+    };
+    // the learning rate falls linearly to 0 over each stage (Salimans & Ho 2022, appendix E)
+    let (start, end) = (d.stage_start(s, total), d.stage_start(s + 1, total));
+    let lr = tr.cfg.train.lr * (1.0 - (tr.step - start) as f64 / (end - start).max(1) as f64);
+    let clip = tr.cfg.train.grad_clip;
+    let norm = profile::timed("optimiser: clip, AdamW", || {
+        if loss.is_finite() {
+            tr.opt.step_host(grads, lr, clip)
+        } else {
+            Ok(f64::NAN)
+        }
+    })?;
+    tr.finish_step(loss, norm, lr)
+}
+
+/// Starts stage `s` at the current step: the previous stage's student (EMA weights) becomes the teacher (written
+/// once; a resumed run reads the same file), and the EMA restarts from the current weights.
+fn begin_stage(tr: &mut Trainer, run: &Path, s: usize) -> Result<()> {
+    if s > 0 {
+        let file = teacher::stage_file(run, s);
+        if !file.exists() {
+            std::fs::create_dir_all(file.parent().unwrap())?;
+            let tmp = file.with_extension("tmp");
+            let map: HashMap<String, Tensor> = tr.ema.as_map();
+            candle_core::safetensors::save(&map, &tmp)?;
+            std::fs::File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, &file)?;
+        }
+    }
+    for (k, v) in tr.ema.tensors.iter_mut() {
+        *v = tr.vars[k].as_tensor().copy()?.detach();
+    }
+    tr.ema.updates = 0;
+    Ok(())
+}
+
+/// Distils a teacher into a new run (or continues one, `opts.resume`): checkpoints every `checkpoint_every`
+/// steps, at every stage's end and at the end, one metrics.csv row per step, and the loss curve.
+pub fn distill(opts: &DistillOptions, on: &mut dyn FnMut(FitEvent)) -> Result<FitSummary> {
+    let run = &opts.out;
+    let device = Device::Cpu;
+    let mut resumed_from = None;
+    let mut tr = if opts.resume {
+        let ck = checkpoint::load_which(run, "latest", &device, true)?;
+        for w in &ck.passed_over {
+            on(FitEvent::Warning(&format!("passed over an unreadable checkpoint: {w}")));
+        }
+        let cfg = ck.state.config.clone();
+        let d = cfg
+            .distill
+            .clone()
+            .with_context(|| format!("{} is not a distillation run (use trainer fit --resume)", run.display()))?;
+        let dir = ck.dir.clone();
+        let data = crate::data::load(&cfg.data, cfg.model.image_size)?;
+        let mut t = Trainer::from_checkpoint(ck, cfg, data, device.clone())?;
+        // the EMA restarts with every stage
+        t.ema.updates = t.step - d.stage_start(d.stage_of(t.step, t.cfg.train.steps), t.cfg.train.steps);
+        truncate_metrics(&run.join("metrics.csv"), t.step)?;
+        resumed_from = Some(dir);
+        t
+    } else {
+        let tpath = opts.teacher.as_ref().context("--teacher is needed for a new distillation")?;
+        let src = teacher::load(tpath)?;
+        let cfg = student_config(opts, &src, tpath)?;
+        if run.exists() && std::fs::read_dir(run)?.next().is_some() {
+            if !opts.force {
+                bail!(
+                    "run folder {} already exists; use --resume {} to continue it, or --force to replace it",
+                    run.display(),
+                    run.display()
+                );
+            }
+            std::fs::remove_dir_all(run).with_context(|| format!("cannot remove {}", run.display()))?;
+        }
+        let data = crate::data::load(&cfg.data, cfg.model.image_size)?;
+        let mut tensors = src.tensors;
+        if cfg.model.guidance_embed && !src.unet.guidance_embed {
+            let ch = cfg.model.ch;
+            tensors.insert("wemb.weight".into(), Tensor::zeros((ch, ch), DType::F32, &device)?);
+            tensors.insert("wemb.bias".into(), Tensor::zeros(ch, DType::F32, &device)?);
+        }
+        std::fs::create_dir_all(run).with_context(|| format!("cannot create run folder {}", run.display()))?;
+        checkpoint::write_atomic(&run.join("config.toml"), toml::to_string_pretty(&cfg)?.as_bytes())?;
+        checkpoint::write_atomic(&run.join("metrics.csv"), format!("{METRICS_HEADER}\n").as_bytes())?;
+        Trainer::from_tensors(cfg, data, device.clone(), &tensors, &tpath.display().to_string())?
+    };
+    let d = tr.cfg.distill.clone().context("not a distillation run")?;
+    let total = tr.cfg.train.steps;
+    on(FitEvent::Started {
+        resumed_from: resumed_from.as_deref(),
+        step: tr.step,
+        total,
+        data: &tr.data,
+        num_params: tr.vars.values().map(|v| v.elem_count()).sum(),
+    });
+    let stop = opts.max_steps_now.map(|n| (tr.step + n).min(total)).unwrap_or(total);
+    let metrics_path = run.join("metrics.csv");
+    let mut metrics = std::fs::OpenOptions::new().append(true).create(true).open(&metrics_path)?;
+    let started = Instant::now();
+    let base_elapsed = tr.elapsed_s;
+    let mut window = std::collections::VecDeque::with_capacity(20);
+    let every = tr.cfg.train.checkpoint_every;
+    let mut current: Option<(usize, Teacher)> = None;
+    while tr.step < stop {
+        if opts.max_seconds.is_some_and(|m| tr.elapsed_s >= m) {
+            break;
+        }
+        let s = d.stage_of(tr.step, total);
+        if tr.step == d.stage_start(s, total) && current.as_ref().is_none_or(|(cs, _)| *cs != s) {
+            begin_stage(&mut tr, run, s)?;
+        }
+        if current.as_ref().is_none_or(|(cs, _)| *cs != s) {
+            let k = d.teacher_steps >> s;
+            on(FitEvent::Note(&format!(
+                "stage {} of {}: {k} teacher steps -> {} student steps, steps {}..{}",
+                s + 1,
+                d.stages(),
+                k / 2,
+                d.stage_start(s, total),
+                d.stage_start(s + 1, total)
+            )));
+            current = Some((s, stage_teacher(run, &tr.cfg, s)?));
+        }
+        let teacher = &mut current.as_mut().expect("a teacher for this stage").1;
+        let st = distill_step(&mut tr, teacher, s)?;
+        tr.elapsed_s = base_elapsed + started.elapsed().as_secs_f64();
+        let (step, elapsed, skipped) = (tr.step, tr.elapsed_s, st.skipped as u8);
+        writeln!(metrics, "{step},{:.6},{:.4},{:.3e},{elapsed:.2},{skipped}", st.loss, st.grad_norm, st.lr)?;
+        if !st.skipped {
+            if window.len() == 20 {
+                window.pop_front();
+            }
+            window.push_back(st.loss);
+            tr.recent_loss = window.iter().sum::<f64>() / window.len() as f64;
+        }
+        on(FitEvent::Step { step, total, stats: &st, elapsed_s: elapsed });
+        let stage_end = d.stage_of(step, total) != s || step == total;
+        if (step % every == 0 || stage_end) && step < stop {
+            metrics.flush()?;
+            tr.save_checkpoint(run, crate::train::DeviceSpec::Cpu)?;
+        }
+    }
+    metrics.flush()?;
+    let checkpoint = tr.save_checkpoint(run, crate::train::DeviceSpec::Cpu)?;
+    let losses = read_losses(&metrics_path)?;
+    let loss_curve = run.join("loss.png");
+    crate::plot::loss_curve(
+        &losses,
+        &loss_curve,
+        &format!("{} distillation loss", run.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()),
+    )?;
+    Ok(FitSummary { step: tr.step, total, recent_loss: tr.recent_loss, checkpoint, loss_curve })
+}
