@@ -4,7 +4,7 @@ and Python onnxruntime reproduces the reference output (written by the Rust test
 
 Usage: check_onnx.py MODEL.onnx REFERENCE.json TOLERANCE
 REFERENCE.json: {"shape": [B,C,H,W], "x": [...], "t": [...], "y": [...] or null, "eps": [...]} ("eps": the
-first output, the velocity for a v-predicting model)
+first output, the velocity for a v-predicting model), and "w": [...] for a student with a guidance input
 """
 import json
 import sys
@@ -27,6 +27,8 @@ def main():
     feeds = {"x": x.astype(np.float16) if f16 else x, "t": np.array(ref["t"], dtype=np.int64)}
     if ref.get("y") is not None:
         feeds["y"] = np.array(ref["y"], dtype=np.int64)
+    if ref.get("w") is not None:
+        feeds["w"] = np.array(ref["w"], dtype=np.float32)
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     # the first output: eps, or the velocity of a v-predicting model
     (eps,) = sess.run([sess.get_outputs()[0].name], feeds)

@@ -218,16 +218,21 @@ pub fn plan(info: &ModelMeta, req: &GenerateRequest) -> Result<Request> {
 fn student_request(info: &ModelMeta, req: &GenerateRequest) -> Result<()> {
     let bad = |field: &'static str, why: String| Err(crate::Error::request(field, why));
     if let Some(st) = &info.student {
-        let how =
-            format!("this model is a {}-step student: sample it with ddim in {} steps (trailing)", st.steps, st.steps);
-        if req.sampler != SamplerKind::Ddim {
+        let how = match st.sampler {
+            SamplerKind::Consistency => format!(
+                "this model is a consistency student: sample it with the consistency sampler (trailing; {} steps recommended)",
+                st.steps
+            ),
+            k => format!("this model is a {}-step student: sample it with {k} in {} steps (trailing)", st.steps, st.steps),
+        };
+        if req.sampler != st.sampler {
             return bad("sampler", format!("{}: {how}", req.sampler));
         }
-        if req.steps != st.steps {
+        if req.steps != st.steps && st.sampler != SamplerKind::Consistency {
             return bad("steps", format!("{}: {how}", req.steps));
         }
         if req.spacing != Spacing::Trailing {
-            return bad("spacing", format!("{:?}: {how}", req.spacing).to_lowercase());
+            return bad("spacing", format!("{}: {how}", req.spacing));
         }
         if req.eta != 0.0 {
             return bad("eta", format!("{}: {how} (eta 0)", req.eta));
@@ -356,6 +361,7 @@ mod tests {
         let mut info = info();
         info.student = Some(crate::metadata::Student {
             method: "progressive".into(),
+            sampler: SamplerKind::Ddim,
             steps: 2,
             teacher_steps: 8,
             teacher: "t.onnx".into(),

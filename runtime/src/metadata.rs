@@ -33,7 +33,7 @@
 //! | `recommended_steps` | ... its steps | no: all three or none |
 //! | `recommended_guidance` | ... its guidance weight | no: all three or none |
 //! | `recommended_guidance_interval` | `LO,HI`: guide only at these timesteps | no: with the three above |
-//! | `student` | JSON `{"method", "steps", "teacher_steps", "teacher", "teacher_sha256"}`: a distilled student, sampled by DDIM (eta 0, trailing spacing) in exactly `steps` steps | no: format 2 |
+//! | `student` | JSON `{"method", "sampler", "steps", "teacher_steps", "teacher", "teacher_sha256"}`: a distilled student, sampled (trailing spacing) by `ddim` in exactly `steps` steps, or by `consistency` in any | no: format 2 |
 //! | `guidance_input` | `LO,HI`: the model's fourth input w [B] (float32) is the guidance weight, one call per step; weights in LO..=HI | no: format 2 |
 //!
 //! Keys this schema does not know are kept in [`ModelMeta::extra`] and written back unchanged.
@@ -91,13 +91,17 @@ pub struct Recommended {
     pub guidance_interval: Option<GuidanceInterval>,
 }
 
-/// A few-step student distilled from a teacher (`trainer distill`): it is sampled by DDIM (eta 0) on the
-/// trailing grid of exactly `steps` steps, the grid it was distilled on (Salimans & Ho 2022).
+/// A few-step student distilled from a teacher (`trainer distill`): a progressive one is sampled by DDIM (eta 0)
+/// on the trailing grid of exactly `steps` steps, the grid it was distilled on (Salimans & Ho 2022); a consistency
+/// one by multistep consistency sampling (Song et al. 2023, Algorithm 1) on a trailing grid.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Student {
-    /// `progressive` (Salimans & Ho 2022).
+    /// `progressive` (Salimans & Ho 2022) or `consistency` (Song et al. 2023).
     pub method: String,
+    /// How it samples: `ddim` in exactly `steps` steps (progressive), or `consistency` in any number of steps
+    /// (`steps` recommended).
+    pub sampler: SamplerKind,
     pub steps: usize,
     /// The DDIM steps of the teacher it was distilled from.
     pub teacher_steps: usize,
@@ -283,7 +287,7 @@ pub const KEYS: &[Key] = &[
     key_of(
         "student",
         Need::Format2,
-        "JSON `{\"method\", \"steps\", \"teacher_steps\", \"teacher\", \"teacher_sha256\"}`: a distilled student, sampled by DDIM (eta 0, trailing spacing) in exactly `steps` steps",
+        "JSON `{\"method\", \"sampler\", \"steps\", \"teacher_steps\", \"teacher\", \"teacher_sha256\"}`: a distilled student, sampled (trailing spacing) by `ddim` in exactly `steps` steps, or by `consistency` in any",
     ),
     key_of(
         "guidance_input",
@@ -786,6 +790,7 @@ mod tests {
         let mut m = meta();
         m.student = Some(Student {
             method: "progressive".into(),
+            sampler: SamplerKind::Ddim,
             steps: 2,
             teacher_steps: 8,
             teacher: "models/mnist.onnx".into(),

@@ -1,6 +1,7 @@
 //! `trainer distill` end to end on real MNIST: a tiny teacher run distilled in two halvings; a run stopped in
 //! its second stage resumes to exactly the weights of an uninterrupted one; the export is a student that the
-//! runtime samples with nothing but the file; bad requests are named.
+//! runtime samples with nothing but the file; a consistency student samples in any number of steps; bad
+//! requests are named.
 
 mod common;
 
@@ -107,6 +108,28 @@ fn a_distilled_student_resumes_exactly_exports_and_samples_in_its_own_steps() {
         .args(["--sampler", "dpm++", "--steps", "10", "--guidance", "2", "--out"])
         .arg(dir.join("x.onnx")));
     assert!(!ok && log.contains("1-step student"), "{log}");
+
+    // consistency distillation: one stage on the teacher's grid; its student samples in any number of steps
+    let cd = dir.join("cd");
+    let mut c = trainer();
+    c.args(["distill", "-q", "--method", "consistency", "--teacher"]).arg(&teacher).arg("--out").arg(&cd);
+    let (ok, log) = run(c.args(["--teacher-steps", "4", "--steps", "2", "--train-steps", "3", "--batch-size", "4"]));
+    assert!(ok, "{log}");
+    let cd_file = dir.join("cd.onnx");
+    let (ok, log) = run(trainer().args(["export", "--run"]).arg(&cd).arg("--out").arg(&cd_file));
+    assert!(ok, "{log}");
+    let mut g = Generator::open(&cd_file, &GeneratorOptions::default()).unwrap();
+    let info = g.info().clone();
+    let st = info.student.clone().unwrap();
+    assert_eq!((st.method.as_str(), st.sampler.to_string().as_str(), st.steps), ("consistency", "consistency", 2));
+    let req = GenerateRequest { n: 2, class: Some("3".into()), ..GenerateRequest::recommended(&info) };
+    for steps in [1, 2, 4] {
+        let mut calls = 0;
+        g.generate(&GenerateRequest { steps, ..req.clone() }, &mut |_| calls += 1).unwrap();
+        assert_eq!(calls, steps);
+    }
+    let ddim = GenerateRequest { sampler: runtime::sampler::SamplerKind::Ddim, ..req };
+    assert!(g.generate(&ddim, &mut |_| {}).unwrap_err().to_string().contains("consistency student"));
 
     // bad input is named, and nothing on disk is lost
     let (ok, log) = distill(&teacher, &whole, &[]);

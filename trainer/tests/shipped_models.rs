@@ -14,8 +14,14 @@ use runtime::onnx::{OrtDenoiser, Provider};
 use runtime::sampler::Denoiser;
 use trainer::train::config::Config;
 
-/// (file in models/, preset that made it, minimum fraction recognised)
-const SHIPPED: [(&str, &str, f64); 2] = [("mnist.onnx", "mnist", 0.90), ("fashion-mnist.onnx", "fashion-mnist", 0.90)];
+/// (file in models/, preset that made it, minimum fraction recognised, and in every class)
+const SHIPPED: [(&str, &str, f64, f64); 4] = [
+    ("mnist.onnx", "mnist", 0.90, 0.0),
+    ("fashion-mnist.onnx", "fashion-mnist", 0.90, 0.0),
+    // the distilled students, in their own steps (one model call each, guidance an input)
+    ("mnist-fast.onnx", "mnist", 0.90, 0.90),
+    ("fashion-mnist-fast.onnx", "fashion-mnist", 0.90, 0.0),
+];
 
 fn model(name: &str) -> PathBuf {
     let p = root().join("models").join(name);
@@ -32,7 +38,7 @@ fn eval_classifier(ds: &trainer::data::Dataset) -> trainer::eval::Classifier {
 #[test]
 fn shipped_models_draw_the_classes_asked_for() {
     ort();
-    for (file, preset, min) in SHIPPED {
+    for (file, preset, min, min_class) in SHIPPED {
         let mut cfg = Config::load(&root().join("trainer/configs").join(format!("{preset}.toml"))).unwrap();
         cfg.data.path = root().join(&cfg.data.path);
         data_dir(cfg.data.path.file_name().unwrap().to_str().unwrap());
@@ -81,6 +87,8 @@ fn shipped_models_draw_the_classes_asked_for() {
             "{file}: only {:.1}% of its images show the class asked for (per class {per_class:?})",
             100.0 * hit
         );
+        let worst = *per_class.iter().min().unwrap() as f64 / 20.0;
+        assert!(worst >= min_class, "{file}: a class is recognised in {worst} of its images (per class {per_class:?})");
     }
 }
 
@@ -102,20 +110,26 @@ fn shipped_models_read_alike_in_onnx_runtime_candle_onnx_and_python() {
         let t: Vec<i64> = vec![0, 250, 500, 750, 999];
         let y: Vec<i64> = (0..b as i64).map(|i| i % (info.num_classes as i64 + 1)).collect();
         let yo = (info.num_classes > 0).then_some(&y[..]);
-        let eps = ort.eps(&x, [b, c, s, s], &t, yo).unwrap();
+        // a student's guidance weight, one per image
+        let w: Option<Vec<f32>> = info.takes_guidance().then(|| (0..b).map(|i| i as f32).collect());
+        let eps = match &w {
+            Some(w) => ort.eps_w(&x, [b, c, s, s], &t, yo, w).unwrap(),
+            None => ort.eps(&x, [b, c, s, s], &t, yo).unwrap(),
+        };
         assert!(eps.iter().all(|v| v.is_finite()) && eps.iter().any(|v| v.abs() > 1e-2));
         // candle-onnx, an independent reader
         let proto = candle_onnx::read_file(&path).unwrap();
         let xs = Tensor::from_vec(x.clone(), (b, c, s, s), &Device::Cpu).unwrap();
         let ts = Tensor::from_vec(t.clone(), b, &Device::Cpu).unwrap();
         let ys = Tensor::from_vec(y.clone(), b, &Device::Cpu).unwrap();
-        let co = trainer::onnx::candle_onnx_eval(&proto, &xs, &ts, yo.map(|_| &ys)).unwrap();
+        let ws = w.as_ref().map(|w| Tensor::from_vec(w.clone(), b, &Device::Cpu).unwrap());
+        let co = trainer::onnx::candle_onnx_eval_w(&proto, &xs, &ts, yo.map(|_| &ys), ws.as_ref()).unwrap();
         let co: Vec<f32> = co.flatten_all().unwrap().to_vec1().unwrap();
         let num: f32 = co.iter().zip(&eps).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt();
         let den: f32 = eps.iter().map(|v| v * v).sum::<f32>().sqrt();
         assert!(num / den <= 1e-4, "{file}: candle-onnx and ONNX Runtime differ by {}", num / den);
         // Python: onnx.checker (full check) and onnxruntime against ONNX Runtime's answer from Rust
-        let reference = serde_json::json!({ "shape": [b, c, s, s], "x": x, "t": t, "y": yo, "eps": eps });
+        let reference = serde_json::json!({ "shape": [b, c, s, s], "x": x, "t": t, "y": yo, "w": w, "eps": eps });
         let rp = std::env::temp_dir().join(format!("shipped-{file}-{}.json", std::process::id()));
         std::fs::write(&rp, reference.to_string()).unwrap();
         let out = std::process::Command::new(&py)

@@ -30,12 +30,16 @@ pub enum SamplerKind {
     Ddpm,
     /// DPM-Solver++(2M) (Lu et al. 2022): good in 10-20 steps.
     DpmSolverPP,
+    /// Multistep consistency sampling (Song et al. 2023, Algorithm 1), for consistency-distilled students: the
+    /// model's x0 at each step, noised afresh to the next timestep.
+    Consistency,
 }
 
 crate::named_enum!(SamplerKind, "sampler", {
     Ddim => ["ddim"],
     Ddpm => ["ddpm"],
     DpmSolverPP => ["dpm++", "dpmpp", "dpm-solver++"],
+    Consistency => ["consistency", "cm"],
 });
 
 /// `steps` timesteps out of 0..T, in decreasing order.
@@ -69,6 +73,8 @@ pub enum Method {
     Ddim { steps: usize, eta: f64, spacing: Spacing },
     /// Lu et al. 2022 (DPM-Solver++), the second-order multistep variant 2M.
     DpmSolverPP { steps: usize, spacing: Spacing },
+    /// Song et al. 2023, Algorithm 1 (multistep consistency sampling).
+    Consistency { steps: usize, spacing: Spacing },
 }
 
 impl Method {
@@ -92,6 +98,7 @@ impl Method {
             SamplerKind::Ddim => Method::Ddim { steps, eta, spacing },
             SamplerKind::Ddpm => Method::Ddpm { steps, spacing, variance },
             SamplerKind::DpmSolverPP => Method::DpmSolverPP { steps, spacing },
+            SamplerKind::Consistency => Method::Consistency { steps, spacing },
         })
     }
 
@@ -100,7 +107,8 @@ impl Method {
         match self {
             Method::Ddpm { steps, spacing, .. }
             | Method::Ddim { steps, spacing, .. }
-            | Method::DpmSolverPP { steps, spacing } => timesteps(num_train, *steps, *spacing),
+            | Method::DpmSolverPP { steps, spacing }
+            | Method::Consistency { steps, spacing } => timesteps(num_train, *steps, *spacing),
         }
     }
 
@@ -109,6 +117,7 @@ impl Method {
             Method::Ddpm { .. } => SamplerKind::Ddpm,
             Method::Ddim { .. } => SamplerKind::Ddim,
             Method::DpmSolverPP { .. } => SamplerKind::DpmSolverPP,
+            Method::Consistency { .. } => SamplerKind::Consistency,
         }
     }
 }

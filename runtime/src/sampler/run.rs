@@ -7,7 +7,7 @@ use rand_chacha::ChaCha8Rng;
 use super::editing::{keep_known, renoise, start};
 use super::guidance::Guided;
 use super::request::{Method, Request};
-use super::steps::{ddim_step, ddpm_step, dpmpp_2m_step, threshold_x0, History};
+use super::steps::{consistency_step, ddim_step, ddpm_step, dpmpp_2m_step, threshold_x0, History};
 use super::Denoiser;
 use crate::error::Result;
 use crate::schedule::NoiseSchedule;
@@ -167,6 +167,7 @@ impl<'a> Stepper<'a> {
                 ddpm_step(chain, x, x0, ts.len() - 1 - i, *variance, v, rngs)
             }
             Method::Ddim { eta, .. } => ddim_step(self.sched, x, x0, t, t_next, *eta, rngs),
+            Method::Consistency { .. } => consistency_step(self.sched, x0, t_next, rngs),
             Method::DpmSolverPP { .. } => {
                 // The order rule: first order on the first step (no history yet) and on the step that lands
                 // on the final timestep ("lower order final" in DPM-Solver++'s reference code and diffusers:

@@ -106,6 +106,23 @@ pub(super) fn ddim_step(
     out
 }
 
+/// Multistep consistency sampling (Song et al. 2023, Algorithm 1, line 5): the model's x0 noised afresh to the
+/// next timestep, x_next = sqrt(a_next) x0 + sqrt(1 - a_next) z; the end returns x0.
+pub(super) fn consistency_step(
+    sched: &NoiseSchedule,
+    x0: &[f32],
+    t_next: Option<usize>,
+    rngs: &mut [ChaCha8Rng],
+) -> Vec<f32> {
+    let Some(tn) = t_next else {
+        return x0.to_vec();
+    };
+    let a = sched.alphas_cumprod[tn];
+    let (sa, sn) = (a.sqrt() as f32, (1.0 - a).sqrt() as f32);
+    let z = noise(rngs, x0.len() / rngs.len());
+    x0.iter().zip(&z).map(|(x, z)| sa * x + sn * z).collect()
+}
+
 /// The previous DPM-Solver++ step: its predicted x0 and its step size h in log-SNR.
 pub(super) struct History {
     pub(super) x0: Vec<f32>,

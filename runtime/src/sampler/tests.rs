@@ -129,6 +129,28 @@ fn dpm_solver_and_ddim_with_noise_and_ddpm_recover_x0() {
     }
 }
 
+#[test]
+fn consistency_sampling_noises_each_x0_afresh_and_ends_on_it() {
+    let sched = NoiseSchedule::new(BetaSchedule::LINEAR, 1000);
+    let mut o = oracle(&sched, 8);
+    let mut seen = vec![];
+    for steps in [1, 2, 4] {
+        let req = Request::new(2, [2, 2, 2], Method::Consistency { steps, spacing: Spacing::Trailing });
+        let mut xs = vec![];
+        let out = sample(&mut o, &sched, &req, &mut |s| xs.push((s.t, s.x.to_vec(), s.x0.to_vec()))).unwrap();
+        assert!(max_err(&out[..8], &o.x0[0]) < 1e-4, "{steps} steps: {}", max_err(&out[..8], &o.x0[0]));
+        // between the steps, x is x0 noised to the next timestep: sqrt(a) x0 + sqrt(1 - a) z, z ~ N(0, 1)
+        for w in xs.windows(2) {
+            let a = sched.alphas_cumprod[w[1].0] as f32;
+            let z: Vec<f32> =
+                w[0].1.iter().zip(&w[0].2).map(|(x, x0)| (x - a.sqrt() * x0) / (1.0 - a).sqrt()).collect();
+            assert!(z.iter().all(|v| v.abs() < 6.0) && z.iter().any(|v| v.abs() > 1e-3), "{steps} steps: {z:?}");
+            seen.push(z);
+        }
+    }
+    assert_eq!(seen.len(), 1 + 3);
+}
+
 /// An oracle that also returns a constant v, as a model with a learned variance does.
 struct WithV(Oracle, f32);
 
@@ -377,7 +399,7 @@ fn names_and_settings_are_checked_with_the_field_named() {
     assert_eq!("dpmpp".parse::<SamplerKind>().unwrap(), SamplerKind::DpmSolverPP);
     assert_eq!(SamplerKind::DpmSolverPP.to_string(), "dpm++");
     let e = "euler".parse::<SamplerKind>().unwrap_err().to_string();
-    assert_eq!(e, "unknown sampler 'euler' (expected one of: ddim, ddpm, dpm++)");
+    assert_eq!(e, "unknown sampler 'euler' (expected one of: ddim, ddpm, dpm++, consistency)");
     let v = VarianceType::FixedSmall;
     let e = Method::new(SamplerKind::Ddim, 0, 0.0, Spacing::Trailing, v, 1000).unwrap_err();
     assert!(matches!(e, Error::InvalidRequest { field: "steps", .. }), "{e}");

@@ -26,13 +26,15 @@ pub struct DistillArgs {
     /// Replace an existing run folder.
     #[arg(long)]
     force: bool,
-    /// Distillation method (progressive distillation, Salimans & Ho 2022).
-    #[arg(long, default_value = "progressive", value_parser = ["progressive"])]
+    /// progressive (Salimans & Ho 2022: halvings of the teacher's DDIM steps) or consistency (Song et al. 2023:
+    /// one stage on the teacher's grid; the student then samples in any number of steps that divides it).
+    #[arg(long, default_value = "progressive", value_parser = ["progressive", "consistency"])]
     method: String,
-    /// Steps the student samples in (one model call each).
+    /// Steps the student samples in (one model call each); a consistency student's recommended steps.
     #[arg(long = "steps", default_value_t = 2)]
     student_steps: usize,
-    /// DDIM steps of the teacher that the first stage halves; a power of two times --steps.
+    /// DDIM steps of the teacher: the first halving's (a power of two times --steps), or the consistency grid (a
+    /// multiple of --steps).
     #[arg(long, default_value_t = 8)]
     teacher_steps: usize,
     /// Optimiser steps over all the stages (each halving gets an equal share).
@@ -73,6 +75,7 @@ pub fn run_distill(a: DistillArgs) -> Result<()> {
         out: a.resume.clone().unwrap_or(a.out.clone()),
         resume: a.resume.is_some(),
         force: a.force,
+        method: a.method.clone(),
         teacher_steps: a.teacher_steps,
         student_steps: a.student_steps,
         train_steps: a.train_steps,

@@ -11,6 +11,11 @@
 //! truncated-SNR weight. The next stage's teacher is this stage's student (its EMA weights, written to
 //! RUN/distill/teacher-stage-S.safetensors at the stage's start so a resumed run finds it).
 //!
+//! Consistency distillation (`--method consistency`; Song et al. 2023, Algorithm 2, guided as LCM, Luo et al. 2023,
+//! with the stop-gradient target of Geng et al. 2024) is the alternative: one stage on the teacher's grid, the
+//! student's x0 at t made to agree with its own x0 (gradient stopped) one teacher DDIM step later, anchored at the
+//! end by the teacher's x0; it samples by multistep consistency sampling in any number of steps.
+//!
 //! The run is an ordinary run folder (checkpoints, metrics.csv, `--resume`, `--max-minutes`); its config holds
 //! a [distill] section, which `trainer export` turns into the student's metadata.
 
@@ -49,6 +54,8 @@ pub struct DistillOptions {
     pub out: PathBuf,
     pub resume: bool,
     pub force: bool,
+    /// `progressive` or `consistency`.
+    pub method: String,
     pub teacher_steps: usize,
     pub student_steps: usize,
     /// Optimiser steps over all stages.
@@ -112,7 +119,7 @@ fn student_config(opts: &DistillOptions, src: &teacher::Source, teacher: &Path) 
     let rec = src.recommended.as_ref();
     let guidance = opts.guidance.or(rec.map(|r| r.guidance)).unwrap_or(2.0).min(opts.guidance_max);
     let d = DistillConfig {
-        method: "progressive".into(),
+        method: opts.method.clone(),
         teacher: teacher.display().to_string(),
         teacher_sha256: src.sha256.clone(),
         teacher_steps: opts.teacher_steps,
@@ -160,74 +167,178 @@ fn stage_teacher(run: &Path, cfg: &Config, s: usize) -> Result<Teacher> {
     Ok(Teacher::new(unet, Kind::Student))
 }
 
-/// One distillation step of stage `s` ([`targets`]): a batch on the stage's grid, the teacher's two DDIM steps,
-/// the student's loss and update.
-fn distill_step(tr: &mut Trainer, teacher: &mut Teacher, s: usize) -> Result<StepStats> {
+/// One batch of a distillation step: noised images at timesteps of the stage's grid, their labels (dropped to
+/// the null class with train.p_uncond) and guidance weights.
+struct Batch {
+    dims: [usize; 4],
+    z: Vec<f32>,
+    t: Vec<u32>,
+    /// Progressive distillation: the teacher's midpoint t' between t and `next`.
+    mid: Vec<u32>,
+    /// The grid's next timestep after t (None: the end).
+    next: Vec<Option<usize>>,
+    y: Vec<u32>,
+    w: Vec<f32>,
+}
+
+/// Draws step `tr.step`'s batch on the grid `g` (with `fine`, the grid of twice the points, for the midpoints).
+fn draw_batch(tr: &mut Trainer, g: &[usize], fine: Option<&[usize]>, rng: &mut rand_chacha::ChaCha8Rng) -> Batch {
+    let d = tr.cfg.distill.as_ref().expect("a distillation run");
+    let idx = tr.order.batch(tr.step, tr.cfg.train.batch_size);
+    let (c, sz, n) = (tr.data.channels, tr.data.size, tr.data.image_len());
+    let null = tr.cfg.model.null_class().map(|v| v as u32).unwrap_or(0);
+    let mut b =
+        Batch { dims: [idx.len(), c, sz, sz], z: vec![], t: vec![], mid: vec![], next: vec![], y: vec![], w: vec![] };
+    for &i in &idx {
+        let mut x0 = tr.data.image_f32(i);
+        tr.cfg.data.augment.apply(&mut x0, c, sz, rng);
+        let j = rng.gen_range(0..g.len());
+        let eps: Vec<f32> = (0..n).map(|_| StandardNormal.sample(rng)).collect();
+        b.z.extend(tr.schedule.q_sample(&x0, g[j], &eps));
+        b.t.push(g[j] as u32);
+        if let Some(f) = fine {
+            b.mid.push(f[2 * j + 1] as u32);
+        }
+        b.next.push(g.get(j + 1).copied());
+        let drop = rng.gen::<f64>() < tr.cfg.train.p_uncond;
+        b.y.push(match &tr.data.labels {
+            Some(l) if !drop => l[i],
+            _ => null,
+        });
+        b.w.push(rng.gen::<f32>() * d.guidance_max);
+    }
+    b
+}
+
+/// One DDIM step of every image of `z` from its `from` to its `to` with the (guided) teacher.
+fn teacher_step(
+    teacher: &mut Teacher,
+    sched: &runtime::schedule::NoiseSchedule,
+    b: &Batch,
+    z: &[f32],
+    from: &[u32],
+    to: &[Option<usize>],
+    clip: bool,
+) -> Result<Vec<f32>> {
+    let null = teacher.unet.cfg.null_class().map(|v| v as u32).unwrap_or(0);
+    let e = teacher.guided_eps(sched, z, b.dims, from, &b.y, &b.w, null)?;
+    let n = z.len() / b.dims[0];
+    let mut out = Vec::with_capacity(z.len());
+    for i in 0..b.dims[0] {
+        let r = i * n..(i + 1) * n;
+        out.extend(targets::ddim(sched, &z[r.clone()], &e[r], from[i] as usize, to[i], clip));
+    }
+    Ok(out)
+}
+
+/// Progressive distillation's target (Salimans & Ho 2022, Algorithm 2): two teacher steps t -> t' -> t'', and the
+/// x whose one DDIM step from z_t lands where they did.
+fn pd_targets(
+    teacher: &mut Teacher,
+    sched: &runtime::schedule::NoiseSchedule,
+    b: &Batch,
+    clip: bool,
+) -> Result<Vec<f32>> {
+    let mid: Vec<Option<usize>> = b.mid.iter().map(|&v| Some(v as usize)).collect();
+    let z1 = teacher_step(teacher, sched, b, &b.z, &b.t, &mid, clip)?;
+    let z2 = teacher_step(teacher, sched, b, &z1, &b.mid, &b.next, clip)?;
+    let n = b.z.len() / b.dims[0];
+    let mut x = Vec::with_capacity(b.z.len());
+    for i in 0..b.dims[0] {
+        let r = i * n..(i + 1) * n;
+        x.extend(targets::pd_target(sched, &b.z[r.clone()], b.t[i] as usize, &z2[r], b.next[i]));
+    }
+    Ok(x)
+}
+
+/// Consistency distillation's target (Song et al. 2023, Algorithm 2, with the guided teacher of LCM, Luo et al.
+/// 2023): one teacher DDIM step t -> s, then the student's own x0 there with its gradient stopped (theta^- =
+/// theta, as Geng et al. 2024); at the end (s = none) the teacher's x0 itself, the boundary condition.
+fn cd_targets(
+    teacher: &mut Teacher,
+    tr: &mut Trainer,
+    pool: &mut crate::model::tape::Pool,
+    b: &Batch,
+    clip: bool,
+) -> Result<Vec<f32>> {
+    let sched = tr.schedule.clone();
+    let zs = teacher_step(teacher, &sched, b, &b.z, &b.t, &b.next, clip)?;
+    let inner: Vec<usize> = (0..b.dims[0]).filter(|&i| b.next[i].is_some()).collect();
+    let mut x = zs.clone();
+    if inner.is_empty() {
+        return Ok(x);
+    }
+    let n = b.z.len() / b.dims[0];
+    let pick = |v: &[f32]| -> Vec<f32> { inner.iter().flat_map(|&i| v[i * n..(i + 1) * n].to_vec()).collect() };
+    let s: Vec<f32> = inner.iter().map(|&i| b.next[i].unwrap() as f32).collect();
+    let y: Vec<f32> = inner.iter().map(|&i| b.y[i] as f32).collect();
+    let w: Vec<f32> = inner.iter().map(|&i| b.w[i]).collect();
+    let k = inner.len();
+    let v = {
+        let mut tape = Tape::new(pool, None);
+        let xs = tape.input(&pick(&zs), &[k, b.dims[1], b.dims[2], b.dims[3]])?;
+        let ts = tape.input(&s, &[k])?;
+        let ys = if tr.unet.cfg.num_classes > 0 { Some(tape.input(&y, &[k])?) } else { None };
+        let ws = if tr.unet.cfg.guidance_embed { Some(tape.input(&w, &[k])?) } else { None };
+        let out = tr.unet.forward_w(&mut tape, &xs, &ts, ys.as_ref(), ws.as_ref())?;
+        tape.data(out).to_vec()
+    };
+    for (j, &i) in inner.iter().enumerate() {
+        let (a, sg) = targets::alpha_sigma(&sched, b.next[i]);
+        for (p, (&z, &v)) in
+            x[i * n..(i + 1) * n].iter_mut().zip(zs[i * n..(i + 1) * n].iter().zip(&v[j * n..(j + 1) * n]))
+        {
+            *p = (a * z as f64 - sg * v as f64) as f32;
+        }
+    }
+    Ok(x)
+}
+
+/// One distillation step of stage `s`: a batch on the stage's grid, the teacher's target, the student's loss and
+/// update. `pool` holds the buffers of the student's stop-gradient pass (consistency distillation).
+fn distill_step(
+    tr: &mut Trainer,
+    teacher: &mut Teacher,
+    pool: &mut crate::model::tape::Pool,
+    s: usize,
+) -> Result<StepStats> {
     let d = tr.cfg.distill.clone().context("not a distillation run")?;
     let total = tr.cfg.train.steps;
     let mut rng = step_rng(tr.cfg.train.seed, tr.step);
-    let idx = tr.order.batch(tr.step, tr.cfg.train.batch_size);
     let sched = tr.schedule.clone();
     let big_t = sched.num_timesteps();
-    let k = d.teacher_steps >> (s + 1);
-    let (g, g2) = (targets::grid(big_t, k), targets::grid(big_t, 2 * k));
-    let (c, sz) = (tr.data.channels, tr.data.size);
-    let n = tr.data.image_len();
-    let b = idx.len();
-    let null = tr.cfg.model.null_class().map(|v| v as u32).unwrap_or(0);
-    let (mut z, mut t, mut t1, mut t2, mut y, mut w) = (vec![], vec![], vec![], vec![], vec![], vec![]);
-    profile::timed("batch: data, augmentation, noise", || {
-        for &i in &idx {
-            let mut x0 = tr.data.image_f32(i);
-            tr.cfg.data.augment.apply(&mut x0, c, sz, &mut rng);
-            let j = rng.gen_range(0..k);
-            let eps: Vec<f32> = (0..n).map(|_| StandardNormal.sample(&mut rng)).collect();
-            z.extend(sched.q_sample(&x0, g[j], &eps));
-            t.push(g[j] as u32);
-            t1.push(g2[2 * j + 1] as u32);
-            t2.push(g.get(j + 1).copied());
-            let drop = rng.gen::<f64>() < tr.cfg.train.p_uncond;
-            y.push(match &tr.data.labels {
-                Some(l) if !drop => l[i],
-                _ => null,
-            });
-            w.push(rng.gen::<f32>() * d.guidance_max);
+    let b = if d.consistency() {
+        let g = targets::grid(big_t, d.teacher_steps);
+        profile::timed("batch: data, augmentation, noise", || draw_batch(tr, &g, None, &mut rng))
+    } else {
+        let k = d.teacher_steps >> (s + 1);
+        let (g, fine) = (targets::grid(big_t, k), targets::grid(big_t, 2 * k));
+        profile::timed("batch: data, augmentation, noise", || draw_batch(tr, &g, Some(&fine), &mut rng))
+    };
+    let x_target = profile::timed("teacher: targets", || {
+        if d.consistency() {
+            cd_targets(teacher, tr, pool, &b, d.clip_teacher_x0)
+        } else {
+            pd_targets(teacher, &sched, &b, d.clip_teacher_x0)
         }
-    });
-    let dims = [b, c, sz, sz];
-    let x_target = profile::timed("teacher: two DDIM steps", || -> Result<Vec<f32>> {
-        let e1 = teacher.guided_eps(&sched, &z, dims, &t, &y, &w, null)?;
-        let mut z1 = Vec::with_capacity(z.len());
-        for i in 0..b {
-            let r = i * n..(i + 1) * n;
-            z1.extend(targets::ddim(
-                &sched,
-                &z[r.clone()],
-                &e1[r],
-                t[i] as usize,
-                Some(t1[i] as usize),
-                d.clip_teacher_x0,
-            ));
-        }
-        let e2 = teacher.guided_eps(&sched, &z1, dims, &t1, &y, &w, null)?;
-        let mut x = Vec::with_capacity(z.len());
-        for i in 0..b {
-            let r = i * n..(i + 1) * n;
-            let z2 = targets::ddim(&sched, &z1[r.clone()], &e2[r.clone()], t1[i] as usize, t2[i], d.clip_teacher_x0);
-            x.extend(targets::pd_target(&sched, &z[r], t[i] as usize, &z2, t2[i]));
-        }
-        Ok(x)
     })?;
     // the student, on the training tape
+    let bs = b.dims[0];
     let (loss, grads) = {
         let mut tape = Tape::new(&mut tr.pool, Some(&mut rng));
-        let xs = tape.input(&z, &dims)?;
-        let ts = tape.input(&t.iter().map(|&v| v as f32).collect::<Vec<_>>(), &[b])?;
+        let xs = tape.input(&b.z, &b.dims)?;
+        let ts = tape.input(&b.t.iter().map(|&v| v as f32).collect::<Vec<_>>(), &[bs])?;
         let cond = tr.unet.cfg.num_classes > 0;
-        let ys = if cond { Some(tape.input(&y.iter().map(|&v| v as f32).collect::<Vec<_>>(), &[b])?) } else { None };
-        let ws = if tr.unet.cfg.guidance_embed { Some(tape.input(&w, &[b])?) } else { None };
+        let ys = if cond { Some(tape.input(&b.y.iter().map(|&v| v as f32).collect::<Vec<_>>(), &[bs])?) } else { None };
+        let ws = if tr.unet.cfg.guidance_embed { Some(tape.input(&b.w, &[bs])?) } else { None };
         let out = tr.unet.forward_w(&mut tape, &xs, &ts, ys.as_ref(), ws.as_ref())?;
-        let o = targets::pd_objective(&sched, tape.data(out), &z, &t, &x_target);
+        let o = if d.consistency() {
+            // the pseudo-Huber constant of Song & Dhariwal 2023: 0.00054 sqrt(d)
+            let c = 0.00054 * ((b.z.len() / bs) as f64).sqrt();
+            targets::cd_objective(&sched, tape.data(out), &b.z, &b.t, &x_target, c)
+        } else {
+            targets::pd_objective(&sched, tape.data(out), &b.z, &b.t, &x_target)
+        };
         (o.loss, tape.backward(out, o.grad)?)
     };
     // the learning rate falls linearly to 0 over each stage (Salimans & Ho 2022, appendix E)
@@ -332,6 +443,7 @@ pub fn distill(opts: &DistillOptions, on: &mut dyn FnMut(FitEvent)) -> Result<Fi
     let mut window = std::collections::VecDeque::with_capacity(20);
     let every = tr.cfg.train.checkpoint_every;
     let mut current: Option<(usize, Teacher)> = None;
+    let mut target_pool = crate::model::tape::Pool::default();
     while tr.step < stop {
         if opts.max_seconds.is_some_and(|m| tr.elapsed_s >= m) {
             break;
@@ -353,7 +465,7 @@ pub fn distill(opts: &DistillOptions, on: &mut dyn FnMut(FitEvent)) -> Result<Fi
             current = Some((s, stage_teacher(run, &tr.cfg, s)?));
         }
         let teacher = &mut current.as_mut().expect("a teacher for this stage").1;
-        let st = distill_step(&mut tr, teacher, s)?;
+        let st = distill_step(&mut tr, teacher, &mut target_pool, s)?;
         tr.elapsed_s = base_elapsed + started.elapsed().as_secs_f64();
         let (step, elapsed, skipped) = (tr.step, tr.elapsed_s, st.skipped as u8);
         writeln!(metrics, "{step},{:.6},{:.4},{:.3e},{elapsed:.2},{skipped}", st.loss, st.grad_norm, st.lr)?;

@@ -82,6 +82,33 @@ pub fn pd_objective(sched: &NoiseSchedule, v_hat: &[f32], z: &[f32], t: &[u32], 
     Objective { loss, grad, per_image }
 }
 
+/// The consistency-distillation loss of a v-predicting student (Song et al. 2023, eq. 7, with the pseudo-Huber
+/// metric of Song & Dhariwal 2023, "Improved techniques for training consistency models", sec. 3.3): per image
+/// d(x^, x~) = sqrt(||x^ - x~||^2 + c^2) - c with x^ = f(z_t, t) = alpha_t z - sigma_t v^ and x~ the
+/// (stop-gradient) target, averaged over the batch; the gradient is with respect to v^.
+pub fn cd_objective(sched: &NoiseSchedule, v_hat: &[f32], z: &[f32], t: &[u32], x_target: &[f32], c: f64) -> Objective {
+    let b = t.len();
+    let d = v_hat.len() / b.max(1);
+    let mut grad = vec![0f32; v_hat.len()];
+    let mut per_image = Vec::with_capacity(b);
+    for (i, &ti) in t.iter().enumerate() {
+        let (a, s) = alpha_sigma(sched, Some(ti as usize));
+        let r = i * d..(i + 1) * d;
+        let diff: Vec<f64> = v_hat[r.clone()]
+            .iter()
+            .zip(z[r.clone()].iter().zip(&x_target[r.clone()]))
+            .map(|(&v, (&z, &x))| a * z as f64 - s * v as f64 - x as f64)
+            .collect();
+        let norm = (diff.iter().map(|v| v * v).sum::<f64>() + c * c).sqrt();
+        for (g, df) in grad[r].iter_mut().zip(&diff) {
+            *g = (-s * df / norm / b as f64) as f32;
+        }
+        per_image.push(norm - c);
+    }
+    let loss = per_image.iter().sum::<f64>() / b.max(1) as f64;
+    Objective { loss, grad, per_image }
+}
+
 /// Steps of a trailing grid of `steps` on T = `num_timesteps`, high to low (the runtime's spacing, so a student
 /// distilled on it is sampled with `--spacing trailing`). Halving keeps every other point: grid(2S)[2j] =
 /// grid(S)[j].
@@ -163,6 +190,28 @@ mod tests {
     }
 
     #[test]
+    fn the_consistency_gradient_matches_finite_differences() {
+        let sched = &schedules()[1];
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
+        let (b, d) = (3, 6);
+        let t = vec![999u32, 300, 0];
+        let (z, x, v) = (randn(&mut rng, b * d), randn(&mut rng, b * d), randn(&mut rng, b * d));
+        for c in [0.0, 0.05] {
+            let o = cd_objective(sched, &v, &z, &t, &x, c);
+            for k in 0..b * d {
+                let h = 1e-3f32;
+                let (mut p, mut m) = (v.clone(), v.clone());
+                p[k] += h;
+                m[k] -= h;
+                let fd = (cd_objective(sched, &p, &z, &t, &x, c).loss - cd_objective(sched, &m, &z, &t, &x, c).loss)
+                    / (2.0 * h as f64);
+                let g = o.grad[k] as f64;
+                assert!((fd - g).abs() <= 2e-3 * g.abs().max(1e-2), "c {c}, element {k}: {g} vs {fd}");
+            }
+        }
+    }
+
+    #[test]
     fn halving_a_trailing_grid_keeps_every_other_step() {
         for t in [1000, 4000, 20] {
             for s in 1..=8usize {
@@ -173,6 +222,11 @@ mod tests {
                 assert_eq!(g.len(), s);
                 for (j, &v) in g.iter().enumerate() {
                     assert_eq!(g2[2 * j], v, "T {t}, {s} -> {} steps", 2 * s);
+                }
+                // and a consistency student's grid of K steps lies on its teacher's grid of N = K m
+                let g3 = grid(t, (3 * s).min(t));
+                if (3 * s) <= t {
+                    assert!(g.iter().all(|v| g3.contains(v)), "T {t}: {s} steps inside {}", 3 * s);
                 }
             }
         }

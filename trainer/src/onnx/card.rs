@@ -106,6 +106,30 @@ pub fn model_card(state: &State, file: &CardFile, eval: Option<&EvalReport>) -> 
     for (k, v) in training_rows(state, file) {
         s += &format!("| {k} | {v} |\n");
     }
+    if let Some(d) = &state.config.distill {
+        let k = d.steps_at(state.step, state.config.train.steps);
+        s += &format!(
+            "| distillation | a {k}-step student: progressive distillation (Salimans & Ho 2022) of {} (sha256 {}), {} DDIM \
+             teacher steps halved {} time(s) over {} steps (the learning rate falls from {} to 0 in each halving){}; \
+             predicts v |\n",
+            d.teacher,
+            &d.teacher_sha256[..d.teacher_sha256.len().min(16)],
+            d.teacher_steps,
+            d.stages(),
+            state.config.train.steps,
+            state.config.train.lr,
+            if m.guidance_embed {
+                format!(
+                    "; the guidance weight w is an input (Meng et al. 2023), drawn from U[0, {}] in training: one model \
+                     call per step whatever w{}",
+                    d.guidance_max,
+                    d.guidance_interval.map(|[lo, hi]| format!(", the teacher guided at t {lo}..={hi}")).unwrap_or_default()
+                )
+            } else {
+                String::new()
+            }
+        );
+    }
     if let Some(e) = eval {
         s += &metrics(e);
     }

@@ -7,6 +7,7 @@ use anyhow::{bail, Result};
 use candle_core::Device;
 use prost::Message;
 use runtime::metadata::{Dtype, ModelMeta, Recommended, Weights};
+use runtime::sampler::SamplerKind;
 
 use super::card::{model_card, CardFile};
 use super::graph::build_model;
@@ -62,8 +63,10 @@ fn student_metadata(
     recommended: Option<&Recommended>,
 ) -> Result<ModelMeta> {
     let steps = d.steps_at(state.step, state.config.train.steps);
+    let sampler = if d.consistency() { SamplerKind::Consistency } else { SamplerKind::Ddim };
     meta.student = Some(runtime::metadata::Student {
         method: d.method.clone(),
+        sampler,
         steps,
         teacher_steps: d.teacher_steps,
         teacher: d.teacher.clone(),
@@ -72,18 +75,15 @@ fn student_metadata(
     if state.config.model.guidance_embed {
         meta.guidance_input = Some((0.0, d.guidance_max));
     }
-    let own = Recommended {
-        sampler: runtime::sampler::SamplerKind::Ddim,
-        steps,
-        guidance: d.guidance,
-        guidance_interval: None,
-    };
+    let own = Recommended { sampler, steps, guidance: d.guidance, guidance_interval: None };
     match recommended {
         None => meta.recommended = Some(own),
-        Some(r) if r.sampler != own.sampler || r.steps != steps || r.guidance_interval.is_some() => bail!(
-            "this run is a {steps}-step student (checkpoint step {}): it is sampled by ddim in {steps} steps with no guidance interval; drop --sampler/--steps/--guidance-interval or match them",
-            state.step
-        ),
+        Some(r) if r.sampler != sampler || (r.steps != steps && !d.consistency()) || r.guidance_interval.is_some() => {
+            bail!(
+                "this run is a {steps}-step student (checkpoint step {}): it is sampled by {sampler} in {steps} steps with no guidance interval; drop --sampler/--steps/--guidance-interval or match them",
+                state.step
+            )
+        }
         Some(r) => meta.recommended = Some(r.clone()),
     }
     Ok(meta)

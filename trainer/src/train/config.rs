@@ -80,7 +80,7 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DistillConfig {
-    /// `progressive`.
+    /// `progressive` (Salimans & Ho 2022) or `consistency` (Song et al. 2023, consistency distillation).
     pub method: String,
     /// The teacher as given: an exported .onnx file or a run folder.
     pub teacher: String,
@@ -102,8 +102,16 @@ pub struct DistillConfig {
 }
 
 impl DistillConfig {
-    /// The number of halvings: log2(teacher_steps / student_steps).
+    /// Consistency distillation (one stage, any number of sampling steps) rather than progressive.
+    pub fn consistency(&self) -> bool {
+        self.method == "consistency"
+    }
+
+    /// The number of stages: log2(teacher_steps / student_steps) halvings, or one for consistency distillation.
     pub fn stages(&self) -> usize {
+        if self.consistency() {
+            return 1;
+        }
         (self.teacher_steps / self.student_steps).trailing_zeros() as usize
     }
 
@@ -120,17 +128,26 @@ impl DistillConfig {
 
     /// The steps the student of a checkpoint at `step` samples in: those of the stage that trained its last step.
     pub fn steps_at(&self, step: usize, total: usize) -> usize {
+        if self.consistency() {
+            return self.student_steps;
+        }
         let s = self.stage_of(step.saturating_sub(1), total);
         self.teacher_steps >> (s + 1)
     }
 
     pub fn validate(&self) -> Result<()> {
-        if self.method != "progressive" {
-            bail!("distill.method must be \"progressive\", got \"{}\"", self.method);
-        }
         let (n, k) = (self.teacher_steps, self.student_steps);
-        if k == 0 || n <= k || n % k != 0 || !(n / k).is_power_of_two() {
-            bail!("distill: the teacher's steps ({n}) must be the student's ({k}) times a power of two (at least 2)");
+        match self.method.as_str() {
+            "progressive" if k == 0 || n <= k || n % k != 0 || !(n / k).is_power_of_two() => {
+                bail!(
+                    "distill: the teacher's steps ({n}) must be the student's ({k}) times a power of two (at least 2)"
+                )
+            }
+            "consistency" if k == 0 || n < 2 || n % k != 0 => {
+                bail!("distill: the teacher's steps ({n}, its grid) must be a multiple of the student's ({k}) and at least 2")
+            }
+            "progressive" | "consistency" => {}
+            m => bail!("distill.method must be \"progressive\" or \"consistency\", got \"{m}\""),
         }
         if !(self.guidance_max.is_finite()
             && self.guidance_max >= 0.0
