@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use trainer::distill::{distill, DistillOptions};
 use trainer::train::DeviceSpec;
 
@@ -88,23 +87,12 @@ pub fn run_distill(a: DistillArgs) -> Result<()> {
         max_steps_now: a.stop_after,
         max_seconds: a.max_minutes.map(|m| m * 60.0),
     };
-    let pb = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
-    pb.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {per_sec} ETA {eta} {msg}")
-            .unwrap(),
-    );
+    let pb = super::fit::progress_bar(a.quiet);
     let summary = distill(&opts, &mut |event| super::fit::report(event, &opts.out, DeviceSpec::Cpu, &pb, a.quiet));
     pb.finish_and_clear();
     let summary = summary.with_context(|| format!("trainer distill ({})", opts.out.display()))?;
     if !a.quiet {
-        eprintln!(
-            "step {} of {}: loss {:.4} (mean of last 20); checkpoint {}; loss curve {}",
-            summary.step,
-            summary.total,
-            summary.recent_loss,
-            summary.checkpoint.display(),
-            summary.loss_curve.display()
-        );
+        eprintln!("{}", super::fit::summary_line(&summary));
     }
     Ok(())
 }

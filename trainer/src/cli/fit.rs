@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use trainer::train::config::Config;
-use trainer::train::{fit, DeviceSpec, Engine, FitEvent, FitOptions};
+use trainer::train::{fit, DeviceSpec, Engine, FitEvent, FitOptions, FitSummary};
 
 #[derive(clap::Args)]
 pub struct FitArgs {
@@ -89,23 +89,34 @@ pub fn run_fit(a: FitArgs) -> Result<()> {
             eprintln!("{msg}");
         }
     };
-    let pb = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
+    let pb = progress_bar(a.quiet);
+    let summary = fit(cfg, &opts, &mut |event| report(event, &opts.out, opts.device, &pb, a.quiet));
+    pb.finish_and_clear();
+    let summary = summary.with_context(|| format!("trainer fit ({})", opts.out.display()))?;
+    log(summary_line(&summary));
+    Ok(())
+}
+
+/// The bar of a training run (hidden with -q): steps, speed, ETA, and the last step's loss.
+pub fn progress_bar(quiet: bool) -> ProgressBar {
+    let pb = if quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
     pb.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {per_sec} ETA {eta} {msg}")
             .unwrap(),
     );
-    let summary = fit(cfg, &opts, &mut |event| report(event, &opts.out, opts.device, &pb, a.quiet));
-    pb.finish_and_clear();
-    let summary = summary.with_context(|| format!("trainer fit ({})", opts.out.display()))?;
-    log(format!(
+    pb
+}
+
+/// The line a finished (or stopped) run ends with.
+pub fn summary_line(s: &FitSummary) -> String {
+    format!(
         "step {} of {}: loss {:.4} (mean of last 20); checkpoint {}; loss curve {}",
-        summary.step,
-        summary.total,
-        summary.recent_loss,
-        summary.checkpoint.display(),
-        summary.loss_curve.display()
-    ));
-    Ok(())
+        s.step,
+        s.total,
+        s.recent_loss,
+        s.checkpoint.display(),
+        s.loss_curve.display()
+    )
 }
 
 /// A resumed run continues with its saved config: only --steps may change it.

@@ -25,9 +25,7 @@ pub mod teacher;
 mod tests;
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -38,7 +36,9 @@ use crate::model::profile;
 use crate::model::tape::Tape;
 use crate::train::checkpoint;
 use crate::train::config::{Config, DistillConfig, LrSchedule};
-use crate::train::{read_losses, step_rng, truncate_metrics, FitEvent, FitSummary, StepStats, Trainer, METRICS_HEADER};
+use crate::train::{
+    check_new_run, create_run, step_rng, truncate_metrics, FitEvent, FitSummary, StepLog, StepStats, Trainer,
+};
 use runtime::metadata::Prediction;
 use runtime::sampler::GuidanceInterval;
 use teacher::{Kind, Teacher};
@@ -376,13 +376,12 @@ fn begin_stage(tr: &mut Trainer, run: &Path, s: usize) -> Result<()> {
     Ok(())
 }
 
-/// Distils a teacher into a new run (or continues one, `opts.resume`): checkpoints every `checkpoint_every`
-/// steps, at every stage's end and at the end, one metrics.csv row per step, and the loss curve.
-pub fn distill(opts: &DistillOptions, on: &mut dyn FnMut(FitEvent)) -> Result<FitSummary> {
+/// The student's trainer: a resumed run from its latest checkpoint (with the checkpoint's folder), or a new run
+/// initialised from the teacher (plus a zero guidance embedding).
+fn open_run(opts: &DistillOptions, on: &mut dyn FnMut(FitEvent)) -> Result<(Trainer, Option<PathBuf>)> {
     let run = &opts.out;
     let device = Device::Cpu;
-    let mut resumed_from = None;
-    let mut tr = if opts.resume {
+    if opts.resume {
         let ck = checkpoint::load_which(run, "latest", &device, true)?;
         for w in &ck.passed_over {
             on(FitEvent::Warning(&format!("passed over an unreadable checkpoint: {w}")));
@@ -398,34 +397,28 @@ pub fn distill(opts: &DistillOptions, on: &mut dyn FnMut(FitEvent)) -> Result<Fi
         // the EMA restarts with every stage
         t.ema.updates = t.step - d.stage_start(d.stage_of(t.step, t.cfg.train.steps), t.cfg.train.steps);
         truncate_metrics(&run.join("metrics.csv"), t.step)?;
-        resumed_from = Some(dir);
-        t
-    } else {
-        let tpath = opts.teacher.as_ref().context("--teacher is needed for a new distillation")?;
-        let src = teacher::load(tpath)?;
-        let cfg = student_config(opts, &src, tpath)?;
-        if run.exists() && std::fs::read_dir(run)?.next().is_some() {
-            if !opts.force {
-                bail!(
-                    "run folder {} already exists; use --resume {} to continue it, or --force to replace it",
-                    run.display(),
-                    run.display()
-                );
-            }
-            std::fs::remove_dir_all(run).with_context(|| format!("cannot remove {}", run.display()))?;
-        }
-        let data = crate::data::load(&cfg.data, cfg.model.image_size)?;
-        let mut tensors = src.tensors;
-        if cfg.model.guidance_embed && !src.unet.guidance_embed {
-            let ch = cfg.model.ch;
-            tensors.insert("wemb.weight".into(), Tensor::zeros((ch, ch), DType::F32, &device)?);
-            tensors.insert("wemb.bias".into(), Tensor::zeros(ch, DType::F32, &device)?);
-        }
-        std::fs::create_dir_all(run).with_context(|| format!("cannot create run folder {}", run.display()))?;
-        checkpoint::write_atomic(&run.join("config.toml"), toml::to_string_pretty(&cfg)?.as_bytes())?;
-        checkpoint::write_atomic(&run.join("metrics.csv"), format!("{METRICS_HEADER}\n").as_bytes())?;
-        Trainer::from_tensors(cfg, data, device.clone(), &tensors, &tpath.display().to_string())?
-    };
+        return Ok((t, Some(dir)));
+    }
+    let tpath = opts.teacher.as_ref().context("--teacher is needed for a new distillation")?;
+    let src = teacher::load(tpath)?;
+    let cfg = student_config(opts, &src, tpath)?;
+    check_new_run(run, opts.force)?;
+    let data = crate::data::load(&cfg.data, cfg.model.image_size)?;
+    let mut tensors = src.tensors;
+    if cfg.model.guidance_embed && !src.unet.guidance_embed {
+        let ch = cfg.model.ch;
+        tensors.insert("wemb.weight".into(), Tensor::zeros((ch, ch), DType::F32, &device)?);
+        tensors.insert("wemb.bias".into(), Tensor::zeros(ch, DType::F32, &device)?);
+    }
+    create_run(run, &cfg)?;
+    Ok((Trainer::from_tensors(cfg, data, device, &tensors, &tpath.display().to_string())?, None))
+}
+
+/// Distils a teacher into a new run (or continues one, `opts.resume`): checkpoints every `checkpoint_every`
+/// steps, at every stage's end and at the end, one metrics.csv row per step, and the loss curve.
+pub fn distill(opts: &DistillOptions, on: &mut dyn FnMut(FitEvent)) -> Result<FitSummary> {
+    let run = &opts.out;
+    let (mut tr, resumed_from) = open_run(opts, on)?;
     let d = tr.cfg.distill.clone().context("not a distillation run")?;
     let total = tr.cfg.train.steps;
     on(FitEvent::Started {
@@ -436,11 +429,7 @@ pub fn distill(opts: &DistillOptions, on: &mut dyn FnMut(FitEvent)) -> Result<Fi
         num_params: tr.vars.values().map(|v| v.elem_count()).sum(),
     });
     let stop = opts.max_steps_now.map(|n| (tr.step + n).min(total)).unwrap_or(total);
-    let metrics_path = run.join("metrics.csv");
-    let mut metrics = std::fs::OpenOptions::new().append(true).create(true).open(&metrics_path)?;
-    let started = Instant::now();
-    let base_elapsed = tr.elapsed_s;
-    let mut window = std::collections::VecDeque::with_capacity(20);
+    let mut log = StepLog::open(run, &tr)?;
     let every = tr.cfg.train.checkpoint_every;
     let mut current: Option<(usize, Teacher)> = None;
     let mut target_pool = crate::model::tape::Pool::default();
@@ -454,43 +443,33 @@ pub fn distill(opts: &DistillOptions, on: &mut dyn FnMut(FitEvent)) -> Result<Fi
         }
         if current.as_ref().is_none_or(|(cs, _)| *cs != s) {
             let k = d.teacher_steps >> s;
-            on(FitEvent::Note(&format!(
-                "stage {} of {}: {k} teacher steps -> {} student steps, steps {}..{}",
-                s + 1,
-                d.stages(),
-                k / 2,
-                d.stage_start(s, total),
-                d.stage_start(s + 1, total)
-            )));
+            on(FitEvent::Note(&if d.consistency() {
+                format!("consistency distillation on the teacher's {}-step grid, steps 0..{total}", d.teacher_steps)
+            } else {
+                format!(
+                    "stage {} of {}: {k} teacher steps -> {} student steps, steps {}..{}",
+                    s + 1,
+                    d.stages(),
+                    k / 2,
+                    d.stage_start(s, total),
+                    d.stage_start(s + 1, total)
+                )
+            }));
             current = Some((s, stage_teacher(run, &tr.cfg, s)?));
         }
         let teacher = &mut current.as_mut().expect("a teacher for this stage").1;
         let st = distill_step(&mut tr, teacher, &mut target_pool, s)?;
-        tr.elapsed_s = base_elapsed + started.elapsed().as_secs_f64();
-        let (step, elapsed, skipped) = (tr.step, tr.elapsed_s, st.skipped as u8);
-        writeln!(metrics, "{step},{:.6},{:.4},{:.3e},{elapsed:.2},{skipped}", st.loss, st.grad_norm, st.lr)?;
-        if !st.skipped {
-            if window.len() == 20 {
-                window.pop_front();
-            }
-            window.push_back(st.loss);
-            tr.recent_loss = window.iter().sum::<f64>() / window.len() as f64;
-        }
+        log.record(&mut tr, &st)?;
+        let (step, elapsed) = (tr.step, tr.elapsed_s);
         on(FitEvent::Step { step, total, stats: &st, elapsed_s: elapsed });
         let stage_end = d.stage_of(step, total) != s || step == total;
         if (step % every == 0 || stage_end) && step < stop {
-            metrics.flush()?;
+            log.flush()?;
             tr.save_checkpoint(run, crate::train::DeviceSpec::Cpu)?;
         }
     }
-    metrics.flush()?;
+    log.flush()?;
     let checkpoint = tr.save_checkpoint(run, crate::train::DeviceSpec::Cpu)?;
-    let losses = read_losses(&metrics_path)?;
-    let loss_curve = run.join("loss.png");
-    crate::plot::loss_curve(
-        &losses,
-        &loss_curve,
-        &format!("{} distillation loss", run.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()),
-    )?;
+    let loss_curve = log.loss_curve(run, "distillation loss")?;
     Ok(FitSummary { step: tr.step, total, recent_loss: tr.recent_loss, checkpoint, loss_curve })
 }

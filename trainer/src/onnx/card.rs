@@ -108,26 +108,39 @@ pub fn model_card(state: &State, file: &CardFile, eval: Option<&EvalReport>) -> 
     }
     if let Some(d) = &state.config.distill {
         let k = d.steps_at(state.step, state.config.train.steps);
+        let method = if d.consistency() {
+            format!(
+                "a consistency student ({k} steps recommended, any number possible): consistency distillation (Song et \
+                 al. 2023) of {} on its {}-step DDIM grid, the student's x0 made to agree (pseudo-Huber) with its own \
+                 stop-gradient x0 one teacher step later",
+                d.teacher, d.teacher_steps
+            )
+        } else {
+            format!(
+                "a {k}-step student: progressive distillation (Salimans & Ho 2022) of {}, {} DDIM teacher steps halved \
+                 {} time(s), each step learning the x whose one DDIM step lands where two teacher steps do (weight \
+                 max(SNR, 1))",
+                d.teacher,
+                d.teacher_steps,
+                d.stages()
+            )
+        };
+        let guidance = if m.guidance_embed {
+            format!(
+                "; the guidance weight w is an input (Meng et al. 2023), drawn from U[0, {}] in training: one model call \
+                 per step whatever w{}",
+                d.guidance_max,
+                d.guidance_interval.map(|[lo, hi]| format!(", the teacher guided at t {lo}..={hi}")).unwrap_or_default()
+            )
+        } else {
+            String::new()
+        };
         s += &format!(
-            "| distillation | a {k}-step student: progressive distillation (Salimans & Ho 2022) of {} (sha256 {}), {} DDIM \
-             teacher steps halved {} time(s) over {} steps (the learning rate falls from {} to 0 in each halving){}; \
-             predicts v |\n",
-            d.teacher,
+            "| distillation | {method}; teacher file sha256 {}; {} steps, the learning rate falling from {} to 0 in each \
+             stage{guidance}; predicts v |\n",
             &d.teacher_sha256[..d.teacher_sha256.len().min(16)],
-            d.teacher_steps,
-            d.stages(),
             state.config.train.steps,
             state.config.train.lr,
-            if m.guidance_embed {
-                format!(
-                    "; the guidance weight w is an input (Meng et al. 2023), drawn from U[0, {}] in training: one model \
-                     call per step whatever w{}",
-                    d.guidance_max,
-                    d.guidance_interval.map(|[lo, hi]| format!(", the teacher guided at t {lo}..={hi}")).unwrap_or_default()
-                )
-            } else {
-                String::new()
-            }
         );
     }
     if let Some(e) = eval {
@@ -179,7 +192,14 @@ fn training_rows(state: &State, file: &CardFile) -> [(&'static str, String); 9] 
         ("diffusion", format!("{} schedule, T = {}, variance {}, {} prediction", d.schedule, d.timesteps, d.variance, d.prediction)),
         (
             "training",
-            format!(
+            if c.distill.is_some() {
+                format!(
+                    "{} steps, batch {}, lr {} falling linearly to 0 in each stage, AdamW, the objective in the distillation row, EMA {} \
+                     (restarted in each stage), seed {}",
+                    state.step, t.batch_size, t.lr, t.ema_decay, t.seed
+                )
+            } else {
+                format!(
                 "{} steps, batch {}, lr {} ({} warm-up, then {}), AdamW, {} loss{}{}, EMA {}, seed {}; augmentation: {}",
                 state.step,
                 t.batch_size,
@@ -196,7 +216,8 @@ fn training_rows(state: &State, file: &CardFile) -> [(&'static str, String); 9] 
                 t.ema_decay,
                 t.seed,
                 augmentation(&c.data.augment)
-            ),
+            )
+            },
         ),
         ("device, wall time", format!("{}, {:.2} h ({:.0} s)", state.device, state.elapsed_s / 3600.0, state.elapsed_s)),
         ("final loss", format!("{:.4} (mean of the last logged window)", state.recent_loss)),

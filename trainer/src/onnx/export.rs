@@ -114,7 +114,10 @@ pub fn export(opts: &ExportOptions) -> Result<Exported> {
         }
     }
     let LoadedUnet { unet, state, passed_over } = load_unet(opts.run, opts.checkpoint, opts.weights, &Device::Cpu)?;
-    let md = metadata(&state, opts.weights, dtype, opts.recommended.as_ref())?.to_props();
+    let meta = metadata(&state, opts.weights, dtype, opts.recommended.as_ref())?;
+    // a student recommends its own sampling even when the caller gave none
+    let recommended = meta.recommended.clone();
+    let md = meta.to_props();
     let model = build_model(&unet, dtype, opts.opset, &md)?;
     let bytes = model.encode_to_vec();
     if let Some(dir) = opts.out.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -129,7 +132,7 @@ pub fn export(opts: &ExportOptions) -> Result<Exported> {
             dtype,
             weights: opts.weights,
             opset: opts.opset,
-            recommended: opts.recommended.as_ref(),
+            recommended: recommended.as_ref(),
             bytes: &bytes,
         };
         checkpoint::write_atomic(p, model_card(&state, &file, eval.as_ref()).as_bytes())?;

@@ -454,6 +454,78 @@ pub fn read_losses(path: &Path) -> Result<Vec<(usize, f64)>> {
         .collect())
 }
 
+/// Refuses to start a new run in a folder that holds something, unless `force` (the folder is then replaced by
+/// [`create_run`]).
+pub fn check_new_run(run: &Path, force: bool) -> Result<()> {
+    if run.exists() && std::fs::read_dir(run)?.next().is_some() && !force {
+        bail!(
+            "run folder {} already exists; use --resume {} to continue it, or --force to replace it",
+            run.display(),
+            run.display()
+        );
+    }
+    Ok(())
+}
+
+/// A new run folder (replacing an existing one, which [`check_new_run`] allowed): config.toml and the header of
+/// metrics.csv.
+pub fn create_run(run: &Path, cfg: &Config) -> Result<()> {
+    if run.exists() {
+        std::fs::remove_dir_all(run).with_context(|| format!("cannot remove {}", run.display()))?;
+    }
+    std::fs::create_dir_all(run).with_context(|| format!("cannot create run folder {}", run.display()))?;
+    checkpoint::write_atomic(&run.join("config.toml"), toml::to_string_pretty(cfg)?.as_bytes())?;
+    checkpoint::write_atomic(&run.join("metrics.csv"), format!("{METRICS_HEADER}\n").as_bytes())
+}
+
+/// metrics.csv as a run goes (one row per step) and the mean loss of the last 20 finite steps.
+pub struct StepLog {
+    path: PathBuf,
+    file: std::fs::File,
+    window: std::collections::VecDeque<f64>,
+    started: Instant,
+    base_elapsed: f64,
+}
+
+impl StepLog {
+    /// Appends to RUN/metrics.csv; the trainer's wall time counts on from its `elapsed_s`.
+    pub fn open(run: &Path, tr: &Trainer) -> Result<Self> {
+        let path = run.join("metrics.csv");
+        let file = std::fs::OpenOptions::new().append(true).create(true).open(&path)?;
+        let window = std::collections::VecDeque::with_capacity(20);
+        Ok(Self { path, file, window, started: Instant::now(), base_elapsed: tr.elapsed_s })
+    }
+
+    /// After a step: the trainer's wall time and recent loss, and the step's row.
+    pub fn record(&mut self, tr: &mut Trainer, s: &StepStats) -> Result<()> {
+        tr.elapsed_s = self.base_elapsed + self.started.elapsed().as_secs_f64();
+        let (step, elapsed, skipped) = (tr.step, tr.elapsed_s, s.skipped as u8);
+        writeln!(self.file, "{step},{:.6},{:.4},{:.3e},{elapsed:.2},{skipped}", s.loss, s.grad_norm, s.lr)?;
+        if !s.skipped {
+            if self.window.len() == 20 {
+                self.window.pop_front();
+            }
+            self.window.push_back(s.loss);
+            tr.recent_loss = self.window.iter().sum::<f64>() / self.window.len() as f64;
+        }
+        Ok(())
+    }
+
+    pub fn flush(&mut self) -> Result<()> {
+        Ok(self.file.flush()?)
+    }
+
+    /// The run's loss curve from metrics.csv: RUN/loss.png, titled "<run name> <what>".
+    pub fn loss_curve(&mut self, run: &Path, what: &str) -> Result<PathBuf> {
+        self.flush()?;
+        let losses = read_losses(&self.path)?;
+        let out = run.join("loss.png");
+        let name = run.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        crate::plot::loss_curve(&losses, &out, &format!("{name} {what}"))?;
+        Ok(out)
+    }
+}
+
 /// What [`fit`] reports as it goes; the command line turns it into log lines and a progress bar.
 pub enum FitEvent<'a> {
     /// Before the first step of this invocation.
@@ -513,20 +585,10 @@ pub fn fit(cfg: Option<Config>, opts: &FitOptions, on: &mut dyn FnMut(FitEvent))
     } else {
         let cfg = cfg.context("a config is needed for a new run")?;
         cfg.validate()?;
-        if run.exists() && std::fs::read_dir(run)?.next().is_some() {
-            if !opts.force {
-                bail!(
-                    "run folder {} already exists; use --resume {} to continue it, or --force to replace it",
-                    run.display(),
-                    run.display()
-                );
-            }
-            std::fs::remove_dir_all(run).with_context(|| format!("cannot remove {}", run.display()))?;
-        }
+        check_new_run(run, opts.force)?;
+        // the data is read before an existing folder is replaced: a data error leaves it as it was
         let data = crate::data::load(&cfg.data, cfg.model.image_size)?;
-        std::fs::create_dir_all(run).with_context(|| format!("cannot create run folder {}", run.display()))?;
-        checkpoint::write_atomic(&run.join("config.toml"), toml::to_string_pretty(&cfg)?.as_bytes())?;
-        checkpoint::write_atomic(&run.join("metrics.csv"), format!("{METRICS_HEADER}\n").as_bytes())?;
+        create_run(run, &cfg)?;
         Trainer::new(cfg, data, device.clone())?
     };
     trainer.engine = opts.engine;
@@ -539,30 +601,17 @@ pub fn fit(cfg: Option<Config>, opts: &FitOptions, on: &mut dyn FnMut(FitEvent))
         num_params: trainer.vars.values().map(|v| v.elem_count()).sum(),
     });
     let stop = opts.max_steps_now.map(|n| (trainer.step + n).min(total)).unwrap_or(total);
-    let metrics_path = run.join("metrics.csv");
-    let mut metrics = std::fs::OpenOptions::new().append(true).create(true).open(&metrics_path)?;
-    let started = Instant::now();
-    let base_elapsed = trainer.elapsed_s;
-    let mut window = std::collections::VecDeque::with_capacity(20);
+    let mut log = StepLog::open(run, &trainer)?;
     let every = trainer.cfg.train.checkpoint_every;
     while trainer.step < stop {
         if opts.max_seconds.is_some_and(|m| trainer.elapsed_s >= m) {
             break;
         }
         let s = trainer.train_step()?;
-        trainer.elapsed_s = base_elapsed + started.elapsed().as_secs_f64();
-        let (step, elapsed, skipped) = (trainer.step, trainer.elapsed_s, s.skipped as u8);
-        writeln!(metrics, "{step},{:.6},{:.4},{:.3e},{elapsed:.2},{skipped}", s.loss, s.grad_norm, s.lr)?;
-        if !s.skipped {
-            if window.len() == 20 {
-                window.pop_front();
-            }
-            window.push_back(s.loss);
-            trainer.recent_loss = window.iter().sum::<f64>() / window.len() as f64;
-        }
+        log.record(&mut trainer, &s)?;
         on(FitEvent::Step { step: trainer.step, total, stats: &s, elapsed_s: trainer.elapsed_s });
         if trainer.step % every == 0 && trainer.step < stop {
-            metrics.flush()?;
+            log.flush()?;
             trainer.save_checkpoint(run, opts.device)?;
         }
         let pe = trainer.cfg.train.preview_every;
@@ -572,17 +621,11 @@ pub fn fit(cfg: Option<Config>, opts: &FitOptions, on: &mut dyn FnMut(FitEvent))
             }
         }
     }
-    metrics.flush()?;
+    log.flush()?;
     let checkpoint = trainer.save_checkpoint(run, opts.device)?;
     if let Some(p) = trainer.preview(run)? {
         on(FitEvent::Preview(&p));
     }
-    let losses = read_losses(&metrics_path)?;
-    let loss_curve = run.join("loss.png");
-    crate::plot::loss_curve(
-        &losses,
-        &loss_curve,
-        &format!("{} loss", run.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()),
-    )?;
+    let loss_curve = log.loss_curve(run, "loss")?;
     Ok(FitSummary { step: trainer.step, total, recent_loss: trainer.recent_loss, checkpoint, loss_curve })
 }
