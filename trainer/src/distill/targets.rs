@@ -56,27 +56,40 @@ pub fn snr_trunc(sched: &NoiseSchedule, t: usize) -> f64 {
     sched.snr(t).max(1.0)
 }
 
+/// Per image of a v-predicting student's output: sigma_t and x^ - x~ with x^ = alpha_t z - sigma_t v^ (what
+/// both objectives below measure; each pixel's x^ depends on its v^ through -sigma_t).
+fn x_errors<'a>(
+    sched: &'a NoiseSchedule,
+    v_hat: &'a [f32],
+    z: &'a [f32],
+    t: &'a [u32],
+    x_target: &'a [f32],
+) -> impl Iterator<Item = (f64, Vec<f64>)> + 'a {
+    let d = v_hat.len() / t.len().max(1);
+    t.iter().enumerate().map(move |(i, &ti)| {
+        let (a, s) = alpha_sigma(sched, Some(ti as usize));
+        let r = i * d..(i + 1) * d;
+        let diff = v_hat[r.clone()]
+            .iter()
+            .zip(z[r.clone()].iter().zip(&x_target[r]))
+            .map(|(&v, (&z, &x))| a * z as f64 - s * v as f64 - x as f64)
+            .collect();
+        (s, diff)
+    })
+}
+
 /// The distillation loss of a v-predicting student: per image, w_t ||x^ - x~||^2 / d with x^ = alpha_t z - sigma_t
 /// v^ and w_t = max(SNR_t, 1), averaged over the batch; the gradient is with respect to v^.
 pub fn pd_objective(sched: &NoiseSchedule, v_hat: &[f32], z: &[f32], t: &[u32], x_target: &[f32]) -> Objective {
     let b = t.len();
     let d = v_hat.len() / b.max(1);
-    let mut grad = vec![0f32; v_hat.len()];
+    let mut grad = Vec::with_capacity(v_hat.len());
     let mut per_image = Vec::with_capacity(b);
-    for (i, &ti) in t.iter().enumerate() {
-        let (a, s) = alpha_sigma(sched, Some(ti as usize));
+    for ((s, diff), &ti) in x_errors(sched, v_hat, z, t, x_target).zip(t) {
         let w = snr_trunc(sched, ti as usize);
-        let r = i * d..(i + 1) * d;
-        let mut sq = 0.0;
-        for ((g, &v), (&z, &x)) in
-            grad[r.clone()].iter_mut().zip(&v_hat[r.clone()]).zip(z[r.clone()].iter().zip(&x_target[r]))
-        {
-            let diff = a * z as f64 - s * v as f64 - x as f64;
-            sq += diff * diff;
-            // d/dv of w (diff^2) / (d b): diff depends on v through -sigma
-            *g = (-2.0 * w * s * diff / (d * b) as f64) as f32;
-        }
-        per_image.push(w * sq / d as f64);
+        // d/dv of w (diff^2) / (d b)
+        grad.extend(diff.iter().map(|df| (-2.0 * w * s * df / (d * b) as f64) as f32));
+        per_image.push(w * diff.iter().map(|df| df * df).sum::<f64>() / d as f64);
     }
     let loss = per_image.iter().sum::<f64>() / b.max(1) as f64;
     Objective { loss, grad, per_image }
@@ -88,21 +101,11 @@ pub fn pd_objective(sched: &NoiseSchedule, v_hat: &[f32], z: &[f32], t: &[u32], 
 /// (stop-gradient) target, averaged over the batch; the gradient is with respect to v^.
 pub fn cd_objective(sched: &NoiseSchedule, v_hat: &[f32], z: &[f32], t: &[u32], x_target: &[f32], c: f64) -> Objective {
     let b = t.len();
-    let d = v_hat.len() / b.max(1);
-    let mut grad = vec![0f32; v_hat.len()];
+    let mut grad = Vec::with_capacity(v_hat.len());
     let mut per_image = Vec::with_capacity(b);
-    for (i, &ti) in t.iter().enumerate() {
-        let (a, s) = alpha_sigma(sched, Some(ti as usize));
-        let r = i * d..(i + 1) * d;
-        let diff: Vec<f64> = v_hat[r.clone()]
-            .iter()
-            .zip(z[r.clone()].iter().zip(&x_target[r.clone()]))
-            .map(|(&v, (&z, &x))| a * z as f64 - s * v as f64 - x as f64)
-            .collect();
+    for (s, diff) in x_errors(sched, v_hat, z, t, x_target) {
         let norm = (diff.iter().map(|v| v * v).sum::<f64>() + c * c).sqrt();
-        for (g, df) in grad[r].iter_mut().zip(&diff) {
-            *g = (-s * df / norm / b as f64) as f32;
-        }
+        grad.extend(diff.iter().map(|df| (-s * df / norm / b as f64) as f32));
         per_image.push(norm - c);
     }
     let loss = per_image.iter().sum::<f64>() / b.max(1) as f64;
