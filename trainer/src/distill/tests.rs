@@ -47,12 +47,11 @@ fn student_v(unet: &UNet, pool: &mut Pool, z: &[f32], t: &[u32], y: &[u32], w: &
     tape.data(out).to_vec()
 }
 
-#[test]
-fn the_students_one_step_reproduces_two_guided_teacher_steps_after_fitting() {
+/// A tiny guided teacher with every weight drawn (zero-initialised output layers would make eps = 0), and its
+/// student: the same weights plus a zero guidance embedding, predicting v, with an optimiser over its variables.
+fn teacher_and_student() -> (Teacher, UNet, AdamW) {
     use runtime::metadata::Prediction;
     let dev = Device::Cpu;
-    let sched = NoiseSchedule::new(BetaSchedule::named(ScheduleKind::Linear, 100), 100);
-    // a teacher with every weight drawn (zero-initialised output layers would make eps = 0)
     let mut src = InitSource::new(3, &dev, DType::F32);
     UNet::new(tiny(false, Prediction::Epsilon), &mut src).unwrap();
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
@@ -64,14 +63,20 @@ fn the_students_one_step_reproduces_two_guided_teacher_steps_after_fitting() {
         let mut s = TensorSource::new(&tensors, "teacher");
         UNet::new(tiny(false, Prediction::Epsilon), &mut s as &mut dyn ParamSource).unwrap()
     };
-    let mut teacher = Teacher::new(teacher_net, Kind::Original { interval: None });
-    // the student: the teacher plus a zero guidance embedding, predicting v
+    let teacher = Teacher::new(teacher_net, Kind::Original { interval: None });
     tensors.insert("wemb.weight".into(), Tensor::zeros((8, 8), DType::F32, &dev).unwrap());
     tensors.insert("wemb.bias".into(), Tensor::zeros(8, DType::F32, &dev).unwrap());
     let mut s = TensorSource::new(&tensors, "student").as_vars();
     let student = UNet::new(tiny(true, Prediction::V), &mut s).unwrap();
     let vars = s.finish().unwrap();
-    let mut opt = AdamW::new(&vars, 0.9, 0.999, 1e-8, 0.0).unwrap();
+    let opt = AdamW::new(&vars, 0.9, 0.999, 1e-8, 0.0).unwrap();
+    (teacher, student, opt)
+}
+
+#[test]
+fn the_students_one_step_reproduces_two_guided_teacher_steps_after_fitting() {
+    let sched = NoiseSchedule::new(BetaSchedule::named(ScheduleKind::Linear, 100), 100);
+    let (mut teacher, student, mut opt) = teacher_and_student();
 
     // fixed inputs on the 2-step grid (t in {99, 49}); the teacher's 4-step grid gives the midpoints. The teacher's
     // x0 is clipped as at sampling: a random net's eps is no noise estimate, and x0 = (z - sigma eps) / alpha_99
