@@ -118,6 +118,8 @@ fn cases() -> Vec<Case> {
         attributes: vec![],
         guidance_embed: false,
         norm_groups: 8,
+        kernel_size: 3,
+        embed_dim: None,
         learn_sigma: false,
         prediction: Prediction::Epsilon,
     };
@@ -147,6 +149,11 @@ fn cases() -> Vec<Case> {
                 ],
                 ..base.clone()
             },
+        },
+        // seed 004's shape keys: 5x5 convolutions (the stride-2 one included) and a narrower embedding
+        Case {
+            name: "cond-kernel5-embed48",
+            cfg: UNetConfig { num_classes: 4, kernel_size: 5, embed_dim: Some(48), ..base.clone() },
         },
         // v-prediction with a learned variance: the outputs velocity and v, read back by the runtime by name
         Case {

@@ -30,6 +30,8 @@ fn tiny(guidance_embed: bool, prediction: runtime::metadata::Prediction) -> UNet
         attributes: vec![],
         guidance_embed,
         norm_groups: 4,
+        kernel_size: 3,
+        embed_dim: None,
         learn_sigma: false,
         prediction,
     }

@@ -6,14 +6,14 @@
 //! benches/torch_unet.py, whose parameter names this file keeps):
 //!
 //! ```text
-//! t -> sinusoid(ch) -> Linear(ch, 4ch) -> SiLU -> Linear(4ch, 4ch) (+ label embedding) = emb
-//! x -> conv_in(3x3, ch)
+//! t -> sinusoid(ch) -> Linear(ch, E) -> SiLU -> Linear(E, E) (+ label embedding) = emb   (E: embed_dim, 4ch)
+//! x -> conv_in(kxk, ch)                                                              (k: kernel_size, 3)
 //!   down: for each level i: num_res_blocks x [ResBlock(ch*mult[i]) (+ Attention at listed resolutions)]
-//!         then a stride-2 3x3 conv (not after the last level)
+//!         then a stride-2 kxk conv (not after the last level)
 //!   mid:  ResBlock, Attention, ResBlock
 //!   up:   for each level, reversed: (num_res_blocks + 1) x [ResBlock on concat(h, skip) (+ Attention)]
-//!         then nearest 2x upsample + 3x3 conv (not after the first level)
-//!   out:  GroupNorm -> SiLU -> conv(3x3, channels; 2 x channels, eps then v, for a learned variance)
+//!         then nearest 2x upsample + kxk conv (not after the first level)
+//!   out:  GroupNorm -> SiLU -> conv(kxk, channels; 2 x channels, eps then v, for a learned variance)
 //! ```
 //!
 //! The forward pass is written once against [`Ops`], so training (Candle) and export (ONNX) walk the same
@@ -65,6 +65,14 @@ pub struct UNetConfig {
     pub guidance_embed: bool,
     /// GroupNorm groups (32 in the papers).
     pub norm_groups: usize,
+    /// The side of every spatial convolution's kernel (3 in the papers; odd, 3 to 7), padded by kernel_size / 2
+    /// so that sizes stay as with 3x3. The 1x1 convolutions (skip projections, attention) stay 1x1.
+    #[serde(skip_serializing_if = "is_three")]
+    pub kernel_size: usize,
+    /// Width of the time (and label) embedding MLP and of every embedding added to it; None: 4 ch (Ho et al.
+    /// 2020, appendix B, as DDPM's `temb_ch`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub embed_dim: Option<usize>,
     /// Output 2 x channels: eps, then v of the learned variance (Nichol & Dhariwal 2021, sec. 3.1;
     /// improved-diffusion's `learn_sigma`). Not a key of [model]: `Config::unet` sets it from
     /// diffusion.variance = "learned_range".
@@ -93,10 +101,18 @@ impl Default for UNetConfig {
             attributes: vec![],
             guidance_embed: false,
             norm_groups: 32,
+            kernel_size: 3,
+            embed_dim: None,
             learn_sigma: false,
             prediction: Prediction::Epsilon,
         }
     }
+}
+
+/// Keeps the default kernel out of the serialized configuration: checkpoints and exports from before the key
+/// existed stay byte for byte what they were.
+fn is_three(k: &usize) -> bool {
+    *k == 3
 }
 
 impl UNetConfig {
@@ -176,6 +192,15 @@ impl UNetConfig {
         if !(0.0..1.0).contains(&self.dropout) {
             bail!("model.dropout must lie in [0, 1), got {}", self.dropout);
         }
+        if !(3..=7).contains(&self.kernel_size) || self.kernel_size.is_multiple_of(2) {
+            bail!(
+                "model.kernel_size must be 3, 5 or 7 (odd, so that padding keeps the sizes), got {}",
+                self.kernel_size
+            );
+        }
+        if self.embed_dim == Some(0) {
+            bail!("model.embed_dim must be at least 1 (leave it out for 4 x ch = {})", 4 * self.ch);
+        }
         Ok(())
     }
 
@@ -223,8 +248,18 @@ impl UNetConfig {
         Ok(Some(runtime::metadata::full_labels(&nulls, self.label_columns(), y, n)?))
     }
 
+    /// The same network written one way: an `embed_dim` equal to its default (4 ch) left unset, so two configs
+    /// that build the same U-Net compare equal.
+    pub fn canonical(&self) -> UNetConfig {
+        let mut c = self.clone();
+        if c.embed_dim == Some(4 * c.ch) {
+            c.embed_dim = None;
+        }
+        c
+    }
+
     fn time_embed_dim(&self) -> usize {
-        4 * self.ch
+        self.embed_dim.unwrap_or(4 * self.ch)
     }
 }
 
@@ -343,10 +378,10 @@ impl ResBlock {
         let emb_out = if cfg.use_scale_shift_norm { 2 * cout } else { cout };
         Ok(Self {
             n1: GroupNorm::new(src, &format!("{name}.n1"), cin, cfg.norm_groups)?,
-            c1: Conv::new(src, &format!("{name}.c1"), cin, cout, 3, 1, false)?,
+            c1: Conv::new(src, &format!("{name}.c1"), cin, cout, cfg.kernel_size, 1, false)?,
             t: Linear::new(src, &format!("{name}.t"), cfg.time_embed_dim(), emb_out)?,
             n2: GroupNorm::new(src, &format!("{name}.n2"), cout, cfg.norm_groups)?,
-            c2: Conv::new(src, &format!("{name}.c2"), cout, cout, 3, 1, true)?,
+            c2: Conv::new(src, &format!("{name}.c2"), cout, cout, cfg.kernel_size, 1, true)?,
             skip: if cin != cout {
                 Some(Conv::new(src, &format!("{name}.skip"), cin, cout, 1, 1, false)?)
             } else {
@@ -358,7 +393,7 @@ impl ResBlock {
         })
     }
 
-    /// x [B, cin, H, W], emb [B, 4ch] -> [B, cout, H, W]
+    /// x [B, cin, H, W], emb [B, E] -> [B, cout, H, W]
     pub fn forward<O: Ops>(&self, o: &mut O, x: &O::T, emb: &O::T) -> Result<O::T> {
         let h = self.n1.forward_silu(o, x)?;
         let h = self.c1.forward(o, &h)?;
@@ -436,9 +471,9 @@ impl Attention {
 pub enum Layer {
     /// A residual block, optionally followed by attention.
     Res(Box<ResBlock>, Option<Box<Attention>>),
-    /// Stride-2 3x3 conv.
+    /// Stride-2 k x k conv.
     Down(Conv),
-    /// Nearest 2x upsample, then 3x3 conv.
+    /// Nearest 2x upsample, then k x k conv.
     Up(Conv),
 }
 
@@ -483,7 +518,8 @@ impl UNet {
                 Init::Normal(1.0),
             )?);
         }
-        let conv_in = Conv::new(src, "conv_in", cfg.channels, ch, 3, 1, false)?;
+        let k = cfg.kernel_size;
+        let conv_in = Conv::new(src, "conv_in", cfg.channels, ch, k, 1, false)?;
         let mut down = vec![];
         let mut chans = vec![ch];
         let mut cur = ch;
@@ -504,7 +540,7 @@ impl UNet {
             }
             if i != levels - 1 {
                 let name = format!("down.{}.0", down.len());
-                down.push(Layer::Down(Conv::new(src, &name, cur, cur, 3, 2, false)?));
+                down.push(Layer::Down(Conv::new(src, &name, cur, cur, k, 2, false)?));
                 chans.push(cur);
                 res /= 2;
             }
@@ -528,12 +564,12 @@ impl UNet {
             }
             if i != 0 {
                 let name = format!("up.{}.1", up.len());
-                up.push(Layer::Up(Conv::new(src, &name, cur, cur, 3, 1, false)?));
+                up.push(Layer::Up(Conv::new(src, &name, cur, cur, k, 1, false)?));
                 res *= 2;
             }
         }
         let out_norm = GroupNorm::new(src, "out.0", cur, cfg.norm_groups)?;
-        let out_conv = Conv::new(src, "out.2", cur, cfg.out_channels(), 3, 1, true)?;
+        let out_conv = Conv::new(src, "out.2", cur, cfg.out_channels(), k, 1, true)?;
         Ok(Self { cfg, temb0, temb2, wemb, label, attrs, conv_in, down, mid1, mida, mid2, up, out_norm, out_conv })
     }
 
@@ -683,5 +719,45 @@ mod tests {
         assert!(cfg.validate().unwrap_err().to_string().contains("12 is never reached"));
         let cfg = UNetConfig { ch: 48, ..Default::default() };
         assert!(cfg.validate().unwrap_err().to_string().contains("norm_groups"));
+    }
+
+    #[test]
+    fn kernel_size_and_embed_dim_shape_the_layers_and_stay_out_of_default_configs() {
+        use crate::model::params::InitSource;
+        let cfg = UNetConfig {
+            ch: 16,
+            ch_mult: vec![1, 2],
+            image_size: 8,
+            attention_resolutions: vec![],
+            norm_groups: 8,
+            num_classes: 2,
+            kernel_size: 5,
+            embed_dim: Some(24),
+            ..Default::default()
+        };
+        let mut src = InitSource::new(0, &candle_core::Device::Cpu, candle_core::DType::F32);
+        UNet::new(cfg.clone(), &mut src).unwrap();
+        let vars = src.into_vars();
+        let dims = |k: &str| vars[k].dims().to_vec();
+        assert_eq!(dims("conv_in.weight"), [16, 3, 5, 5]);
+        assert_eq!(dims("down.0.0.c1.weight"), [16, 16, 5, 5]);
+        assert_eq!(dims("down.2.0.weight"), [16, 16, 5, 5]); // the stride-2 convolution
+        assert_eq!(dims("out.2.weight"), [3, 16, 5, 5]);
+        assert_eq!(dims("temb.0.weight"), [24, 16]);
+        assert_eq!(dims("temb.2.weight"), [24, 24]);
+        assert_eq!(dims("label.weight"), [3, 24]);
+        assert_eq!(dims("down.0.0.t.weight"), [16, 24]);
+        // the keys are written only when set, so files written before they existed read and write the same
+        let json = serde_json::to_string(&UNetConfig::default()).unwrap();
+        assert!(!json.contains("kernel_size") && !json.contains("embed_dim"), "{json}");
+        let back: UNetConfig = serde_json::from_str(&serde_json::to_string(&cfg).unwrap()).unwrap();
+        assert_eq!(back, cfg);
+        for (bad, key) in [
+            (UNetConfig { kernel_size: 4, ..cfg.clone() }, "kernel_size"),
+            (UNetConfig { embed_dim: Some(0), ..cfg }, "embed_dim"),
+        ] {
+            let err = bad.validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{err}");
+        }
     }
 }

@@ -399,6 +399,8 @@ const RANGES: &[(&str, Range)] = &[
     ("model.num_heads", Range::AtLeastOne),
     ("model.dropout", Range::BelowOne),
     ("model.norm_groups", Range::AtLeastOne),
+    ("model.kernel_size", Range::Within(3.0, 7.0)),
+    ("model.embed_dim", Range::AtLeastOne),
     ("diffusion.timesteps", Range::Within(2.0, MAX_TIMESTEPS as f64)),
     ("data.augment.rotate_degrees", Range::Within(0.0, 180.0)),
     ("data.augment.brightness", Range::Unit),

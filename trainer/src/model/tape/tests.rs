@@ -82,6 +82,8 @@ fn unet_matches_candle_autograd_with_scale_shift_attention_classes_and_an_attrib
             attributes: vec![Attribute { name: "position".into(), values: vec!["a".into(), "b".into()] }],
             guidance_embed: true,
             norm_groups: 8,
+            kernel_size: 3,
+            embed_dim: None,
             learn_sigma: false,
             prediction: Default::default(),
         },
@@ -92,7 +94,7 @@ fn unet_matches_candle_autograd_with_scale_shift_attention_classes_and_an_attrib
 #[test]
 fn unet_matches_candle_autograd_without_scale_shift_on_odd_shapes() {
     // batch 1, 7x7 maps at the lower level, channels not a multiple of 8, RGB, unconditional, 6 output
-    // channels (a learned variance)
+    // channels (a learned variance), 5x5 convolutions and a 20-wide embedding
     check_against_candle(
         UNetConfig {
             channels: 3,
@@ -108,6 +110,8 @@ fn unet_matches_candle_autograd_without_scale_shift_on_odd_shapes() {
             attributes: vec![],
             guidance_embed: false,
             norm_groups: 4,
+            kernel_size: 5,
+            embed_dim: Some(20),
             learn_sigma: true,
             prediction: Default::default(),
         },
