@@ -29,8 +29,9 @@ enum Cmd {
     /// Time training steps and the sampler's model call on the config's real data; prints JSON (seconds per
     /// step, images/s, peak RSS). benches/train_speed.py puts it beside PyTorch.
     Bench(cli::bench::BenchArgs),
-    /// A parameter study: one run per value of a config key and seed, each evaluated; sweep.csv, a summary
-    /// with the mean and spread over seeds, and plots. A stopped sweep continues where it stopped.
+    /// A parameter study: one run per value of one or several config keys (each varied on its own) and seed,
+    /// each evaluated; sweep.csv, a summary with the mean and spread over seeds, and figures. A stopped sweep
+    /// continues where it stopped.
     Sweep(cli::sweep::SweepArgs),
     /// Distil a trained model into a few-step student (progressive distillation, Salimans & Ho 2022) that takes
     /// the guidance weight as an input (Meng et al. 2023): one model call per step.

@@ -1,4 +1,4 @@
-//! PNG figures drawn with plotters: loss curves and line plots.
+//! PNG figures drawn with plotters: loss curves, line plots and figures of several line plots.
 
 use std::path::Path;
 use std::sync::Once;
@@ -25,16 +25,59 @@ pub struct Series<'a> {
     pub color: RGBColor,
 }
 
+/// One chart of a figure: its title, axis labels and lines.
+pub struct Panel<'a> {
+    pub title: String,
+    pub x_label: String,
+    pub y_label: String,
+    pub series: Vec<Series<'a>>,
+    /// A logarithmic y axis.
+    pub log_y: bool,
+}
+
 /// A line plot with axes, labels and a legend. `log_y` uses a logarithmic y axis.
 pub fn line_plot(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[Series], log_y: bool) -> Result<()> {
     register_font();
+    let err = |e: &dyn std::fmt::Display| anyhow!("cannot draw {}: {e}", path.display());
+    let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    draw_chart(&root, title, x_label, y_label, series, log_y).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
+
+/// Several line plots in one figure, two to a row (a study's parameters side by side).
+pub fn panel_plot(path: &Path, panels: &[Panel]) -> Result<()> {
+    register_font();
+    let err = |e: &dyn std::fmt::Display| anyhow!("cannot draw {}: {e}", path.display());
+    let cols = panels.len().clamp(1, 2);
+    let rows = panels.len().div_ceil(cols).max(1);
+    let root = BitMapBackend::new(path, (720 * cols as u32, 450 * rows as u32)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    for (area, p) in root.split_evenly((rows, cols)).iter().zip(panels) {
+        draw_chart(area, &p.title, &p.x_label, &p.y_label, &p.series, p.log_y)
+            .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    }
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
+
+/// Draws one chart (axes, labels, lines, legend) into `area`.
+fn draw_chart<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+    log_y: bool,
+) -> Result<()> {
     let pts = series.iter().flat_map(|s| s.points.iter()).filter(|(_, y)| y.is_finite() && (!log_y || *y > 0.0));
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
     for (x, y) in pts {
         (x0, x1, y0, y1) = (x0.min(*x), x1.max(*x), y0.min(*y), y1.max(*y));
     }
     if x0 > x1 {
-        return Err(anyhow!("nothing to plot for {}", path.display()));
+        return Err(anyhow!("nothing to plot in {title:?}"));
     }
     if x1 <= x0 {
         x1 = x0 + 1.0;
@@ -42,9 +85,7 @@ pub fn line_plot(path: &Path, title: &str, x_label: &str, y_label: &str, series:
     if y1 <= y0 {
         y1 = y0 * 1.1 + 1e-6;
     }
-    let err = |e: &dyn std::fmt::Display| anyhow!("cannot draw {}: {e}", path.display());
-    let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let err = |e: &dyn std::fmt::Display| anyhow!("cannot draw {title:?}: {e}");
     macro_rules! draw {
         ($chart:expr) => {{
             let mut chart = $chart;
@@ -75,7 +116,7 @@ pub fn line_plot(path: &Path, title: &str, x_label: &str, y_label: &str, series:
                 .map_err(|e| err(&e))?;
         }};
     }
-    let mut builder = ChartBuilder::on(&root);
+    let mut builder = ChartBuilder::on(area);
     builder.caption(title, ("sans-serif", 22)).margin(12).x_label_area_size(40).y_label_area_size(70);
     if log_y {
         draw!(builder.build_cartesian_2d(x0..x1, (y0 * 0.9..y1 * 1.1).log_scale()).map_err(|e| err(&e))?);
@@ -83,7 +124,6 @@ pub fn line_plot(path: &Path, title: &str, x_label: &str, y_label: &str, series:
         let pad = (y1 - y0) * 0.05;
         draw!(builder.build_cartesian_2d(x0..x1, y0 - pad..y1 + pad).map_err(|e| err(&e))?);
     }
-    root.present().map_err(|e| err(&e))?;
     Ok(())
 }
 

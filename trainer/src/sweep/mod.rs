@@ -1,12 +1,13 @@
-//! `trainer sweep`: a parameter study (seed 004's "average over multiple training runs"). One config per value of
-//! a named key, each trained R times with seeds 0..R, within a step or wall-time budget, each run evaluated
-//! (classifier score, FID); one CSV row per run, a summary CSV and plots of the mean with its spread.
+//! `trainer sweep`: a parameter study (seed 004's "average over multiple training runs"). One or several config
+//! keys, each varied on its own around the base config (one parameter at a time), each setting trained R times
+//! with seeds 0..R, within a step or wall-time budget, each run evaluated (classifier score, FID, optionally the
+//! classifier two-sample test); one CSV row per run, a summary CSV and figures of the mean with its spread.
 //!
 //! Everything lives in the sweep folder: OUT/sweep.json (the settings, checked when the sweep is continued),
 //! OUT/KEY=VALUE/seed-R/ (an ordinary run folder with its eval.json), OUT/sweep.csv, OUT/sweep-summary.csv and
-//! OUT/sweep-score.png, OUT/sweep-fid.png (and OUT/sweep-fid-inception.png with Inception). A stopped sweep
-//! continues where it stopped: finished runs (an eval.json) are kept, a run with a checkpoint is resumed,
-//! anything else starts again.
+//! the figures ([`results`]). A setting that two keys share (each key's value that is the base's own) trains
+//! once, in the folder of the first key that asks for it. A stopped sweep continues where it stopped: finished
+//! runs (an eval.json) are kept, a run with a checkpoint is resumed, anything else starts again.
 
 use std::path::{Path, PathBuf};
 
@@ -20,6 +21,10 @@ use crate::train::checkpoint;
 use crate::train::config::Config;
 use crate::train::{fit, DeviceSpec, FitEvent, FitOptions};
 
+mod results;
+
+pub use results::mean_sd;
+
 /// How each run of a sweep is evaluated.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SweepEval {
@@ -32,17 +37,27 @@ pub struct SweepEval {
     pub inception: Option<PathBuf>,
     /// Where the evaluation classifier is cached.
     pub cache: PathBuf,
+    /// The classifier two-sample test too (seed 004's real-against-generated CNN).
+    #[serde(default)]
+    pub c2st: bool,
+}
+
+/// One parameter of a study: a dotted config key (e.g. `model.ch`, `train.batch_size`) and its values, as TOML
+/// values (a number, a quoted string, a list) or bare words (strings), every other key staying at the base's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Arm {
+    pub key: String,
+    pub values: Vec<String>,
 }
 
 /// What a sweep is: its settings, written to OUT/sweep.json.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(from = "SpecFile")]
 pub struct SweepSpec {
     pub base: Config,
-    /// A dotted config key, e.g. `model.ch` or `train.batch_size`.
-    pub key: String,
-    /// Its values, as TOML values (a number, a quoted string, a list) or bare words (strings).
-    pub values: Vec<String>,
-    /// Runs per value, with train.seed = 0..seeds.
+    /// The keys varied, each on its own.
+    pub arms: Vec<Arm>,
+    /// Runs per setting, with train.seed = 0..seeds.
     pub seeds: usize,
     /// train.steps of every run (None: the base config's).
     pub steps: Option<usize>,
@@ -51,8 +66,42 @@ pub struct SweepSpec {
     pub eval: SweepEval,
 }
 
+/// sweep.json as read: sweeps from before several keys name one `key` and its `values`.
+#[derive(Deserialize)]
+struct SpecFile {
+    base: Config,
+    #[serde(default)]
+    arms: Vec<Arm>,
+    key: Option<String>,
+    #[serde(default)]
+    values: Vec<String>,
+    seeds: usize,
+    steps: Option<usize>,
+    minutes: Option<f64>,
+    eval: SweepEval,
+}
+
+impl From<SpecFile> for SweepSpec {
+    fn from(f: SpecFile) -> Self {
+        let mut arms = f.arms;
+        if let Some(key) = f.key {
+            arms.insert(0, Arm { key, values: f.values });
+        }
+        Self { base: f.base, arms, seeds: f.seeds, steps: f.steps, minutes: f.minutes, eval: f.eval }
+    }
+}
+
+impl SweepSpec {
+    /// The keys, for messages: `model.ch, train.lr`.
+    fn keys(&self) -> String {
+        self.arms.iter().map(|a| a.key.as_str()).collect::<Vec<_>>().join(", ")
+    }
+}
+
 /// The config of one value of the key: `base` with `key` set to `value`, read back through the config's own
-/// checks (unknown keys, typed names).
+/// checks (unknown keys, typed names, ranges, and the network's own: a `model.ch` that `model.norm_groups` does
+/// not divide is refused naming both). A key the base leaves at its default unwritten (`model.kernel_size`) is
+/// set all the same.
 pub fn set_key(base: &Config, key: &str, value: &str) -> Result<Config> {
     let mut root = toml::Value::try_from(base).context("the base config cannot be written as TOML")?;
     let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
@@ -68,19 +117,24 @@ pub fn set_key(base: &Config, key: &str, value: &str) -> Result<Config> {
             _ => bail!("the config has no section [{p}] (key {key})"),
         };
     }
-    let Some(old) = table.get(*last) else {
-        let mut keys: Vec<&String> = table.keys().collect();
+    let neighbours = {
+        let mut keys: Vec<&str> = table.keys().map(|k| k.as_str()).collect();
         keys.sort();
-        let keys: Vec<&str> = keys.iter().map(|k| k.as_str()).collect();
-        bail!("the config has no key {key}; its neighbours are: {}", keys.join(", "));
+        keys.join(", ")
     };
     // an integer where the config holds a float (lr = 1 -> 1.0)
-    let parsed = match (old, parsed) {
-        (toml::Value::Float(_), toml::Value::Integer(i)) => toml::Value::Float(i as f64),
+    let parsed = match (table.get(*last), parsed) {
+        (Some(toml::Value::Float(_)), toml::Value::Integer(i)) => toml::Value::Float(i as f64),
         (_, p) => p,
     };
-    table.insert(last.to_string(), parsed);
-    let cfg: Config = root.try_into().with_context(|| format!("{key} = {value} is not a valid value"))?;
+    let known = table.insert(last.to_string(), parsed).is_some();
+    let cfg: Config = match root.try_into() {
+        Ok(c) => c,
+        Err(e) if !known && e.to_string().contains("unknown field") => {
+            bail!("the config has no key {key}; its neighbours are: {neighbours}")
+        }
+        Err(e) => return Err(anyhow::Error::from(e).context(format!("{key} = {value} is not a valid value"))),
+    };
     cfg.validate().with_context(|| format!("{key} = {value}"))?;
     Ok(cfg)
 }
@@ -129,6 +183,7 @@ fn folder_name(key: &str, value: &str) -> String {
 /// One run's outcome: a row of sweep.csv.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SweepRow {
+    pub key: String,
     pub value: String,
     pub seed: usize,
     pub steps: usize,
@@ -138,62 +193,108 @@ pub struct SweepRow {
     pub fid_classifier_floor: Option<f64>,
     pub fid_inception: Option<f64>,
     pub fid_inception_floor: Option<f64>,
+    /// The two-sample test's accuracy, and its real-against-real floor.
+    pub c2st: Option<f64>,
+    pub c2st_floor: Option<f64>,
 }
 
-/// The run folder of (value, seed).
-pub fn run_dir(out: &Path, spec: &SweepSpec, value: &str, seed: usize) -> PathBuf {
-    out.join(folder_name(&spec.key, value)).join(format!("seed-{seed}"))
+/// One setting of the sweep: a key's value, its config, and the folder it trains in (shared with an earlier key
+/// whose setting is the same config).
+#[derive(Debug, Clone)]
+pub struct Setting {
+    pub key: String,
+    pub value: String,
+    pub cfg: Config,
+    pub folder: String,
 }
 
-/// Runs the sweep (or continues it) and writes its CSVs and plots. `progress` hears of every training step and
+/// Every setting, each config built and checked before anything trains. Settings with the same config share the
+/// first one's folder; two different configs whose values clean to the same folder name are refused.
+pub fn plan(spec: &SweepSpec) -> Result<Vec<Setting>> {
+    if spec.arms.is_empty() || spec.arms.iter().any(|a| a.values.is_empty()) || spec.seeds == 0 {
+        bail!("a sweep needs at least one key, one value of each key and one seed");
+    }
+    if let Some(dup) = spec.arms.iter().enumerate().find(|(i, a)| spec.arms[..*i].iter().any(|b| b.key == a.key)) {
+        bail!("the key {} is given twice: list all its values once", dup.1.key);
+    }
+    let mut settings: Vec<Setting> = vec![];
+    for arm in &spec.arms {
+        for v in &arm.values {
+            let mut cfg = set_key(&spec.base, &arm.key, v)?;
+            if let Some(s) = spec.steps {
+                cfg.train.steps = s;
+            }
+            let own = folder_name(&arm.key, v);
+            let folder = match settings.iter().find(|s| same_run(&s.cfg, &cfg)) {
+                Some(same) => same.folder.clone(),
+                None => {
+                    if let Some(clash) = settings.iter().find(|s| s.folder == own) {
+                        bail!(
+                            "{} = {v} and {} = {} would share the folder {own}: write one of the values differently",
+                            arm.key,
+                            clash.key,
+                            clash.value
+                        );
+                    }
+                    own
+                }
+            };
+            settings.push(Setting { key: arm.key.clone(), value: v.clone(), cfg, folder });
+        }
+    }
+    Ok(settings)
+}
+
+/// Whether two configs train the same run (the same network however written, everything else equal).
+fn same_run(a: &Config, b: &Config) -> bool {
+    let canonical = |c: &Config| Config { model: c.model.canonical(), ..c.clone() };
+    canonical(a) == canonical(b)
+}
+
+/// The run folder of a setting's seed.
+pub fn run_dir(out: &Path, setting: &Setting, seed: usize) -> PathBuf {
+    out.join(&setting.folder).join(format!("seed-{seed}"))
+}
+
+/// Runs the sweep (or continues it) and writes its CSVs and figures. `progress` hears of every training step and
 /// evaluation phase.
 pub fn sweep(spec: &SweepSpec, out: &Path, device: DeviceSpec, progress: &dyn Progress) -> Result<Vec<SweepRow>> {
-    if spec.values.is_empty() || spec.seeds == 0 {
-        bail!("a sweep needs at least one value and one seed");
-    }
     if spec.minutes.is_some_and(|m| !(m > 0.0 && m.is_finite())) {
         bail!("the time budget must be a positive number of minutes");
     }
-    // every config is built (and checked) before anything trains
-    let mut cfgs = vec![];
-    for v in &spec.values {
-        let mut cfg = set_key(&spec.base, &spec.key, v)?;
-        if let Some(s) = spec.steps {
-            cfg.train.steps = s;
-        }
-        cfgs.push(cfg);
-    }
+    let settings = plan(spec)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let spec_path = out.join("sweep.json");
     if let Ok(text) = std::fs::read_to_string(&spec_path) {
         let old: SweepSpec = serde_json::from_str(&text)
             .with_context(|| format!("{} is not a sweep's settings", spec_path.display()))?;
         let same = |a: &SweepSpec, b: &SweepSpec| {
-            (&a.base, &a.key, a.steps, a.minutes, &a.eval) == (&b.base, &b.key, b.steps, b.minutes, &b.eval)
+            let keys = |s: &SweepSpec| s.arms.iter().map(|a| a.key.clone()).collect::<Vec<_>>();
+            (&a.base, keys(a), a.steps, a.minutes, &a.eval) == (&b.base, keys(b), b.steps, b.minutes, &b.eval)
         };
         if !same(&old, spec) {
             bail!(
-                "{} holds a sweep of other settings (key {}, budget or evaluation differ): continue it with the same \
+                "{} holds a sweep of other settings (keys {}, budget or evaluation differ): continue it with the same \
                  ones, or use another --out",
                 out.display(),
-                old.key
+                old.keys()
             );
         }
     }
     checkpoint::write_atomic(&spec_path, serde_json::to_string_pretty(spec)?.as_bytes())?;
     let mut rows = vec![];
-    for (v, cfg) in spec.values.iter().zip(&cfgs) {
+    for s in &settings {
         for seed in 0..spec.seeds {
-            let run = run_dir(out, spec, v, seed);
-            let mut cfg = cfg.clone();
+            let run = run_dir(out, s, seed);
+            let mut cfg = s.cfg.clone();
             cfg.train.seed = seed as u64;
             if EvalReport::read(&run)?.is_none() {
-                progress.note(&format!("{} = {v}, seed {seed}: {}", spec.key, run.display()));
+                progress.note(&format!("{} = {}, seed {seed}: {}", s.key, s.value, run.display()));
                 train_one(&cfg, &run, device, spec.minutes, progress)?;
                 evaluate_one(&run, spec, device, progress)?;
             }
-            rows.push(row(&run, v, seed)?);
-            write_results(out, spec, &rows)?;
+            rows.push(row(&run, s, seed)?);
+            results::write(out, spec, &rows)?;
         }
     }
     Ok(rows)
@@ -249,7 +350,7 @@ fn evaluate_one(run: &Path, spec: &SweepSpec, device: DeviceSpec, progress: &dyn
         device: device.open()?,
         model: None,
         nll: 0,
-        c2st: false,
+        c2st: e.c2st,
         composition: 0,
         attribute_guidance: vec![],
     };
@@ -258,13 +359,14 @@ fn evaluate_one(run: &Path, spec: &SweepSpec, device: DeviceSpec, progress: &dyn
 }
 
 /// The row of a finished run, from its eval.json and metrics.csv.
-fn row(run: &Path, value: &str, seed: usize) -> Result<SweepRow> {
+fn row(run: &Path, s: &Setting, seed: usize) -> Result<SweepRow> {
     let r = EvalReport::read(run)?.with_context(|| format!("{} has no eval.json", run.display()))?;
     let metrics = std::fs::read_to_string(run.join("metrics.csv")).unwrap_or_default();
     let train_seconds =
         metrics.lines().last().and_then(|l| l.split(',').nth(4)).and_then(|s| s.parse().ok()).unwrap_or(f64::NAN);
     Ok(SweepRow {
-        value: value.to_string(),
+        key: s.key.clone(),
+        value: s.value.clone(),
         seed,
         steps: r.step,
         train_seconds,
@@ -273,141 +375,9 @@ fn row(run: &Path, value: &str, seed: usize) -> Result<SweepRow> {
         fid_classifier_floor: r.fid_floor_train_vs_test,
         fid_inception: r.fid_inception,
         fid_inception_floor: r.fid_inception_floor,
+        c2st: r.c2st.as_ref().map(|c| c.accuracy),
+        c2st_floor: r.c2st.as_ref().map(|c| c.real_vs_real),
     })
-}
-
-/// Mean and sample standard deviation of the finite values (None when there are none).
-pub fn mean_sd(v: impl Iterator<Item = f64>) -> Option<(f64, f64)> {
-    let v: Vec<f64> = v.filter(|x| x.is_finite()).collect();
-    if v.is_empty() {
-        return None;
-    }
-    let n = v.len() as f64;
-    let m = v.iter().sum::<f64>() / n;
-    let sd = if v.len() > 1 { (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0)).sqrt() } else { 0.0 };
-    Some((m, sd))
-}
-
-/// sweep.csv, sweep-summary.csv and the plots (score; FID in the classifier's and in Inception's features, where
-/// measured), from the rows so far.
-fn write_results(out: &Path, spec: &SweepSpec, rows: &[SweepRow]) -> Result<()> {
-    let f = |v: Option<f64>| v.map(|x| format!("{x}")).unwrap_or_default();
-    let mut csv = String::from(
-        "key,value,seed,steps,train_seconds,classifier_score,fid_classifier,fid_classifier_floor,fid_inception,fid_inception_floor\n",
-    );
-    for r in rows {
-        csv += &format!(
-            "{},{},{},{},{:.1},{},{},{},{},{}\n",
-            spec.key,
-            r.value,
-            r.seed,
-            r.steps,
-            r.train_seconds,
-            f(r.score),
-            f(r.fid_classifier),
-            f(r.fid_classifier_floor),
-            f(r.fid_inception),
-            f(r.fid_inception_floor)
-        );
-    }
-    checkpoint::write_atomic(&out.join("sweep.csv"), csv.as_bytes())?;
-    // one summary line per value, in the order given
-    let numeric = spec.values.iter().all(|v| v.parse::<f64>().is_ok());
-    let x_of = |i: usize, v: &str| if numeric { v.parse().unwrap() } else { i as f64 };
-    let mut summary = String::from(
-        "key,value,runs,score_mean,score_sd,fid_classifier_mean,fid_classifier_sd,fid_classifier_floor,\
-         fid_inception_mean,fid_inception_sd,fid_inception_floor,train_seconds_mean\n",
-    );
-    let (mut score, mut fid, mut floor, mut fid_inc, mut floor_inc) = (vec![], vec![], vec![], vec![], vec![]);
-    for (i, v) in spec.values.iter().enumerate() {
-        let sel: Vec<&SweepRow> = rows.iter().filter(|r| &r.value == v).collect();
-        if sel.is_empty() {
-            continue;
-        }
-        let s = mean_sd(sel.iter().filter_map(|r| r.score));
-        let d = mean_sd(sel.iter().filter_map(|r| r.fid_classifier));
-        let fl = mean_sd(sel.iter().filter_map(|r| r.fid_classifier_floor));
-        let di = mean_sd(sel.iter().filter_map(|r| r.fid_inception));
-        let fli = mean_sd(sel.iter().filter_map(|r| r.fid_inception_floor));
-        let secs = mean_sd(sel.iter().map(|r| r.train_seconds));
-        summary += &format!(
-            "{},{v},{},{},{},{},{},{},{},{},{},{}\n",
-            spec.key,
-            sel.len(),
-            f(s.map(|s| s.0)),
-            f(s.map(|s| s.1)),
-            f(d.map(|d| d.0)),
-            f(d.map(|d| d.1)),
-            f(fl.map(|d| d.0)),
-            f(di.map(|d| d.0)),
-            f(di.map(|d| d.1)),
-            f(fli.map(|d| d.0)),
-            f(secs.map(|d| d.0))
-        );
-        let x = x_of(i, v);
-        score.extend(s.map(|s| (x, s)));
-        fid.extend(d.map(|d| (x, d)));
-        floor.extend(fl.map(|d| (x, d.0)));
-        fid_inc.extend(di.map(|d| (x, d)));
-        floor_inc.extend(fli.map(|d| (x, d.0)));
-    }
-    checkpoint::write_atomic(&out.join("sweep-summary.csv"), summary.as_bytes())?;
-    let x_label = if numeric {
-        spec.key.clone()
-    } else {
-        format!(
-            "{} ({})",
-            spec.key,
-            spec.values.iter().enumerate().map(|(i, v)| format!("{i}: {v}")).collect::<Vec<_>>().join(", ")
-        )
-    };
-    let runs = format!("{} seeds", spec.seeds);
-    let plots = [
-        ("sweep-score.png", "classifier score", "classifier score", &score, None),
-        ("sweep-fid.png", "FID (classifier features)", "FID", &fid, Some(&floor)),
-        ("sweep-fid-inception.png", "FID (Inception-v3 features)", "FID", &fid_inc, Some(&floor_inc)),
-    ];
-    for (file, what, y_label, pts, floor) in plots {
-        band_plot(
-            &out.join(file),
-            &format!("{what} vs {} ({runs})", spec.key),
-            &x_label,
-            y_label,
-            pts,
-            floor.map(|f| &f[..]),
-        )?;
-    }
-    Ok(())
-}
-
-/// A value's x and its (mean, sd) over the seeds.
-type Band = (f64, (f64, f64));
-
-/// Mean and mean +- one standard deviation over the seeds (and a floor line), when there is something to draw.
-fn band_plot(
-    path: &Path,
-    title: &str,
-    x_label: &str,
-    y_label: &str,
-    pts: &[Band],
-    floor: Option<&[(f64, f64)]>,
-) -> Result<()> {
-    use crate::plot::{line_plot, Series};
-    use plotters::style::RGBColor;
-    if pts.is_empty() {
-        return Ok(());
-    }
-    let blue = RGBColor(31, 119, 180);
-    let light = RGBColor(158, 202, 225);
-    let mut series = vec![
-        Series { name: "mean over seeds", points: pts.iter().map(|(x, (m, _))| (*x, *m)).collect(), color: blue },
-        Series { name: "mean + sd", points: pts.iter().map(|(x, (m, s))| (*x, m + s)).collect(), color: light },
-        Series { name: "mean - sd", points: pts.iter().map(|(x, (m, s))| (*x, m - s)).collect(), color: light },
-    ];
-    if let Some(f) = floor {
-        series.push(Series { name: "real-vs-real floor", points: f.to_vec(), color: RGBColor(214, 39, 40) });
-    }
-    line_plot(path, title, x_label, y_label, &series, false)
 }
 
 #[cfg(test)]
@@ -431,6 +401,78 @@ mod tests {
         let e = format!("{:#}", set_key(&base, "train.batch_size", "0").unwrap_err());
         assert!(e.contains("batch_size"), "{e}");
         assert_eq!(folder_name("model.ch", "[1, 2]"), "model.ch=_1__2_");
+    }
+
+    fn spec(arms: &[(&str, &[&str])]) -> SweepSpec {
+        SweepSpec {
+            base: Config::default(),
+            arms: arms
+                .iter()
+                .map(|(k, v)| Arm { key: k.to_string(), values: v.iter().map(|v| v.to_string()).collect() })
+                .collect(),
+            seeds: 1,
+            steps: Some(10),
+            minutes: None,
+            eval: SweepEval {
+                n: 10,
+                sampler: SamplerKind::DpmSolverPP,
+                steps: 2,
+                guidance: 0.0,
+                batch: 10,
+                inception: None,
+                cache: "c".into(),
+                c2st: false,
+            },
+        }
+    }
+
+    #[test]
+    fn a_study_of_several_keys_trains_the_shared_setting_once_and_checks_every_config_first() {
+        // Config::default(): ch 128, norm_groups 32, kernel 3, dropout 0.1, embedding 4 x 128
+        let s = spec(&[
+            ("model.ch", &["64", "128"]),
+            ("model.kernel_size", &["3", "5"]),
+            ("model.embed_dim", &["256", "512"]),
+        ]);
+        let plan = plan(&s).unwrap();
+        let folders: Vec<&str> = plan.iter().map(|p| p.folder.as_str()).collect();
+        // ch 128, kernel 3 and embedding 512 (= 4 x 128, the default) are the base: one folder, the first key's
+        assert_eq!(
+            folders,
+            [
+                "model.ch=64",
+                "model.ch=128",
+                "model.ch=128",
+                "model.kernel_size=5",
+                "model.embed_dim=256",
+                "model.ch=128"
+            ]
+        );
+        assert_eq!(plan[3].cfg.model.kernel_size, 5);
+        assert_eq!(plan[4].cfg.model.embed_dim, Some(256));
+        assert!(plan.iter().all(|p| p.cfg.train.steps == 10));
+        // a shape key against the config's others: both named, before anything trains
+        let e =
+            format!("{:#}", super::plan(&spec(&[("train.lr", &["1e-3"]), ("model.ch", &["64", "48"])])).unwrap_err());
+        assert!(e.contains("model.ch = 48") && e.contains("norm_groups 32"), "{e}");
+        let e = format!("{:#}", super::plan(&spec(&[("model.kernel_size", &["4"])])).unwrap_err());
+        assert!(e.contains("kernel_size must be 3, 5 or 7"), "{e}");
+        let e = format!("{:#}", super::plan(&spec(&[("model.ch", &["64"]), ("model.ch", &["32"])])).unwrap_err());
+        assert!(e.contains("model.ch is given twice"), "{e}");
+        let e = format!("{:#}", super::plan(&spec(&[("model.kernel_sise", &["5"])])).unwrap_err());
+        assert!(e.contains("no key model.kernel_sise") && e.contains("ch_mult"), "{e}");
+        // two settings whose values clean to one folder name
+        let e = format!("{:#}", super::plan(&spec(&[("data.path", &["\"a b\"", "\"a_b\""])])).unwrap_err());
+        assert!(e.contains("would share the folder"), "{e}");
+        // settings written before several keys (key, values) read as one key
+        let mut old = serde_json::to_value(spec(&[])).unwrap();
+        let o = old.as_object_mut().unwrap();
+        o.remove("arms");
+        o.insert("key".into(), "train.lr".into());
+        o.insert("values".into(), serde_json::json!(["0.001", "0.002"]));
+        o.get_mut("eval").unwrap().as_object_mut().unwrap().remove("c2st");
+        let read: SweepSpec = serde_json::from_value(old).unwrap();
+        assert_eq!(read.arms, [Arm { key: "train.lr".into(), values: vec!["0.001".into(), "0.002".into()] }]);
     }
 
     #[test]
