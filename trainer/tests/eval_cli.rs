@@ -61,6 +61,14 @@ fn eval_reports_accuracy_score_and_fid_with_floor() {
     let c2st = &again["c2st"];
     let (acc, floor) = (c2st["accuracy"].as_f64().unwrap(), c2st["real_vs_real"].as_f64().unwrap());
     assert!(c2st["images"] == 40 && acc > 0.9 && (0.2..0.8).contains(&floor), "{c2st}");
+    // the real-vs-real floor depends on the real images alone: kept in the cache for the next evaluation
+    let kept: Vec<f64> = std::fs::read_dir(&cache)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("c2st-floor-"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap().trim().parse().unwrap())
+        .collect();
+    assert_eq!(kept, [floor]);
     assert_eq!(again["classifier_test_accuracy"], r["classifier_test_accuracy"]);
     assert_eq!(again["fid_classifier_features"], r["fid_classifier_features"]);
     // asked for the reference images' own classes: each class as often as among the 40 real digits the samples

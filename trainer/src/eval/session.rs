@@ -427,8 +427,28 @@ impl<'a> Session<'a> {
         let (o, refs, p) = (self.o, &self.refs, self.progress);
         p.note("two-sample test: a CNN learns to tell samples from real test images (and training from test images)");
         let accuracy = c2st::accuracy(&refs.test_x, images, self.shape, o.sample.seed, &o.device, p)?;
-        let real_vs_real = c2st::accuracy(&refs.test_x, &refs.train_x, self.shape, o.sample.seed, &o.device, p)?;
+        let real_vs_real = self.c2st_floor()?;
         Ok(C2stReport { images: refs.m.min(o.n), accuracy, real_vs_real })
+    }
+
+    /// The two-sample test of real training images against the real test images, from the cache when it was
+    /// run before: it depends on the real images alone (both fingerprints, their count, the subset seed) and the
+    /// device, and its CNN costs as much to train as the test's own (a sweep asks for it once per run).
+    fn c2st_floor(&self) -> Result<f64> {
+        let (o, refs) = (self.o, &self.refs);
+        let device = if o.device.is_cpu() { "cpu" } else { "gpu" };
+        let name = format!(
+            "c2st-floor-{}-{}-n{}-s{}-{device}.txt",
+            self.test.fingerprint, self.train.fingerprint, refs.m, o.sample.seed
+        );
+        let path = o.cache.join(name);
+        if let Some(v) = std::fs::read_to_string(&path).ok().and_then(|t| t.trim().parse::<f64>().ok()) {
+            return Ok(v);
+        }
+        let v = c2st::accuracy(&refs.test_x, &refs.train_x, self.shape, o.sample.seed, &o.device, self.progress)?;
+        std::fs::create_dir_all(&o.cache)?;
+        crate::train::checkpoint::write_atomic(&path, format!("{v}\n").as_bytes())?;
+        Ok(v)
     }
 
     /// The guidance and steps sweeps: RUN/sweep.csv and its plots; returns the CSV's path.

@@ -403,7 +403,8 @@ mod tests {
         assert_eq!(folder_name("model.ch", "[1, 2]"), "model.ch=_1__2_");
     }
 
-    fn spec(arms: &[(&str, &[&str])]) -> SweepSpec {
+    /// A sweep of `arms` (key, values) over the default config, one seed, 10 steps.
+    pub(super) fn spec(arms: &[(&str, &[&str])]) -> SweepSpec {
         SweepSpec {
             base: Config::default(),
             arms: arms

@@ -176,30 +176,13 @@ fn band(cells: &[(f64, Cell)]) -> Option<Vec<Series<'static>>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sweep::{Arm, SweepEval};
 
     #[test]
     fn the_summary_has_each_keys_values_with_the_two_sample_test_and_a_panel_per_key() {
         let dir = std::env::temp_dir().join(format!("sweep-results-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let arm = |k: &str, v: &[&str]| Arm { key: k.into(), values: v.iter().map(|v| v.to_string()).collect() };
-        let spec = SweepSpec {
-            base: Default::default(),
-            arms: vec![arm("model.kernel_size", &["3", "5"]), arm("model.dropout", &["0.0"])],
-            seeds: 2,
-            steps: None,
-            minutes: None,
-            eval: SweepEval {
-                n: 10,
-                sampler: runtime::sampler::SamplerKind::DpmSolverPP,
-                steps: 2,
-                guidance: 0.0,
-                batch: 10,
-                inception: None,
-                cache: "c".into(),
-                c2st: true,
-            },
-        };
+        let mut spec = crate::sweep::tests::spec(&[("model.kernel_size", &["3", "5"]), ("model.dropout", &["0.0"])]);
+        (spec.seeds, spec.eval.c2st) = (2, true);
         let row = |key: &str, value: &str, seed, c2st| SweepRow {
             key: key.into(),
             value: value.into(),
