@@ -9,7 +9,7 @@ use super::{Dataset, CIFAR10_CLASSES};
 
 pub const RECORD: usize = 1 + 3 * 32 * 32;
 
-/// Parses one batch file's bytes into (images [N,3,32,32], labels).
+/// Parses one batch file's bytes into (images `[N, 3, 32, 32]`, labels).
 pub fn parse(bytes: &[u8], path: &Path) -> Result<(Vec<u8>, Vec<u32>)> {
     if bytes.is_empty() || !bytes.len().is_multiple_of(RECORD) {
         bail!("{}: {} bytes is not a whole number of CIFAR-10 records of {RECORD} bytes", path.display(), bytes.len());

@@ -5,7 +5,7 @@
 //!
 //! Everything lives in the sweep folder: OUT/sweep.json (the settings, checked when the sweep is continued),
 //! OUT/KEY=VALUE/seed-R/ (an ordinary run folder with its eval.json), OUT/sweep.csv, OUT/sweep-summary.csv and
-//! the figures ([`results`]). A setting that two keys share (each key's value that is the base's own) trains
+//! the figures (`results.rs`). A setting that two keys share (each key's value that is the base's own) trains
 //! once, in the folder of the first key that asks for it. A stopped sweep continues where it stopped: finished
 //! runs (an eval.json) are kept, a run with a checkpoint is resumed, anything else starts again.
 
