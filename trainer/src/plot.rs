@@ -18,6 +18,9 @@ fn register_font() {
     });
 }
 
+/// Series with at most this many points are drawn with a marker at each.
+const MARKED_POINTS: usize = 32;
+
 /// One named line of a plot.
 pub struct Series<'a> {
     pub name: &'a str,
@@ -107,6 +110,11 @@ fn draw_chart<DB: DrawingBackend>(
                     .map_err(|e| err(&e))?
                     .label(s.name)
                     .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+                // a few points (a sweep's values) get markers, so a lone point shows too
+                if s.points.len() <= MARKED_POINTS {
+                    let marked = s.points.iter().copied().filter(|(_, y)| y.is_finite() && (!log_y || *y > 0.0));
+                    chart.draw_series(marked.map(|p| Circle::new(p, 3, c.filled()))).map_err(|e| err(&e))?;
+                }
             }
             chart
                 .configure_series_labels()
