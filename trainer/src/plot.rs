@@ -74,7 +74,9 @@ fn draw_chart<DB: DrawingBackend>(
     series: &[Series],
     log_y: bool,
 ) -> Result<()> {
-    let pts = series.iter().flat_map(|s| s.points.iter()).filter(|(_, y)| y.is_finite() && (!log_y || *y > 0.0));
+    // the points the axes can show: finite, and positive on a log axis
+    let drawable = |(_, y): &(f64, f64)| y.is_finite() && (!log_y || *y > 0.0);
+    let pts = series.iter().flat_map(|s| s.points.iter()).filter(|p| drawable(p));
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
     for (x, y) in pts {
         (x0, x1, y0, y1) = (x0.min(*x), x1.max(*x), y0.min(*y), y1.max(*y));
@@ -103,17 +105,14 @@ fn draw_chart<DB: DrawingBackend>(
             for s in series {
                 let c = s.color;
                 chart
-                    .draw_series(LineSeries::new(
-                        s.points.iter().copied().filter(|(_, y)| y.is_finite() && (!log_y || *y > 0.0)),
-                        c.stroke_width(2),
-                    ))
+                    .draw_series(LineSeries::new(s.points.iter().copied().filter(drawable), c.stroke_width(2)))
                     .map_err(|e| err(&e))?
                     .label(s.name)
                     .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
                 // a few points (a sweep's values) get markers, so a lone point shows too
                 if s.points.len() <= MARKED_POINTS {
-                    let marked = s.points.iter().copied().filter(|(_, y)| y.is_finite() && (!log_y || *y > 0.0));
-                    chart.draw_series(marked.map(|p| Circle::new(p, 3, c.filled()))).map_err(|e| err(&e))?;
+                    let marked = s.points.iter().copied().filter(drawable).map(|p| Circle::new(p, 3, c.filled()));
+                    chart.draw_series(marked).map_err(|e| err(&e))?;
                 }
             }
             chart

@@ -470,6 +470,6 @@ pub fn distill(opts: &DistillOptions, on: &mut dyn FnMut(FitEvent)) -> Result<Fi
     }
     log.flush()?;
     let checkpoint = tr.save_checkpoint(run, crate::train::DeviceSpec::Cpu)?;
-    let loss_curve = log.loss_curve(run, "distillation loss")?;
+    let loss_curve = log.loss_curve("distillation loss")?;
     Ok(FitSummary { step: tr.step, total, recent_loss: tr.recent_loss, checkpoint, loss_curve })
 }

@@ -480,7 +480,7 @@ pub fn create_run(run: &Path, cfg: &Config) -> Result<()> {
 
 /// metrics.csv as a run goes (one row per step) and the mean loss of the last 20 finite steps.
 pub struct StepLog {
-    path: PathBuf,
+    run: PathBuf,
     file: std::fs::File,
     window: std::collections::VecDeque<f64>,
     started: Instant,
@@ -490,10 +490,9 @@ pub struct StepLog {
 impl StepLog {
     /// Appends to RUN/metrics.csv; the trainer's wall time counts on from its `elapsed_s`.
     pub fn open(run: &Path, tr: &Trainer) -> Result<Self> {
-        let path = run.join("metrics.csv");
-        let file = std::fs::OpenOptions::new().append(true).create(true).open(&path)?;
+        let file = std::fs::OpenOptions::new().append(true).create(true).open(run.join("metrics.csv"))?;
         let window = std::collections::VecDeque::with_capacity(20);
-        Ok(Self { path, file, window, started: Instant::now(), base_elapsed: tr.elapsed_s })
+        Ok(Self { run: run.to_path_buf(), file, window, started: Instant::now(), base_elapsed: tr.elapsed_s })
     }
 
     /// After a step: the trainer's wall time and recent loss, and the step's row.
@@ -516,11 +515,11 @@ impl StepLog {
     }
 
     /// The run's loss curve from metrics.csv: RUN/loss.png, titled "<run name> <what>".
-    pub fn loss_curve(&mut self, run: &Path, what: &str) -> Result<PathBuf> {
+    pub fn loss_curve(&mut self, what: &str) -> Result<PathBuf> {
         self.flush()?;
-        let losses = read_losses(&self.path)?;
-        let out = run.join("loss.png");
-        let name = run.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let losses = read_losses(&self.run.join("metrics.csv"))?;
+        let out = self.run.join("loss.png");
+        let name = self.run.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
         crate::plot::loss_curve(&losses, &out, &format!("{name} {what}"))?;
         Ok(out)
     }
@@ -626,6 +625,6 @@ pub fn fit(cfg: Option<Config>, opts: &FitOptions, on: &mut dyn FnMut(FitEvent))
     if let Some(p) = trainer.preview(run)? {
         on(FitEvent::Preview(&p));
     }
-    let loss_curve = log.loss_curve(run, "loss")?;
+    let loss_curve = log.loss_curve("loss")?;
     Ok(FitSummary { step: trainer.step, total, recent_loss: trainer.recent_loss, checkpoint, loss_curve })
 }
