@@ -10,7 +10,8 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 sudo_if() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # --- system packages: protoc (candle-onnx's build), a C compiler, Python + pip, npm (datasets), chromium and
-# its WebDriver (the test of `generate serve`'s page in a real browser)
+# its WebDriver (the test of `generate serve`'s page in a real browser), OpenMPI with libclang and pkg-config
+# (the trainer's `mpi` feature: `mpirun -np N trainer fit --distributed`)
 need=()
 command -v protoc >/dev/null || need+=(protobuf-compiler)
 command -v cc >/dev/null || need+=(build-essential)
@@ -21,6 +22,10 @@ command -v xz >/dev/null || need+=(xz-utils)
 python3 -c "import ensurepip" 2>/dev/null || need+=(python3-venv)
 command -v chromium >/dev/null || need+=(chromium)
 command -v chromedriver >/dev/null || need+=(chromium-driver)
+command -v mpirun >/dev/null || need+=(openmpi-bin)
+command -v mpicc >/dev/null || need+=(libopenmpi-dev)
+command -v pkg-config >/dev/null || need+=(pkg-config)
+ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || need+=(libclang-dev)
 if [ ${#need[@]} -gt 0 ]; then
   log "apt-get install ${need[*]}"
   sudo_if apt-get update -q >/dev/null

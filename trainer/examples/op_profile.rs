@@ -124,9 +124,9 @@ fn main() -> Result<()> {
     let x = Tensor::randn(0f32, 1.0, (b, cfg.model.channels, s, s), &dev)?;
     let t = Tensor::from_vec((0..b as u32).collect::<Vec<_>>(), b, &dev)?;
     let y = Tensor::from_vec(vec![1u32; b], b, &dev)?;
-    let mut rng = trainer::train::step_rng(0, 0);
+    let mut dropout = trainer::model::random::DropoutKeys::new(trainer::model::random::StepKeys::new(0, 0), 0);
     for it in 0..3 {
-        let mut o = Timed { inner: CandleOps::training(&dev, DType::F32, &mut rng), t: BTreeMap::new() };
+        let mut o = Timed { inner: CandleOps::training(&dev, DType::F32, &mut dropout), t: BTreeMap::new() };
         let st = Instant::now();
         let out = unet.forward(&mut o, &x, &t, cfg.model.null_class().map(|_| &y))?;
         let total = st.elapsed().as_secs_f64();

@@ -6,8 +6,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::time::Instant;
 
 use candle_core::Device;
+use trainer::model::random::{DropoutKeys, StepKeys};
 use trainer::train::config::Config;
-use trainer::train::{make_host_batch, step_rng, Trainer};
+use trainer::train::{make_host_batch, Trainer};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -18,13 +19,14 @@ fn main() -> anyhow::Result<()> {
     let data = trainer::data::load(&cfg.data, cfg.model.image_size)?;
     let mut t = Trainer::new(cfg, data, Device::Cpu)?;
     for i in 0..args.get(3).map(|s| s.parse().unwrap()).unwrap_or(4) {
-        let mut rng = step_rng(0, i);
-        let idx = t.order.batch(i, t.cfg.train.batch_size);
+        let keys = StepKeys::new(0, i);
+        let b = t.cfg.train.batch_size;
+        let idx = t.order.batch(i, b);
         let s = Instant::now();
-        let batch = make_host_batch(&t.data, &idx, &t.cfg, &t.schedule, &t.timesteps, &mut rng);
+        let batch = make_host_batch(&t.data, &idx, 0, b, &t.cfg, &t.schedule, &t.timesteps, keys);
         let b = s.elapsed().as_secs_f64();
         let s = Instant::now();
-        let (_, loss, _) = t.loss(&batch, &mut rng)?;
+        let (_, loss, _) = t.loss(&batch, &mut DropoutKeys::new(keys, 0))?;
         let f = s.elapsed().as_secs_f64();
         let s = Instant::now();
         let grads = loss.backward()?;

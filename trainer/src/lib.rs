@@ -15,6 +15,7 @@
 pub mod bench;
 pub mod data;
 pub mod denoise;
+pub mod dist;
 pub mod distill;
 pub mod eval;
 pub mod model;

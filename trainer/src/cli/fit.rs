@@ -62,6 +62,15 @@ pub struct FitArgs {
     /// candle.
     #[arg(long, value_enum, default_value_t = Engine::Auto)]
     engine: Engine,
+    /// Data-parallel training as one rank of an MPI job: `mpirun -np N trainer fit --distributed ...` (a build
+    /// with `--features mpi`). train.batch_size stays the whole batch, shared by the ranks; rank 0 writes the
+    /// run. Threads per rank: RAYON_NUM_THREADS, or the machine's cores over the ranks on it.
+    #[arg(long)]
+    distributed: bool,
+    /// With --distributed: how long a rank waits for the others at a step before it stops the job, naming the
+    /// ranks that did not come (dead or hung).
+    #[arg(long, value_name = "SECONDS", default_value_t = trainer::dist::DEFAULT_TIMEOUT.as_secs_f64())]
+    rank_timeout: f64,
     /// No progress bar or log lines.
     #[arg(long, short)]
     quiet: bool,
@@ -84,6 +93,9 @@ pub fn run_fit(a: FitArgs) -> Result<()> {
     if opts.resume && a.config.is_some() {
         anyhow::bail!("--resume continues a run with its own saved config; drop --config (use --steps to extend it)");
     }
+    if a.distributed {
+        return distributed::run(cfg, &opts, a.rank_timeout, a.quiet);
+    }
     let log = |msg: String| {
         if !a.quiet {
             eprintln!("{msg}");
@@ -95,6 +107,84 @@ pub fn run_fit(a: FitArgs) -> Result<()> {
     let summary = summary.with_context(|| format!("trainer fit ({})", opts.out.display()))?;
     log(summary_line(&summary));
     Ok(())
+}
+
+/// `trainer fit --distributed`: one rank of an MPI job.
+mod distributed {
+    use super::*;
+
+    #[cfg(not(feature = "mpi"))]
+    pub fn run(_cfg: Option<Config>, _opts: &FitOptions, _timeout: f64, _quiet: bool) -> Result<()> {
+        anyhow::bail!(
+            "--distributed needs a trainer built with MPI: install OpenMPI (scripts/setup.sh --mpi), then \
+             cargo build --release -p trainer --features mpi"
+        )
+    }
+
+    #[cfg(feature = "mpi")]
+    pub fn run(cfg: Option<Config>, opts: &FitOptions, timeout: f64, quiet: bool) -> Result<()> {
+        use trainer::dist::mpi::MpiCollective;
+        use trainer::dist::Collective;
+        if !(timeout.is_finite() && timeout > 0.0) {
+            anyhow::bail!("--rank-timeout must be a positive number of seconds, not {timeout}");
+        }
+        let mpi = MpiCollective::init(std::time::Duration::from_secs_f64(timeout))?;
+        let (rank, size, (local, local_rank), host) = (mpi.rank(), mpi.size(), mpi.local(), mpi.host());
+        // one rank per core by default: the machine's cores shared by the ranks on it
+        let threads = match std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.parse::<usize>().ok()) {
+            Some(n) if n > 0 => n,
+            _ => (std::thread::available_parallelism().map_or(1, |n| n.get()) / local.max(1)).max(1),
+        };
+        rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().ok();
+        // one GPU per rank: --device cuda:N gives the ranks of a machine GPUs N, N + 1, ...
+        let mut opts = opts.clone();
+        if let DeviceSpec::Cuda(n) = opts.device {
+            opts.device = DeviceSpec::Cuda(n + local_rank);
+        }
+        let comm = collective(mpi, &opts)?;
+        let lead = rank == 0;
+        let quiet = quiet || !lead;
+        if !quiet {
+            eprintln!("data-parallel: {size} ranks ({local} on this machine, {host}), {threads} thread(s) each");
+        }
+        let pb = progress_bar(quiet);
+        let out = opts.out.clone();
+        let r = trainer::train::fit_on(cfg, &opts, comm.as_ref(), &mut |event| {
+            report(event, &out, opts.device, &pb, quiet)
+        });
+        pb.finish_and_clear();
+        match r {
+            Ok(summary) => {
+                if !quiet {
+                    let (calls, reduce_s, gate_s) = comm.costs();
+                    eprintln!(
+                        "rank 0: {calls} all-reduces took {reduce_s:.2} s ({:.1} ms each); {gate_s:.2} s went on waiting \
+                         for the other ranks at the steps' gates",
+                        1e3 * reduce_s / calls.max(1) as f64
+                    );
+                    eprintln!("{}", summary_line(&summary));
+                }
+                Ok(())
+            }
+            // one rank's error ends the whole job at once (the others would wait for it at the next step)
+            Err(e) => comm.abort(&format!("error: rank {rank}: trainer fit ({}): {e:#}", opts.out.display())),
+        }
+    }
+
+    /// MPI, with NCCL for the gradients of GPU ranks in a build with `nccl`.
+    #[cfg(feature = "mpi")]
+    fn collective(
+        mpi: trainer::dist::mpi::MpiCollective,
+        opts: &FitOptions,
+    ) -> Result<Box<dyn trainer::dist::Collective>> {
+        #[cfg(feature = "nccl")]
+        if matches!(opts.device, DeviceSpec::Cuda(_)) {
+            let device = opts.device.open()?;
+            return Ok(Box::new(trainer::dist::nccl::NcclCollective::init(mpi, &device)?));
+        }
+        let _ = opts;
+        Ok(Box::new(mpi))
+    }
 }
 
 /// The bar of a training run (hidden with -q): steps, speed, ETA, and the last step's loss.

@@ -33,6 +33,7 @@ use rand::Rng;
 use rand_distr::{Distribution, StandardNormal};
 
 use crate::model::profile;
+use crate::model::random::{DropoutKeys, StepKeys};
 use crate::model::tape::Tape;
 use crate::train::checkpoint;
 use crate::train::config::{Config, DistillConfig, LrSchedule};
@@ -325,7 +326,8 @@ fn distill_step(
     // the student, on the training tape
     let bs = b.dims[0];
     let (loss, grads) = {
-        let mut tape = Tape::new(&mut tr.pool, Some(&mut rng));
+        let mut dropout = DropoutKeys::new(StepKeys::new(tr.cfg.train.seed, tr.step), 0);
+        let mut tape = Tape::new(&mut tr.pool, Some(&mut dropout));
         let xs = tape.input(&b.z, &b.dims)?;
         let ts = tape.input(&b.t.iter().map(|&v| v as f32).collect::<Vec<_>>(), &[bs])?;
         let cond = tr.unet.cfg.num_classes > 0;

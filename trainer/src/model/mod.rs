@@ -10,5 +10,6 @@ pub mod kernels;
 pub mod ops;
 pub mod params;
 pub mod profile;
+pub mod random;
 pub mod tape;
 pub mod unet;

@@ -6,11 +6,10 @@
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, D};
-use rand::Rng;
-use rand_chacha::ChaCha8Rng;
 
 use crate::model::kernels;
 use crate::model::params::Param;
+use crate::model::random::DropoutKeys;
 
 /// The whole-batch im2col GEMM convolution on Candle tensors (it lives with the other convolution kernels).
 pub use crate::model::kernels::conv2d_gemm;
@@ -104,37 +103,20 @@ pub fn group_norm_act_composed<O: Ops + ?Sized>(
     }
 }
 
-/// Fills `mask` with inverted-dropout factors: 0 with probability p, else 1 / (1 - p). Both gradient engines
-/// draw their masks here, so they train alike; one u32 per element (drawn in bulk) decides.
-pub fn dropout_mask(rng: &mut ChaCha8Rng, p: f64, mask: &mut [f32]) {
-    let keep = 1.0 - p;
-    let scale = (1.0 / keep) as f32;
-    // u < keep * 2^32 with probability keep
-    let threshold = (keep * 4_294_967_296.0).min(u32::MAX as f64) as u32;
-    let mut bits = [0u32; 1024];
-    for chunk in mask.chunks_mut(bits.len()) {
-        let b = &mut bits[..chunk.len()];
-        rng.fill(b);
-        for (m, &u) in chunk.iter_mut().zip(b.iter()) {
-            *m = if u < threshold { scale } else { 0.0 };
-        }
-    }
-}
-
 /// Runs the primitives on Candle tensors (with autograd when the params are variables).
 pub struct CandleOps<'a> {
-    /// Dropout is applied only when an RNG is given (training).
-    pub dropout_rng: Option<&'a mut ChaCha8Rng>,
+    /// Dropout is applied only when its keys are given (training).
+    pub dropout: Option<&'a mut DropoutKeys>,
     pub dtype: DType,
     pub device: Device,
 }
 
 impl<'a> CandleOps<'a> {
     pub fn inference(device: &Device, dtype: DType) -> Self {
-        Self { dropout_rng: None, dtype, device: device.clone() }
+        Self { dropout: None, dtype, device: device.clone() }
     }
-    pub fn training(device: &Device, dtype: DType, rng: &'a mut ChaCha8Rng) -> Self {
-        Self { dropout_rng: Some(rng), dtype, device: device.clone() }
+    pub fn training(device: &Device, dtype: DType, dropout: &'a mut DropoutKeys) -> Self {
+        Self { dropout: Some(dropout), dtype, device: device.clone() }
     }
 }
 
@@ -233,13 +215,13 @@ impl Ops for CandleOps<'_> {
         Ok(x.upsample_nearest2d(2 * h, 2 * w)?)
     }
     fn dropout(&mut self, x: &Tensor, p: f64) -> Result<Tensor> {
-        let Some(rng) = self.dropout_rng.as_deref_mut() else { return Ok(x.clone()) };
+        let Some(keys) = self.dropout.as_deref_mut() else { return Ok(x.clone()) };
         if p <= 0.0 {
             return Ok(x.clone());
         }
         // Inverted dropout with a seeded host-side mask, so training is reproducible on every device.
         let mut mask = vec![0f32; x.elem_count()];
-        dropout_mask(rng, p, &mut mask);
+        keys.fill(p, &mut mask, x.dim(0)?);
         let mask = Tensor::from_vec(mask, x.dims(), &self.device)?.to_dtype(x.dtype())?;
         Ok((x * mask)?)
     }

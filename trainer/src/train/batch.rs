@@ -9,8 +9,9 @@ use runtime::schedule::NoiseSchedule;
 use super::config::Config;
 use super::timesteps::TimestepSampler;
 use crate::data::{Dataset, UNKNOWN};
+use crate::model::random::{Purpose, StepKeys};
 
-/// The random numbers of one training step, all drawn from ChaCha8(seed), stream = step.
+/// One stream for all the random numbers of a step: ChaCha8(seed), stream = step (distillation's batches).
 pub fn step_rng(seed: u64, step: usize) -> ChaCha8Rng {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream(step as u64);
@@ -66,17 +67,25 @@ pub struct HostBatch {
     pub y: Option<Vec<u32>>,
     /// Each image's importance weight 1 / (T p_t) (1 for uniformly drawn timesteps).
     pub importance: Vec<f64>,
+    /// The size of the whole step's batch (this batch's own size unless it is a rank's share): the objective is
+    /// the mean over it, so the ranks' gradients add up to one process's.
+    pub global: usize,
 }
 
 /// Builds the batch of Algorithm 1 (Ho et al. 2020): x_0 ~ data, t ~ U{0..T-1} (or by importance, `sampler`),
-/// eps ~ N(0, I), x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps.
+/// eps ~ N(0, I), x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps. `idx` are the dataset indices of
+/// the images at global batch positions `first..`, each drawing from its own stream of `keys`; `global` is
+/// the size of the whole batch, the objective's denominator.
+#[allow(clippy::too_many_arguments)]
 pub fn make_host_batch(
     data: &Dataset,
     idx: &[usize],
+    first: usize,
+    global: usize,
     cfg: &Config,
     schedule: &NoiseSchedule,
     sampler: &TimestepSampler,
-    rng: &mut ChaCha8Rng,
+    keys: StepKeys,
 ) -> HostBatch {
     let (c, s) = (data.channels, data.size);
     let n = data.image_len();
@@ -89,7 +98,8 @@ pub fn make_host_batch(
     let mut ts = Vec::with_capacity(b);
     let mut ys = Vec::with_capacity(b);
     let null = cfg.model.null_class();
-    for &i in idx {
+    for (j, &i) in idx.iter().enumerate() {
+        let rng = &mut keys.image(first + j, Purpose::Batch);
         let mut x0 = data.image_f32(i);
         cfg.data.augment.apply(&mut x0, c, s, rng);
         let (t, w) = sampler.draw(probs.as_deref(), schedule.num_timesteps(), rng);
@@ -110,7 +120,7 @@ pub fn make_host_batch(
         }
     }
     let y = if ys.is_empty() { None } else { Some(ys) };
-    HostBatch { dims: [b, c, s, s], x0: x0_all, xt, eps: eps_all, t: ts, y, importance }
+    HostBatch { dims: [b, c, s, s], x0: x0_all, xt, eps: eps_all, t: ts, y, importance, global }
 }
 
 #[cfg(test)]

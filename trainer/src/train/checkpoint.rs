@@ -70,6 +70,11 @@ fn step_dir_name(step: usize) -> String {
     format!("step-{step:08}")
 }
 
+/// The folder of the checkpoint of step `step`.
+pub fn step_dir(run: &Path, step: usize) -> PathBuf {
+    checkpoints_dir(run).join(step_dir_name(step))
+}
+
 fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)?.sync_all()?;
     Ok(())

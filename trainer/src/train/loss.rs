@@ -49,6 +49,8 @@ pub fn min_snr_weights(sched: &NoiseSchedule, gamma: f64, prediction: Prediction
 /// improved-diffusion's T / 1000 for lambda = 0.001).
 pub fn objective(cfg: &Config, sched: &NoiseSchedule, out: &[f32], batch: &HostBatch) -> Objective {
     let [b, c, h, w] = batch.dims;
+    // the mean over the whole step's batch: a rank's share adds its part of it
+    let n = batch.global;
     let per = c * h * w;
     let learned = cfg.diffusion.variance.is_learned();
     let out_per = if learned { 2 * per } else { per };
@@ -81,7 +83,7 @@ pub fn objective(cfg: &Config, sched: &NoiseSchedule, out: &[f32], batch: &HostB
             let d = (p - e) as f64;
             let (l, dl) = if l1 { (d.abs(), d.signum()) } else { (d * d, 2.0 * d) };
             simple += l;
-            *g = (iw * ws * dl / (per * b) as f64) as f32;
+            *g = (iw * ws * dl / (per * n) as f64) as f32;
         }
         let mut total = ws * simple / per as f64;
         if learned {
@@ -95,12 +97,12 @@ pub fn objective(cfg: &Config, sched: &NoiseSchedule, out: &[f32], batch: &HostB
             let (term, d_lv) = likelihood::vb_term(sched, x0, xt, t, &eps_theta, &lv, false);
             let slope = sched.learned_log_variance_slope(t);
             for (g, d) in g[per..].iter_mut().zip(&d_lv) {
-                *g = (iw * lambda_t * d * slope / b as f64) as f32;
+                *g = (iw * lambda_t * d * slope / n as f64) as f32;
             }
             total += lambda_t * term;
         }
         per_image.push(total);
-        loss += iw * total / b as f64;
+        loss += iw * total / n as f64;
     }
     Objective { loss, grad, per_image }
 }
@@ -118,7 +120,7 @@ mod tests {
         let xt = (0..b)
             .flat_map(|i| sched.q_sample(&x0[i * per..(i + 1) * per], t[i] as usize, &eps[i * per..(i + 1) * per]))
             .collect();
-        HostBatch { dims: [b, 1, 1, per], x0, xt, eps, t: t.to_vec(), y: None, importance: vec![1.0; b] }
+        HostBatch { dims: [b, 1, 1, per], x0, xt, eps, t: t.to_vec(), y: None, importance: vec![1.0; b], global: b }
     }
 
     #[test]

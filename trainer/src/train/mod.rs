@@ -7,6 +7,7 @@ pub mod config;
 pub mod device;
 pub mod loss;
 pub mod optim;
+pub mod parallel;
 pub mod timesteps;
 
 use std::collections::{BTreeMap, HashMap};
@@ -16,9 +17,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use rand_chacha::ChaCha8Rng;
 use runtime::schedule::NoiseSchedule;
 
+use crate::dist::{Collective, Single};
+use crate::model::random::{DropoutKeys, StepKeys, RNG_SCHEME};
 pub use batch::{make_host_batch, step_rng, DataOrder, HostBatch};
 use checkpoint::{RngState, State};
 use config::{Config, LrSchedule};
@@ -249,13 +251,13 @@ impl Trainer {
     /// The objective ([`loss::objective`]) of one batch through Candle's autograd: the loss, a scalar whose
     /// gradient is the loss's (the output times the objective's gradient, held constant), and the
     /// per-image losses.
-    pub fn loss(&self, batch: &HostBatch, rng: &mut ChaCha8Rng) -> Result<(f64, Tensor, Vec<f64>)> {
+    pub fn loss(&self, batch: &HostBatch, dropout: &mut DropoutKeys) -> Result<(f64, Tensor, Vec<f64>)> {
         let b = batch.dims[0];
         let xt = Tensor::from_slice(&batch.xt, batch.dims.to_vec(), &self.device)?;
         let t = Tensor::from_slice(&batch.t, b, &self.device)?;
         let y =
             batch.y.as_ref().map(|y| Tensor::from_slice(y, self.unet.cfg.label_dims(b), &self.device)).transpose()?;
-        let mut ops = CandleOps::training(&self.device, DType::F32, rng);
+        let mut ops = CandleOps::training(&self.device, DType::F32, dropout);
         let pred = self.unet.forward(&mut ops, &xt, &t, y.as_ref())?;
         let host: Vec<f32> = pred.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
         let o = loss::objective(&self.cfg, &self.schedule, &host, batch);
@@ -266,11 +268,29 @@ impl Trainer {
     /// One optimisation step (forward, backward, AdamW, EMA): on the CPU through the tape engine
     /// ([`crate::model::tape`]), elsewhere through Candle's autograd. Both draw the same random numbers.
     pub fn train_step(&mut self) -> Result<StepStats> {
-        let mut rng = step_rng(self.cfg.train.seed, self.step);
-        let idx = self.order.batch(self.step, self.cfg.train.batch_size);
+        self.train_step_on(&Single)
+    }
+
+    /// [`Trainer::train_step`] as one rank of a data-parallel job: this rank's share of the batch, the
+    /// gradients summed over the ranks before the update ([`parallel`]).
+    pub fn train_step_on(&mut self, comm: &dyn Collective) -> Result<StepStats> {
+        let keys = StepKeys::new(self.cfg.train.seed, self.step);
+        let global = self.cfg.train.batch_size;
+        let share = crate::dist::share(global, comm.size(), comm.rank());
+        let idx = self.order.batch(self.step, global);
         let batch = profile::timed("batch: data, augmentation, noise", || {
-            make_host_batch(&self.data, &idx, &self.cfg, &self.schedule, &self.timesteps, &mut rng)
+            make_host_batch(
+                &self.data,
+                &idx[share.clone()],
+                share.start,
+                global,
+                &self.cfg,
+                &self.schedule,
+                &self.timesteps,
+                keys,
+            )
         });
+        let mut dropout = DropoutKeys::new(keys, share.start);
         let lr = self.lr();
         let tape = match self.engine {
             Engine::Auto => self.device.is_cpu(),
@@ -281,7 +301,10 @@ impl Trainer {
         let clip = self.cfg.train.grad_clip;
         // a non-finite loss updates nothing; a non-finite gradient norm is refused by the optimiser
         let (loss, grad_norm, per_image) = if tape {
-            let (loss, grads, per_image) = self.cpu_loss_and_grads(&batch, &mut rng)?;
+            let (loss, grads, per_image) = self.cpu_loss_and_grads(&batch, &mut dropout)?;
+            // every rank has its gradients: a rank that died or hangs is named here, not waited for
+            comm.gate(self.step, false)?;
+            let (loss, grads) = parallel::all_reduce_host(comm, &self.vars, grads, loss)?;
             let opt = &mut self.opt;
             let norm = profile::timed("optimiser: clip, AdamW", || {
                 if loss.is_finite() {
@@ -292,15 +315,26 @@ impl Trainer {
             })?;
             (loss, norm, per_image)
         } else {
-            let (loss, surrogate, per_image) = self.loss(&batch, &mut rng)?;
-            let norm = if loss.is_finite() {
-                self.opt.step(&Grads::Candle(&surrogate.backward()?), lr, clip)?
+            let (loss, surrogate, per_image) = self.loss(&batch, &mut dropout)?;
+            let grads = surrogate.backward()?;
+            let (loss, named) = if comm.size() > 1 {
+                comm.gate(self.step, false)?;
+                let (loss, named) = parallel::all_reduce_candle(comm, &self.vars, &grads, loss)?;
+                (loss, Some(named))
             } else {
-                f64::NAN
+                (loss, None)
             };
+            let grads = match &named {
+                Some(named) => Grads::Named(named),
+                None => Grads::Candle(&grads),
+            };
+            let norm = if loss.is_finite() { self.opt.step(&grads, lr, clip)? } else { f64::NAN };
             (loss, norm, per_image)
         };
-        self.timesteps.record(&batch.t, &per_image);
+        if self.timesteps.importance {
+            let (t, losses) = parallel::gather_losses(comm, global, &batch.t, &per_image)?;
+            self.timesteps.record(&t, &losses);
+        }
         self.finish_step(loss, grad_norm, lr)
     }
 
@@ -333,9 +367,9 @@ impl Trainer {
     pub fn cpu_loss_and_grads(
         &mut self,
         batch: &HostBatch,
-        rng: &mut ChaCha8Rng,
+        dropout: &mut DropoutKeys,
     ) -> Result<(f64, HashMap<String, Vec<f32>>, Vec<f64>)> {
-        let mut tape = Tape::new(&mut self.pool, Some(rng));
+        let mut tape = Tape::new(&mut self.pool, Some(dropout));
         let b = batch.dims[0];
         let x = tape.input(&batch.xt, &batch.dims)?;
         let t = tape.input(&batch.t.iter().map(|&v| v as f32).collect::<Vec<_>>(), &[b])?;
@@ -357,11 +391,7 @@ impl Trainer {
             trainer_version: env!("CARGO_PKG_VERSION").to_string(),
             step: self.step,
             config: self.cfg.clone(),
-            rng: RngState {
-                algorithm: "chacha8; step s draws from stream s".into(),
-                seed: self.cfg.train.seed,
-                next_stream: self.step as u64,
-            },
+            rng: RngState { algorithm: RNG_SCHEME.into(), seed: self.cfg.train.seed, next_stream: self.step as u64 },
             data_fingerprint: self.data.fingerprint.clone(),
             data_description: self.data.description.clone(),
             class_names: self.data.class_names.clone(),
@@ -481,7 +511,8 @@ pub fn create_run(run: &Path, cfg: &Config) -> Result<()> {
 /// metrics.csv as a run goes (one row per step) and the mean loss of the last 20 finite steps.
 pub struct StepLog {
     run: PathBuf,
-    file: std::fs::File,
+    /// None on the ranks of a data-parallel job other than 0, which write nothing.
+    file: Option<std::fs::File>,
     window: std::collections::VecDeque<f64>,
     started: Instant,
     base_elapsed: f64,
@@ -492,14 +523,28 @@ impl StepLog {
     pub fn open(run: &Path, tr: &Trainer) -> Result<Self> {
         let file = std::fs::OpenOptions::new().append(true).create(true).open(run.join("metrics.csv"))?;
         let window = std::collections::VecDeque::with_capacity(20);
-        Ok(Self { run: run.to_path_buf(), file, window, started: Instant::now(), base_elapsed: tr.elapsed_s })
+        Ok(Self {
+            run: run.to_path_buf(),
+            file: Some(file),
+            window,
+            started: Instant::now(),
+            base_elapsed: tr.elapsed_s,
+        })
+    }
+
+    /// Keeps the clock and the recent loss, writes nothing.
+    pub fn silent(tr: &Trainer) -> Self {
+        let window = std::collections::VecDeque::with_capacity(20);
+        Self { run: PathBuf::new(), file: None, window, started: Instant::now(), base_elapsed: tr.elapsed_s }
     }
 
     /// After a step: the trainer's wall time and recent loss, and the step's row.
     pub fn record(&mut self, tr: &mut Trainer, s: &StepStats) -> Result<()> {
         tr.elapsed_s = self.base_elapsed + self.started.elapsed().as_secs_f64();
         let (step, elapsed, skipped) = (tr.step, tr.elapsed_s, s.skipped as u8);
-        writeln!(self.file, "{step},{:.6},{:.4},{:.3e},{elapsed:.2},{skipped}", s.loss, s.grad_norm, s.lr)?;
+        if let Some(f) = self.file.as_mut() {
+            writeln!(f, "{step},{:.6},{:.4},{:.3e},{elapsed:.2},{skipped}", s.loss, s.grad_norm, s.lr)?;
+        }
         if !s.skipped {
             if self.window.len() == 20 {
                 self.window.pop_front();
@@ -511,7 +556,10 @@ impl StepLog {
     }
 
     pub fn flush(&mut self) -> Result<()> {
-        Ok(self.file.flush()?)
+        if let Some(f) = self.file.as_mut() {
+            f.flush()?;
+        }
+        Ok(())
     }
 
     /// The run's loss curve from metrics.csv: RUN/loss.png, titled "<run name> <what>".
@@ -560,13 +608,115 @@ pub struct FitSummary {
 /// checkpoints every train.checkpoint_every steps and at the end, one metrics.csv row per step, previews,
 /// and the loss curve.
 pub fn fit(cfg: Option<Config>, opts: &FitOptions, on: &mut dyn FnMut(FitEvent)) -> Result<FitSummary> {
+    fit_on(cfg, opts, &Single, on)
+}
+
+/// [`fit`] as one rank of a data-parallel job (`comm`; [`Single`] for one process). Rank 0 opens the run (new
+/// or resumed) and alone writes to its folder; the other ranks build the same trainer from rank 0's state and
+/// weights, after checking that every rank was started with the same config, data and binary.
+pub fn fit_on(
+    cfg: Option<Config>,
+    opts: &FitOptions,
+    comm: &dyn Collective,
+    on: &mut dyn FnMut(FitEvent),
+) -> Result<FitSummary> {
     let run = &opts.out;
     let device = opts.device.open()?;
+    let lead = comm.rank() == 0;
+    if comm.size() > 1 {
+        let asked = cfg.as_ref().map(toml::to_string).transpose()?.unwrap_or_default();
+        let asked = format!("{asked}\nresume: {}", opts.resume);
+        crate::dist::check_same(
+            comm,
+            &["the config (with its flags)", "the trainer's version"],
+            &[crate::dist::fnv1a(asked.as_bytes()), crate::dist::fnv1a(env!("CARGO_PKG_VERSION").as_bytes())],
+            "start every rank with the same command, binary and config file",
+        )?;
+    }
     let mut resumed_from = None;
-    let mut trainer = if opts.resume {
-        let ck = checkpoint::load_which(run, "latest", &device, true)?;
+    let mut lead_trainer = None;
+    if lead {
+        let mut trainer = open_run(cfg, opts, &device, on)?;
+        if opts.resume {
+            resumed_from = Some(trainer.1);
+        }
+        trainer.0.engine = opts.engine;
+        lead_trainer = Some(trainer.0);
+    }
+    let mut trainer = if comm.size() == 1 {
+        lead_trainer.context("one process is rank 0")?
+    } else {
+        join_lead(comm, lead_trainer, opts, &device)?
+    };
+    let total = trainer.cfg.train.steps;
+    on(FitEvent::Started {
+        resumed_from: resumed_from.as_deref(),
+        step: trainer.step,
+        total,
+        data: &trainer.data,
+        num_params: trainer.vars.values().map(|v| v.elem_count()).sum(),
+    });
+    let stop = opts.max_steps_now.map(|n| (trainer.step + n).min(total)).unwrap_or(total);
+    let mut log = if lead { StepLog::open(run, &trainer)? } else { StepLog::silent(&trainer) };
+    let every = trainer.cfg.train.checkpoint_every;
+    while trainer.step < stop {
+        // the wall-time budget is rank 0's clock, so that all ranks stop at the same step
+        let out_of_time = opts.max_seconds.is_some_and(|m| trainer.elapsed_s >= m);
+        if comm.gate(trainer.step, out_of_time)? {
+            break;
+        }
+        let s = trainer.train_step_on(comm)?;
+        log.record(&mut trainer, &s)?;
+        on(FitEvent::Step { step: trainer.step, total, stats: &s, elapsed_s: trainer.elapsed_s });
+        if trainer.step % every == 0 && trainer.step < stop {
+            parallel::check_in_step(comm, &trainer.vars, trainer.step)?;
+            if lead {
+                log.flush()?;
+                trainer.save_checkpoint(run, opts.device)?;
+            }
+        }
+        let pe = trainer.cfg.train.preview_every;
+        if lead && pe > 0 && trainer.step % pe == 0 && trainer.step < stop {
+            if let Some(p) = trainer.preview(run)? {
+                on(FitEvent::Preview(&p));
+            }
+        }
+    }
+    parallel::check_in_step(comm, &trainer.vars, trainer.step)?;
+    let checkpoint = checkpoint::step_dir(run, trainer.step);
+    if !lead {
+        // rank 0 writes the checkpoint, the preview and the loss curve
+        let loss_curve = run.join("loss.png");
+        return Ok(FitSummary { step: trainer.step, total, recent_loss: trainer.recent_loss, checkpoint, loss_curve });
+    }
+    log.flush()?;
+    let checkpoint = trainer.save_checkpoint(run, opts.device)?;
+    if let Some(p) = trainer.preview(run)? {
+        on(FitEvent::Preview(&p));
+    }
+    let loss_curve = log.loss_curve("loss")?;
+    Ok(FitSummary { step: trainer.step, total, recent_loss: trainer.recent_loss, checkpoint, loss_curve })
+}
+
+/// The trainer of a new run, or of a resumed one with the checkpoint it continues from.
+fn open_run(
+    cfg: Option<Config>,
+    opts: &FitOptions,
+    device: &Device,
+    on: &mut dyn FnMut(FitEvent),
+) -> Result<(Trainer, PathBuf)> {
+    let run = &opts.out;
+    if opts.resume {
+        let ck = checkpoint::load_which(run, "latest", device, true)?;
         for w in &ck.passed_over {
             on(FitEvent::Warning(&format!("passed over an unreadable checkpoint: {w}")));
+        }
+        if ck.state.rng.algorithm != RNG_SCHEME {
+            on(FitEvent::Warning(&format!(
+                "this run was started by an older trainer whose random numbers were drawn as \"{}\"; it continues \
+                 with \"{RNG_SCHEME}\" (statistically the same, but not the draws the older trainer would have made)",
+                ck.state.rng.algorithm
+            )));
         }
         let dir = ck.dir.clone();
         // the run's own config, with a changed step target if one was given
@@ -579,8 +729,7 @@ pub fn fit(cfg: Option<Config>, opts: &FitOptions, on: &mut dyn FnMut(FitEvent))
         let data = crate::data::load(&rcfg.data, rcfg.model.image_size)?;
         let t = Trainer::from_checkpoint(ck, rcfg, data, device.clone())?;
         truncate_metrics(&run.join("metrics.csv"), t.step)?;
-        resumed_from = Some(dir);
-        t
+        Ok((t, dir))
     } else {
         let cfg = cfg.context("a config is needed for a new run")?;
         cfg.validate()?;
@@ -588,43 +737,35 @@ pub fn fit(cfg: Option<Config>, opts: &FitOptions, on: &mut dyn FnMut(FitEvent))
         // the data is read before an existing folder is replaced: a data error leaves it as it was
         let data = crate::data::load(&cfg.data, cfg.model.image_size)?;
         create_run(run, &cfg)?;
-        Trainer::new(cfg, data, device.clone())?
+        Ok((Trainer::new(cfg, data, device.clone())?, run.clone()))
+    }
+}
+
+/// Every rank's trainer made rank 0's (`lead` is rank 0's own, None elsewhere): the others load the data of
+/// rank 0's config (each from its own disk; the fingerprints must match) and take its weights and counters.
+fn join_lead(comm: &dyn Collective, lead: Option<Trainer>, opts: &FitOptions, device: &Device) -> Result<Trainer> {
+    // the others wait here (at most the timeout) while rank 0 reads the data or the checkpoint
+    comm.gate(0, false)?;
+    let state = parallel::broadcast_state(comm, lead.as_ref().map(|t| t.state(opts.device)).transpose()?.as_ref())?;
+    let batch = state.config.train.batch_size;
+    if batch < comm.size() {
+        bail!("train.batch_size is {batch}, fewer images than the {} ranks of this job", comm.size());
+    }
+    let mut trainer = match lead {
+        Some(t) => t,
+        None => {
+            let data = crate::data::load(&state.config.data, state.config.model.image_size)?;
+            let mut t = Trainer::new(state.config.clone(), data, device.clone())?;
+            t.engine = opts.engine;
+            t
+        }
     };
-    trainer.engine = opts.engine;
-    let total = trainer.cfg.train.steps;
-    on(FitEvent::Started {
-        resumed_from: resumed_from.as_deref(),
-        step: trainer.step,
-        total,
-        data: &trainer.data,
-        num_params: trainer.vars.values().map(|v| v.elem_count()).sum(),
-    });
-    let stop = opts.max_steps_now.map(|n| (trainer.step + n).min(total)).unwrap_or(total);
-    let mut log = StepLog::open(run, &trainer)?;
-    let every = trainer.cfg.train.checkpoint_every;
-    while trainer.step < stop {
-        if opts.max_seconds.is_some_and(|m| trainer.elapsed_s >= m) {
-            break;
-        }
-        let s = trainer.train_step()?;
-        log.record(&mut trainer, &s)?;
-        on(FitEvent::Step { step: trainer.step, total, stats: &s, elapsed_s: trainer.elapsed_s });
-        if trainer.step % every == 0 && trainer.step < stop {
-            log.flush()?;
-            trainer.save_checkpoint(run, opts.device)?;
-        }
-        let pe = trainer.cfg.train.preview_every;
-        if pe > 0 && trainer.step % pe == 0 && trainer.step < stop {
-            if let Some(p) = trainer.preview(run)? {
-                on(FitEvent::Preview(&p));
-            }
-        }
-    }
-    log.flush()?;
-    let checkpoint = trainer.save_checkpoint(run, opts.device)?;
-    if let Some(p) = trainer.preview(run)? {
-        on(FitEvent::Preview(&p));
-    }
-    let loss_curve = log.loss_curve("loss")?;
-    Ok(FitSummary { step: trainer.step, total, recent_loss: trainer.recent_loss, checkpoint, loss_curve })
+    crate::dist::check_same(
+        comm,
+        &["the data"],
+        &[crate::dist::fnv1a(trainer.data.fingerprint.as_bytes())],
+        "every rank must read the same images (copy the data set to each machine)",
+    )?;
+    parallel::adopt_lead(comm, &mut trainer, &state)?;
+    Ok(trainer)
 }

@@ -200,16 +200,16 @@ pub(super) struct Dropout {
 }
 
 impl Dropout {
-    /// [`crate::model::ops::Ops::dropout`]: the identity unless the tape has a dropout RNG (training).
+    /// [`crate::model::ops::Ops::dropout`]: the identity unless the tape has dropout keys (training).
     pub(super) fn forward(tape: &mut Tape, x: &Val, p: f64) -> Result<Val> {
-        let Some(rng) = tape.dropout_rng.as_deref_mut() else { return Ok(*x) };
+        let Some(keys) = tape.dropout.as_deref_mut() else { return Ok(*x) };
         if p <= 0.0 {
             return Ok(*x);
         }
         // the same draws as CandleOps::dropout, so both engines train identically
         let n = tape.nodes[x.0].dims.iter().product();
         let mut mask = tape.pool.take(n);
-        crate::model::ops::dropout_mask(rng, p, &mut mask);
+        keys.fill(p, &mut mask, tape.nodes[x.0].dims[0]);
         let mut y = tape.pool.take(n);
         par_map2(&mut y, tape.values(x.0), &mask, |v, m| v * m);
         let needs_grad = tape.needs_grad(x.0);

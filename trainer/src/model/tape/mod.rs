@@ -39,12 +39,12 @@ use std::time::Instant;
 
 use anyhow::{ensure, Result};
 use candle_core::Tensor;
-use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
 use crate::model::ops::Ops;
 use crate::model::params::Param;
 use crate::model::profile;
+use crate::model::random::DropoutKeys;
 
 /// Reusable f32 buffers, by length: a training step asks for the same sizes every time.
 #[derive(Default)]
@@ -144,7 +144,7 @@ pub struct Tape<'a> {
     pool: &'a mut Pool,
     nodes: Vec<Node>,
     bufs: Vec<Vec<f32>>,
-    dropout_rng: Option<&'a mut ChaCha8Rng>,
+    dropout: Option<&'a mut DropoutKeys>,
     /// Parameter name -> slot; gradients are accumulated per slot.
     slots: HashMap<String, usize>,
     names: Vec<String>,
@@ -197,9 +197,10 @@ fn par_add_assign(dst: &mut [f32], src: &[f32]) {
 }
 
 impl<'a> Tape<'a> {
-    /// An empty tape; dropout draws from `dropout_rng` when given (training), as [`crate::model::ops::CandleOps`] does.
-    pub fn new(pool: &'a mut Pool, dropout_rng: Option<&'a mut ChaCha8Rng>) -> Self {
-        Self { pool, nodes: vec![], bufs: vec![], dropout_rng, slots: HashMap::new(), names: vec![] }
+    /// An empty tape; dropout draws its masks from `dropout` when given (training), as
+    /// [`crate::model::ops::CandleOps`] does.
+    pub fn new(pool: &'a mut Pool, dropout: Option<&'a mut DropoutKeys>) -> Self {
+        Self { pool, nodes: vec![], bufs: vec![], dropout, slots: HashMap::new(), names: vec![] }
     }
 
     /// A constant input (images, timesteps and labels as f32).

@@ -4,10 +4,9 @@
 use super::{Pool, Tape};
 use crate::model::ops::CandleOps;
 use crate::model::params::InitSource;
+use crate::model::random::{DropoutKeys, StepKeys};
 use crate::model::unet::{Attribute, UNet, UNetConfig};
 use candle_core::{DType, Device, Tensor};
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 
 /// The tape's output and every parameter gradient against Candle's autograd over the same forward pass
 /// (same weights, same dropout draws), for a U-Net that uses every primitive.
@@ -34,15 +33,16 @@ fn check_against_candle(cfg: UNetConfig, batch: usize) {
     let ws: Vec<f32> = (0..batch).map(|i| 0.7 * i as f32).collect();
     let w = Tensor::from_vec(ws.clone(), batch, &dev).unwrap();
 
-    let mut rng = ChaCha8Rng::seed_from_u64(9);
-    let mut ops = CandleOps::training(&dev, DType::F32, &mut rng);
+    let keys = DropoutKeys::new(StepKeys::new(9, 0), 0);
+    let mut dropout = keys;
+    let mut ops = CandleOps::training(&dev, DType::F32, &mut dropout);
     let pred = unet.forward_w(&mut ops, &x, &t, cond.then_some(&y), cfg.guidance_embed.then_some(&w)).unwrap();
     let probe = Tensor::randn(0f32, 1.0, pred.dims(), &dev).unwrap();
     let reference = (&pred * &probe).unwrap().sum_all().unwrap().backward().unwrap();
 
     let mut pool = Pool::default();
-    let mut rng = ChaCha8Rng::seed_from_u64(9);
-    let mut tape = Tape::new(&mut pool, Some(&mut rng));
+    let mut dropout = keys;
+    let mut tape = Tape::new(&mut pool, Some(&mut dropout));
     let xv = tape.input(&x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), x.dims()).unwrap();
     let tv = tape.input(&ts.iter().map(|&v| v as f32).collect::<Vec<_>>(), &[batch]).unwrap();
     let yv = tape.input(&ys.iter().map(|&v| v as f32).collect::<Vec<_>>(), &ydims).unwrap();
