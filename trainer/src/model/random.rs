@@ -87,3 +87,48 @@ impl DropoutKeys {
         self.calls += 1;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_share_of_the_batch_draws_the_masks_the_whole_batch_draws_for_it() {
+        let keys = StepKeys::new(3, 17);
+        let (batch, per, p) = (5, 37, 0.3);
+        let mut whole = vec![0f32; batch * per];
+        let mut all = DropoutKeys::new(keys, 0);
+        all.fill(p, &mut whole, batch);
+        all.fill(p, &mut whole.clone(), batch);
+        let mut second = vec![0f32; batch * per];
+        all.fill(p, &mut second, batch);
+        // images 2..5 alone, as a rank holding that share would draw them, layer after layer
+        let mut share = DropoutKeys::new(keys, 2);
+        let mut part = vec![0f32; 3 * per];
+        share.fill(p, &mut part, 3);
+        assert_eq!(part, whole[2 * per..]);
+        share.fill(p, &mut part, 3);
+        share.fill(p, &mut part, 3);
+        assert_eq!(part, second[2 * per..], "the third layer's masks");
+        assert_ne!(second, whole, "each layer draws anew");
+        // inverted dropout: kept values scaled by 1 / (1 - p), about p of them dropped
+        let dropped = whole.iter().filter(|&&m| m == 0.0).count() as f64 / whole.len() as f64;
+        assert!(whole.iter().all(|&m| m == 0.0 || (m - 1.0 / 0.7).abs() < 1e-6));
+        assert!((dropped - p).abs() < 0.1, "{dropped}");
+    }
+
+    #[test]
+    fn streams_differ_by_seed_step_image_and_purpose() {
+        let draw = |k: StepKeys, i, purpose| k.image(i, purpose).gen::<u64>();
+        let base = draw(StepKeys::new(1, 2), 3, Purpose::Batch);
+        assert_eq!(base, draw(StepKeys::new(1, 2), 3, Purpose::Batch));
+        for other in [
+            draw(StepKeys::new(9, 2), 3, Purpose::Batch),
+            draw(StepKeys::new(1, 9), 3, Purpose::Batch),
+            draw(StepKeys::new(1, 2), 9, Purpose::Batch),
+            draw(StepKeys::new(1, 2), 3, Purpose::Dropout(0)),
+        ] {
+            assert_ne!(base, other);
+        }
+    }
+}
