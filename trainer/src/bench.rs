@@ -110,7 +110,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 pub fn run(
     cfg: Config,
     device: Device,
-    engine: Engine,
+    (engine, batch_split): (Engine, bool),
     (steps, warmup, eval_batch): (usize, usize, usize),
     profile: bool,
 ) -> Result<BenchReport> {
@@ -119,6 +119,7 @@ pub fn run(
     let batch = cfg.train.batch_size;
     let mut t = Trainer::new(cfg, data, device.clone())?;
     t.engine = engine;
+    t.batch_split = batch_split;
     let params = t.vars.values().map(|v| v.elem_count()).sum();
     let mut times = vec![];
     for i in 0..warmup + steps {
@@ -142,6 +143,7 @@ pub fn run(
         let ys: Vec<i64> = (0..eval_batch).map(|_| rng.gen_range(0..=m.num_classes as i64)).collect();
         let y = (m.num_classes > 0).then_some(&ys[..]);
         let mut den = CandleDenoiser::new(&unet, &device);
+        den.split = batch_split;
         let calls = 4.max(steps / 2);
         let mut times = vec![];
         for i in 0..calls + 1 {

@@ -13,17 +13,21 @@ use runtime::schedule::NoiseSchedule;
 use crate::model::ops::CandleOps;
 use crate::model::tape::{Pool, Tape};
 use crate::model::unet::{UNet, UNetConfig};
+use crate::train::workers;
 
 pub struct CandleDenoiser<'a> {
     pub unet: &'a UNet,
     pub device: Device,
     /// Buffers of the CPU engine, reused between calls.
     pool: Pool,
+    /// The images of a call split over single-threaded workers, one per thread ([`workers`]); on by default.
+    pub split: bool,
+    workers: Vec<workers::Worker>,
 }
 
 impl<'a> CandleDenoiser<'a> {
     pub fn new(unet: &'a UNet, device: &Device) -> Self {
-        Self { unet, device: device.clone(), pool: Pool::default() }
+        Self { unet, device: device.clone(), pool: Pool::default(), split: true, workers: vec![] }
     }
 }
 
@@ -82,17 +86,32 @@ impl CandleDenoiser<'_> {
         let labels = self.unet.cfg.full_labels(y, t.len())?;
         let ydims = self.unet.cfg.label_dims(t.len());
         if self.device.is_cpu() {
-            // the CPU engine (the kernels training uses; buffers reused between sampler steps)
-            let mut tape = Tape::new(&mut self.pool, None);
-            let xs = tape.input(x, &shape)?;
-            let ts = tape.input(&t.iter().map(|&v| v as f32).collect::<Vec<_>>(), &[t.len()])?;
-            let ys = match &labels {
-                Some(y) => Some(tape.input(&y.iter().map(|&v| v as f32).collect::<Vec<_>>(), &ydims)?),
-                None => None,
+            // the CPU engine (the kernels training uses; buffers reused between sampler steps), its images split
+            // over single-threaded workers
+            let (n, unet) = (t.len(), self.unet);
+            let (per_x, per_y) = (x.len() / n.max(1), ydims.iter().skip(1).product::<usize>());
+            let part = |pool: &mut Pool, r: std::ops::Range<usize>| -> Result<Vec<f32>> {
+                let mut tape = Tape::new(pool, None);
+                let m = r.len();
+                let xs = tape.input(&x[r.start * per_x..r.end * per_x], &[m, shape[1], shape[2], shape[3]])?;
+                let ts = tape.input(&t[r.clone()].iter().map(|&v| v as f32).collect::<Vec<_>>(), &[m])?;
+                let ys = match &labels {
+                    Some(y) => {
+                        let rows = &y[r.start * per_y..r.end * per_y];
+                        let dims: Vec<usize> = std::iter::once(m).chain(ydims.iter().skip(1).copied()).collect();
+                        Some(tape.input(&rows.iter().map(|&v| v as f32).collect::<Vec<_>>(), &dims)?)
+                    }
+                    None => None,
+                };
+                let ws = w.map(|w| tape.input(&w[r.clone()], &[m])).transpose()?;
+                let out = unet.forward_w(&mut tape, &xs, &ts, ys.as_ref(), ws.as_ref())?;
+                Ok(tape.data(out).to_vec())
             };
-            let ws = w.map(|w| tape.input(w, &[w.len()])).transpose()?;
-            let out = self.unet.forward_w(&mut tape, &xs, &ts, ys.as_ref(), ws.as_ref())?;
-            return Ok(tape.data(out).to_vec());
+            let k = if self.split { workers::count(n) } else { 1 };
+            if k == 1 {
+                return part(&mut self.pool, 0..n);
+            }
+            return Ok(workers::run(&mut self.workers, k, n, part)?.concat());
         }
         let xs = Tensor::from_slice(x, shape.to_vec(), &self.device)?;
         let ts = Tensor::from_slice(t, t.len(), &self.device)?;

@@ -4,6 +4,7 @@ mod common;
 
 use candle_core::Device;
 use common::*;
+use rand::{Rng, SeedableRng};
 use trainer::data;
 use trainer::train::{Engine, Trainer};
 
@@ -101,6 +102,49 @@ fn tape_engine_and_candle_autograd_train_alike_on_mnist() {
     assert!(d < 1e-5, "weights differ by {d} after 4 steps");
     // and training moved them
     assert!(l_tape[0] > 0.0 && w_tape.iter().zip(&w_candle).any(|(a, _)| *a != 0.0));
+}
+
+/// The tape's batch split over one single-threaded worker per thread (the default) takes the steps of the whole
+/// batch on every thread, and the sampler's model call split the same way gives the same outputs.
+#[test]
+fn a_batch_split_over_workers_trains_and_samples_like_the_whole_batch() {
+    data_dir("mnist");
+    let mut cfg = tiny("mnist");
+    cfg.model.dropout = 0.1;
+    cfg.train.batch_size = 9;
+    let two = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let run = |split: bool| {
+        let ds = data::load(&cfg.data, cfg.model.image_size).unwrap();
+        let mut t = Trainer::new(cfg.clone(), ds, Device::Cpu).unwrap();
+        t.batch_split = split;
+        assert_eq!(two.install(|| t.workers_for(9)), if split { 2 } else { 1 });
+        let losses: Vec<f64> = two.install(|| (0..4).map(|_| t.train_step().unwrap().loss).collect());
+        (losses, t)
+    };
+    let ((l_split, t_split), (l_whole, t_whole)) = (run(true), run(false));
+    for (a, b) in l_split.iter().zip(&l_whole) {
+        assert!((a - b).abs() <= 1e-5 * b.abs(), "losses differ: {l_split:?} vs {l_whole:?}");
+    }
+    let mut diff = 0f32;
+    for (k, v) in &t_whole.vars {
+        let (a, b) = (v.as_tensor(), t_split.vars[k].as_tensor());
+        diff = diff.max((a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap());
+    }
+    // AdamW steps of at most ~lr: rounding-level gradients (a bias before a one-channel GroupNorm) may differ
+    assert!(diff <= 0.05 * 4.0 * cfg.train.lr as f32, "weights differ by {diff} after 4 steps");
+    // the sampler's call on 7 images (3 + 4 over the workers) against all 7 on one tape
+    let unet = t_whole.ema_unet().unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    let x: Vec<f32> = (0..7 * 28 * 28).map(|_| rng.gen_range(-1.0..1.0)).collect();
+    let (t, y): (Vec<i64>, Vec<i64>) = (0..7).map(|i| (i * 131 % 1000, i % 11)).unzip();
+    let eps = |split: bool| {
+        let mut den = trainer::denoise::CandleDenoiser::new(&unet, &Device::Cpu);
+        den.split = split;
+        two.install(|| runtime::sampler::Denoiser::eps(&mut den, &x, [7, 1, 28, 28], &t, Some(&y)).unwrap())
+    };
+    let (a, b) = (eps(true), eps(false));
+    let d = a.iter().zip(&b).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+    assert!(d <= 1e-5, "the split call differs by {d}");
 }
 
 #[test]

@@ -30,6 +30,10 @@ pub struct BenchArgs {
     device: DeviceSpec,
     #[arg(long, value_enum, default_value_t = Engine::Auto)]
     engine: Engine,
+    /// Run the tape engine's whole batch with all threads on every op, instead of one slice of the batch per
+    /// thread (the default; see `train/workers.rs`): to measure what the split gives.
+    #[arg(long)]
+    no_batch_split: bool,
     /// Then run the steps and calls once more with a profile on: the wall time of each op kind's forward and
     /// backward and of the step's other stages, per step (in the JSON, and as a table on stderr).
     #[arg(long)]
@@ -43,7 +47,8 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
     }
     cfg.train.batch_size = a.batch_size;
     let device = a.device.open()?;
-    let r = trainer::bench::run(cfg, device, a.engine, (a.steps, a.warmup, a.eval_batch), a.profile)?;
+    let r =
+        trainer::bench::run(cfg, device, (a.engine, !a.no_batch_split), (a.steps, a.warmup, a.eval_batch), a.profile)?;
     for (what, rows) in [("training step", &r.profile), ("sampler call", &r.eval_profile)] {
         if !rows.is_empty() {
             eprintln!("{what}:\n{}", trainer::bench::profile_table(rows));

@@ -9,6 +9,7 @@ pub mod loss;
 pub mod optim;
 pub mod parallel;
 pub mod timesteps;
+pub mod workers;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -32,7 +33,7 @@ use crate::data::Dataset;
 use crate::model::ops::CandleOps;
 use crate::model::params::{InitSource, ParamSource, TensorSource};
 use crate::model::profile;
-use crate::model::tape::{Pool, Tape};
+use crate::model::tape::Pool;
 use crate::model::unet::UNet;
 
 /// How gradients are computed. Both engines run the same forward pass and draw the same random numbers.
@@ -83,6 +84,9 @@ pub struct Trainer {
     /// Buffers of the CPU engine, reused from step to step.
     pub pool: Pool,
     pub engine: Engine,
+    /// Split the tape engine's batch over single-threaded workers, one per thread ([`workers`]); on by default.
+    pub batch_split: bool,
+    workers: Vec<workers::Worker>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -222,6 +226,8 @@ impl Trainer {
             recent_loss: 0.0,
             pool: Pool::default(),
             engine: Engine::Auto,
+            batch_split: true,
+            workers: vec![],
         })
     }
 
@@ -277,20 +283,7 @@ impl Trainer {
         let keys = StepKeys::new(self.cfg.train.seed, self.step);
         let global = self.cfg.train.batch_size;
         let share = crate::dist::share(global, comm.size(), comm.rank());
-        let idx = self.order.batch(self.step, global);
-        let batch = profile::timed("batch: data, augmentation, noise", || {
-            make_host_batch(
-                &self.data,
-                &idx[share.clone()],
-                share.start,
-                global,
-                &self.cfg,
-                &self.schedule,
-                &self.timesteps,
-                keys,
-            )
-        });
-        let mut dropout = DropoutKeys::new(keys, share.start);
+        let idx = self.order.batch(self.step, global)[share.clone()].to_vec();
         let lr = self.lr();
         let tape = match self.engine {
             Engine::Auto => self.device.is_cpu(),
@@ -300,8 +293,8 @@ impl Trainer {
         };
         let clip = self.cfg.train.grad_clip;
         // a non-finite loss updates nothing; a non-finite gradient norm is refused by the optimiser
-        let (loss, grad_norm, per_image) = if tape {
-            let (loss, grads, per_image) = self.cpu_loss_and_grads(&batch, &mut dropout)?;
+        let (loss, grad_norm, t, per_image) = if tape {
+            let (loss, grads, t, per_image) = self.tape_share(&idx, share, keys)?;
             // every rank has its gradients: a rank that died or hangs is named here, not waited for
             comm.gate(self.step, false)?;
             let (loss, grads) = parallel::all_reduce_host(comm, &self.vars, grads, loss)?;
@@ -313,8 +306,12 @@ impl Trainer {
                     Ok(f64::NAN)
                 }
             })?;
-            (loss, norm, per_image)
+            (loss, norm, t, per_image)
         } else {
+            let batch = profile::timed("batch: data, augmentation, noise", || {
+                make_host_batch(&self.data, &idx, share.start, global, &self.cfg, &self.schedule, &self.timesteps, keys)
+            });
+            let mut dropout = DropoutKeys::new(keys, share.start);
             let (loss, surrogate, per_image) = self.loss(&batch, &mut dropout)?;
             let grads = surrogate.backward()?;
             let (loss, named) = if comm.size() > 1 {
@@ -329,10 +326,10 @@ impl Trainer {
                 None => Grads::Candle(&grads),
             };
             let norm = if loss.is_finite() { self.opt.step(&grads, lr, clip)? } else { f64::NAN };
-            (loss, norm, per_image)
+            (loss, norm, batch.t, per_image)
         };
         if self.timesteps.importance {
-            let (t, losses) = parallel::gather_losses(comm, global, &batch.t, &per_image)?;
+            let (t, losses) = parallel::gather_losses(comm, global, &t, &per_image)?;
             self.timesteps.record(&t, &losses);
         }
         self.finish_step(loss, grad_norm, lr)
@@ -369,20 +366,7 @@ impl Trainer {
         batch: &HostBatch,
         dropout: &mut DropoutKeys,
     ) -> Result<(f64, HashMap<String, Vec<f32>>, Vec<f64>)> {
-        let mut tape = Tape::new(&mut self.pool, Some(dropout));
-        let b = batch.dims[0];
-        let x = tape.input(&batch.xt, &batch.dims)?;
-        let t = tape.input(&batch.t.iter().map(|&v| v as f32).collect::<Vec<_>>(), &[b])?;
-        let y = match &batch.y {
-            Some(y) => {
-                Some(tape.input(&y.iter().map(|&v| v as f32).collect::<Vec<_>>(), &self.unet.cfg.label_dims(b))?)
-            }
-            None => None,
-        };
-        let out = self.unet.forward(&mut tape, &x, &t, y.as_ref())?;
-        let o = profile::timed("objective", || loss::objective(&self.cfg, &self.schedule, tape.data(out), batch));
-        let grads = tape.backward(out, o.grad)?;
-        Ok((o.loss, grads, o.per_image))
+        workers::tape_loss_and_grads(&self.unet, &self.cfg, &self.schedule, &mut self.pool, batch, dropout)
     }
 
     pub fn state(&self, device: DeviceSpec) -> Result<State> {
@@ -436,6 +420,7 @@ impl Trainer {
         let steps = tc.preview_steps.min(self.schedule.num_timesteps());
         // the sampler gets buffers of its own: release the training step's meanwhile (peak memory)
         self.pool = Pool::default();
+        self.workers.iter_mut().for_each(workers::Worker::release);
         crate::denoise::preview(&unet, &self.schedule, &self.device, tc.preview_images, steps, tc.seed, &path)?;
         Ok(Some(path))
     }
