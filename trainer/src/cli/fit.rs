@@ -116,7 +116,7 @@ mod distributed {
     #[cfg(not(feature = "mpi"))]
     pub fn run(_cfg: Option<Config>, _opts: &FitOptions, _timeout: f64, _quiet: bool) -> Result<()> {
         anyhow::bail!(
-            "--distributed needs a trainer built with MPI: install OpenMPI (scripts/setup.sh --mpi), then \
+            "--distributed needs a trainer built with MPI: install OpenMPI (scripts/setup.sh does), then \
              cargo build --release -p trainer --features mpi"
         )
     }

@@ -2,8 +2,10 @@
 //! process.
 //!
 //! Collectives block, so a rank that died or hangs would leave the others waiting in an all-reduce forever.
-//! Before each step the ranks meet at a gate made of point-to-point messages that are polled with a deadline:
-//! every rank tells rank 0 it reached the step, rank 0 answers each one. Rank 0 names the ranks that did not
+//! Before each step, and again before its all-reduce (after the forward and backward pass, where a rank that
+//! stopped is most likely met), the ranks meet at a gate made of point-to-point messages that are polled with a
+//! deadline: every rank tells rank 0 it reached the step, rank 0 answers each one; the all-reduce itself is
+//! non-blocking and polled with the same deadline. Rank 0 names the ranks that did not
 //! come in time, the others name rank 0 when it does not answer, and whoever sees it first ends the job with
 //! `MPI_Abort` (mpirun then stops every rank). A rank that exits is noticed by mpirun itself, which stops the
 //! job naming it. Checkpoints are written to a temporary folder and renamed, so the last one stays intact
