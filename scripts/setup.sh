@@ -25,7 +25,7 @@ command -v chromedriver >/dev/null || need+=(chromium-driver)
 command -v mpirun >/dev/null || need+=(openmpi-bin)
 command -v mpicc >/dev/null || need+=(libopenmpi-dev)
 command -v pkg-config >/dev/null || need+=(pkg-config)
-ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || need+=(libclang-dev)
+dpkg -s libclang-dev >/dev/null 2>&1 || need+=(libclang-dev)   # bindgen: libclang and its headers
 if [ ${#need[@]} -gt 0 ]; then
   log "apt-get install ${need[*]}"
   sudo_if apt-get update -q >/dev/null
