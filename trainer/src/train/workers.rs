@@ -1,6 +1,7 @@
-//! The tape engine's step on a share of the batch, split over single-threaded workers when the process has
-//! several threads: each worker builds its images, runs the forward and backward pass of its part alone (its
-//! kernels take their sequential paths) and the parts' gradients are summed. On 2 cores this beat two threads
+//! The tape engine's batches split over single-threaded workers when the process has several threads: a training
+//! step's share of the batch (each worker builds its images, runs the forward and backward pass of its part alone,
+//! its kernels taking their sequential paths, and the parts' gradients are summed) and the images of a sampler's
+//! model call (`crate::denoise::CandleDenoiser`, through [`run`]). On 2 cores this beat two threads
 //! working together on every op, whose fork-join points come several hundred times a step: two MPI ranks of one
 //! thread ran the same nets 1.1-1.3x faster than one process of two (benches/RESULTS.md, 2026-12-07). Each image
 //! draws from its own keyed streams ([`crate::model::random`]), so the split changes no random number, only the
