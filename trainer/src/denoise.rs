@@ -13,7 +13,7 @@ use runtime::schedule::NoiseSchedule;
 use crate::model::ops::CandleOps;
 use crate::model::tape::{Pool, Tape};
 use crate::model::unet::{UNet, UNetConfig};
-use crate::train::workers;
+use crate::model::workers;
 
 pub struct CandleDenoiser<'a> {
     pub unet: &'a UNet,

@@ -13,3 +13,4 @@ pub mod profile;
 pub mod random;
 pub mod tape;
 pub mod unet;
+pub mod workers;

@@ -86,7 +86,7 @@ pub struct Trainer {
     pub engine: Engine,
     /// Split the tape engine's batch over single-threaded workers, one per thread ([`workers`]); on by default.
     pub batch_split: bool,
-    workers: Vec<workers::Worker>,
+    workers: Vec<crate::model::workers::Worker>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -420,7 +420,7 @@ impl Trainer {
         let steps = tc.preview_steps.min(self.schedule.num_timesteps());
         // the sampler gets buffers of its own: release the training step's meanwhile (peak memory)
         self.pool = Pool::default();
-        self.workers.iter_mut().for_each(workers::Worker::release);
+        self.workers.iter_mut().for_each(crate::model::workers::Worker::release);
         crate::denoise::preview(&unet, &self.schedule, &self.device, tc.preview_images, steps, tc.seed, &path)?;
         Ok(Some(path))
     }

@@ -1,7 +1,7 @@
 //! The tape engine's batches split over single-threaded workers when the process has several threads: a training
 //! step's share of the batch (each worker builds its images, runs the forward and backward pass of its part alone,
 //! its kernels taking their sequential paths, and the parts' gradients are summed) and the images of a sampler's
-//! model call (`crate::denoise::CandleDenoiser`, through [`run`]). On 2 cores this beat two threads
+//! model call (`crate::denoise::CandleDenoiser`, through `crate::model::workers::run`). On 2 cores this beat two threads
 //! working together on every op, whose fork-join points come several hundred times a step: two MPI ranks of one
 //! thread ran the same nets 1.1-1.3x faster than one process of two (benches/RESULTS.md, 2026-12-07). Each image
 //! draws from its own keyed streams ([`crate::model::random`]), so the split changes no random number, only the
@@ -20,25 +20,13 @@ use crate::model::profile;
 use crate::model::random::{DropoutKeys, StepKeys};
 use crate::model::tape::{Pool, Tape};
 use crate::model::unet::UNet;
+use crate::model::workers::{count, run};
 
 /// Gradients by parameter name.
 pub type HostGrads = HashMap<String, Vec<f32>>;
 
 /// A share's loss, gradients, and each image's timestep and loss (in batch order).
 pub type ShareResult = (f64, HostGrads, Vec<u32>, Vec<f64>);
-
-/// A worker: its own buffers, and a rayon pool of one thread so that the kernels it calls run sequentially.
-pub struct Worker {
-    pool: Pool,
-    threads: rayon::ThreadPool,
-}
-
-impl Worker {
-    /// Gives the buffers back (the sampler of a preview needs the memory meanwhile).
-    pub fn release(&mut self) {
-        self.pool = Pool::default();
-    }
-}
 
 /// The loss of [`Trainer::loss`], the gradient of every parameter by name and the per-image losses of `batch`,
 /// through the tape, on the calling thread's rayon pool.
@@ -62,38 +50,6 @@ pub fn tape_loss_and_grads(
     let o = profile::timed("objective", || loss::objective(cfg, schedule, tape.data(out), batch));
     let grads = tape.backward(out, o.grad)?;
     Ok((o.loss, grads, o.per_image))
-}
-
-/// How many workers `images` are split over: one per thread of the calling rayon pool, each with at least two
-/// images.
-pub fn count(images: usize) -> usize {
-    rayon::current_num_threads().min(images / 2).max(1)
-}
-
-/// Runs `f` on `n` workers at once, worker w on its buffers and the items [`crate::dist::share`]`(items, n, w)`,
-/// each in a rayon pool of one thread; the results in worker order. `workers` grows to `n` as needed.
-pub fn run<T: Send>(
-    workers: &mut Vec<Worker>,
-    n: usize,
-    items: usize,
-    f: impl Fn(&mut Pool, Range<usize>) -> Result<T> + Sync,
-) -> Result<Vec<T>> {
-    while workers.len() < n {
-        let threads = rayon::ThreadPoolBuilder::new().num_threads(1).build().context("a worker's thread")?;
-        workers.push(Worker { pool: Pool::default(), threads });
-    }
-    let f = &f;
-    std::thread::scope(|s| {
-        let handles: Vec<_> = workers[..n]
-            .iter_mut()
-            .enumerate()
-            .map(|(w, worker)| {
-                let part = crate::dist::share(items, n, w);
-                s.spawn(move || worker.threads.install(|| f(&mut worker.pool, part)))
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a worker panicked")))).collect()
-    })
 }
 
 impl Trainer {
