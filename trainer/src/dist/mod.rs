@@ -30,9 +30,7 @@ pub trait Collective {
         if self.size() == 1 {
             return Ok(t.clone());
         }
-        let mut host: Vec<f32> = t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1()?;
-        self.all_reduce_sum(&mut host)?;
-        Ok(Tensor::from_vec(host, t.dims(), t.device())?.to_dtype(t.dtype())?)
+        all_reduce_on_host(self, t)
     }
     /// Rank 0's `buf` on every rank.
     fn broadcast(&self, buf: &mut [f32]) -> Result<()>;
@@ -102,9 +100,25 @@ pub fn longest_share(batch: usize, size: usize) -> usize {
 /// rank 0 to write a checkpoint and a preview grid meanwhile.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// [`Collective::all_reduce_tensor`] through host memory: the tensor copied out as f32, summed by
+/// [`Collective::all_reduce_sum`], and copied back in its own dtype and device.
+pub fn all_reduce_on_host<C: Collective + ?Sized>(comm: &C, t: &Tensor) -> Result<Tensor> {
+    let mut host: Vec<f32> = t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+    comm.all_reduce_sum(&mut host)?;
+    Ok(Tensor::from_vec(host, t.dims(), t.device())?.to_dtype(t.dtype())?)
+}
+
+/// FNV-1a's offset basis: the hash of no bytes, where [`fnv1a_extend`] starts.
+pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
 /// A 64-bit FNV-1a hash (fingerprints compared between ranks; not cryptographic).
 pub fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+    fnv1a_extend(FNV_OFFSET, bytes)
+}
+
+/// Continues an FNV-1a hash `h` over more bytes: hashing a stream piece by piece gives the hash of the whole.
+pub fn fnv1a_extend(h: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(h, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// Refuses a job whose ranks disagree: `mine` holds this rank's fingerprints, one per named item (e.g. the
@@ -153,5 +167,13 @@ mod tests {
     fn one_process_agrees_with_itself() {
         check_same(&Single, &["config", "data"], &[fnv1a(b"a"), fnv1a(b"b")], "").unwrap();
         assert_ne!(fnv1a(b"config a"), fnv1a(b"config b"));
+    }
+
+    #[test]
+    fn fnv1a_of_a_stream_in_pieces_is_that_of_the_whole() {
+        // the published 64-bit FNV-1a test vectors: "" and "a"
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a_extend(fnv1a(b"weights "), b"of rank 0"), fnv1a(b"weights of rank 0"));
     }
 }

@@ -55,9 +55,7 @@ impl Collective for NcclCollective {
     }
     fn all_reduce_tensor(&self, t: &Tensor) -> Result<Tensor> {
         if !t.device().is_cuda() {
-            let mut host: Vec<f32> = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
-            self.all_reduce_sum(&mut host)?;
-            return Ok(Tensor::from_vec(host, t.dims(), t.device())?.to_dtype(t.dtype())?);
+            return super::all_reduce_on_host(self, t);
         }
         Ok(t.contiguous()?.apply_op1_no_bwd(&AllReduceSum { comm: &self.comm })?)
     }

@@ -182,12 +182,11 @@ pub fn check_in_step(comm: &dyn Collective, vars: &BTreeMap<String, Var>, step: 
     if comm.size() == 1 {
         return Ok(());
     }
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    let mut h = dist::FNV_OFFSET;
     for v in vars.values() {
         let values: Vec<f32> = v.as_tensor().flatten_all()?.to_vec1()?;
         let bytes: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
-        h ^= dist::fnv1a(&bytes);
-        h = h.rotate_left(7);
+        h = dist::fnv1a_extend(h, &bytes);
     }
     dist::check_same(
         comm,
