@@ -37,6 +37,9 @@ pub struct EvalReport {
     pub run: String,
     /// The exported model sampled (None: the run's Candle weights).
     pub model: Option<String>,
+    /// The weights sampled when not the checkpoint's EMA (`--post-hoc-ema`: an EMA rebuilt after training).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights: Option<String>,
     pub step: usize,
     pub samples: usize,
     /// e.g. "dpm++ 20 steps, trailing".

@@ -15,6 +15,12 @@ pub struct EvalArgs {
     run: PathBuf,
     #[arg(long, default_value = "latest")]
     checkpoint: String,
+    /// Sample from an EMA of this decay rebuilt after training from the run's checkpoints (up to --checkpoint)
+    /// instead of the EMA it trained with: their raw and EMA weights combined to match its averaging profile
+    /// (Karras et al. 2023, sec. 3.2; the misfit is printed and kept in eval.json). Keep every checkpoint
+    /// (train.keep_checkpoints = 0) for EMAs longer than the run's.
+    #[arg(long, value_name = "DECAY", conflicts_with = "model")]
+    post_hoc_ema: Option<f64>,
     /// Generated images.
     #[arg(long, default_value_t = 1000)]
     n: usize,
@@ -113,6 +119,7 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
     let options = trainer::eval::EvalOptions {
         run: a.run.clone(),
         checkpoint: a.checkpoint,
+        post_hoc_ema: a.post_hoc_ema,
         n: a.n,
         steps: a.steps,
         sampler: a.sampler,

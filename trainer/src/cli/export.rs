@@ -23,6 +23,10 @@ pub struct ExportArgs {
     /// Which weights: the EMA (what DDPM samples from) or the optimiser's.
     #[arg(long, value_enum, default_value_t = Weights::Ema)]
     weights: Weights,
+    /// Export an EMA of this decay rebuilt after training from the run's checkpoints (up to --checkpoint), as
+    /// `trainer eval --post-hoc-ema` measures it; the metadata and card name this decay.
+    #[arg(long, value_name = "DECAY", conflicts_with = "weights")]
+    post_hoc_ema: Option<f64>,
     /// The model's float type (in float16, GroupNorm statistics and softmax stay float32).
     #[arg(long, value_enum, default_value_t = Dtype::F32)]
     dtype: Dtype,
@@ -80,6 +84,7 @@ pub fn run_export(a: ExportArgs) -> Result<()> {
         run: a.run.as_deref().expect("clap requires --run or --model"),
         checkpoint: &a.checkpoint,
         weights: a.weights,
+        post_hoc_ema: a.post_hoc_ema,
         dtype: a.dtype,
         opset: a.opset,
         out: &a.out,

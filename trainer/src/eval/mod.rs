@@ -40,6 +40,9 @@ runtime::named_enum!(ClassMix, "class mix", { Cycle => ["cycle"], Data => ["data
 pub struct EvalOptions {
     pub run: PathBuf,
     pub checkpoint: String,
+    /// Sample from the weights of an EMA of this decay rebuilt after training from the checkpoints
+    /// ([`crate::train::post_hoc`]) instead of the checkpoint's own EMA.
+    pub post_hoc_ema: Option<f64>,
     pub n: usize,
     pub steps: usize,
     /// DDIM (eta 0), DPM-Solver++(2M) or DDPM (respaced to `steps`), all with trailing timestep spacing.

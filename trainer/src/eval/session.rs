@@ -63,6 +63,8 @@ struct Session<'a> {
     refs: References,
     spaces: Vec<Space<'a>>,
     shape: [usize; 3],
+    /// The weights sampled when not the checkpoint's EMA (`--post-hoc-ema`).
+    weights: Option<String>,
 }
 
 /// Classifier accuracy, classifier score (fraction of samples classified as the requested class, per class
@@ -71,7 +73,17 @@ struct Session<'a> {
 /// RUN/sweep.csv with RUN/sweep-{guidance,steps}-{score,fid}.png.
 pub fn evaluate(o: &EvalOptions, progress: &dyn Progress) -> Result<EvalReport> {
     let dev = o.device.clone();
-    let LoadedUnet { unet, state, passed_over } = load_unet(&o.run, &o.checkpoint, Weights::Ema, &dev)?;
+    if o.post_hoc_ema.is_some() && o.model.is_some() {
+        bail!("--post-hoc-ema rebuilds the run's weights, --model samples an exported file: give one of them");
+    }
+    let (LoadedUnet { unet, state, passed_over }, weights) = match o.post_hoc_ema {
+        Some(decay) => {
+            let (loaded, what) = crate::train::post_hoc::load_unet(&o.run, &o.checkpoint, decay, &dev)?;
+            progress.note(&format!("weights: {what}"));
+            (loaded, Some(what))
+        }
+        None => (load_unet(&o.run, &o.checkpoint, Weights::Ema, &dev)?, None),
+    };
     for w in &passed_over {
         progress.note(&format!("warning: passed over an unreadable checkpoint: {w}"));
     }
@@ -110,6 +122,7 @@ pub fn evaluate(o: &EvalOptions, progress: &dyn Progress) -> Result<EvalReport> 
         refs,
         spaces: vec![],
         shape,
+        weights,
     };
     s.spaces = s.feature_spaces(extractors)?;
     let report = s.report(&mut model, accuracy, &label_weights)?;
@@ -291,6 +304,7 @@ impl<'a> Session<'a> {
         let mut report = EvalReport {
             run: o.run.display().to_string(),
             model: o.model.as_ref().map(|p| p.display().to_string()),
+            weights: self.weights.clone(),
             step: self.state.step,
             samples: o.n,
             sampler: format!("{} {} steps, trailing", o.sampler, o.steps),

@@ -86,6 +86,8 @@ pub struct CardFile<'a> {
     pub out: &'a Path,
     pub dtype: Dtype,
     pub weights: Weights,
+    /// What the weights are when not a checkpoint's own ([`crate::train::post_hoc`]).
+    pub rebuilt: Option<&'a str>,
     pub opset: i64,
     pub recommended: Option<&'a Recommended>,
     /// The file's bytes (its size and SHA-256).
@@ -221,7 +223,17 @@ fn training_rows(state: &State, file: &CardFile) -> [(&'static str, String); 9] 
         ),
         ("device, wall time", format!("{}, {:.2} h ({:.0} s)", state.device, state.elapsed_s / 3600.0, state.elapsed_s)),
         ("final loss", format!("{:.4} (mean of the last logged window)", state.recent_loss)),
-        ("file", format!("{}, {} weights, opset {}, {}", file.dtype, file.weights, file.opset, size_and_hash(file.bytes))),
+        (
+            "file",
+            format!(
+                "{}, {} weights{}, opset {}, {}",
+                file.dtype,
+                file.weights,
+                file.rebuilt.map(|r| format!(" ({r})")).unwrap_or_default(),
+                file.opset,
+                size_and_hash(file.bytes)
+            ),
+        ),
     ]
 }
 

@@ -94,6 +94,9 @@ pub struct ExportOptions<'a> {
     pub run: &'a Path,
     pub checkpoint: &'a str,
     pub weights: Weights,
+    /// Instead of the checkpoint's EMA, an EMA of this decay rebuilt from the run's checkpoints
+    /// ([`crate::train::post_hoc`]).
+    pub post_hoc_ema: Option<f64>,
     pub dtype: Dtype,
     pub opset: i64,
     pub out: &'a Path,
@@ -113,7 +116,13 @@ pub fn export(opts: &ExportOptions) -> Result<Exported> {
             bail!("{} already exists; use --force to replace it", p.display());
         }
     }
-    let LoadedUnet { unet, state, passed_over } = load_unet(opts.run, opts.checkpoint, opts.weights, &Device::Cpu)?;
+    let (LoadedUnet { unet, state, passed_over }, rebuilt) = match opts.post_hoc_ema {
+        Some(decay) => {
+            let (loaded, what) = crate::train::post_hoc::load_unet(opts.run, opts.checkpoint, decay, &Device::Cpu)?;
+            (loaded, Some(what))
+        }
+        None => (load_unet(opts.run, opts.checkpoint, opts.weights, &Device::Cpu)?, None),
+    };
     let meta = metadata(&state, opts.weights, dtype, opts.recommended.as_ref())?;
     // a student recommends its own sampling even when the caller gave none
     let recommended = meta.recommended.clone();
@@ -131,6 +140,7 @@ pub fn export(opts: &ExportOptions) -> Result<Exported> {
             out: opts.out,
             dtype,
             weights: opts.weights,
+            rebuilt: rebuilt.as_deref(),
             opset: opts.opset,
             recommended: recommended.as_ref(),
             bytes: &bytes,

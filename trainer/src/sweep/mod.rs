@@ -335,6 +335,7 @@ fn evaluate_one(run: &Path, spec: &SweepSpec, device: DeviceSpec, progress: &dyn
     let o = EvalOptions {
         run: run.to_path_buf(),
         checkpoint: "latest".into(),
+        post_hoc_ema: None,
         n: e.n,
         steps: e.steps,
         sampler: e.sampler,

@@ -8,6 +8,7 @@ pub mod device;
 pub mod loss;
 pub mod optim;
 pub mod parallel;
+pub mod post_hoc;
 pub mod timesteps;
 pub mod workers;
 
