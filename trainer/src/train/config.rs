@@ -422,6 +422,8 @@ const RANGES: &[(&str, Range)] = &[
     ("train.ema_decay", Range::BelowOne),
     ("train.vlb_weight", Range::NonNegative),
     ("train.p_uncond", Range::BelowOne),
+    // ln sigma's mean of EDM's log-normal timesteps: sigma from 4.5e-5 to 22,026 covers every schedule
+    ("train.p_mean", Range::Within(-10.0, 10.0)),
     ("train.p_std", Range::Positive),
     ("train.checkpoint_every", Range::AtLeastOne),
 ];
@@ -554,6 +556,7 @@ mod tests {
             ("adam_beta2 = 1.0", "train.adam_beta2 = 1.0", "must be a number in [0, 1)"),
             ("batch_size = 0", "train.batch_size = 0", "must be at least 1"),
             ("grad_clip = inf", "train.grad_clip = inf", "must be a finite number >= 0"),
+            ("p_mean = nan", "train.p_mean = nan", "must be a number in [-10, 10]"),
         ] {
             let text = format!("{base}{line}\n");
             let e = format!("{:#}", Config::from_toml_str(&text, "x.toml").unwrap_err());
