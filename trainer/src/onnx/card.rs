@@ -241,13 +241,17 @@ fn training_rows(state: &State, file: &CardFile) -> [(&'static str, String); 9] 
 fn metrics(e: &EvalReport) -> String {
     let mut s = String::new();
     s += &format!(
-        "\n## Metrics (`trainer eval`, {} samples, {}, guidance {}{}{})\n\n| metric | value | real-vs-real floor |\n|---|---|---|\n",
+        "\n## Metrics (`trainer eval`, {} samples, {}, guidance {}{}{})\n\n",
         e.samples,
         e.sampler,
         e.guidance,
         e.guidance_interval.as_ref().map(|g| format!(" at t {g}")).unwrap_or_default(),
         if e.class_mix.as_deref() == Some("data") { ", classes in the data's proportions" } else { "" }
     );
+    if let Some(w) = &e.weights {
+        s += &format!("Scored weights: {w}.\n\n");
+    }
+    s += "| metric | value | real-vs-real floor |\n|---|---|---|\n";
     if let Some(a) = e.classifier_test_accuracy {
         s += &format!("| evaluation classifier's test accuracy | {:.2}% | |\n", 100.0 * a);
     }
