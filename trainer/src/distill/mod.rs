@@ -408,12 +408,18 @@ fn open_run(opts: &DistillOptions, on: &mut dyn FnMut(FitEvent)) -> Result<(Trai
     let data = crate::data::load(&cfg.data, cfg.model.image_size)?;
     let mut tensors = src.tensors;
     if cfg.model.guidance_embed && !src.unet.guidance_embed {
-        let ch = cfg.model.ch;
-        tensors.insert("wemb.weight".into(), Tensor::zeros((ch, ch), DType::F32, &device)?);
-        tensors.insert("wemb.bias".into(), Tensor::zeros(ch, DType::F32, &device)?);
+        add_guidance_layer(&mut tensors, cfg.model.ch, &device)?;
     }
     create_run(run, &cfg)?;
     Ok((Trainer::from_tensors(cfg, data, device, &tensors, &tpath.display().to_string())?, None))
+}
+
+/// The student's guidance layer `wemb` (ch -> ch), zero-initialised, so that the student starts as its teacher
+/// whatever its guidance input.
+pub(crate) fn add_guidance_layer(tensors: &mut HashMap<String, Tensor>, ch: usize, device: &Device) -> Result<()> {
+    tensors.insert("wemb.weight".into(), Tensor::zeros((ch, ch), DType::F32, device)?);
+    tensors.insert("wemb.bias".into(), Tensor::zeros(ch, DType::F32, device)?);
+    Ok(())
 }
 
 /// Distils a teacher into a new run (or continues one, `opts.resume`): checkpoints every `checkpoint_every`

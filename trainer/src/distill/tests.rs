@@ -70,8 +70,7 @@ fn teacher_and_student(seed: u64) -> (Teacher, UNet, AdamW) {
         UNet::new(tiny(false, Prediction::Epsilon), &mut s as &mut dyn ParamSource).unwrap()
     };
     let teacher = Teacher::new(teacher_net, Kind::Original { interval: None });
-    tensors.insert("wemb.weight".into(), Tensor::zeros((8, 8), DType::F32, &dev).unwrap());
-    tensors.insert("wemb.bias".into(), Tensor::zeros(8, DType::F32, &dev).unwrap());
+    super::add_guidance_layer(&mut tensors, 8, &dev).unwrap();
     let mut s = TensorSource::new(&tensors, "student").as_vars();
     let student = UNet::new(tiny(true, Prediction::V), &mut s).unwrap();
     let vars = s.finish().unwrap();
