@@ -203,7 +203,14 @@ pub fn ema_weights(
     device: &Device,
 ) -> Result<(HashMap<String, Tensor>, Fit, usize)> {
     let last = checkpoint::resolve(run, which)?;
-    let target = checkpoint::load_state(&last)?.step;
+    let state = checkpoint::load_state(&last)?;
+    if state.config.distill.is_some() {
+        bail!(
+            "{} is a distillation run: its EMA restarts with every stage, which the profiles here do not model",
+            run.display()
+        );
+    }
+    let target = state.step;
     let dirs: Vec<_> = checkpoint::list(run)?.into_iter().filter(|(s, _)| *s <= target).collect();
     let mut snapshots = vec![];
     for (step, dir) in &dirs {
