@@ -50,17 +50,18 @@ fn a_longer_ema_rebuilt_from_checkpoints_matches_the_one_kept_in_training() {
     let stored = |run: &std::path::Path| checkpoint::load_which(run, "latest", &dev, false).unwrap();
     let (s, l) = (stored(&short), stored(&long));
     assert!(distance(&s.model, &l.model) < 1e-4, "the two runs trained alike");
-    let (rebuilt, fit, n) = post_hoc::ema_weights(&short, "latest", 0.95, &dev).unwrap();
+    let post_hoc::Rebuilt { tensors: rebuilt, fit, checkpoints: n, .. } =
+        post_hoc::ema_weights(&short, "latest", 0.95, &dev).unwrap();
     assert_eq!(n, 40);
     let (err, before) = (distance(&rebuilt, &l.ema), distance(&s.ema, &l.ema));
     assert!(fit.misfit < 0.05, "{fit:?}");
     eprintln!("the EMA 0.95 rebuilt is off by {err}, the stored EMA 0.8 by {before}; misfit {}", fit.misfit);
     assert!(err < 0.01 * before, "rebuilt EMA 0.95 off by {err}, the stored EMA 0.8 by {before}");
     // the run's own decay gives back its own EMA
-    let (same, fit, _) = post_hoc::ema_weights(&short, "latest", 0.8, &dev).unwrap();
+    let post_hoc::Rebuilt { tensors: same, fit, .. } = post_hoc::ema_weights(&short, "latest", 0.8, &dev).unwrap();
     assert!(fit.misfit < 1e-4 && distance(&same, &s.ema) < 1e-3 * before, "{fit:?}");
     // up to an earlier checkpoint: only the checkpoints before it
-    let (_, _, n) = post_hoc::ema_weights(&short, "120", 0.95, &dev).unwrap();
+    let n = post_hoc::ema_weights(&short, "120", 0.95, &dev).unwrap().checkpoints;
     assert_eq!(n, 20);
 
     // the export names the decay in its metadata and says how the weights were made in its card

@@ -20,8 +20,9 @@ use crate::data::Dataset;
 use crate::model::unet::UNet;
 use crate::progress::Progress;
 use crate::report::{C2stReport, ClassFid, ClassScore, EvalReport, LabelWeight, NllReport};
-use crate::train::checkpoint::{load_unet, LoadedUnet, State};
+use crate::train::checkpoint::{LoadedUnet, State};
 use crate::train::config::Config;
+use crate::train::post_hoc;
 
 /// The model the evaluation samples: the exported file through ONNX Runtime (what ships), or the run's Candle
 /// weights. The one place that chooses.
@@ -76,14 +77,11 @@ pub fn evaluate(o: &EvalOptions, progress: &dyn Progress) -> Result<EvalReport> 
     if o.post_hoc_ema.is_some() && o.model.is_some() {
         bail!("--post-hoc-ema rebuilds the run's weights, --model samples an exported file: give one of them");
     }
-    let (LoadedUnet { unet, state, passed_over }, weights) = match o.post_hoc_ema {
-        Some(decay) => {
-            let (loaded, what) = crate::train::post_hoc::load_unet(&o.run, &o.checkpoint, decay, &dev)?;
-            progress.note(&format!("weights: {what}"));
-            (loaded, Some(what))
-        }
-        None => (load_unet(&o.run, &o.checkpoint, Weights::Ema, &dev)?, None),
-    };
+    let (LoadedUnet { unet, state, passed_over }, weights) =
+        post_hoc::load_unet(&o.run, &o.checkpoint, Weights::Ema, o.post_hoc_ema, &dev)?;
+    if let Some(what) = &weights {
+        progress.note(&format!("weights: {what}"));
+    }
     for w in &passed_over {
         progress.note(&format!("warning: passed over an unreadable checkpoint: {w}"));
     }

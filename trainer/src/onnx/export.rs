@@ -12,7 +12,8 @@ use runtime::sampler::SamplerKind;
 use super::card::{model_card, CardFile};
 use super::graph::build_model;
 use crate::report::EvalReport;
-use crate::train::checkpoint::{self, load_unet, LoadedUnet, State};
+use crate::train::checkpoint::{self, LoadedUnet, State};
+use crate::train::post_hoc;
 
 /// The self-describing metadata the runtime reads ([`ModelMeta`], keys prefixed `diffusion.`).
 pub fn metadata(state: &State, weights: Weights, dtype: Dtype, recommended: Option<&Recommended>) -> Result<ModelMeta> {
@@ -116,13 +117,8 @@ pub fn export(opts: &ExportOptions) -> Result<Exported> {
             bail!("{} already exists; use --force to replace it", p.display());
         }
     }
-    let (LoadedUnet { unet, state, passed_over }, rebuilt) = match opts.post_hoc_ema {
-        Some(decay) => {
-            let (loaded, what) = crate::train::post_hoc::load_unet(opts.run, opts.checkpoint, decay, &Device::Cpu)?;
-            (loaded, Some(what))
-        }
-        None => (load_unet(opts.run, opts.checkpoint, opts.weights, &Device::Cpu)?, None),
-    };
+    let (LoadedUnet { unet, state, passed_over }, rebuilt) =
+        post_hoc::load_unet(opts.run, opts.checkpoint, opts.weights, opts.post_hoc_ema, &Device::Cpu)?;
     let meta = metadata(&state, opts.weights, dtype, opts.recommended.as_ref())?;
     // a student recommends its own sampling even when the caller gave none
     let recommended = meta.recommended.clone();

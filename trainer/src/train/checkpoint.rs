@@ -289,10 +289,17 @@ pub fn load_unet(run: &Path, which: &str, weights: Weights, device: &Device) -> 
         Weights::Ema => (&ck.ema, "ema.safetensors"),
         Weights::Raw => (&ck.model, "model.safetensors"),
     };
-    let mut src = TensorSource::new(tensors, format!("{}/{file}", dir.display())).with_dtype(DType::F32);
-    let unet = UNet::new(ck.state.config.unet(), &mut src)?;
-    src.finish()?;
+    let unet = unet_from(&ck.state, tensors, format!("{}/{file}", dir.display()))?;
     Ok(LoadedUnet { unet, state: ck.state, passed_over: ck.passed_over })
+}
+
+/// The U-Net of `state`'s config with `tensors` as its weights (as f32; every tensor used, none missing);
+/// `origin` names them in errors.
+pub fn unet_from(state: &State, tensors: &HashMap<String, Tensor>, origin: String) -> Result<UNet> {
+    let mut src = TensorSource::new(tensors, origin).with_dtype(DType::F32);
+    let unet = UNet::new(state.config.unet(), &mut src)?;
+    src.finish()?;
+    Ok(unet)
 }
 
 #[cfg(test)]

@@ -25,12 +25,11 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
+use runtime::metadata::Weights;
 
 use super::checkpoint::{self, LoadedUnet};
-use crate::model::params::TensorSource;
-use crate::model::unet::UNet;
 
 /// One stored average: the checkpoint step and, for an EMA, its decay (`None`: the raw weights).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -194,14 +193,18 @@ impl Cholesky {
     }
 }
 
+/// An EMA rebuilt by [`ema_weights`]: its weights, the fit that made them, how many checkpoints it combined, and
+/// the state of the checkpoint it stands for.
+pub struct Rebuilt {
+    pub tensors: HashMap<String, Tensor>,
+    pub fit: Fit,
+    pub checkpoints: usize,
+    pub state: checkpoint::State,
+}
+
 /// The weights an EMA of `decay` would have had at the checkpoint `which` (`latest` or a step), rebuilt from
-/// that checkpoint and all earlier ones of the run, with the fit that made them and the number of checkpoints.
-pub fn ema_weights(
-    run: &Path,
-    which: &str,
-    decay: f64,
-    device: &Device,
-) -> Result<(HashMap<String, Tensor>, Fit, usize)> {
+/// that checkpoint and all earlier ones of the run.
+pub fn ema_weights(run: &Path, which: &str, decay: f64, device: &Device) -> Result<Rebuilt> {
     let last = checkpoint::resolve(run, which)?;
     let state = checkpoint::load_state(&last)?;
     if state.config.distill.is_some() {
@@ -234,23 +237,29 @@ pub fn ema_weights(
             }
         }
     }
-    let sum = sum.into_iter().map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?))).collect::<Result<_>>()?;
-    Ok((sum, fit, dirs.len()))
+    let tensors = sum.into_iter().map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?))).collect::<Result<_>>()?;
+    Ok(Rebuilt { tensors, fit, checkpoints: dirs.len(), state })
 }
 
-/// Like [`checkpoint::load_unet`], with the weights of an EMA of `decay` rebuilt by [`ema_weights`], and what
-/// they are ([`Fit::describe`]). The state is the checkpoint's, with `decay` as its train.ema_decay: it
-/// describes the weights returned (an exported file's metadata and card name that decay).
-pub fn load_unet(run: &Path, which: &str, decay: f64, device: &Device) -> Result<(LoadedUnet, String)> {
-    let (tensors, fit, checkpoints) = ema_weights(run, which, decay, device)?;
-    let dir = checkpoint::resolve(run, which)?;
-    let mut state = checkpoint::load_state(&dir)?;
+/// A run's U-Net as `trainer eval` and `trainer export` load it: the checkpoint's own `weights`
+/// ([`checkpoint::load_unet`]), or with `post_hoc_ema` the EMA of that decay rebuilt by [`ema_weights`] and what
+/// the weights are ([`Fit::describe`]). A rebuilt EMA's state is the checkpoint's with that decay as its
+/// train.ema_decay: it describes the weights returned (an exported file's metadata and card name that decay).
+pub fn load_unet(
+    run: &Path,
+    which: &str,
+    weights: Weights,
+    post_hoc_ema: Option<f64>,
+    device: &Device,
+) -> Result<(LoadedUnet, Option<String>)> {
+    let Some(decay) = post_hoc_ema else {
+        return Ok((checkpoint::load_unet(run, which, weights, device)?, None));
+    };
+    let Rebuilt { tensors, fit, checkpoints, mut state } = ema_weights(run, which, decay, device)?;
     let origin = format!("the EMA of decay {decay} rebuilt from the checkpoints of {}", run.display());
-    let mut src = TensorSource::new(&tensors, origin.clone());
-    let unet = UNet::new(state.config.unet(), &mut src).with_context(|| origin.clone())?;
-    src.finish()?;
+    let unet = checkpoint::unet_from(&state, &tensors, origin)?;
     state.config.train.ema_decay = decay;
-    Ok((LoadedUnet { unet, state, passed_over: vec![] }, fit.describe(decay, checkpoints)))
+    Ok((LoadedUnet { unet, state, passed_over: vec![] }, Some(fit.describe(decay, checkpoints))))
 }
 
 #[cfg(test)]
