@@ -17,6 +17,7 @@ use std::ops::Range;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::simd::lane_sum;
 use super::winograd::{kernel_transform, Same3x3};
 use super::{cpu_f32, for_images, gemm_into, slice, with_f32, with_scratch, SharedMut};
 
@@ -309,7 +310,7 @@ pub(crate) fn conv2d_backward(
         }
         let mut db = vec![0f32; co];
         for (j, row) in gr.chunks_exact(ohw).enumerate() {
-            db[j % co] += row.iter().sum::<f32>();
+            db[j % co] += lane_sum(row);
         }
         return (same.weight_grad(x, gr, b), db);
     }
@@ -346,7 +347,7 @@ pub(crate) fn conv2d_backward(
                 };
                 gemm_into(dw, true, (co, kk, ohw), gb, (ohw, 1), cols, (1, ohw), par);
                 for (d, row) in db.iter_mut().zip(gb.chunks_exact(ohw)) {
-                    *d += row.iter().sum::<f32>();
+                    *d += lane_sum(row);
                 }
             })
         },
@@ -527,6 +528,9 @@ mod tests {
             (3, 3, 8, 3, 1, 1, 34, 33),
             // the weight gradient's groups (256 tiles): 12 images of 25 tiles in two, summed across threads
             (12, 2, 3, 3, 1, 1, 20, 20),
+            // channels in lanes: 16 at a time, then 8, then one by one (25 = 16 + 8 + 1, 19 = 16 + 3)
+            (2, 25, 19, 3, 1, 1, 9, 11),
+            (3, 32, 16, 3, 1, 1, 8, 8),
         ] {
             let x = Var::randn(0f32, 1.0, (b, ci, h, w), &dev).unwrap();
             let wt = Var::randn(0f32, 0.5, (co, ci, k, k), &dev).unwrap();

@@ -6,7 +6,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::simd::sigmoid;
+use super::simd::{lane_sum_by, sigmoid};
 use super::{slice, with_f32};
 
 /// The geometry and settings of one GroupNorm + affine + activation over x [B, groups * cpg, hw].
@@ -67,19 +67,8 @@ struct GroupNormAct {
 #[inline(always)]
 fn moments(x: &[f32], eps: f32) -> (f32, f32) {
     let n = x.len() as f32;
-    let lane_sum = |f: &dyn Fn(f32) -> f32| {
-        let mut acc = [0f32; 8];
-        let chunks = x.chunks_exact(8);
-        let rest: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
-        for c in chunks {
-            for j in 0..8 {
-                acc[j] += f(c[j]);
-            }
-        }
-        acc.iter().sum::<f32>() + rest
-    };
-    let mean = lane_sum(&|v| v) / n;
-    let var = lane_sum(&|v| (v - mean) * (v - mean)) / n;
+    let mean = lane_sum_by(x, |v| v) / n;
+    let var = lane_sum_by(x, |v| (v - mean) * (v - mean)) / n;
     (mean, 1.0 / (var + eps).sqrt())
 }
 

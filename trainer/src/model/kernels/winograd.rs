@@ -9,8 +9,15 @@
 //! kernels) and V[xi] [C, tiles] (the transformed input tiles) (eq. 12): 4x fewer multiply-adds than
 //! im2col's GEMM, plus the transforms, which are a few additions per value. F(2x2, 3x3) (16 GEMMs, 2.25x
 //! fewer multiply-adds) was measured first: its transforms write 4 values per input value and read 4 per
-//! output value, F(4x4, 3x3)'s 2.25, and on the 2-core machines the transforms cost as much as the GEMMs
-//! (benches/RESULTS.md). F(4x4, 3x3)'s f32 error stays within the tests' bound in `conv.rs` (1e-5 of
+//! output value, F(4x4, 3x3)'s 2.25 (benches/RESULTS.md).
+//!
+//! The transforms run with the channels in the vector lanes: each image is first copied with its channels
+//! innermost, so that one value of 16 channels is 16 consecutive floats and a tile's transform for 16
+//! channels is a few dozen vector operations of fixed shape, whatever the map's width (transforming along
+//! the map's rows kept them to short, strided loops on the small maps of these nets, and they cost more than
+//! the GEMMs). The transformed tiles are stored tile-major, V[xi] [tiles, C] and M[xi] [tiles, Co], and the
+//! kernels as U[xi] [C, Co], so each GEMM is M[xi]^T = V[xi]^T U[xi]^T with every operand in the order the
+//! `gemm` crate reads without packing. F(4x4, 3x3)'s f32 error stays within the tests' bound in `conv.rs` (1e-5 of
 //! the largest value, against Candle's convolution), and a 300-step MNIST run ends at the same loss.
 //!
 //! The forward pass and both gradients use it: for stride 1 and padding 1, dx is the same kind of
@@ -24,6 +31,7 @@ use std::ops::Range;
 
 use gemm::Parallelism;
 
+use super::simd::transpose;
 use super::{for_images, gemm_strided, with_scratch, SharedMut};
 
 /// Tiles per GEMM: at least this many per group of images (one image when it has more).
@@ -34,34 +42,70 @@ const M: usize = 4;
 const A: usize = M + 2;
 const XI: usize = A * A;
 
-/// The transformed kernels U[xi][o][i] = (G k G^T)[xi] (Lavin & Gray, eq. 8) of a convolution from `ins` to
+/// The transformed kernels U[xi][i][o] = (G k G^T)[xi] (Lavin & Gray, eq. 8) of a convolution from `ins` to
 /// `outs` channels, w [outs, ins, 3, 3]; with `transposed`, those of the input-gradient convolution of w [ins,
-/// outs, 3, 3]: k = w[i][o] rotated by 180 degrees.
+/// outs, 3, 3]: k = w[i][o] rotated by 180 degrees. Stored with the output channels contiguous, so that the
+/// GEMMs read U[xi] [ins, outs] as it is, without packing it.
 pub(crate) fn kernel_transform(w: &[f32], outs: usize, ins: usize, transposed: bool) -> Vec<f32> {
-    debug_assert_eq!(w.len(), outs * ins * 9);
+    assert_eq!(w.len(), outs * ins * 9);
     let mut u = vec![0f32; XI * outs * ins];
-    for o in 0..outs {
-        for i in 0..ins {
-            let mut k = [0f32; 9];
-            if transposed {
-                let src = &w[(i * outs + o) * 9..][..9];
-                k.iter_mut().zip(src.iter().rev()).for_each(|(k, &s)| *k = s);
-            } else {
-                k.copy_from_slice(&w[(o * ins + i) * 9..][..9]);
-            }
-            let mut gk = [[0f32; 3]; A]; // G k
-            for col in 0..3 {
-                let t = g(k[col], k[3 + col], k[6 + col]);
-                (0..A).for_each(|r| gk[r][col] = t[r]);
-            }
-            for (r, row) in gk.iter().enumerate() {
-                for (s, v) in g(row[0], row[1], row[2]).into_iter().enumerate() {
-                    u[((r * A + s) * outs + o) * ins + i] = v;
-                }
+    kernel_transform_into(w, (outs, ins), transposed, &mut u);
+    u
+}
+
+/// The body of [`kernel_transform`], with AVX2 and FMA where the CPU has them.
+fn kernel_transform_into(w: &[f32], shape: (usize, usize), transposed: bool, u: &mut [f32]) {
+    dispatch!(kernel_transform_avx2, kernel_transform_lanes(w, shape, transposed, u))
+}
+
+/// [`kernel_transform`] with the output channels in lanes: the kernels from one input channel to 16 output
+/// channels at once, so that each transformed value is stored as a run of 16.
+#[inline(always)]
+fn kernel_transform_lanes(w: &[f32], (outs, ins): (usize, usize), transposed: bool, u: &mut [f32]) {
+    for i in 0..ins {
+        for (o0, l) in lane_chunks(outs) {
+            match l {
+                16 => kernel_tile::<16>(w, (outs, ins), transposed, (o0, i), u),
+                8 => kernel_tile::<8>(w, (outs, ins), transposed, (o0, i), u),
+                _ => kernel_tile::<1>(w, (outs, ins), transposed, (o0, i), u),
             }
         }
     }
-    u
+}
+
+/// G k G^T of the L kernels from input channel i to output channels o0.., into U[xi][i][o0..o0 + L].
+#[inline(always)]
+fn kernel_tile<const L: usize>(
+    w: &[f32],
+    (outs, ins): (usize, usize),
+    transposed: bool,
+    (o0, i): (usize, usize),
+    u: &mut [f32],
+) {
+    let g3 = |[a, b, c]: [f32; 3]| g(a, b, c);
+    let mut k = [[0f32; L]; 9];
+    for (l, o) in (o0..o0 + L).enumerate() {
+        for (tap, kt) in k.iter_mut().enumerate() {
+            kt[l] = if transposed { w[(i * outs + o) * 9 + 8 - tap] } else { w[(o * ins + i) * 9 + tap] };
+        }
+    }
+    let mut gk = [[[0f32; L]; 3]; A]; // G k, gk[r][col]
+    for col in 0..3 {
+        for (r, v) in lanewise(g3, &[k[col], k[3 + col], k[6 + col]]).into_iter().enumerate() {
+            gk[r][col] = v;
+        }
+    }
+    for (r, row) in gk.iter().enumerate() {
+        for (s, v) in lanewise(g3, row).iter().enumerate() {
+            u[((r * A + s) * ins + i) * outs + o0..][..L].copy_from_slice(v);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn kernel_transform_avx2(w: &[f32], shape: (usize, usize), transposed: bool, u: &mut [f32]) {
+    kernel_transform_lanes(w, shape, transposed, u)
 }
 
 /// G (a, b, c)^T: G = [[1/4, 0, 0], [-1/6, -1/6, -1/6], [-1/6, 1/6, -1/6], [1/24, 1/12, 1/6],
@@ -140,24 +184,31 @@ impl Same3x3 {
         (self.h.div_ceil(M), self.w.div_ceil(M))
     }
 
-    /// V[xi][c][p] = (B^T d B)[xi] of the 6x6 tile of channel c of the images `images` of x [B, ins, h, w]
-    /// (zero outside the image) at column p of the group (image-major, then tile row, then tile column); rows
-    /// of V[xi] are `ld` apart, V[xi] `ins * ld`. One tile row at a time: B^T over the tile's 6 input rows as
-    /// whole-row vector operations, then B across each tile's 6 columns, written as 36 sequential runs.
-    fn input_transform(&self, x: &[f32], images: Range<usize>, v: &mut [f32], ld: usize) {
-        dispatch!(input_transform_avx2, input_transform(self, x, images, v, ld))
+    /// V[xi][p][c] = (B^T d B)[xi] of the 6x6 tile of channel c (zero outside the image) at the group's tile p
+    /// (image-major, then tile row, then tile column) of the images `images` of x [B, ins, h, w]; the XI blocks
+    /// [tiles, ins] are `vs` apart. `buf` holds one image with its channels in lanes ([`padded_len`]).
+    fn input_transform(&self, x: &[f32], images: Range<usize>, v: &mut [f32], vs: usize, buf: &mut [f32]) {
+        dispatch!(input_transform_avx2, input_transform(self, x, images, v, vs, buf))
     }
 
-    /// The output of the group's tiles from the GEMMs' results ([`output_transform`]), with AVX2 and FMA
-    /// where the CPU has them.
-    fn output_transform(&self, m: &[f32], bias: Option<&[f32]>, images: Range<usize>, out: &SharedMut, ld: usize) {
-        dispatch!(output_transform_avx2, output_transform(self, m, bias, images, out, ld))
-    }
-
-    /// W[xi][o][p] = (A dY A^T)[xi] of the M x M tile of the output gradient dY of channel o (zero outside the
+    /// W[xi][p][o] = (A dY A^T)[xi] of the M x M tile of the output gradient dY of channel o (zero outside the
     /// map), laid out as [`Self::input_transform`]'s V with `outs` channels.
-    fn grad_transform(&self, gr: &[f32], images: Range<usize>, v: &mut [f32], ld: usize) {
-        dispatch!(grad_transform_avx2, grad_transform(self, gr, images, v, ld))
+    fn grad_transform(&self, gr: &[f32], images: Range<usize>, v: &mut [f32], vs: usize, buf: &mut [f32]) {
+        dispatch!(grad_transform_avx2, grad_transform(self, gr, images, v, vs, buf))
+    }
+
+    /// The output of the group's tiles from the GEMMs' results m[xi][p][o] (blocks `ms` apart), through the
+    /// staging buffer `st` of one image's tiles ([`output_transform`]).
+    fn output_transform(
+        &self,
+        m: &[f32],
+        ms: usize,
+        bias: Option<&[f32]>,
+        images: Range<usize>,
+        out: &SharedMut,
+        st: &mut [f32],
+    ) {
+        dispatch!(output_transform_avx2, output_transform(self, m, ms, bias, images, out, st))
     }
 
     /// One group of images: transform, XI GEMMs, transform back.
@@ -172,19 +223,19 @@ impl Same3x3 {
     ) {
         let (th, tw) = self.tiles();
         let pb = images.len() * th * tw;
-        // rows a little longer than the tiles, so that the runs of a transform do not fall on the same cache
-        // sets (a row of 256 floats is 1 KiB; 4 of them 4 KiB apart alias)
-        let ld = pb + 4;
         let (c, o) = (self.ins, self.outs);
-        with_scratch(XI * c * ld, XI * o * ld, |v, m| {
-            self.input_transform(x, images.clone(), v, ld);
+        let (vs, ms) = (pb * c + SKEW, pb * o + SKEW);
+        let staging = M * th * M * tw * o;
+        with_scratch(XI * vs + padded_len(th, tw, A, c), XI * ms + staging, |a, b| {
+            let (v, buf) = a.split_at_mut(XI * vs);
+            let (m, st) = b.split_at_mut(XI * ms);
+            self.input_transform(x, images.clone(), v, vs, buf);
             for xi in 0..XI {
-                // M[xi] [o, pb] = U[xi] [o, c] . V[xi] [c, pb]
-                let (mx, ux, vx) =
-                    (&mut m[xi * o * ld..][..o * ld], &u[xi * o * c..][..o * c], &v[xi * c * ld..][..c * ld]);
-                gemm_strided(mx, (ld, false), (o, pb, c), ux, (c, 1), vx, (ld, 1), par);
+                // M[xi] [pb, o] = V[xi] [pb, c] . U[xi] [c, o]
+                let (mx, vx, ux) = (&mut m[xi * ms..][..pb * o], &v[xi * vs..][..pb * c], &u[xi * o * c..][..o * c]);
+                gemm_strided(mx, (o, false), (pb, o, c), vx, (c, 1), ux, (o, 1), par);
             }
-            self.output_transform(m, bias, images, out, ld);
+            self.output_transform(m, ms, bias, images, out, st);
         });
     }
 
@@ -226,15 +277,18 @@ impl Same3x3 {
             |du, g, par| {
                 let images = g * per_group..((g + 1) * per_group).min(b);
                 let pb = images.len() * th * tw;
-                let ld = pb + 4;
-                with_scratch(XI * c * ld, XI * o * ld, |v, m| {
-                    self.input_transform(x, images.clone(), v, ld);
-                    self.grad_transform(gr, images, m, ld);
+                let (vs, ws) = (pb * c + SKEW, pb * o + SKEW);
+                let (xbuf, gbuf) = (padded_len(th, tw, A, c), padded_len(th, tw, M, o));
+                with_scratch(XI * vs + xbuf, XI * ws + gbuf, |a, b| {
+                    let (v, xbuf) = a.split_at_mut(XI * vs);
+                    let (m, gbuf) = b.split_at_mut(XI * ws);
+                    self.input_transform(x, images.clone(), v, vs, xbuf);
+                    self.grad_transform(gr, images, m, ws, gbuf);
                     for xi in 0..XI {
-                        // dU[xi] [o, c] += W[xi] [o, pb] . V[xi]^T [pb, c]
+                        // dU[xi] [o, c] += W[xi]^T [o, pb] . V[xi] [pb, c]
                         let (dux, mx, vx) =
-                            (&mut du[xi * o * c..][..o * c], &m[xi * o * ld..][..o * ld], &v[xi * c * ld..][..c * ld]);
-                        gemm_strided(dux, (c, true), (o, c, pb), mx, (ld, 1), vx, (1, ld), par);
+                            (&mut du[xi * o * c..][..o * c], &m[xi * ws..][..pb * o], &v[xi * vs..][..pb * c]);
+                        gemm_strided(dux, (c, true), (o, c, pb), mx, (1, o), vx, (c, 1), par);
                     }
                 });
             },
@@ -252,11 +306,131 @@ impl Same3x3 {
 /// accumulation into dU.
 const GRAD_TILE_BLOCK: usize = 256;
 
+/// Floats between the XI blocks of the transformed tiles beyond their size, so that a tile's 36 stores (and
+/// the output transform's 36 loads) do not fall on one cache set, as blocks of a power-of-two size would.
+const SKEW: usize = 16;
+
+/// The channel chunks that the transforms take at once, (first channel, count): 16 at a time (vectors of 16
+/// lanes, or two of 8), then 8, then one by one.
+fn lane_chunks(n: usize) -> impl Iterator<Item = (usize, usize)> {
+    let sixteens = n / 16 * 16;
+    let eights = sixteens + if n - sixteens >= 8 { 8 } else { 0 };
+    let wide = (0..sixteens).step_by(16).map(|c| (c, 16));
+    wide.chain((sixteens..eights).step_by(8).map(|c| (c, 8))).chain((eights..n).map(|c| (c, 1)))
+}
+
+/// The floats of one image's `chans` planes with the channels in lanes, framed for the K x K tiles that start
+/// every M pixels of a th x tw grid of tiles ([`to_lanes`]).
+fn padded_len(th: usize, tw: usize, k: usize, chans: usize) -> usize {
+    (M * th + k - M) * (M * tw + k - M) * chans
+}
+
+/// buf[(py * wp + px) * c + ch] = src[ch][py - pad][px - pad] for one image src [c, h, w], zero outside it:
+/// the image with its channels in lanes, framed by the tiles' padding (rows of wp pixels).
+fn to_lanes(src: &[f32], (c, h, w): (usize, usize, usize), pad: usize, wp: usize, buf: &mut [f32]) {
+    // the frame: rows above and below the map, columns left and right of it
+    let (top, inner) = (pad * wp * c, h * wp * c);
+    buf[..top].fill(0.0);
+    buf[top + inner..].fill(0.0);
+    for (y, row) in buf[top..top + inner].chunks_exact_mut(wp * c).enumerate() {
+        row[..pad * c].fill(0.0);
+        row[(pad + w) * c..].fill(0.0);
+        // the image row: [c, w] (planes h * w apart) to [w, c]
+        transpose(&src[y * w..], (c, w), h * w, &mut row[pad * c..], c, None);
+    }
+}
+
+/// planes[ch][y][x] = bias[ch] + st[(y * ws + x) * c + ch] for y < h, x < w: one image's output tiles, staged
+/// with the channels in lanes (rows of ws pixels), back in the output's planes [c, h, w], cut to the map.
+fn from_lanes(st: &[f32], (c, h, w): (usize, usize, usize), ws: usize, bias: Option<&[f32]>, planes: &mut [f32]) {
+    for y in 0..h {
+        // the output row: [w, c] to [c, w] (planes h * w apart)
+        transpose(&st[y * ws * c..], (w, c), c, &mut planes[y * w..], h * w, bias);
+    }
+}
+
+/// f applied lane by lane: out[j][l] = f(d[0][l], ..., d[K-1][l])[j], which the compiler turns into L-lane
+/// vector operations.
+#[inline(always)]
+fn lanewise<const K: usize, const J: usize, const L: usize>(
+    f: impl Fn([f32; K]) -> [f32; J],
+    d: &[[f32; L]; K],
+) -> [[f32; L]; J] {
+    let mut out = [[0f32; L]; J];
+    for l in 0..L {
+        let mut col = [0f32; K];
+        for (c, dk) in col.iter_mut().zip(d) {
+            *c = dk[l];
+        }
+        let r = f(col);
+        for j in 0..J {
+            out[j][l] = r[j];
+        }
+    }
+    out
+}
+
+/// The 2-D transform f(f(d)^T)^T of the K x K tile of L channels whose first value is src[origin] (pixels `col`
+/// apart, rows `row` apart), written to dst[xi * stride + off ..][..L] for its 36 positions xi.
+#[inline(always)]
+fn tile_in<const K: usize, const L: usize>(
+    f: impl Fn([f32; K]) -> [f32; A] + Copy,
+    src: &[f32],
+    (origin, row, col): (usize, usize, usize),
+    dst: &mut [f32],
+    stride: usize,
+    off: usize,
+) {
+    let mut t = [[[0f32; L]; K]; A]; // t[r][s]: f over the rows of column s
+    for s in 0..K {
+        let mut d = [[0f32; L]; K];
+        for (r, dr) in d.iter_mut().enumerate() {
+            dr.copy_from_slice(&src[origin + r * row + s * col..][..L]);
+        }
+        for (r, v) in lanewise(f, &d).into_iter().enumerate() {
+            t[r][s] = v;
+        }
+    }
+    for (r, tr) in t.iter().enumerate() {
+        for (s, v) in lanewise(f, tr).iter().enumerate() {
+            dst[(r * A + s) * stride + off..][..L].copy_from_slice(v);
+        }
+    }
+}
+
+/// The output tile A^T m A of L channels from m[xi * stride + off ..][..L] (its 36 positions), written as the
+/// M x M pixels of st from st[origin] on (pixels `col` apart, rows `row` apart).
+#[inline(always)]
+fn tile_out<const L: usize>(
+    m: &[f32],
+    stride: usize,
+    off: usize,
+    st: &mut [f32],
+    (origin, row, col): (usize, usize, usize),
+) {
+    let mut t = [[[0f32; L]; A]; M]; // t[r][s]: A^T over the rows of column s
+    for s in 0..A {
+        let mut d = [[0f32; L]; A];
+        for (r, dr) in d.iter_mut().enumerate() {
+            dr.copy_from_slice(&m[(r * A + s) * stride + off..][..L]);
+        }
+        for (r, v) in lanewise(at, &d).into_iter().enumerate() {
+            t[r][s] = v;
+        }
+    }
+    for (r, tr) in t.iter().enumerate() {
+        for (s, v) in lanewise(at, tr).iter().enumerate() {
+            st[origin + r * row + s * col..][..L].copy_from_slice(v);
+        }
+    }
+}
+
 /// The body of [`Same3x3::input_transform`] (and of [`Same3x3::grad_transform`]), compiled for the baseline
 /// and for AVX2 and FMA: the 2-D transform f(f(d)^T)^T of every K x K tile of the `chans` planes of `src`
 /// [B, chans, h, w] that starts `pad` pixels above and left of an output tile (zero outside the map), written as
-/// V[xi][chan][p] like [`Same3x3::input_transform`]'s. One tile row at a time: f over the tile's K rows as
-/// whole-row vector operations, then f across each tile's K columns, written as 36 sequential runs.
+/// V[xi][p][chan] like [`Same3x3::input_transform`]'s. Each image is first copied with its channels in lanes
+/// ([`to_lanes`]), so that a tile's values for 16 channels are 16 consecutive floats and the transform is a
+/// few dozen vector operations.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn tile_transform<const K: usize>(
@@ -264,41 +438,27 @@ fn tile_transform<const K: usize>(
     src: &[f32],
     chans: usize,
     pad: usize,
-    f: impl Fn([f32; K]) -> [f32; A],
+    f: impl Fn([f32; K]) -> [f32; A] + Copy,
     images: Range<usize>,
-    v: &mut [f32],
-    ld: usize,
+    (v, vs): (&mut [f32], usize),
+    buf: &mut [f32],
 ) {
     let (th, tw) = g.tiles();
     let (h, w) = (g.h, g.w);
-    // the K rows of a tile row, `pad` columns of zeros on the left and enough on the right (never written)
-    let width = M * tw + K - M;
-    let mut rows: [Vec<f32>; K] = std::array::from_fn(|_| vec![0f32; width]);
-    let mut t: [Vec<f32>; A] = std::array::from_fn(|_| vec![0f32; width]);
+    let wp = M * tw + K - M;
+    let buf = &mut buf[..padded_len(th, tw, K, chans)];
     for (ii, img) in images.enumerate() {
-        for ch in 0..chans {
-            let plane = &src[(img * chans + ch) * h * w..][..h * w];
-            for ty in 0..th {
-                for (r, row) in rows.iter_mut().enumerate() {
-                    match (M * ty + r).checked_sub(pad).filter(|&y| y < h) {
-                        Some(y) => row[pad..pad + w].copy_from_slice(&plane[y * w..][..w]),
-                        None => row.fill(0.0),
-                    }
-                }
-                // f over the rows, for every column at once
-                for xx in 0..width {
-                    let col = f(std::array::from_fn(|r| rows[r][xx]));
-                    (0..A).for_each(|r| t[r][xx] = col[r]);
-                }
-                let p0 = (ii * th + ty) * tw;
-                for (r, tr) in t.iter().enumerate() {
-                    // f across each tile's columns M tx .. M tx + K - 1
-                    let base: [usize; A] = std::array::from_fn(|s| ((r * A + s) * chans + ch) * ld + p0);
-                    for tx in 0..tw {
-                        let vals = f(std::array::from_fn(|s| tr[M * tx + s]));
-                        for s in 0..A {
-                            v[base[s] + tx] = vals[s];
-                        }
+        to_lanes(&src[img * chans * h * w..][..chans * h * w], (chans, h, w), pad, wp, buf);
+        for ty in 0..th {
+            for tx in 0..tw {
+                let p = (ii * th + ty) * tw + tx;
+                let origin = (M * ty * wp + M * tx) * chans;
+                for (c0, l) in lane_chunks(chans) {
+                    let geo = (origin + c0, wp * chans, chans);
+                    match l {
+                        16 => tile_in::<K, 16>(f, buf, geo, v, vs, p * chans + c0),
+                        8 => tile_in::<K, 8>(f, buf, geo, v, vs, p * chans + c0),
+                        _ => tile_in::<K, 1>(f, buf, geo, v, vs, p * chans + c0),
                     }
                 }
             }
@@ -306,67 +466,79 @@ fn tile_transform<const K: usize>(
     }
 }
 
-/// out[img][o] (the images `images`) = bias[o] + A^T m A of each tile (eq. 8), m[xi] = M[xi][o][p] (rows
-/// `ld` apart), cut to the h x w map. One tile row at a time: A^T over the 36 runs of the row's tiles as
-/// vector operations, then A across each tile.
+/// out[img][o] (the images `images`) = bias[o] + A^T m A of each tile (eq. 8), m[xi] = M[xi][p][o] (blocks
+/// `ms` apart), cut to the h x w map. Each image's tiles are transformed with their channels in lanes into
+/// `st` ([tile rows x M, tile columns x M, outs]), then copied into the output's planes.
 #[inline(always)]
-fn output_transform(g: &Same3x3, m: &[f32], bias: Option<&[f32]>, images: Range<usize>, out: &SharedMut, ld: usize) {
+fn output_transform(
+    g: &Same3x3,
+    m: &[f32],
+    ms: usize,
+    bias: Option<&[f32]>,
+    images: Range<usize>,
+    out: &SharedMut,
+    st: &mut [f32],
+) {
     let (th, tw) = g.tiles();
     let (h, w, o_n) = (g.h, g.w, g.outs);
-    // t[row][s][tx]: A^T m of column s of each tile, output row `row`
-    let mut t: [[Vec<f32>; A]; M] = std::array::from_fn(|_| std::array::from_fn(|_| vec![0f32; tw]));
+    let ws = M * tw;
     for (ii, img) in images.enumerate() {
-        for o in 0..o_n {
-            // SAFETY: image img's output planes are written by this call only
-            let plane = unsafe { out.range((img * o_n + o) * h * w, h * w) };
-            let b = bias.map_or(0.0, |b| b[o]);
-            for ty in 0..th {
-                let p0 = (ii * th + ty) * tw;
-                for s in 0..A {
-                    let runs: [&[f32]; A] = std::array::from_fn(|r| &m[((r * A + s) * o_n + o) * ld + p0..][..tw]);
-                    for tx in 0..tw {
-                        let col = at(std::array::from_fn(|r| runs[r][tx]));
-                        (0..M).for_each(|row| t[row][s][tx] = col[row]);
-                    }
-                }
-                for (r, tr) in t.iter().enumerate() {
-                    let y = M * ty + r;
-                    if y >= h {
-                        break;
-                    }
-                    // tile tx's M outputs (fewer in the last tile of an odd width)
-                    for (tx, outs) in plane[y * w..][..w].chunks_mut(M).enumerate() {
-                        let ys = at(std::array::from_fn(|s| tr[s][tx]));
-                        outs.iter_mut().zip(ys).for_each(|(dst, yv)| *dst = b + yv);
+        for ty in 0..th {
+            for tx in 0..tw {
+                let p = (ii * th + ty) * tw + tx;
+                let origin = (M * ty * ws + M * tx) * o_n;
+                for (o0, l) in lane_chunks(o_n) {
+                    let geo = (origin + o0, ws * o_n, o_n);
+                    match l {
+                        16 => tile_out::<16>(m, ms, p * o_n + o0, st, geo),
+                        8 => tile_out::<8>(m, ms, p * o_n + o0, st, geo),
+                        _ => tile_out::<1>(m, ms, p * o_n + o0, st, geo),
                     }
                 }
             }
         }
+        // SAFETY: image img's output planes are written by this call only
+        let planes = unsafe { out.range(img * o_n * h * w, o_n * h * w) };
+        from_lanes(st, (o_n, h, w), ws, bias, planes);
     }
 }
 
 /// V = (B^T d B) of the input tiles: [`tile_transform`] of 6 x 6 tiles one pixel up and left of the output's.
 #[inline(always)]
-fn input_transform(g: &Same3x3, x: &[f32], images: Range<usize>, v: &mut [f32], ld: usize) {
-    tile_transform::<A>(g, x, g.ins, 1, bt, images, v, ld)
+fn input_transform(g: &Same3x3, x: &[f32], images: Range<usize>, v: &mut [f32], vs: usize, buf: &mut [f32]) {
+    tile_transform::<A>(g, x, g.ins, 1, bt, images, (v, vs), buf)
 }
 
 /// W = (A dY A^T) of the output-gradient tiles: [`tile_transform`] of the M x M output tiles.
 #[inline(always)]
-fn grad_transform(g: &Same3x3, gr: &[f32], images: Range<usize>, v: &mut [f32], ld: usize) {
-    tile_transform::<M>(g, gr, g.outs, 0, a, images, v, ld)
+fn grad_transform(g: &Same3x3, gr: &[f32], images: Range<usize>, v: &mut [f32], vs: usize, buf: &mut [f32]) {
+    tile_transform::<M>(g, gr, g.outs, 0, a, images, (v, vs), buf)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn input_transform_avx2(g: &Same3x3, x: &[f32], images: Range<usize>, v: &mut [f32], ld: usize) {
-    input_transform(g, x, images, v, ld)
+unsafe fn input_transform_avx2(
+    g: &Same3x3,
+    x: &[f32],
+    images: Range<usize>,
+    v: &mut [f32],
+    vs: usize,
+    buf: &mut [f32],
+) {
+    input_transform(g, x, images, v, vs, buf)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn grad_transform_avx2(g: &Same3x3, gr: &[f32], images: Range<usize>, v: &mut [f32], ld: usize) {
-    grad_transform(g, gr, images, v, ld)
+unsafe fn grad_transform_avx2(
+    g: &Same3x3,
+    gr: &[f32],
+    images: Range<usize>,
+    v: &mut [f32],
+    vs: usize,
+    buf: &mut [f32],
+) {
+    grad_transform(g, gr, images, v, vs, buf)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -374,10 +546,11 @@ unsafe fn grad_transform_avx2(g: &Same3x3, gr: &[f32], images: Range<usize>, v: 
 unsafe fn output_transform_avx2(
     g: &Same3x3,
     m: &[f32],
+    ms: usize,
     bias: Option<&[f32]>,
     images: Range<usize>,
     out: &SharedMut,
-    ld: usize,
+    st: &mut [f32],
 ) {
-    output_transform(g, m, bias, images, out, ld)
+    output_transform(g, m, ms, bias, images, out, st)
 }
