@@ -34,13 +34,20 @@ macro_rules! dispatch {
     ($avx:ident, $generic:ident ( $($arg:expr),* )) => {{
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            if $crate::model::kernels::avx2_fma() {
                 // SAFETY: the CPU has the features the function was compiled for
                 return unsafe { $avx($($arg),*) };
             }
         }
         $generic($($arg),*)
     }};
+}
+
+/// True when the CPU has AVX2 and FMA: the run-time test of [`dispatch!`] and of the kernels that choose by
+/// hand.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn avx2_fma() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 
 mod conv;

@@ -68,7 +68,7 @@ pub(crate) fn transpose(
     assert!(src_rs >= cols && dst_rs >= rows && add.is_none_or(|a| a.len() >= cols));
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the CPU has the features; the extents were checked above
-    let (r8, c8) = if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    let (r8, c8) = if super::avx2_fma() {
         unsafe { avx2::transpose_blocks(src, (rows, cols), src_rs, dst, dst_rs, add) }
     } else {
         (0, 0)

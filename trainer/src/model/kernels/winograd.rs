@@ -186,15 +186,29 @@ impl Same3x3 {
 
     /// V[xi][p][c] = (B^T d B)[xi] of the 6x6 tile of channel c (zero outside the image) at the group's tile p
     /// (image-major, then tile row, then tile column) of the images `images` of x [B, ins, h, w]; the XI blocks
-    /// [tiles, ins] are `vs` apart. `buf` holds one image with its channels in lanes ([`padded_len`]).
+    /// [tiles, ins] are `vs` apart. `buf` holds one image with its channels in lanes ([`padded_len`]): the 6 x 6
+    /// tiles start one pixel up and left of the output's.
     fn input_transform(&self, x: &[f32], images: Range<usize>, v: &mut [f32], vs: usize, buf: &mut [f32]) {
-        dispatch!(input_transform_avx2, input_transform(self, x, images, v, vs, buf))
+        self.tile_transform((x, self.ins), 1, bt, images, (v, vs), buf)
     }
 
     /// W[xi][p][o] = (A dY A^T)[xi] of the M x M tile of the output gradient dY of channel o (zero outside the
     /// map), laid out as [`Self::input_transform`]'s V with `outs` channels.
     fn grad_transform(&self, gr: &[f32], images: Range<usize>, v: &mut [f32], vs: usize, buf: &mut [f32]) {
-        dispatch!(grad_transform_avx2, grad_transform(self, gr, images, v, vs, buf))
+        self.tile_transform((gr, self.outs), 0, a, images, (v, vs), buf)
+    }
+
+    /// [`tile_transform`], with AVX2 and FMA where the CPU has them.
+    fn tile_transform<const K: usize>(
+        &self,
+        src: (&[f32], usize),
+        pad: usize,
+        f: impl Fn([f32; K]) -> [f32; A] + Copy,
+        images: Range<usize>,
+        v: (&mut [f32], usize),
+        buf: &mut [f32],
+    ) {
+        dispatch!(tile_transform_avx2, tile_transform(self, src, pad, f, images, v, buf))
     }
 
     /// The output of the group's tiles from the GEMMs' results m[xi][p][o] (blocks `ms` apart), through the
@@ -431,12 +445,10 @@ fn tile_out<const L: usize>(
 /// V[xi][p][chan] like [`Same3x3::input_transform`]'s. Each image is first copied with its channels in lanes
 /// ([`to_lanes`]), so that a tile's values for 16 channels are 16 consecutive floats and the transform is a
 /// few dozen vector operations.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn tile_transform<const K: usize>(
     g: &Same3x3,
-    src: &[f32],
-    chans: usize,
+    (src, chans): (&[f32], usize),
     pad: usize,
     f: impl Fn([f32; K]) -> [f32; A] + Copy,
     images: Range<usize>,
@@ -449,6 +461,8 @@ fn tile_transform<const K: usize>(
     let buf = &mut buf[..padded_len(th, tw, K, chans)];
     for (ii, img) in images.enumerate() {
         to_lanes(&src[img * chans * h * w..][..chans * h * w], (chans, h, w), pad, wp, buf);
+        // the tile walk is written out here and in output_transform, not shared through a closure: a closure's
+        // body compiles without the AVX2 wrappers' target features, and the tiles' arithmetic sits in it
         for ty in 0..th {
             for tx in 0..tw {
                 let p = (ii * th + ty) * tw + tx;
@@ -503,42 +517,18 @@ fn output_transform(
     }
 }
 
-/// V = (B^T d B) of the input tiles: [`tile_transform`] of 6 x 6 tiles one pixel up and left of the output's.
-#[inline(always)]
-fn input_transform(g: &Same3x3, x: &[f32], images: Range<usize>, v: &mut [f32], vs: usize, buf: &mut [f32]) {
-    tile_transform::<A>(g, x, g.ins, 1, bt, images, (v, vs), buf)
-}
-
-/// W = (A dY A^T) of the output-gradient tiles: [`tile_transform`] of the M x M output tiles.
-#[inline(always)]
-fn grad_transform(g: &Same3x3, gr: &[f32], images: Range<usize>, v: &mut [f32], vs: usize, buf: &mut [f32]) {
-    tile_transform::<M>(g, gr, g.outs, 0, a, images, (v, vs), buf)
-}
-
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn input_transform_avx2(
+unsafe fn tile_transform_avx2<const K: usize>(
     g: &Same3x3,
-    x: &[f32],
+    src: (&[f32], usize),
+    pad: usize,
+    f: impl Fn([f32; K]) -> [f32; A] + Copy,
     images: Range<usize>,
-    v: &mut [f32],
-    vs: usize,
+    v: (&mut [f32], usize),
     buf: &mut [f32],
 ) {
-    input_transform(g, x, images, v, vs, buf)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn grad_transform_avx2(
-    g: &Same3x3,
-    gr: &[f32],
-    images: Range<usize>,
-    v: &mut [f32],
-    vs: usize,
-    buf: &mut [f32],
-) {
-    grad_transform(g, gr, images, v, vs, buf)
+    tile_transform(g, src, pad, f, images, v, buf)
 }
 
 #[cfg(target_arch = "x86_64")]
