@@ -80,8 +80,9 @@ fn sweep_trains_each_value_and_seed_evaluates_them_and_continues_where_it_stoppe
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// Seed 004's study in small: two keys, each varied on its own around the config, in one command. The setting
-/// both ask for (lr 0.001, kernel 3: the config itself) trains once; each figure has a panel per key. (The
+/// Seed 004's study in small: two keys, each varied on its own around the config, in one command, split between
+/// two shards. The setting both ask for (lr 0.001, kernel 3: the config itself) trains once; each figure has a
+/// panel per key. (The
 /// two-sample test's columns: the results' unit test; `--c2st` trains a CNN twice per run.)
 #[test]
 fn a_study_of_two_keys_trains_their_shared_setting_once() {
@@ -104,8 +105,31 @@ fn a_study_of_two_keys_trains_their_shared_setting_once() {
             .output()
             .unwrap()
     };
-    let o = sweep(&["--key", "train.lr", "--values", "0.001,0.002", "--key", "model.kernel_size", "--values", "3,5"]);
+    let study = ["--key", "train.lr", "--values", "0.001,0.002", "--key", "model.kernel_size", "--values", "3,5"];
+    let folders = || {
+        let mut f: Vec<String> = std::fs::read_dir(&out)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name().into_string().unwrap())
+            .collect();
+        f.sort();
+        f
+    };
+    // split in two shards: the three runs (lr 0.001 = kernel 3, lr 0.002, kernel 5) in training order, the first
+    // and third for shard 1/2, the second for 2/2; then the whole sweep trains nothing and writes every row
+    let o = sweep(&[&study[..], &["--shard", "1/2"]].concat());
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("3 of 4 rows are finished"));
+    assert_eq!(folders(), ["model.kernel_size=5", "train.lr=0.001"]);
+    let o = sweep(&[&study[..], &["--shard", "2/2"]].concat());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let evals =
+        ["model.kernel_size=5", "train.lr=0.001", "train.lr=0.002"].map(|f| out.join(f).join("seed-0/eval.json"));
+    let stamps = evals.each_ref().map(|e| std::fs::metadata(e).unwrap().modified().unwrap());
+    let o = sweep(&study);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(evals.each_ref().map(|e| std::fs::metadata(e).unwrap().modified().unwrap()), stamps);
     let csv = std::fs::read_to_string(out.join("sweep.csv")).unwrap();
     let rows: Vec<Vec<&str>> = csv.lines().skip(1).map(|l| l.split(',').collect()).collect();
     let settings: Vec<(&str, &str)> = rows.iter().map(|r| (r[0], r[1])).collect();
@@ -116,21 +140,17 @@ fn a_study_of_two_keys_trains_their_shared_setting_once() {
     );
     assert_eq!(rows[0][2..], rows[2][2..], "the shared setting is one run: {csv}");
     assert_ne!(rows[0][6], rows[3][6], "kernel 5 is another network: {csv}");
-    let mut folders: Vec<String> = std::fs::read_dir(&out)
-        .unwrap()
-        .flatten()
-        .filter(|e| e.path().is_dir())
-        .map(|e| e.file_name().into_string().unwrap())
-        .collect();
-    folders.sort();
-    assert_eq!(folders, ["model.kernel_size=5", "train.lr=0.001", "train.lr=0.002"]);
+    assert_eq!(folders(), ["model.kernel_size=5", "train.lr=0.001", "train.lr=0.002"]);
     for p in ["sweep-score.png", "sweep-fid.png"] {
         let img = image::open(out.join(p)).unwrap();
         assert!(img.width() > img.height() * 2, "{p}: two panels side by side, got {}x{}", img.width(), img.height());
     }
-    // one --values per --key
+    // one --values per --key; a shard is K/N with 1 <= K <= N
     let o = sweep(&["--key", "train.lr", "--values", "0.001", "--key", "model.kernel_size"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("2 --key but 1 --values"), "{err}");
+    let o = sweep(&[&study[..], &["--shard", "3/2"]].concat());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("1 <= K <= N"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

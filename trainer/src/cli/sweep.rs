@@ -7,7 +7,7 @@ use anyhow::bail;
 use anyhow::Result;
 use runtime::sampler::SamplerKind;
 use trainer::progress::Progress;
-use trainer::sweep::{split_values, sweep, Arm, SweepEval, SweepSpec};
+use trainer::sweep::{plan, split_values, sweep, Arm, Shard, SweepEval, SweepSpec};
 use trainer::train::config::Config;
 use trainer::train::DeviceSpec;
 
@@ -38,6 +38,11 @@ pub struct SweepArgs {
     /// The sweep folder (continued when it exists: finished runs are kept, cut ones resumed).
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
+    /// Train only the K-th of every N runs (K = 1..N), so that N processes share the sweep: one a core, or
+    /// one a machine on a shared folder, each started with the same command and its own --shard. Once all end,
+    /// the same command without --shard writes the whole table (it trains nothing that is finished).
+    #[arg(long, value_name = "K/N")]
+    shard: Option<Shard>,
     /// Samples per evaluation (classes cycle on conditional models).
     #[arg(long, default_value_t = 200)]
     n: usize,
@@ -89,10 +94,19 @@ pub fn run_sweep(a: SweepArgs) -> Result<()> {
             c2st: a.c2st,
         },
     };
+    let total = plan(&spec)?.len() * spec.seeds;
     let bars = super::progress::Bars::new(a.quiet);
-    let rows = sweep(&spec, &a.out, a.device, &bars);
+    let rows = sweep(&spec, &a.out, a.shard.unwrap_or(Shard::ALL), a.device, &bars);
     bars.end();
     let rows = rows?;
+    if rows.len() < total {
+        // said even with --quiet: the tables below are partial
+        eprintln!(
+            "this shard's runs are done; {} of {total} rows are finished, the others are the other shards': once they \
+             end, the same command without --shard writes the whole table",
+            rows.len()
+        );
+    }
     bars.note(&format!(
         "{} rows: {} and {} (figures: sweep-score.png, sweep-fid.png, one panel per key)",
         rows.len(),

@@ -178,7 +178,7 @@ pub fn classifier_for(
         ));
         let t = train_classifier(train, 2, 0, dev, progress)?;
         std::fs::create_dir_all(cache)?;
-        let tmp = path.with_extension("tmp");
+        let tmp = path.with_extension(format!("tmp-{}", std::process::id())); // two evaluations at once
         candle_core::safetensors::save(&t, &tmp)?;
         std::fs::rename(&tmp, &path)?;
         t

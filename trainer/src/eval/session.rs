@@ -276,7 +276,7 @@ impl<'a> Session<'a> {
         let rows: Vec<f32> = f.iter().flatten().map(|v| *v as f32).collect();
         let t = Tensor::from_vec(rows, (f.len(), f[0].len()), &Device::Cpu)?;
         std::fs::create_dir_all(cache)?;
-        let tmp = path.with_extension("tmp");
+        let tmp = path.with_extension(format!("tmp-{}", std::process::id())); // two evaluations at once
         candle_core::safetensors::save(&[("features", t)].into_iter().collect(), &tmp)?;
         std::fs::rename(&tmp, &path)?;
         Ok(f)

@@ -7,7 +7,8 @@
 //! OUT/KEY=VALUE/seed-R/ (an ordinary run folder with its eval.json), OUT/sweep.csv, OUT/sweep-summary.csv and
 //! the figures (`results.rs`). A setting that two keys share (each key's value that is the base's own) trains
 //! once, in the folder of the first key that asks for it. A stopped sweep continues where it stopped: finished
-//! runs (an eval.json) are kept, a run with a checkpoint is resumed, anything else starts again.
+//! runs (an eval.json) are kept, a run with a checkpoint is resumed, anything else starts again. A sweep can be
+//! split between processes or machines sharing the folder ([`Shard`]): each trains its own share of the runs.
 
 use std::path::{Path, PathBuf};
 
@@ -256,9 +257,49 @@ pub fn run_dir(out: &Path, setting: &Setting, seed: usize) -> PathBuf {
     out.join(&setting.folder).join(format!("seed-{seed}"))
 }
 
-/// Runs the sweep (or continues it) and writes its CSVs and figures. `progress` hears of every training step and
+/// One process's share of a sweep's runs: the k-th of every n (k = 0..n) in the order the sweep would train
+/// them, a run that two settings share counted once. Shards of one sweep run side by side on one folder (one per
+/// core, or per machine on a shared disk); each writes the tables of the runs finished so far, and a last run
+/// of the same sweep without a shard writes them whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub k: usize,
+    pub n: usize,
+}
+
+impl Shard {
+    /// Every run.
+    pub const ALL: Shard = Shard { k: 0, n: 1 };
+
+    fn takes(self, run: usize) -> bool {
+        run % self.n == self.k
+    }
+}
+
+impl std::str::FromStr for Shard {
+    type Err = anyhow::Error;
+
+    /// `K/N` with K = 1..N, as a user counts (`--shard 1/2`, `--shard 2/2`).
+    fn from_str(s: &str) -> Result<Self> {
+        let parsed =
+            s.split_once('/').and_then(|(k, n)| Some((k.trim().parse::<usize>().ok()?, n.trim().parse().ok()?)));
+        match parsed {
+            Some((k, n)) if (1..=n).contains(&k) => Ok(Shard { k: k - 1, n }),
+            _ => bail!("--shard {s:?}: write K/N with 1 <= K <= N, e.g. 1/2 and 2/2 for two processes"),
+        }
+    }
+}
+
+/// Runs the sweep (or continues it) and writes its CSVs and figures: all of it, or `shard`'s runs (the rows then
+/// hold every run finished so far, whichever shard trained it). `progress` hears of every training step and
 /// evaluation phase.
-pub fn sweep(spec: &SweepSpec, out: &Path, device: DeviceSpec, progress: &dyn Progress) -> Result<Vec<SweepRow>> {
+pub fn sweep(
+    spec: &SweepSpec,
+    out: &Path,
+    shard: Shard,
+    device: DeviceSpec,
+    progress: &dyn Progress,
+) -> Result<Vec<SweepRow>> {
     if spec.minutes.is_some_and(|m| !(m > 0.0 && m.is_finite())) {
         bail!("the time budget must be a positive number of minutes");
     }
@@ -283,12 +324,20 @@ pub fn sweep(spec: &SweepSpec, out: &Path, device: DeviceSpec, progress: &dyn Pr
     }
     checkpoint::write_atomic(&spec_path, serde_json::to_string_pretty(spec)?.as_bytes())?;
     let mut rows = vec![];
+    let mut runs: Vec<PathBuf> = vec![]; // each run once, in training order: what the shards divide
     for s in &settings {
         for seed in 0..spec.seeds {
             let run = run_dir(out, s, seed);
+            let nth = runs.iter().position(|r| *r == run).unwrap_or_else(|| {
+                runs.push(run.clone());
+                runs.len() - 1
+            });
             let mut cfg = s.cfg.clone();
             cfg.train.seed = seed as u64;
             if EvalReport::read(&run)?.is_none() {
+                if !shard.takes(nth) {
+                    continue;
+                }
                 progress.note(&format!("{} = {}, seed {seed}: {}", s.key, s.value, run.display()));
                 train_one(&cfg, &run, device, spec.minutes, progress)?;
                 evaluate_one(&run, spec, device, progress)?;
