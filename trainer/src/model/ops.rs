@@ -68,6 +68,10 @@ pub trait Ops {
         group_norm_act_composed(self, x, groups, eps, w, b, scale_shift, silu)
     }
 
+    /// The forward pass reads `x` no more. An engine that keeps values for a backward pass frees it now unless
+    /// that pass reads it (the CPU tape: the peak memory of a step); the others ignore it.
+    fn release(&mut self, _x: &Self::T) {}
+
     /// softmax(scale * x) over the last axis (the default: affine, then [`Ops::softmax_last`]).
     fn softmax_last_scaled(&mut self, x: &Self::T, scale: f64) -> Result<Self::T> {
         let x = self.affine(x, scale, 0.0)?;

@@ -64,12 +64,17 @@ impl DropoutKeys {
         Self { keys, first, calls: 0 }
     }
 
+    /// The factor of a kept element: 1 / (1 - p).
+    pub fn scale(p: f64) -> f32 {
+        (1.0 / (1.0 - p)) as f32
+    }
+
     /// Fills `mask` (`batch` images, one after another) with inverted-dropout factors: 0 with probability p,
     /// else 1 / (1 - p); one u32 per element decides. Both gradient engines draw their masks here, so they
     /// train alike.
     pub fn fill(&mut self, p: f64, mask: &mut [f32], batch: usize) {
         let keep = 1.0 - p;
-        let scale = (1.0 / keep) as f32;
+        let scale = Self::scale(p);
         // u < keep * 2^32 with probability keep
         let threshold = (keep * 4_294_967_296.0).min(u32::MAX as f64) as u32;
         let per = mask.len() / batch.max(1);

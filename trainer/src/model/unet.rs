@@ -411,13 +411,21 @@ impl ResBlock {
             let h = o.add(&h, &e)?;
             self.n2.forward_silu(o, &h)?
         };
-        let h = o.dropout(&h, self.dropout)?;
-        let h = self.c2.forward(o, &h)?;
-        let skip = match &self.skip {
-            Some(c) => c.forward(o, x)?,
-            None => x.clone(),
+        let hd = o.dropout(&h, self.dropout)?;
+        let hc = self.c2.forward(o, &hd)?;
+        let out = match &self.skip {
+            Some(c) => {
+                let skip = c.forward(o, x)?;
+                let out = o.add(&skip, &hc)?;
+                o.release(&skip);
+                out
+            }
+            None => o.add(x, &hc)?,
         };
-        o.add(&skip, &h)
+        // read by dropout (a mask's product) and the residual sum only: no backward pass needs them
+        o.release(&h);
+        o.release(&hc);
+        Ok(out)
     }
 }
 
@@ -459,11 +467,16 @@ impl Attention {
         let scores = o.matmul(&qt, &k)?; // [B, h, N, N]
         let attn = o.softmax_last_scaled(&scores, 1.0 / (d as f64).sqrt())?;
         let vt = o.permute(&v, &[0, 1, 3, 2])?; // [B, h, N, d]
-        let out = o.matmul(&attn, &vt)?; // [B, h, N, d]
-        let out = o.permute(&out, &[0, 1, 3, 2])?; // [B, h, d, N]
+        let heads = o.matmul(&attn, &vt)?; // [B, h, N, d]
+        let out = o.permute(&heads, &[0, 1, 3, 2])?; // [B, h, d, N]
         let out = o.reshape(&out, &[-1, self.c as i64, side, side])?;
-        let out = self.proj.forward(o, &out)?;
-        o.add(x, &out)
+        let proj = self.proj.forward(o, &out)?;
+        let y = o.add(x, &proj)?;
+        // copied on by narrow and permute, or read by softmax and the sum: no backward pass reads them
+        for v in [&qkv, &q, &v, &scores, &heads, &proj] {
+            o.release(v);
+        }
+        Ok(y)
     }
 }
 
@@ -651,11 +664,13 @@ impl UNet {
             h = match layer {
                 Layer::Res(rb, at) => {
                     let skip = hs.pop().expect("one skip per down layer");
-                    let cat = o.concat(&[h, skip], 1)?;
+                    let cat = o.concat(&[h.clone(), skip], 1)?;
+                    o.release(&h); // copied into the concatenation
                     self.res_attn(o, rb, at, &cat, &emb)?
                 }
                 Layer::Up(c) => {
                     let u = o.upsample_nearest2x(&h)?;
+                    o.release(&h);
                     c.forward(o, &u)?
                 }
                 Layer::Down(_) => unreachable!("no downsampling on the way up"),

@@ -24,6 +24,11 @@ pub(super) struct MatMul {
 }
 
 impl MatMul {
+    /// The nodes the backward pass reads: both factors.
+    pub(super) fn reads(&self) -> Vec<usize> {
+        vec![self.a, self.b]
+    }
+
     /// [`crate::model::ops::Ops::matmul`].
     pub(super) fn forward(tape: &mut Tape, a: &Val, b: &Val) -> Result<Val> {
         let (ad, bd) = (tape.nodes[a.0].dims.clone(), tape.nodes[b.0].dims.clone());

@@ -17,6 +17,11 @@ pub(super) struct Conv {
 }
 
 impl Conv {
+    /// The node the backward pass reads (the input: it recomputes the im2col matrix or the tiles).
+    pub(super) fn x(&self) -> usize {
+        self.x
+    }
+
     pub(super) fn kind(&self) -> &'static str {
         self.geo.kind()
     }
@@ -38,7 +43,7 @@ impl Conv {
         let (bsz, out_channels) = (xd[0], wd[0]);
         let (weight, bias) = (tape.param(w)?, tape.param(b)?);
         let mut out = tape.pool.take(bsz * out_channels * geo.out_hw());
-        let xs = &tape.bufs[tape.nodes[x.0].buf];
+        let xs = tape.values(x.0);
         kernels::with_f32(&weight.tensor, |ws| {
             kernels::with_f32(&bias.tensor, |bs| kernels::conv2d_forward(xs, ws, bs, bsz, out_channels, &geo, &mut out))
         })??;
@@ -51,7 +56,7 @@ impl Conv {
         let bsz = tape.nodes[x].dims[0];
         let need_dx = tape.needs_grad(x);
         let mut dx = if need_dx { tape.pool.take(tape.values(x).len()) } else { vec![] };
-        let xs = &tape.bufs[tape.nodes[x].buf];
+        let xs = tape.values(x);
         let (dw, db) = kernels::with_f32(&self.weight.tensor, |ws| {
             kernels::conv2d_backward(xs, ws, g, bsz, self.out_channels, &self.geo, need_dx.then_some(&mut dx[..]))
         })?;
@@ -72,6 +77,11 @@ pub(super) struct Linear {
 }
 
 impl Linear {
+    /// The node the backward pass reads.
+    pub(super) fn x(&self) -> usize {
+        self.x
+    }
+
     /// [`crate::model::ops::Ops::linear`].
     pub(super) fn forward(tape: &mut Tape, x: &Val, w: &Param, b: &Param) -> Result<Val> {
         let xd = tape.nodes[x.0].dims.clone();
@@ -80,7 +90,7 @@ impl Linear {
         let bsz = xd[0];
         let (weight, bias) = (tape.param(w)?, tape.param(b)?);
         let mut out = tape.pool.take(bsz * cout);
-        let xs = &tape.bufs[tape.nodes[x.0].buf];
+        let xs = tape.values(x.0);
         kernels::with_f32(&weight.tensor, |ws| {
             kernels::with_f32(&bias.tensor, |bs| {
                 for row in out.chunks_exact_mut(cout) {
@@ -97,7 +107,7 @@ impl Linear {
         let x = self.x;
         let (bsz, cin) = (tape.nodes[x].dims[0], tape.nodes[x].dims[1]);
         let cout = g.len() / bsz;
-        let xs = &tape.bufs[tape.nodes[x].buf];
+        let xs = tape.values(x);
         let mut dw = vec![0f32; cout * cin];
         // dW = g^T x  ([out, B] . [B, in])
         kernels::gemm_into(&mut dw, false, (cout, cin, bsz), g, (1, cout), xs, (cin, 1), Parallelism::None);

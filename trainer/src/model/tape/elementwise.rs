@@ -5,6 +5,7 @@ use rayon::prelude::*;
 
 use super::{numel, strides, Gradients, Op, Tape, Val, PAR_CHUNK};
 use crate::model::kernels;
+use crate::model::random::DropoutKeys;
 
 fn par_map2(out: &mut [f32], a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) {
     out.par_chunks_mut(PAR_CHUNK).zip(a.par_chunks(PAR_CHUNK).zip(b.par_chunks(PAR_CHUNK))).for_each(|(o, (a, b))| {
@@ -28,6 +29,11 @@ pub(super) struct Silu {
 }
 
 impl Silu {
+    /// The node the backward pass reads.
+    pub(super) fn x(&self) -> usize {
+        self.x
+    }
+
     /// [`crate::model::ops::Ops::silu`].
     pub(super) fn forward(tape: &mut Tape, x: &Val) -> Result<Val> {
         let mut y = tape.pool.take(tape.values(x.0).len());
@@ -117,12 +123,20 @@ fn reduce_to(g: &[f32], out: &[usize], inp: &[usize], dst: &mut [f32]) {
 }
 
 impl Binary {
+    /// The nodes the backward pass reads: a product's two factors; nothing for a sum.
+    pub(super) fn reads(&self) -> Vec<usize> {
+        match self.kind {
+            BinaryKind::Mul => vec![self.a, self.b],
+            BinaryKind::Add => vec![],
+        }
+    }
+
     /// [`crate::model::ops::Ops::add`] and [`crate::model::ops::Ops::mul`].
     pub(super) fn forward(tape: &mut Tape, a: &Val, b: &Val, kind: BinaryKind) -> Result<Val> {
         let (ad, bd) = (tape.nodes[a.0].dims.clone(), tape.nodes[b.0].dims.clone());
         let od = broadcast_dims(&ad, &bd)?;
         let mut y = tape.pool.take(numel(&od));
-        let (av, bv) = (&tape.bufs[tape.nodes[a.0].buf], &tape.bufs[tape.nodes[b.0].buf]);
+        let (av, bv) = (tape.values(a.0), tape.values(b.0));
         let mul = kind == BinaryKind::Mul;
         let f = |x: f32, z: f32| if mul { x * z } else { x + z };
         if ad == od && bd == od {
@@ -148,7 +162,7 @@ impl Binary {
                 // d me = reduce(g * other)
                 let od = tape.nodes[other].dims.clone();
                 let mut prod = tape.pool.take(g.len());
-                let os = &tape.bufs[tape.nodes[other].buf];
+                let os = tape.values(other);
                 for_broadcast(&out, &od, |o, j| prod[o] = g[o] * os[j]);
                 if md == out {
                     d.copy_from_slice(&prod);
@@ -195,8 +209,10 @@ impl Affine {
 /// y = x * mask, the inverted-dropout mask drawn as [`crate::model::ops::CandleOps`] draws it.
 pub(super) struct Dropout {
     x: usize,
-    /// Returned to the pool once the backward pass is past this node (or when the tape is dropped).
-    pub(super) mask: Vec<f32>,
+    /// The mask as one bit an element (kept: 1 / (1 - p), dropped: 0), a 32nd of the f32 mask's memory;
+    /// dropped once the backward pass is past this node.
+    pub(super) kept: Vec<u64>,
+    scale: f32,
 }
 
 impl Dropout {
@@ -212,13 +228,27 @@ impl Dropout {
         keys.fill(p, &mut mask, tape.nodes[x.0].dims[0]);
         let mut y = tape.pool.take(n);
         par_map2(&mut y, tape.values(x.0), &mask, |v, m| v * m);
+        let scale = DropoutKeys::scale(p);
+        let mut kept = vec![0u64; n.div_ceil(64)];
+        for (word, m) in kept.iter_mut().zip(mask.chunks(64)) {
+            *word = m.iter().enumerate().fold(0, |w, (i, &v)| w | (u64::from(v != 0.0) << i));
+        }
+        tape.pool.put(mask);
         let needs_grad = tape.needs_grad(x.0);
-        Ok(tape.push(tape.nodes[x.0].dims.clone(), y, Op::Dropout(Dropout { x: x.0, mask }), needs_grad))
+        let op = Op::Dropout(Dropout { x: x.0, kept, scale });
+        Ok(tape.push(tape.nodes[x.0].dims.clone(), y, op, needs_grad))
     }
 
     pub(super) fn backward(&self, tape: &mut Tape, _out: usize, g: &[f32], grads: &mut Gradients) -> Result<()> {
         let mut dx = tape.pool.take(g.len());
-        par_map2(&mut dx, g, &self.mask, |g, m| g * m);
+        let scale = self.scale;
+        // PAR_CHUNK is a multiple of 64: each chunk starts on a word of the mask
+        dx.par_chunks_mut(PAR_CHUNK).zip(g.par_chunks(PAR_CHUNK)).enumerate().for_each(|(c, (d, g))| {
+            let words = &self.kept[c * PAR_CHUNK / 64..];
+            for (i, (d, &g)) in d.iter_mut().zip(g).enumerate() {
+                *d = g * if (words[i / 64] >> (i % 64)) & 1 == 1 { scale } else { 0.0 };
+            }
+        });
         tape.accumulate_grad(grads, self.x, dx);
         Ok(())
     }

@@ -13,6 +13,11 @@ pub(super) struct Embedding {
 }
 
 impl Embedding {
+    /// The node the backward pass reads: the ids.
+    pub(super) fn ids(&self) -> usize {
+        self.ids
+    }
+
     /// [`crate::model::ops::Ops::embedding`]: ids are f32 on the tape.
     pub(super) fn forward(tape: &mut Tape, ids: &Val, table: &Param) -> Result<Val> {
         let (rows, d) = table.value.dims2()?;

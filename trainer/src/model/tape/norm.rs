@@ -21,6 +21,13 @@ pub(super) struct GroupNormAct {
 }
 
 impl GroupNormAct {
+    /// The nodes the backward pass reads: the input (the statistics are recomputed from it) and the scale.
+    pub(super) fn reads(&self) -> Vec<usize> {
+        let mut r = vec![self.x];
+        r.extend(self.scale_shift.map(|(scale, _)| scale));
+        r
+    }
+
     /// [`crate::model::ops::Ops::group_norm_act`] for x [B, C, ...], with GroupNorm's affine (w, b).
     pub(super) fn forward(
         tape: &mut Tape,
@@ -73,7 +80,7 @@ impl GroupNormAct {
         let hw = numel(&dims[2..]);
         let mut dx = tape.pool.take(bsz * c * hw);
         let (mut da, mut dd) = (vec![0f32; bsz * c], vec![0f32; bsz * c]);
-        let xs = &tape.bufs[tape.nodes[self.x].buf];
+        let xs = tape.values(self.x);
         let input = NormInput { x: xs, a: &self.a, d: &self.d };
         kernels::gn_backward(input, g, NormGrads { dx: &mut dx, da: &mut da, dd: &mut dd }, self.spec);
         let (mut dw, mut dbias) = (vec![0f32; c], vec![0f32; c]);
@@ -92,7 +99,7 @@ impl GroupNormAct {
                     kernels::with_f32(&self.bias.tensor, |v| v.to_vec())?,
                 );
                 let mut dscale = tape.pool.take(bsz * c);
-                let s = &tape.bufs[tape.nodes[scale].buf];
+                let s = tape.values(scale);
                 for bi in 0..bsz {
                     for ch in 0..c {
                         let k = bi * c + ch;

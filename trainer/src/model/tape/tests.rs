@@ -136,3 +136,39 @@ fn the_pool_holds_as_many_buffers_after_each_step() {
     }
     assert_eq!(held[1..], [held[0]; 3], "buffers held by the pool after each step: {held:?}");
 }
+
+/// `Ops::release`: a value that no backward pass reads goes back to the pool at once, one that a backward pass
+/// reads stays (the whole U-Nets above run with the U-Net's own releases, so their gradients check that none is
+/// freed too early), and a released value read again is refused rather than read from a reused buffer.
+#[test]
+fn release_frees_only_the_values_no_backward_pass_reads() {
+    use crate::model::ops::Ops;
+    let mut pool = Pool::default();
+    let mut tape = Tape::new(&mut pool, None);
+    let a = tape.input(&[1.0, -2.0, 3.0], &[3]).unwrap();
+    tape.nodes[a.0].needs_grad = true;
+    let s = tape.silu(&a).unwrap(); // silu's backward reads a
+    let b = tape.affine(&s, 2.0, 0.5).unwrap(); // affine's reads nothing: s is the forward's alone
+    let y = tape.mul(&b, &b).unwrap(); // the product's reads b
+    for v in [&a, &s, &b] {
+        tape.release(v);
+    }
+    let held = |t: &Tape, v: super::Val| t.bufs[t.nodes[v.0].buf].len();
+    assert_eq!((held(&tape, a), held(&tape, s), held(&tape, b)), (3, 0, 3));
+    assert_eq!(tape.pool.free.get(&3).map(Vec::len), Some(1), "the released buffer is in the pool");
+    let fresh = tape.affine(&a, 1.0, 0.0).unwrap(); // served by the released buffer
+    assert_eq!(tape.data(fresh), [1.0, -2.0, 3.0]);
+    tape.backward(y, vec![1.0; 3]).unwrap();
+}
+
+#[test]
+#[should_panic(expected = "was released and read again")]
+fn a_released_value_read_again_is_refused() {
+    use crate::model::ops::Ops;
+    let mut pool = Pool::default();
+    let mut tape = Tape::new(&mut pool, None);
+    let a = tape.input(&[1.0, 2.0], &[2]).unwrap();
+    let b = tape.affine(&a, 2.0, 0.0).unwrap();
+    tape.release(&b);
+    let _ = tape.silu(&b);
+}
