@@ -10,7 +10,7 @@
 //!   allocates (almost) nothing and faults in no pages;
 //! - a gradient is moved, not copied, into its first consumer and added in place only where paths join;
 //! - a node whose inputs need no gradient is not differentiated (`needs_grad`);
-//! - only the values a backward pass reads are kept ([`Op::reads`]): the others go back to the pool as soon as
+//! - only the values a backward pass reads are kept (`Op::reads`): the others go back to the pool as soon as
 //!   the forward pass is done with them ([`Ops::release`]), and a dropout mask is one bit an element (peak
 //!   memory: -18 to -33% on the presets' steps);
 //! - the heavy ops reuse the fused kernels of [`crate::model::kernels`] (GEMM convolution, GroupNorm + scale-shift
@@ -165,7 +165,7 @@ pub struct Tape<'a> {
     pool: &'a mut Pool,
     nodes: Vec<Node>,
     bufs: Vec<Vec<f32>>,
-    /// Per buffer: whether a backward pass reads it ([`Op::reads`]); the others can be released early.
+    /// Per buffer: whether a backward pass reads it (`Op::reads`); the others can be released early.
     read_back: Vec<bool>,
     dropout: Option<&'a mut DropoutKeys>,
     /// Parameter name -> slot; gradients are accumulated per slot.

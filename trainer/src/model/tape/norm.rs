@@ -8,7 +8,7 @@ use crate::model::kernels::{self, GroupNormSpec, NormGrads, NormInput};
 use crate::model::params::Param;
 
 /// act(GroupNorm(x) a + d), with the kernel's per-(image, channel) affine a = w (1 + scale),
-/// d = b (1 + scale) + shift; a, d [B, C] are kept for the backward pass.
+/// d = b (1 + scale) + shift; a, d [B, C] and the group statistics are kept for the backward pass.
 pub(super) struct GroupNormAct {
     x: usize,
     weight: ParamSlot,
@@ -17,6 +17,9 @@ pub(super) struct GroupNormAct {
     scale_shift: Option<(usize, usize)>,
     a: Vec<f32>,
     d: Vec<f32>,
+    /// Each (image, group)'s mean and 1/sqrt(var + eps) from the forward pass: they spare the backward two
+    /// passes over x.
+    stats: Vec<f32>,
     spec: GroupNormSpec,
 }
 
@@ -69,8 +72,9 @@ impl GroupNormAct {
         };
         let mut y = tape.pool.take(bsz * c * hw);
         let spec = GroupNormSpec { channels_per_group: c / groups, hw, eps: eps as f32, silu };
-        kernels::gn_forward(NormInput { x: tape.values(x.0), a: &a, d: &d }, &mut y, spec);
-        let op = GroupNormAct { x: x.0, weight, bias, scale_shift, a, d, spec };
+        let mut stats = vec![0f32; 2 * bsz * groups];
+        kernels::gn_forward(NormInput { x: tape.values(x.0), a: &a, d: &d }, &mut y, &mut stats, spec);
+        let op = GroupNormAct { x: x.0, weight, bias, scale_shift, a, d, stats, spec };
         Ok(tape.push(xd, y, Op::GroupNormAct(op), true))
     }
 
@@ -82,7 +86,8 @@ impl GroupNormAct {
         let (mut da, mut dd) = (vec![0f32; bsz * c], vec![0f32; bsz * c]);
         let xs = tape.values(self.x);
         let input = NormInput { x: xs, a: &self.a, d: &self.d };
-        kernels::gn_backward(input, g, NormGrads { dx: &mut dx, da: &mut da, dd: &mut dd }, self.spec);
+        let grads_out = NormGrads { dx: &mut dx, da: &mut da, dd: &mut dd };
+        kernels::gn_backward(input, g, grads_out, Some(&self.stats), self.spec);
         let (mut dw, mut dbias) = (vec![0f32; c], vec![0f32; c]);
         match self.scale_shift {
             None => {
