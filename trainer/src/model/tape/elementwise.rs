@@ -243,6 +243,7 @@ impl Dropout {
         let mut dx = tape.pool.take(g.len());
         let scale = self.scale;
         // PAR_CHUNK is a multiple of 64: each chunk starts on a word of the mask
+        const _: () = assert!(PAR_CHUNK.is_multiple_of(64));
         dx.par_chunks_mut(PAR_CHUNK).zip(g.par_chunks(PAR_CHUNK)).enumerate().for_each(|(c, (d, g))| {
             let words = &self.kept[c * PAR_CHUNK / 64..];
             for (i, (d, &g)) in d.iter_mut().zip(g).enumerate() {
