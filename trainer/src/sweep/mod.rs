@@ -259,8 +259,8 @@ pub fn run_dir(out: &Path, setting: &Setting, seed: usize) -> PathBuf {
 
 /// One process's share of a sweep's runs: the k-th of every n (k = 0..n) in the order the sweep would train
 /// them, a run that two settings share counted once. Shards of one sweep run side by side on one folder (one per
-/// core, or per machine on a shared disk); each writes the tables of the runs finished so far, and a last run
-/// of the same sweep without a shard writes them whole.
+/// core, or per machine on a shared disk); each writes the tables of the finished runs up to the one it trains,
+/// and a last run of the same sweep without a shard writes them whole.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Shard {
     pub k: usize,
@@ -291,8 +291,8 @@ impl std::str::FromStr for Shard {
 }
 
 /// Runs the sweep (or continues it) and writes its CSVs and figures: all of it, or `shard`'s runs (the rows then
-/// hold every run finished so far, whichever shard trained it). `progress` hears of every training step and
-/// evaluation phase.
+/// hold every finished run up to the one it trains, whichever shard trained it). `progress` hears of every
+/// training step and evaluation phase.
 pub fn sweep(
     spec: &SweepSpec,
     out: &Path,
