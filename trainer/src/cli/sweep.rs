@@ -114,5 +114,10 @@ pub fn run_sweep(a: SweepArgs) -> Result<()> {
         a.out.join("sweep-summary.csv").display()
     ));
     print!("{}", std::fs::read_to_string(a.out.join("sweep-summary.csv"))?);
+    println!(
+        "\nwhether each key's values differ beyond the seeds' spread (one-way analysis of variance; p: the chance \
+         of so large a spread if all trained alike):"
+    );
+    print!("{}", std::fs::read_to_string(a.out.join("sweep-separation.csv"))?);
     Ok(())
 }

@@ -22,8 +22,10 @@ use crate::train::checkpoint;
 use crate::train::config::Config;
 use crate::train::{fit, DeviceSpec, FitEvent, FitOptions};
 
+mod anova;
 mod results;
 
+pub use anova::{one_way, Anova};
 pub use results::mean_sd;
 
 /// How each run of a sweep is evaluated.

@@ -1,12 +1,15 @@
 //! A sweep's results, rewritten after every run: OUT/sweep.csv (one row per run), OUT/sweep-summary.csv (the mean
-//! and spread over the seeds of each key's values) and one figure per measure, with one panel per key:
-//! sweep-score.png, sweep-fid.png, and sweep-fid-inception.png and sweep-c2st.png where measured.
+//! and spread over the seeds of each key's values), OUT/sweep-separation.csv (per key and measure, whether its
+//! values differ beyond the seeds' spread: a one-way analysis of variance, `anova.rs`) and one figure per measure,
+//! with one panel per key: sweep-score.png, sweep-fid.png, and sweep-fid-inception.png and sweep-c2st.png where
+//! measured.
 
 use std::path::Path;
 
 use anyhow::Result;
 use plotters::style::RGBColor;
 
+use super::anova::one_way;
 use super::{SweepRow, SweepSpec};
 use crate::plot::{panel_plot, Panel, Series};
 use crate::train::checkpoint;
@@ -144,12 +147,37 @@ pub fn write(out: &Path, spec: &SweepSpec, rows: &[SweepRow]) -> Result<()> {
         }
     }
     checkpoint::write_atomic(&out.join("sweep-summary.csv"), summary.as_bytes())?;
+    checkpoint::write_atomic(&out.join("sweep-separation.csv"), separation(spec, rows).as_bytes())?;
     for (m, panels) in MEASURES.iter().zip(&panels) {
         if !panels.is_empty() {
             panel_plot(&out.join(m.file), panels)?;
         }
     }
     Ok(())
+}
+
+/// Per key and measure: the one-way analysis of variance of its values' runs (F, its degrees of freedom and p, the
+/// chance of so large a spread between the values if all trained alike); a line only where it is defined.
+fn separation(spec: &SweepSpec, rows: &[SweepRow]) -> String {
+    let mut csv = String::from("key,measure,values,runs,f,df_between,df_within,p\n");
+    for arm in &spec.arms {
+        for m in &MEASURES {
+            let groups: Vec<Vec<f64>> = arm
+                .values
+                .iter()
+                .map(|v| {
+                    let of_v = rows.iter().filter(|r| r.key == arm.key && &r.value == v);
+                    of_v.filter_map(|r| (m.value)(r)).filter(|x| x.is_finite()).collect()
+                })
+                .collect();
+            if let Some(a) = one_way(&groups) {
+                let (values, runs) =
+                    (groups.iter().filter(|g| !g.is_empty()).count(), groups.iter().map(Vec::len).sum::<usize>());
+                csv += &format!("{},{},{values},{runs},{},{},{},{}\n", arm.key, m.column, a.f, a.df.0, a.df.1, a.p);
+            }
+        }
+    }
+    csv
 }
 
 /// The mean over the seeds, mean +- one standard deviation, and the floor where there is one; None when nothing
@@ -178,7 +206,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_summary_has_each_keys_values_with_the_two_sample_test_and_a_panel_per_key() {
+    fn the_summary_has_each_keys_values_with_the_two_sample_test_its_separation_and_a_panel_per_key() {
         let dir = std::env::temp_dir().join(format!("sweep-results-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let mut spec = crate::sweep::tests::spec(&[("model.kernel_size", &["3", "5"]), ("model.dropout", &["0.0"])]);
@@ -216,6 +244,18 @@ mod tests {
         assert_eq!(k3[col("c2st_floor")], "0.5");
         assert_eq!(k3[col("fid_inception_mean")], "", "not measured: empty");
         assert_eq!((lines[3][0], lines[3][2]), ("model.dropout", "1"));
+        // the analysis of variance only where it is defined: kernel size's two-sample test (3: 0.9, 0.7; 5: 0.6),
+        // not the measures without spread, not dropout's single value
+        let sep = std::fs::read_to_string(dir.join("sweep-separation.csv")).unwrap();
+        let sep: Vec<Vec<&str>> = sep.lines().skip(1).map(|l| l.split(',').collect()).collect();
+        assert_eq!(sep.len(), 1, "{sep:?}");
+        assert_eq!(sep[0][..4], ["model.kernel_size", "c2st", "2", "3"]);
+        let (f, p): (f64, f64) = (sep[0][4].parse().unwrap(), sep[0][7].parse().unwrap());
+        // between 2 (0.8 - 0.7333)^2 + (0.6 - 0.7333)^2 = 0.02667 over 1, within 0.02 over 1; F(1, 1)'s tail is
+        // (2 / pi) asin(sqrt(1 / (1 + F)))
+        assert!((f - 4.0 / 3.0).abs() < 1e-9 && (sep[0][5], sep[0][6]) == ("1", "1"), "{sep:?}");
+        let want = 2.0 / std::f64::consts::PI * (1.0 / (1.0 + f)).sqrt().asin();
+        assert!((p - want).abs() < 1e-9, "p {p}, want {want}");
         // one panel per key, side by side; nothing drawn for what was not measured
         let img = image::open(dir.join("sweep-c2st.png")).unwrap();
         assert!(img.width() > 2 * img.height(), "{}x{}", img.width(), img.height());
