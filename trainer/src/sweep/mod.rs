@@ -25,7 +25,6 @@ use crate::train::{fit, DeviceSpec, FitEvent, FitOptions};
 mod anova;
 mod results;
 
-pub use anova::{one_way, Anova};
 pub use results::mean_sd;
 
 /// How each run of a sweep is evaluated.

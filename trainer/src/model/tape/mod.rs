@@ -247,12 +247,12 @@ impl<'a> Tape<'a> {
         self.bufs.push(buf);
         self.read_back.push(false);
         let node = self.nodes.len();
-        for r in op.reads(node).into_iter().filter(|&r| r < node) {
-            self.read_back[self.nodes[r].buf] = true;
+        for r in op.reads(node) {
+            // the op's own output: its buffer is the one just pushed
+            let buf = if r == node { self.bufs.len() - 1 } else { self.nodes[r].buf };
+            self.read_back[buf] = true;
         }
-        let own = op.reads(node).contains(&node);
         self.nodes.push(Node { dims, buf: self.bufs.len() - 1, op, needs_grad });
-        self.read_back[self.bufs.len() - 1] = own;
         Val(node)
     }
 

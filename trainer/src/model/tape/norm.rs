@@ -24,7 +24,7 @@ pub(super) struct GroupNormAct {
 }
 
 impl GroupNormAct {
-    /// The nodes the backward pass reads: the input (the statistics are recomputed from it) and the scale.
+    /// The nodes the backward pass reads: the input (x_hat is computed again from it) and the scale.
     pub(super) fn reads(&self) -> Vec<usize> {
         let mut r = vec![self.x];
         r.extend(self.scale_shift.map(|(scale, _)| scale));
