@@ -28,10 +28,10 @@ pub fn one_way(groups: &[Vec<f64>]) -> Option<Anova> {
     if k < 2 || n <= k {
         return None;
     }
-    let mean = |g: &[f64]| g.iter().sum::<f64>() / g.len() as f64;
+    let means: Vec<f64> = groups.iter().map(|g| g.iter().sum::<f64>() / g.len() as f64).collect();
     let all = groups.iter().flat_map(|g| g.iter()).sum::<f64>() / n as f64;
-    let between: f64 = groups.iter().map(|g| g.len() as f64 * (mean(g) - all).powi(2)).sum();
-    let within: f64 = groups.iter().map(|g| g.iter().map(|x| (x - mean(g)).powi(2)).sum::<f64>()).sum();
+    let between: f64 = groups.iter().zip(&means).map(|(g, m)| g.len() as f64 * (m - all).powi(2)).sum();
+    let within: f64 = groups.iter().zip(&means).map(|(g, m)| g.iter().map(|x| (x - m).powi(2)).sum::<f64>()).sum();
     if within <= 0.0 {
         return None;
     }

@@ -112,7 +112,7 @@ pub fn write(out: &Path, spec: &SweepSpec, rows: &[SweepRow]) -> Result<()> {
         let numeric = arm.values.iter().all(|v| v.parse::<f64>().is_ok());
         let mut cells: Vec<Vec<(f64, Cell)>> = MEASURES.iter().map(|_| vec![]).collect();
         for (i, v) in arm.values.iter().enumerate() {
-            let sel: Vec<&SweepRow> = rows.iter().filter(|r| r.key == arm.key && &r.value == v).collect();
+            let sel = runs_of(rows, &arm.key, v);
             if sel.is_empty() {
                 continue;
             }
@@ -156,6 +156,11 @@ pub fn write(out: &Path, spec: &SweepSpec, rows: &[SweepRow]) -> Result<()> {
     Ok(())
 }
 
+/// The runs of one key's value.
+fn runs_of<'a>(rows: &'a [SweepRow], key: &str, value: &str) -> Vec<&'a SweepRow> {
+    rows.iter().filter(|r| r.key == key && r.value == value).collect()
+}
+
 /// Per key and measure: the one-way analysis of variance of its values' runs (F, its degrees of freedom and p, the
 /// chance of so large a spread between the values if all trained alike); a line only where it is defined.
 fn separation(spec: &SweepSpec, rows: &[SweepRow]) -> String {
@@ -166,13 +171,12 @@ fn separation(spec: &SweepSpec, rows: &[SweepRow]) -> String {
                 .values
                 .iter()
                 .map(|v| {
-                    let of_v = rows.iter().filter(|r| r.key == arm.key && &r.value == v);
-                    of_v.filter_map(|r| (m.value)(r)).filter(|x| x.is_finite()).collect()
+                    runs_of(rows, &arm.key, v).iter().filter_map(|r| (m.value)(r)).filter(|x| x.is_finite()).collect()
                 })
                 .collect();
             if let Some(a) = one_way(&groups) {
-                let (values, runs) =
-                    (groups.iter().filter(|g| !g.is_empty()).count(), groups.iter().map(Vec::len).sum::<usize>());
+                // k values and n runs give df = (k - 1, n - k)
+                let (values, runs) = (a.df.0 + 1, a.df.0 + a.df.1 + 1);
                 csv += &format!("{},{},{values},{runs},{},{},{},{}\n", arm.key, m.column, a.f, a.df.0, a.df.1, a.p);
             }
         }
