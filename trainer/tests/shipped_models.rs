@@ -202,70 +202,54 @@ fn shipped_shifted_digits_model_puts_the_digit_where_asked() {
     }
 }
 
-/// The shipped Twemoji model (colour, unconditional, v-prediction; `trainer/configs/twemoji32.toml`) draws
-/// on the white the training images lie on, not the background-less colour squares the eps-predicting run of
-/// the same recipe drew (benches/RESULTS.md): of 24 samples drawn the recommended way, the border ring (2
-/// pixels) is mostly white in 20 (in 1 for that run; in 87% of the real images). At least 16 must be. Also
-/// checked: it was trained on this data, predicts v, and its metadata names the white background `generate`
-/// lays input images' transparency on.
+/// The shipped 32x32 Twemoji model (class-conditional on the emoji's category, v-prediction;
+/// `trainer/configs/twemoji32-categories.toml`) draws on the white the training images lie on, not the background-less
+/// colour squares the eps-predicting run of the twemoji32 recipe drew (benches/RESULTS.md; 1 of 24 on white), and the
+/// category asked for by name: of 4 samples a category drawn the recommended way, at least half must lie on white (27
+/// of 36 do) and the evaluation classifier of the categories must read at least 30% as the category asked for (21 of 36
+/// are; chance is 1/9). Also checked: it was trained on this data, predicts v, and its metadata names the white
+/// background `generate` lays input images' transparency on.
 #[test]
-fn shipped_twemoji_model_draws_on_white() {
-    ort();
-    let mut cfg = Config::load(&root().join("trainer/configs/twemoji32.toml")).unwrap();
-    cfg.data.path = data_dir("twemoji");
-    let train = trainer::data::load(&cfg.data, cfg.model.image_size).unwrap();
-    let mut g =
-        Generator::open(&model("twemoji.onnx"), &GeneratorOptions { provider: Provider::Cpu, threads: None }).unwrap();
-    let info = g.info().clone();
-    assert_eq!(info.dataset_fingerprint.as_deref(), Some(train.fingerprint.as_str()), "not trained on this data");
-    assert_eq!(info.prediction, runtime::metadata::Prediction::V);
-    assert_eq!(info.background, Some([255, 255, 255]));
-    let rec = info.recommended.clone().expect("a shipped model recommends how to sample it");
-    let n = 24;
-    let req = GenerateRequest {
-        n,
-        sampler: rec.sampler,
-        steps: rec.steps,
-        options: SampleOptions { batch: n, ..Default::default() },
-        ..Default::default()
-    };
-    let plan = g.plan(&req).unwrap();
-    let x = g.sample(&plan, &mut |_| {}).unwrap();
-    let on_white = on_white(&x, info.image_size);
-    eprintln!("twemoji.onnx: {on_white}/{n} samples mostly white at the border");
-    assert!(on_white >= 16, "only {on_white}/{n} samples lie on white");
+fn shipped_twemoji_model_draws_the_category_asked_for() {
+    let (white, hits, n) = draw_categories("twemoji32-categories", "twemoji.onnx");
+    assert!(white >= n / 2, "only {white}/{n} samples lie on white");
+    assert!(hits >= n * MIN_CATEGORY_HITS / 100, "only {hits}/{n} read as the category asked for");
 }
 
-/// How many of the RGB images `x` ([n, 3, s, s] in [-1, 1]) are mostly white in their border ring (2 pixels):
-/// white is every channel above 0.7 (85% of full intensity).
-fn on_white(x: &[f32], s: usize) -> usize {
-    let ring: Vec<usize> = (0..s * s).filter(|&i| (i / s).min(i % s) < 2 || (i / s).max(i % s) >= s - 2).collect();
-    x.chunks(3 * s * s)
-        .filter(|img| {
-            let white = ring.iter().filter(|&&i| (0..3).all(|c| img[c * s * s + i] > 0.7)).count();
-            2 * white > ring.len()
-        })
-        .count()
-}
-
-/// The shipped 64x64 Twemoji model (class-conditional on the emoji's category,
-/// `trainer/configs/twemoji64-categories.toml`) draws on white, and the category asked for by name: of 4 samples
-/// a category drawn the recommended way, at least half must lie on white (28 of 36 do) and the evaluation
-/// classifier of the categories (trained once, cached) must read at least 30% as the category asked for (20 of
-/// 36 are; 17 for the file before; chance is 1/9). An untrained or
-/// broken file draws noise or flat colour, neither on white nor of a category.
+/// The shipped 64x64 Twemoji model (`trainer/configs/twemoji64-categories.toml`), as the 32x32 one above: of 4
+/// samples a category, at least half must lie on white (28 of 36 do) and at least 30% be read as the category
+/// asked for (20 of 36 are; 17 for the file before). An untrained or broken file draws noise or flat colour,
+/// neither on white nor of a category.
 #[test]
 fn shipped_twemoji64_model_draws_the_category_asked_for() {
+    let (white, hits, n) = draw_categories("twemoji64-categories", "twemoji64.onnx");
+    assert!(white >= n / 2, "only {white}/{n} samples lie on white");
+    assert!(hits >= n * MIN_CATEGORY_HITS / 100, "only {hits}/{n} read as the category asked for");
+}
+
+/// The percentage of a Twemoji model's samples the classifier must read as the category asked for.
+const MIN_CATEGORY_HITS: usize = 30;
+
+/// Draws 4 samples of each category from models/`file` the recommended way (after checking that the file was
+/// trained on `preset`'s data, predicts v, lays transparency on white and names the categories as the data does);
+/// returns how many lie on white, how many the evaluation classifier of the categories (trained once, cached)
+/// reads as the category asked for, and the number of samples.
+fn draw_categories(preset: &str, file: &str) -> (usize, usize, usize) {
     ort();
-    let mut cfg = Config::load(&root().join("trainer/configs/twemoji64-categories.toml")).unwrap();
+    let mut cfg = Config::load(&root().join("trainer/configs").join(format!("{preset}.toml"))).unwrap();
     data_dir("twemoji");
     cfg.data.path = root().join(&cfg.data.path);
-    let train = trainer::data::load(&cfg.data, cfg.model.image_size).unwrap();
-    let mut g = Generator::open(&model("twemoji64.onnx"), &GeneratorOptions { provider: Provider::Cpu, threads: None })
-        .unwrap();
+    let s = cfg.model.image_size;
+    let train = trainer::data::load(&cfg.data, s).unwrap();
+    let mut g = Generator::open(&model(file), &GeneratorOptions { provider: Provider::Cpu, threads: None }).unwrap();
     let info = g.info().clone();
-    assert_eq!(info.dataset_fingerprint.as_deref(), Some(train.fingerprint.as_str()), "not trained on this data");
-    assert_eq!((info.image_size, info.background), (64, Some([255, 255, 255])));
+    assert_eq!(
+        info.dataset_fingerprint.as_deref(),
+        Some(train.fingerprint.as_str()),
+        "{file}: not trained on this data"
+    );
+    assert_eq!(info.prediction, runtime::metadata::Prediction::V);
+    assert_eq!((info.image_size, info.background), (s, Some([255, 255, 255])));
     assert_eq!(info.class_names, train.class_names);
     assert_eq!(info.class_index("animals-nature").unwrap(), 1);
     let rec = info.recommended.clone().expect("a shipped model recommends how to sample it");
@@ -281,14 +265,22 @@ fn shipped_twemoji64_model_draws_the_category_asked_for() {
     let plan = g.plan(&req).unwrap();
     let labels = plan.labels.clone().expect("classes cycle");
     let mut x = g.sample(&plan, &mut |_| {}).unwrap();
-    let white = on_white(&x, 64);
+    let white = on_white(&x, s);
     trainer::eval::quantize(&mut x);
-    let (_, preds) = trainer::eval::features(&eval_classifier(&train), &x, [3, 64, 64], &Device::Cpu).unwrap();
+    let (_, preds) = trainer::eval::features(&eval_classifier(&train), &x, [3, s, s], &Device::Cpu).unwrap();
     let hits = preds.iter().zip(&labels).filter(|(p, l)| **p as i64 == **l).count();
-    eprintln!("twemoji64.onnx: {white}/{} on white, {hits} read as the category asked for", per * k);
-    assert!(white >= per * k / 2, "only {white}/{} samples lie on white", per * k);
-    assert!(hits >= per * k * MIN_CATEGORY_HITS / 100, "only {hits}/{} read as the category asked for", per * k);
+    eprintln!("{file}: {white}/{} on white, {hits} read as the category asked for", per * k);
+    (white, hits, per * k)
 }
 
-/// The percentage of twemoji64.onnx's samples the classifier must read as the category asked for.
-const MIN_CATEGORY_HITS: usize = 30;
+/// How many of the RGB images `x` ([n, 3, s, s] in [-1, 1]) are mostly white in their border ring (2 pixels):
+/// white is every channel above 0.7 (85% of full intensity).
+fn on_white(x: &[f32], s: usize) -> usize {
+    let ring: Vec<usize> = (0..s * s).filter(|&i| (i / s).min(i % s) < 2 || (i / s).max(i % s) >= s - 2).collect();
+    x.chunks(3 * s * s)
+        .filter(|img| {
+            let white = ring.iter().filter(|&&i| (0..3).all(|c| img[c * s * s + i] > 0.7)).count();
+            2 * white > ring.len()
+        })
+        .count()
+}
