@@ -211,9 +211,7 @@ fn shipped_shifted_digits_model_puts_the_digit_where_asked() {
 /// background `generate` lays input images' transparency on.
 #[test]
 fn shipped_twemoji_model_draws_the_category_asked_for() {
-    let (white, hits, n) = draw_categories("twemoji32-categories", "twemoji.onnx");
-    assert!(white >= n / 2, "only {white}/{n} samples lie on white");
-    assert!(hits >= n * MIN_CATEGORY_HITS / 100, "only {hits}/{n} read as the category asked for");
+    assert_draws_categories("twemoji32-categories", "twemoji.onnx");
 }
 
 /// The shipped 64x64 Twemoji model (`trainer/configs/twemoji64-categories.toml`), as the 32x32 one above: of 4
@@ -222,19 +220,17 @@ fn shipped_twemoji_model_draws_the_category_asked_for() {
 /// neither on white nor of a category.
 #[test]
 fn shipped_twemoji64_model_draws_the_category_asked_for() {
-    let (white, hits, n) = draw_categories("twemoji64-categories", "twemoji64.onnx");
-    assert!(white >= n / 2, "only {white}/{n} samples lie on white");
-    assert!(hits >= n * MIN_CATEGORY_HITS / 100, "only {hits}/{n} read as the category asked for");
+    assert_draws_categories("twemoji64-categories", "twemoji64.onnx");
 }
 
 /// The percentage of a Twemoji model's samples the classifier must read as the category asked for.
 const MIN_CATEGORY_HITS: usize = 30;
 
 /// Draws 4 samples of each category from models/`file` the recommended way (after checking that the file was
-/// trained on `preset`'s data, predicts v, lays transparency on white and names the categories as the data does);
-/// returns how many lie on white, how many the evaluation classifier of the categories (trained once, cached)
-/// reads as the category asked for, and the number of samples.
-fn draw_categories(preset: &str, file: &str) -> (usize, usize, usize) {
+/// trained on `preset`'s data, predicts v, lays transparency on white and names the categories as the data does)
+/// and asserts that at least half lie on white and that the evaluation classifier of the categories (trained once,
+/// cached) reads at least MIN_CATEGORY_HITS% as the category asked for.
+fn assert_draws_categories(preset: &str, file: &str) {
     ort();
     let mut cfg = Config::load(&root().join("trainer/configs").join(format!("{preset}.toml"))).unwrap();
     data_dir("twemoji");
@@ -253,9 +249,9 @@ fn draw_categories(preset: &str, file: &str) -> (usize, usize, usize) {
     assert_eq!(info.class_names, train.class_names);
     assert_eq!(info.class_index("animals-nature").unwrap(), 1);
     let rec = info.recommended.clone().expect("a shipped model recommends how to sample it");
-    let (per, k) = (4, info.num_classes);
+    let n = 4 * info.num_classes;
     let req = GenerateRequest {
-        n: per * k,
+        n,
         sampler: rec.sampler,
         steps: rec.steps,
         guidance: rec.guidance,
@@ -269,8 +265,9 @@ fn draw_categories(preset: &str, file: &str) -> (usize, usize, usize) {
     trainer::eval::quantize(&mut x);
     let (_, preds) = trainer::eval::features(&eval_classifier(&train), &x, [3, s, s], &Device::Cpu).unwrap();
     let hits = preds.iter().zip(&labels).filter(|(p, l)| **p as i64 == **l).count();
-    eprintln!("{file}: {white}/{} on white, {hits} read as the category asked for", per * k);
-    (white, hits, per * k)
+    eprintln!("{file}: {white}/{n} on white, {hits} read as the category asked for");
+    assert!(white >= n / 2, "{file}: only {white}/{n} samples lie on white");
+    assert!(hits >= n * MIN_CATEGORY_HITS / 100, "{file}: only {hits}/{n} read as the category asked for");
 }
 
 /// How many of the RGB images `x` ([n, 3, s, s] in [-1, 1]) are mostly white in their border ring (2 pixels):
